@@ -1,0 +1,197 @@
+"""Membership inference attacks, registered by name, adaptive to the shadow models given.
+
+Every attack sees the shadows' outputs on their own members / non-members (to calibrate or to
+train on) and the victim's outputs on its members / non-members (to be scored), and returns one
+AttackResult per reported attack: accuracy in percent plus the continuous member score of every
+victim sample (higher = more likely a member).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import UsageError
+from datasets import TensorData
+from models import build_attack_model
+from train import make_optimizer, predict, train_pass
+
+SENS_DRAWS, SENS_EPS = 10, 1e-3
+ATTACK_EPOCHS, ATTACK_BATCH = 100, 128
+
+
+@dataclass
+class Outputs:
+    """One or more models' outputs on their members (member=True) and non-members."""
+    probs: torch.Tensor          # (N, C) softmax
+    labels: torch.Tensor         # (N,)
+    member: torch.Tensor         # (N,) bool
+    sens: torch.Tensor = None    # (N, C) sensitivity, only when an attack needs it
+
+    @staticmethod
+    def cat(parts):
+        sens = None if parts[0].sens is None else torch.cat([p.sens for p in parts])
+        return Outputs(torch.cat([p.probs for p in parts]), torch.cat([p.labels for p in parts]),
+                       torch.cat([p.member for p in parts]), sens)
+
+
+@dataclass
+class AttackResult:
+    name: str             # as in the log line "<name> attack accuracy: x"
+    accuracy: float       # percent
+    scores: np.ndarray    # member score of every victim sample
+    member: np.ndarray    # victim ground truth
+
+
+@torch.inference_mode()
+def sensitivity(model, x, draws=SENS_DRAWS, eps=SENS_EPS):
+    """Mean over `draws` of |softmax(f(x + eps*u)) - softmax(f(x))| / eps, u ~ N(0, I); (B, C)."""
+    p = F.softmax(model(x), dim=1)
+    noisy = (x.unsqueeze(0) + eps * torch.randn((draws,) + x.shape, device=x.device)).flatten(0, 1)
+    q = F.softmax(model(noisy), dim=1).view(draws, *p.shape)
+    return ((q - p).abs() / eps).mean(0)
+
+
+@torch.no_grad()  # not inference_mode: attack models train on these tensors
+def model_outputs(model, data, split, with_sens, batch_size=1024):
+    """The model's outputs on split.train (members) then split.test (non-members)."""
+    idx = torch.cat([split.train, split.test])
+    member = torch.cat([torch.ones(len(split.train), dtype=torch.bool),
+                        torch.zeros(len(split.test), dtype=torch.bool)]).to(idx.device)
+    probs = F.softmax(predict(model, data, idx, batch_size), dim=1)
+    sens = None
+    if with_sens:
+        model.eval()
+        sens = torch.cat([sensitivity(model, data.batch(b)[0]) for b in idx.split(batch_size // SENS_DRAWS)])
+    return Outputs(probs, data.y[idx], member, sens)
+
+
+# ---------------------------------------------------------------- metric (threshold) attacks
+
+def _log(x):
+    return np.log(np.maximum(x, 1e-20))
+
+
+def conf_values(probs, labels):
+    return probs[np.arange(len(labels)), labels]
+
+
+def entr_values(probs, labels):
+    """-entropy."""
+    return (probs * _log(probs)).sum(1)
+
+
+def mentr_values(probs, labels):
+    """-modified entropy (Song & Mittal 2021): (1-p_y) log p_y + sum_{i!=y} p_i log(1-p_i)."""
+    rows = np.arange(len(labels))
+    p_y = probs[rows, labels]
+    others = probs * _log(1 - probs)
+    others[rows, labels] = 0.0
+    return (1 - p_y) * _log(p_y) + others.sum(1)
+
+
+def best_threshold(member_values, nonmember_values):
+    """The candidate (member values then non-member values, in that order) that first reaches the
+    highest 0.5 * (P[member >= t] + P[non-member < t]); 0 when none scores above 0. This is the
+    literal quadratic rule, computed with sorted counts in O(n log n)."""
+    candidates = np.concatenate([member_values, nonmember_values])
+    if len(candidates) == 0:
+        return 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        at_or_above = len(member_values) - np.searchsorted(np.sort(member_values), candidates, "left")
+        below = np.searchsorted(np.sort(nonmember_values), candidates, "left")
+        acc = 0.5 * (at_or_above / (len(member_values) + 0.0) + below / (len(nonmember_values) + 0.0))
+    acc = np.where(np.isnan(acc), -np.inf, acc)
+    best = int(np.argmax(acc))
+    return float(candidates[best]) if acc[best] > 0 else 0.0
+
+
+def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
+                       victim_member, num_groups):
+    """Per-group thresholds fitted on the shadows, applied to the victim; balanced accuracy in %."""
+    thresholds = np.zeros(num_groups)
+    for g in range(num_groups):
+        in_group = shadow_groups == g
+        thresholds[g] = best_threshold(shadow_values[in_group & shadow_member],
+                                       shadow_values[in_group & ~shadow_member])
+    said_member = victim_values >= thresholds[victim_groups]
+    return 100 * 0.5 * (said_member[victim_member].mean() + (~said_member[~victim_member]).mean())
+
+
+# ---------------------------------------------------------------- registry
+
+ATTACKS = {}   # name -> (function(shadow, victim, num_cls) -> [AttackResult], needs sensitivity)
+
+
+def register(name, needs_sensitivity=False):
+    def add(fn):
+        ATTACKS[name] = (fn, needs_sensitivity)
+        return fn
+    return add
+
+
+def parse_attacks(text):
+    """Comma list -> attack names in the registry's (= the log's) order."""
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown or not names:
+        raise UsageError(f"unknown attack '{','.join(unknown) or text}'; valid: {', '.join(ATTACKS)} "
+                         f"(comma separated)")
+    return [a for a in ATTACKS if a in names]
+
+
+def _nn_attack(name, kind, features, shadow, victim, num_cls):
+    """Train an attack model on the shadows' features; report it on the victim's."""
+    train = TensorData(features(shadow), shadow.member.long())
+    test = TensorData(features(victim), victim.member.long())
+    model = build_attack_model(kind, train.x.shape[1], num_cls).to(train.x.device)
+    optimizer = make_optimizer(model.parameters(), "sgd", 1e-3, 5e-4)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
+    all_rows = torch.arange(len(train), device=train.x.device)
+    for _ in range(ATTACK_EPOCHS):
+        train_pass(model, train, all_rows, optimizer, ATTACK_BATCH)
+        schedule.step()
+    logits = predict(model, test, torch.arange(len(test), device=test.x.device))
+    accuracy = 100 * (logits.argmax(1) == test.y).float().mean().item()
+    scores = F.softmax(logits, 1)[:, 1]
+    return [AttackResult(name, accuracy, scores.cpu().numpy(), victim.member.cpu().numpy())]
+
+
+def _onehot(o, num_cls):
+    return F.one_hot(o.labels, num_cls).float()
+
+
+@register("samia", needs_sensitivity=True)
+def samia(shadow, victim, num_cls):
+    feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
+    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls)
+
+
+@register("threshold")
+def threshold(shadow, victim, num_cls):
+    """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes."""
+    sp, sy, sm = (t.cpu().numpy() for t in (shadow.probs.double(), shadow.labels, shadow.member))
+    vp, vy, vm = (t.cpu().numpy() for t in (victim.probs.double(), victim.labels, victim.member))
+    results = []
+    for name, values, groups in (("Conf", conf_values, num_cls), ("Entr", entr_values, num_cls),
+                                 ("Mentr", mentr_values, num_cls), ("Hconf", conf_values, 1)):
+        sv, vv = values(sp, sy), values(vp, vy)
+        sg, vg = (sy, vy) if groups > 1 else (np.zeros_like(sy), np.zeros_like(vy))
+        results.append(AttackResult(name, threshold_accuracy(sv, sg, sm, vv, vg, vm, groups), vv, vm))
+    return results
+
+
+@register("nn")
+def nn_probs(shadow, victim, num_cls):
+    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls)
+
+
+@register("nn_top3")
+def nn_top3(shadow, victim, num_cls):
+    return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls)
+
+
+@register("nn_cls")
+def nn_cls(shadow, victim, num_cls):
+    feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
+    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls)

@@ -1,0 +1,154 @@
+"""Run plumbing shared by the scripts: errors, seeding, device, config + flags, safe files."""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+class UsageError(Exception):
+    """Bad command line or config (exit status 2)."""
+    exit_code = 2
+
+
+class MissingError(Exception):
+    """A prerequisite file is missing or unusable (exit status 1)."""
+    exit_code = 1
+
+
+def main_guard(main):
+    """Run main(); turn our errors into one readable line on stderr and a non-zero exit."""
+    try:
+        main()
+    except (UsageError, MissingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished checkpoints are intact, rerun the command to redo this step",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(gpu_id):
+    """GPU-ID k -> cuda:k; -1 or no CUDA -> cpu (said once)."""
+    if gpu_id < 0 or not torch.cuda.is_available():
+        why = "GPU-ID is -1" if gpu_id < 0 else "CUDA is not available"
+        print(f"Running on CPU ({why}).")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if gpu_id >= count:
+        raise UsageError(f"GPU-ID {gpu_id} does not exist ({count} CUDA device(s) visible); "
+                         f"pass 0..{count - 1}, or -1 for the CPU")
+    return torch.device(f"cuda:{gpu_id}")
+
+
+# ---------------------------------------------------------------- config + flags
+
+CONFIG_KEYS = {"dataset_name": str, "model_name": str, "epochs": int, "num_cls": int,
+               "input_dim": int, "optimizer": str, "lr": float, "weight_decay": float}
+
+
+def load_config(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path} not found; pass one of config/*.json, e.g. config/digits.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file")
+    if not isinstance(config, dict):
+        raise UsageError(f"config {path} must be a JSON object with keys {', '.join(CONFIG_KEYS)}")
+    for key, value in config.items():
+        if key not in CONFIG_KEYS:
+            raise UsageError(f"config {path}: unknown key '{key}'; valid keys: {', '.join(CONFIG_KEYS)}")
+        want = CONFIG_KEYS[key]
+        ok = isinstance(value, want) and not isinstance(value, bool)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise UsageError(f"config {path}: '{key}' must be {want.__name__}, got {value!r}")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise UsageError(f"config {path}: missing key(s) {', '.join(missing)}")
+    return config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def base_parser(description):
+    """GPU-ID and config positionals plus the config keys as overridable flags."""
+    parser = _Parser(description=description)
+    parser.add_argument("gpu_id", metavar="GPU-ID", type=int, help="CUDA device index, -1 for the CPU")
+    parser.add_argument("config_path", help="config JSON, e.g. config/digits.json")
+    for key, typ in CONFIG_KEYS.items():
+        parser.add_argument(f"--{key}", type=typ, default=None, help="overrides the config")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--batch_size", type=int, default=128)
+    return parser
+
+
+def parse_args(parser, argv=None):
+    """Config values become defaults; explicit flags win."""
+    args = parser.parse_args(argv)
+    config = load_config(args.config_path)
+    for key, value in config.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size < 1:
+        raise UsageError("--batch_size must be >= 1")
+    return args
+
+
+# ---------------------------------------------------------------- safe files
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temp file next to path, fsync, then rename over path."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path, what, fix):
+    """torch.load with weights_only=True and a readable error for missing or broken files."""
+    if not os.path.isfile(path):
+        raise MissingError(f"{what} {path} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a checkpoint, unsafe pickle...
+        raise MissingError(f"{what} {path} is corrupt or not a checkpoint ({type(err).__name__}); "
+                           f"delete it and {fix}")
+
+
+def append_log(path, line):
+    """Append one line to a text log (never truncates) and echo it."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    print(line)

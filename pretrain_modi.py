@@ -1,0 +1,69 @@
+"""Step 1: split the data and train the victim and the shadow models.
+
+python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 7] [--force]
+"""
+import os
+
+from common import MissingError, append_log, base_parser, main_guard, parse_args, pick_device, seed_everything
+from datasets import TensorData, get_dataset
+from defenses import get_defense
+from models import build_model
+from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
+from splits import Split, check_config
+from train import evaluate, fit, load_checkpoint, save_checkpoint
+
+
+def get_args(argv=None):
+    parser = base_parser(__doc__)
+    parser.add_argument("--shadow_num", type=int, default=5)
+    parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
+    parser.add_argument("--force", action="store_true", help="rebuild a split that does not match this run")
+    return parse_args(parser, argv)
+
+
+def prepare_split(args, n_train, n_test):
+    """Reuse the persisted split when it matches this run; build it when absent or --force."""
+    path = split_path(args)
+    if os.path.exists(path) and not args.force:
+        split = Split.load(path)
+        why = split.mismatch(args.dataset_name, n_train, n_test, args.seed, args.shadow_num)
+        if why:
+            raise MissingError(f"existing data split {path} cannot be reused: {why}; pass --force to "
+                               f"rebuild it (models trained on the old split become stale)")
+        print(f"Reusing data split {path}")
+        return split
+    split = Split.create(args.dataset_name, n_train, n_test, args.seed, args.shadow_num)
+    split.save(path)
+    return split
+
+
+def pretrain(args, data, model_split, folder):
+    """Train one target model with the plain recipe; keep the best-dev checkpoint in folder."""
+    model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
+    defense = get_defense("base")(model, data, model_split, args)
+    path = checkpoint(folder)
+    fit(model, defense.train_epoch, data, model_split.dev, model_split.test, args.epochs, args.early_stop,
+        on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss))
+    best = load_checkpoint(model, path, "checkpoint", "rerun pretrain_modi.py")
+    return best, evaluate(model, data, model_split.test)
+
+
+def main():
+    args = get_args()
+    check_config(args)
+    seed_everything(args.seed)
+    device = pick_device(args.gpu_id)
+    train, test = get_dataset(args.dataset_name)
+    split = prepare_split(args, len(train), len(test))
+    data = TensorData.concat(train, test).to(device)
+    log = os.path.join(log_dir(args), "pretrain.txt")
+    append_log(log, f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
+    for who in [None] + list(range(args.shadow_num)):
+        name = "victim" if who is None else f"shadow {who}"
+        best, (test_acc, test_loss) = pretrain(args, data, split.model(who).to(device), pretrained_dir(args, who))
+        append_log(log, f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
+                        f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

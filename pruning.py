@@ -1,0 +1,79 @@
+"""Iterative magnitude pruning with NNI 2.3 LotteryTicketPruner semantics (reset_weights=False),
+on plain masks.
+
+Iteration 0 fine-tunes densely; iteration t >= 1 gives every selected layer sparsity
+s_t = 1 - (1 - s)^(t/P), P = prune_iter - 1. Masks are per layer: with w = weight * mask and
+k = int(numel * s_t), mask = |w| > (k-th smallest |w|). As in NNI, the mask is multiplied into the
+weight before every forward, so pruned weights are zero whenever the model runs while the optimizer
+(and its Adam state) keeps going; weights are never rewound.
+"""
+import torch
+import torch.nn as nn
+
+from common import UsageError, save_torch
+from paths import checkpoint, mask_file
+from train import save_checkpoint
+
+PRUNERS = ("iter_pruning", "iter_prunetxt", "l1unstructure")
+
+
+def prunable_layers(model, pruner_name):
+    """name -> module of the layers whose weights get masks (biases never do)."""
+    if pruner_name not in PRUNERS:
+        raise UsageError(f"unknown pruner_name '{pruner_name}'; valid: {', '.join(PRUNERS)}")
+    if pruner_name == "iter_prunetxt":
+        layers = {n: m for n, m in model.named_modules() if n.split(".")[-1] in ("fc1", "fc2")}
+        if not layers:
+            raise UsageError("pruner iter_prunetxt prunes layers named fc1/fc2, which this model lacks; "
+                             "use --pruner_name iter_pruning for image models")
+        return layers
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def sparsity_schedule(pruner_name, sparsity, prune_iter):
+    """Target sparsity of each pruning iteration."""
+    if pruner_name == "l1unstructure":
+        return [sparsity]
+    last = prune_iter - 1
+    return [0.0] + [1 - (1 - sparsity) ** (t / last) for t in range(1, prune_iter)]
+
+
+def magnitude_mask(weight, mask, sparsity):
+    w = (weight * mask).abs().flatten()
+    k = int(w.numel() * sparsity)
+    if k == 0:
+        return torch.ones_like(weight)
+    threshold = w.kthvalue(k).values
+    return (w > threshold).view_as(weight).to(weight.dtype)
+
+
+class Pruner:
+    def __init__(self, model, pruner_name, sparsity, prune_iter):
+        self.model = model
+        self.layers = prunable_layers(model, pruner_name)
+        self.schedule = sparsity_schedule(pruner_name, sparsity, prune_iter)
+        self.masks = {n: torch.ones_like(m.weight) for n, m in self.layers.items()}
+        for name, layer in self.layers.items():
+            layer.register_forward_pre_hook(self._hook(name))
+
+    def _hook(self, name):
+        def apply_mask(module, inputs):
+            with torch.no_grad():
+                module.weight.mul_(self.masks[name])
+        return apply_mask
+
+    def prune(self, iteration):
+        """Recompute every mask for this iteration's sparsity and apply it."""
+        sparsity = self.schedule[iteration]
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                self.masks[name] = magnitude_mask(layer.weight, self.masks[name], sparsity)
+                layer.weight.mul_(self.masks[name])
+
+    def export(self, folder, epoch, acc, loss):
+        """best.pth: state_dict with masks applied (loadable by the unpruned model); best_mask.pth."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                layer.weight.mul_(self.masks[name])
+        save_checkpoint(checkpoint(folder), self.model, epoch, acc, loss)
+        save_torch({n: m.detach().cpu().clone() for n, m in self.masks.items()}, mask_file(folder))

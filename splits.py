@@ -1,0 +1,125 @@
+"""The victim/shadow data split of the release (SPEC section 6), persisted as index arrays.
+
+All indices point into one index space: the training set's rows first, then the test set's
+(TensorData.concat(train, test)), so trainset index i (and its mem-score row) is index i here.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from common import MissingError, UsageError, atomic_write
+from datasets import DATASETS, TensorData, get_dataset
+from models import TARGET_MODELS
+from paths import split_path
+
+
+@dataclass
+class ModelSplit:
+    train: torch.Tensor  # members
+    dev: torch.Tensor
+    test: torch.Tensor   # non-members
+
+    def to(self, device):
+        return ModelSplit(self.train.to(device), self.dev.to(device), self.test.to(device))
+
+
+def _dev_test(held, n_train, n_test, seed):
+    """Pool = held-out training rows followed by the whole test set; split 34/66 into dev/test."""
+    pool = np.concatenate([np.asarray(held), n_train + np.arange(n_test)])
+    dev, test = train_test_split(range(len(pool)), test_size=0.66, random_state=seed)
+    return pool[dev], pool[test]
+
+
+def make_split(n_train, n_test, seed, shadow_num):
+    """{'victim_train': ..., 'victim_dev': ..., 'victim_test': ..., 'shadow_train_0': ...} index arrays."""
+    victim_list, shadow_list = train_test_split(range(n_train), test_size=0.5, random_state=seed)
+    out = {}
+    train, held = train_test_split(victim_list, test_size=0.1, random_state=seed)
+    out["victim_train"] = np.asarray(train)
+    out["victim_dev"], out["victim_test"] = _dev_test(held, n_train, n_test, seed)
+    for i in range(shadow_num):
+        train, held = train_test_split(shadow_list, test_size=0.1, random_state=seed + i)
+        out[f"shadow_train_{i}"] = np.asarray(train)
+        out[f"shadow_dev_{i}"], out[f"shadow_test_{i}"] = _dev_test(held, n_train, n_test, seed + i)
+    return {k: v.astype(np.int64) for k, v in out.items()}
+
+
+class Split:
+    """The persisted split: .model(None) is the victim's, .model(i) shadow i's."""
+
+    def __init__(self, arrays, meta):
+        self.arrays, self.meta = arrays, meta
+
+    @property
+    def shadow_num(self):
+        return int(self.meta["shadow_num"])
+
+    def model(self, shadow=None):
+        who = "victim" if shadow is None else "shadow"
+        tail = "" if shadow is None else f"_{shadow}"
+        if shadow is not None and shadow >= self.shadow_num:
+            raise UsageError(f"the split has {self.shadow_num} shadows, shadow {shadow} was asked for; "
+                             f"lower --shadow_num or rerun pretrain_modi.py with a larger --shadow_num --force")
+        return ModelSplit(*(torch.from_numpy(self.arrays[f"{who}_{part}{tail}"])
+                            for part in ("train", "dev", "test")))
+
+    def save(self, path):
+        payload = dict(self.arrays)
+        payload.update({f"meta_{k}": np.asarray(v) for k, v in self.meta.items()})
+        atomic_write(path, lambda f: np.savez(f, **payload))
+
+    @classmethod
+    def create(cls, dataset_name, n_train, n_test, seed, shadow_num):
+        meta = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed,
+                "shadow_num": shadow_num}
+        return cls(make_split(n_train, n_test, seed, shadow_num), meta)
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.isfile(path):
+            raise MissingError(f"data split {path} not found; run pretrain_modi.py with this config first")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
+                meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
+        except Exception as err:
+            raise MissingError(f"data split {path} is unreadable ({type(err).__name__}); "
+                               f"rerun pretrain_modi.py with --force to rebuild it")
+        return cls(arrays, meta)
+
+    def mismatch(self, dataset_name, n_train, n_test, seed=None, shadow_num=0):
+        """Why this split cannot serve the given run, or None (seed=None: any seed will do)."""
+        want = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed}
+        for key, value in want.items():
+            if value is not None and self.meta.get(key) != value:
+                return f"it was made with {key}={self.meta.get(key)}, this run has {key}={value}"
+        if shadow_num > self.shadow_num:
+            return f"it has {self.shadow_num} shadows, this run asks for {shadow_num}"
+        return None
+
+
+def open_run(args, device):
+    """The dataset (train rows then test rows, on device) and the persisted split of a pretrained run."""
+    check_config(args)
+    train, test = get_dataset(args.dataset_name)
+    split = Split.load(split_path(args))
+    why = split.mismatch(args.dataset_name, len(train), len(test))
+    if why:
+        raise MissingError(f"data split {split_path(args)} does not match the dataset ({why}); "
+                           f"rerun pretrain_modi.py with --force")
+    return TensorData.concat(train, test).to(device), split
+
+
+def check_config(args):
+    """dataset_name/model_name known and num_cls/input_dim agreeing with the dataset."""
+    if args.dataset_name not in DATASETS:
+        raise UsageError(f"unknown dataset_name '{args.dataset_name}'; valid: {', '.join(DATASETS)}")
+    if args.model_name not in TARGET_MODELS:
+        raise UsageError(f"unknown model_name '{args.model_name}'; valid: {', '.join(TARGET_MODELS)}")
+    num_cls, input_dim = DATASETS[args.dataset_name]
+    if (args.num_cls, args.input_dim) != (num_cls, input_dim):
+        raise UsageError(f"config has num_cls={args.num_cls}, input_dim={args.input_dim} but "
+                         f"{args.dataset_name} has num_cls={num_cls}, input_dim={input_dim}; fix the config")

@@ -1,0 +1,258 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import summarize  # noqa: E402
+
+BASE_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_0.0005
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+victim iter 0 best model: Accuracy 80.123, Loss 0.612
+victim iter 1 best model: Accuracy 79.500, Loss 0.640
+Total Base defend time: 123.41234s
+shadow 0 iter 0 best model: Accuracy 79.876, Loss 0.640
+epoch 3 progress 50%
+Victim pruned model test accuracy: 80.123
+Shadows: iter_prunetxt_0.6 (adaptive)
+SAMIA attack accuracy: 60.123
+Conf attack accuracy: 55.000
+Conf attack AUC: 0.5612
+Conf attack TPR@1%FPR: 1.234
+Conf attack TPR@0.1%FPR: 0.100
+Top3-NN attack accuracy: 52.500
+NN attack accuracy: 53.000
+Victim original model test accuracy: 81.500
+Shadows: original
+SAMIA attack accuracy: 70.250
+Conf attack accuracy: 66.000
+digits_columnfc_iter_prunetxt_0.6_0.0005
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+victim iter 0 best model: Accuracy 78.000, Loss 0.700
+Total Base defend time: 100.5s
+Victim pruned model test accuracy: 78.900
+Shadows: iter_prunetxt_0.6 (adaptive)
+SAMIA attack accuracy: 58.000
+Conf attack accuracy: 54.000
+"""
+
+PPB_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_ppb_4.0_0.0005
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+victim iter 0 best model: Accuracy 77.000, Loss 0.800
+Total ppb defend time: 12.5s
+Victim pruned model test accuracy: 76.500
+Shadows: iter_prunetxt_0.6_ppb_4.0 (adaptive)
+SAMIA attack accuracy: 51.000
+LiRA attack accuracy: 52.000
+LiRA attack TPR@0.1%FPR: 0.300
+"""
+
+# Prune block only, killed mid-line while the shadows were training.
+PARTIAL_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_slide_re_1-15_0.1
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+victim iter 0 best model: Accuracy 79.000, Loss 0.650
+Total slide_re defend time: 30s
+shadow 0 iter 0 best model: Accur"""
+
+DP_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_dp_0.1_0.0005
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+victim iter 0 best model: Accuracy 60.000, Loss 1.200
+DP epsilon: 1.500 (delta 1e-5)
+victim iter 1 best model: Accuracy 58.000, Loss 1.300
+DP epsilon: 3.250 (delta 1e-5)
+Total dp defend time: 40.0s
+shadow 0 iter 0 best model: Accuracy 55.000, Loss 1.400
+DP epsilon: 9.900 (delta 1e-5)
+Victim pruned model test accuracy: 57.000
+Shadows: iter_prunetxt_0.6 (base)
+Conf attack accuracy: 50.500
+"""
+
+P = "2024-01-01 10:00:00,123 - INFO - "
+RELEASE_LOG = f"""\
+{P}cifar10_resnet18_iter_pruning_0.6_0.0005
+{P}Pretrained Victim: Accuracy 93.100, Loss 0.300
+{P}victim iter 0 best model: Accuracy 92.000, Loss 0.310
+{P}Total Base defend time: 1000.0s
+{P}Victim pruned model test accuracy: 91.800
+{P}SAMIA attack accuracy: 71.000
+{P}Conf attack accuracy: 65.500
+{P}Top3-NN attack accuracy: 60.000
+"""
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    logs = {
+        "digits_columnfc/iter_prunetxt_0.6_base.txt": BASE_LOG,
+        "digits_columnfc/iter_prunetxt_0.6_ppb.txt": PPB_LOG,
+        "digits_columnfc/iter_prunetxt_0.6_slide_re.txt": PARTIAL_LOG,
+        "digits_columnfc/iter_prunetxt_0.6_dp.txt": DP_LOG,
+        "digits_columnfc/pretrain.txt": "Pretrained Victim: Accuracy 1.000, Loss 9.000\n",
+        "digits_columnfc/notes.md": BASE_LOG,
+        "digits_columnfc/tb/iter_prunetxt_0.6_base.txt": BASE_LOG,
+        "tb/iter_prunetxt_0.6_base.txt": BASE_LOG,
+        "cifar10_resnet18/iter_pruning_0.6_.txt": RELEASE_LOG,
+    }
+    for i, (name, text) in enumerate(logs.items()):
+        path = tmp_path / "log" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    return tmp_path / "log"
+
+
+def row(df, **where):
+    hit = df
+    for col, value in where.items():
+        hit = hit[hit[col].isna()] if value is None else hit[hit[col] == value]
+    assert len(hit) == 1, f"{len(hit)} rows match {where}"
+    return hit.iloc[0]
+
+
+def nan(value):
+    return isinstance(value, float) and math.isnan(value)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "summarize.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_columns_and_rows(log_dir):
+    df = summarize.parse_logs(log_dir)
+    # Only attack columns with a value among the newest entries (the old Base run's AUC/TPR/NN are gone).
+    assert list(df.columns) == summarize.COLUMNS + ["SAMIA_acc", "Conf_acc", "Top3-NN_acc", "LiRA_acc", "LiRA_tpr01"]
+    assert list(summarize.parse_logs(log_dir, newest_only=False).columns) == summarize.COLUMNS + [
+        "SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
+        "NN_acc", "Top3-NN_acc", "LiRA_acc", "LiRA_tpr01"]
+    got = set(zip(df["dataset"], df["model"], df["defense"], df["setting"].fillna("-")))
+    assert got == {("digits", "columnfc", "base", "adaptive"), ("digits", "columnfc", "base", "original"),
+                   ("digits", "columnfc", "ppb", "adaptive"), ("digits", "columnfc", "slide_re", "-"),
+                   ("digits", "columnfc", "dp", "base"), ("cifar10", "resnet18", "base", "unknown")}
+    # Base first within a dataset_model.
+    assert list(df[df["dataset"] == "digits"]["defense"])[:2] == ["base", "base"]
+
+
+def test_base_newest_and_original(log_dir):
+    df = summarize.parse_logs(log_dir)
+    newest = row(df, dataset="digits", defense="base", setting="adaptive")
+    assert newest["pruner"] == "iter_prunetxt" and newest["sparsity"] == 0.6
+    assert newest["pretrained_acc"] == 81.234 and newest["pruned_acc"] == 78.9
+    assert newest["defend_time_s"] == 100.5 and newest["weight_decay_mem"] == 0.0005
+    assert newest["SAMIA_acc"] == 58.0 and newest["Conf_acc"] == 54.0
+    assert nan(newest["Top3-NN_acc"]) and nan(newest["defend_arg"]) and nan(newest["window"])
+    original = row(df, dataset="digits", defense="base", setting="original")
+    assert original["pretrained_acc"] == 81.5 and nan(original["pruned_acc"])
+    assert original["SAMIA_acc"] == 70.25 and original["Conf_acc"] == 66.0
+    assert original["defend_time_s"] == 123.41234
+
+
+def test_all_keeps_every_entry(log_dir):
+    df = summarize.parse_logs(log_dir, newest_only=False)
+    base = df[(df["dataset"] == "digits") & (df["defense"] == "base")]
+    assert list(base["setting"]) == ["adaptive", "adaptive", "original"]
+    old = base.iloc[0]  # oldest first among equal keys
+    assert old["pruned_acc"] == 80.123 and old["SAMIA_acc"] == 60.123
+    assert old["Conf_auc"] == 0.5612 and old["Conf_tpr1"] == 1.234 and old["Conf_tpr01"] == 0.1
+    assert old["NN_acc"] == 53.0 and old["Top3-NN_acc"] == 52.5
+    assert len(df) == 7
+    release = row(df, dataset="cifar10")  # no AUC/TPR lines in the release's logs
+    assert release["Conf_acc"] == 65.5 and nan(release["Conf_auc"]) and nan(release["Conf_tpr1"])
+
+
+def test_defended_partial_dp_and_release_rows(log_dir):
+    df = summarize.parse_logs(log_dir)
+    ppb = row(df, defense="ppb")
+    assert ppb["defend_arg"] == 4.0 and ppb["defend_time_s"] == 12.5 and ppb["pruned_acc"] == 76.5
+    assert ppb["SAMIA_acc"] == 51.0 and ppb["LiRA_acc"] == 52.0 and ppb["LiRA_tpr01"] == 0.3
+    assert nan(ppb["dp_epsilon"])
+
+    partial = row(df, defense="slide_re")
+    assert nan(partial["setting"]) and partial["window"] == "1-15" and partial["weight_decay_mem"] == 0.1
+    assert partial["defend_time_s"] == 30.0 and partial["pretrained_acc"] == 81.234
+    assert nan(partial["defend_arg"]) and nan(partial["pruned_acc"]) and nan(partial["SAMIA_acc"])
+
+    dp = row(df, defense="dp")
+    assert dp["defend_arg"] == 0.1 and dp["dp_epsilon"] == 3.25  # the victim's last, not a shadow's
+    assert dp["setting"] == "base" and dp["pruned_acc"] == 57.0 and dp["Conf_acc"] == 50.5
+
+    release = row(df, dataset="cifar10")
+    assert release["model"] == "resnet18" and release["pruner"] == "iter_pruning"
+    assert release["defense"] == "base" and release["setting"] == "unknown"
+    assert release["pretrained_acc"] == 93.1 and release["pruned_acc"] == 91.8
+    assert release["defend_time_s"] == 1000.0 and release["SAMIA_acc"] == 71.0
+    assert release["Conf_acc"] == 65.5 and release["Top3-NN_acc"] == 60.0 and nan(release["LiRA_acc"])
+
+
+def test_newest_across_files_by_mtime(tmp_path):
+    folder = tmp_path / "log" / "digits_columnfc"
+    folder.mkdir(parents=True)
+    block = "Victim pruned model test accuracy: {}\nShadows: l1_0.5 (base)\nConf attack accuracy: {}\n"
+    (folder / "l1_0.5_base.txt").write_text(block.format(70.0, 60.0))
+    (folder / "l1_0.5_.txt").write_text(block.format(71.0, 61.0))
+    os.utime(folder / "l1_0.5_base.txt", (2_000_000, 2_000_000))
+    os.utime(folder / "l1_0.5_.txt", (1_000_000, 1_000_000))
+    df = summarize.parse_logs(tmp_path / "log")
+    assert len(df) == 1 and df.loc[0, "pruned_acc"] == 70.0 and df.loc[0, "Conf_acc"] == 60.0
+    assert df.loc[0, "pruner"] == "l1" and df.loc[0, "sparsity"] == 0.5
+    assert list(summarize.parse_logs(tmp_path / "log", newest_only=False)["pruned_acc"]) == [71.0, 70.0]
+
+
+def test_repeated_metric_without_victim_line_is_a_new_entry(tmp_path):
+    folder = tmp_path / "log" / "location_columnfc"
+    folder.mkdir(parents=True)
+    (folder / "iter_prunetxt_0.7_.txt").write_text(
+        "SAMIA attack accuracy: 60.000\nSAMIA attack accuracy: 61.000\nSAMIA attack accu")
+    df = summarize.parse_logs(tmp_path / "log", newest_only=False)
+    assert list(df["SAMIA_acc"]) == [60.0, 61.0] and list(df["setting"]) == ["unknown", "unknown"]
+    assert row(summarize.parse_logs(tmp_path / "log"), dataset="location")["SAMIA_acc"] == 61.0
+
+
+def test_cli_csv_and_markdown(log_dir, tmp_path):
+    out = tmp_path / "r.csv"
+    proc = run_cli(log_dir, "--out", out, "--markdown", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    csv = pd.read_csv(out)
+    expected = summarize.parse_logs(log_dir)
+    assert len(csv) == 6 and list(csv.columns) == list(expected.columns)
+    pd.testing.assert_series_equal(csv["SAMIA_acc"], expected["SAMIA_acc"])
+    assert row(csv, defense="dp")["dp_epsilon"] == 3.25
+
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("| dataset | model | pruner | sparsity | defense | defend_arg |")
+    assert lines[1] == "|" + "---|" * len(expected.columns)
+    assert len(lines) == 2 + 6
+    ppb_line = next(line for line in lines if "| ppb |" in line)
+    assert ppb_line.startswith("| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | 81.234 |")
+
+    proc = run_cli(log_dir, "--out", out, "--all", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "" and len(pd.read_csv(out)) == 7
+
+
+def test_cli_plot(log_dir, tmp_path):
+    png = tmp_path / "tradeoff.png"
+    proc = run_cli(log_dir, "--out", tmp_path / "r.csv", "--plot", png, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+    image = plt.imread(png)
+    assert image.shape[0] > 0 and image.shape[1] > 0 and image.std() > 0
+
+
+def test_cli_missing_or_empty_dir(tmp_path):
+    proc = run_cli(tmp_path / "nope", cwd=tmp_path)
+    assert proc.returncode == 1 and "not found" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(tmp_path / "empty", cwd=tmp_path)
+    assert proc.returncode == 1 and "no results logs" in proc.stderr
+    assert not (tmp_path / "results.csv").exists()

@@ -1,0 +1,102 @@
+"""Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
+for the victim and every shadow alike."""
+import torch
+import torch.nn.functional as F
+
+from common import MissingError, UsageError, load_torch, save_torch
+
+OPTIMIZERS = ("adam", "sgd")
+EVAL_BATCH = 1024
+
+
+def make_optimizer(params, name, lr, weight_decay):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise UsageError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+
+
+def minibatches(idx, batch_size, shuffle=True):
+    """Index tensors of one pass over idx (shuffled with the global torch RNG)."""
+    if shuffle:
+        idx = idx[torch.randperm(len(idx), device=idx.device)]
+    return idx.split(batch_size)
+
+
+def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy):
+    """One shuffled pass over idx: forward, loss_fn(logits, y), backward, step. Returns (loss, acc %)."""
+    model.train()
+    total_loss = torch.zeros((), device=idx.device)
+    correct = torch.zeros((), dtype=torch.long, device=idx.device)
+    for batch in minibatches(idx, batch_size):
+        x, y = data.batch(batch)
+        out = model(x)
+        loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(batch)
+        correct += (out.detach().argmax(1) == y).sum()
+    n = max(len(idx), 1)
+    return total_loss.item() / n, 100.0 * correct.item() / n
+
+
+@torch.inference_mode()
+def predict(model, data, idx, batch_size=EVAL_BATCH):
+    """Logits for data[idx], in order."""
+    model.eval()
+    return torch.cat([model(data.batch(b)[0]) for b in idx.split(batch_size)])
+
+
+@torch.inference_mode()
+def evaluate(model, data, idx, batch_size=EVAL_BATCH):
+    """(accuracy %, mean cross-entropy) on data[idx]."""
+    logits = predict(model, data, idx, batch_size)
+    y = data.y[idx]
+    loss = F.cross_entropy(logits, y, reduction="sum").item() / len(idx)
+    return 100.0 * (logits.argmax(1) == y).float().mean().item(), loss
+
+
+def save_checkpoint(path, model, epoch, acc, loss):
+    """best.pth = {epoch, acc, loss, state}; state is a plain state_dict."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_torch({"epoch": epoch, "acc": acc, "loss": loss, "state": state}, path)
+
+
+def fit(model, train_epoch, data, dev_idx, test_idx, epochs, early_stop, on_best, on_epoch=None):
+    """The fine-tuning loop: train_epoch(epoch) then evaluate dev and test; on_best(epoch, dev_acc,
+    dev_loss) when dev accuracy strictly improves; stop once `early_stop` (>0) epochs pass without
+    improvement. Returns (best dev acc, last dev loss)."""
+    best_acc, stall, dev_loss = -1.0, 0, float("nan")
+    for epoch in range(epochs):
+        train_loss, train_acc = train_epoch(epoch)
+        dev_acc, dev_loss = evaluate(model, data, dev_idx)
+        test_acc, test_loss = evaluate(model, data, test_idx)
+        if on_epoch is not None:
+            on_epoch(epoch, {"train_loss": train_loss, "train_acc": train_acc, "dev_loss": dev_loss,
+                             "dev_acc": dev_acc, "test_loss": test_loss, "test_acc": test_acc})
+        if dev_acc > best_acc:
+            best_acc, stall = dev_acc, 0
+            on_best(epoch, dev_acc, dev_loss)
+        else:
+            stall += 1
+            if early_stop > 0 and stall > early_stop:
+                break
+    return best_acc, dev_loss
+
+
+def load_checkpoint(model, path, what, fix):
+    """Load best.pth (or a plain state_dict) into model, with readable errors."""
+    ckpt = load_torch(path, what, fix)
+    state = ckpt.get("state", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise MissingError(f"{what} {path} holds no state_dict; delete it and {fix}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise MissingError(f"{what} {path} does not fit this config's model ({detail}); "
+                           f"it was made for another dataset/model/num_cls: {fix}")
+    return ckpt
