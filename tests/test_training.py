@@ -1,0 +1,150 @@
+"""train.py: the fine-tuning loop (best-dev checkpoint, early stopping), passes, optimizers, checkpoints."""
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from common import MissingError, UsageError
+from datasets import TensorData
+from models import ColumnFC
+from train import fit, load_checkpoint, make_optimizer, save_checkpoint, train_pass
+
+
+def scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop, epochs=None):
+    """Run fit on a 1-weight model whose weight equals the epoch number; evaluate is replaced by a
+    scripted dev accuracy sequence (dev loss = epoch + 0.5). Returns (epochs run, fit's result, best.pth)."""
+    model = nn.Linear(1, 1, bias=False)
+    dev_idx, test_idx = torch.arange(3), torch.arange(3, 5)
+    ran = []
+
+    def train_epoch(epoch):
+        ran.append(epoch)
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        return 0.0, 0.0
+
+    def fake_evaluate(m, data, idx):
+        assert m is model
+        if idx is dev_idx:
+            return dev_accs[ran[-1]], ran[-1] + 0.5
+        assert idx is test_idx
+        return -1.0, -1.0
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    path = str(tmp_path / "best.pth")
+    result = fit(model, train_epoch, None, dev_idx, test_idx, epochs or len(dev_accs), early_stop,
+                 on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss))
+    return ran, result, torch.load(path, weights_only=True)
+
+
+def test_fit_counter_reaching_early_stop_does_not_stop(monkeypatch, tmp_path):
+    #            0   1   2   3   4   5   6   7   8   9
+    dev_accs = [50, 60, 60, 55, 70, 70, 65, 65, 99, 98]
+    ran, (best_acc, last_loss), ckpt = scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop=3)
+    # after epoch 4 the counter reaches 3 at epoch 7 (not > 3); epoch 8 improves and resets it
+    assert ran == list(range(10))
+    assert (best_acc, last_loss) == (99, 9.5)  # last dev loss, not the best epoch's
+    assert (ckpt["epoch"], ckpt["acc"], ckpt["loss"], ckpt["state"]["weight"].item()) == (8, 99, 8.5, 8.0)
+
+
+def test_fit_stops_when_counter_exceeds_early_stop(monkeypatch, tmp_path):
+    dev_accs = [50, 60, 60, 55, 70, 70, 65, 65, 64, 99, 99]
+    ran, (best_acc, last_loss), ckpt = scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop=3)
+    assert ran == list(range(9))  # stall after epoch 5,6,7,8 = 4 > 3 -> stop after epoch 8
+    assert (best_acc, last_loss) == (70, 8.5)
+    assert (ckpt["epoch"], ckpt["acc"], ckpt["loss"]) == (4, 70, 4.5)  # the first 70, not the tie at epoch 5
+    assert ckpt["state"]["weight"].item() == 4.0  # the weights of that epoch
+
+
+def test_fit_ties_never_replace_the_checkpoint(monkeypatch, tmp_path):
+    ran, (best_acc, _), ckpt = scripted_fit(monkeypatch, tmp_path, [80, 80, 80, 80], early_stop=5)
+    assert ran == [0, 1, 2, 3] and best_acc == 80 and ckpt["epoch"] == 0 and ckpt["state"]["weight"].item() == 0.0
+
+
+def test_early_stop_zero_disables(monkeypatch, tmp_path):
+    dev_accs = [90] + [10] * 11
+    ran, (best_acc, last_loss), ckpt = scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop=0)
+    assert ran == list(range(12)) and best_acc == 90 and last_loss == 11.5 and ckpt["epoch"] == 0
+    ran, _, _ = scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop=1)
+    assert ran == [0, 1, 2]
+
+
+def test_fit_reports_every_epoch(monkeypatch, tmp_path):
+    model = nn.Linear(1, 1)
+    monkeypatch.setattr(train, "evaluate", lambda m, d, idx: (float(len(idx)), 0.25))
+    seen = []
+    fit(model, lambda e: (1.5, 40.0), None, torch.arange(3), torch.arange(7), 2, 5,
+        on_best=lambda *a: None, on_epoch=lambda epoch, stats: seen.append((epoch, stats)))
+    assert seen[0] == (0, {"train_loss": 1.5, "train_acc": 40.0, "dev_loss": 0.25, "dev_acc": 3.0,
+                           "test_loss": 0.25, "test_acc": 7.0})
+    assert [e for e, _ in seen] == [0, 1]
+
+
+def test_checkpoint_format_and_weights_only_load(tmp_path):
+    model = ColumnFC(8, 3)
+    path = tmp_path / "sub" / "best.pth"
+    save_checkpoint(str(path), model, 4, 87.5, 0.31)
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"epoch", "acc", "loss", "state"}
+    assert (ckpt["epoch"], ckpt["acc"], ckpt["loss"]) == (4, 87.5, 0.31)
+    assert set(ckpt["state"]) == set(model.state_dict())
+    fresh = ColumnFC(8, 3)
+    assert load_checkpoint(fresh, str(path), "checkpoint", "rerun")["epoch"] == 4
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save(model.state_dict(), tmp_path / "plain.pth")  # a plain state_dict loads too
+    load_checkpoint(ColumnFC(8, 3), str(tmp_path / "plain.pth"), "checkpoint", "rerun")
+
+
+def test_load_checkpoint_errors_are_one_line(tmp_path):
+    path = tmp_path / "best.pth"
+    save_checkpoint(str(path), ColumnFC(8, 3), 0, 1.0, 1.0)
+    with pytest.raises(MissingError, match="does not fit this config's model") as shape:
+        load_checkpoint(ColumnFC(8, 5), str(path), "pretrained checkpoint", "run pretrain_modi.py first")
+    with pytest.raises(MissingError, match="not found; run pretrain_modi.py first") as missing:
+        load_checkpoint(ColumnFC(8, 3), str(tmp_path / "none.pth"), "checkpoint", "run pretrain_modi.py first")
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk")
+    with pytest.raises(MissingError, match="corrupt") as corrupt:
+        load_checkpoint(ColumnFC(8, 3), str(tmp_path / "junk.pth"), "checkpoint", "rerun")
+    for err in (shape, missing, corrupt):
+        assert "\n" not in str(err.value) and str(path.parent) in str(err.value)
+    assert "fc3" in str(shape.value)
+
+
+def test_make_optimizer():
+    params = [nn.Parameter(torch.zeros(2))]
+    adam = make_optimizer(params, "adam", 0.001, 5e-4)
+    assert isinstance(adam, torch.optim.Adam)
+    group = adam.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.001, (0.9, 0.999), 5e-4)
+    sgd = make_optimizer(params, "sgd", 0.1, 1e-4)
+    assert isinstance(sgd, torch.optim.SGD)
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 1e-4)
+    with pytest.raises(UsageError, match="unknown optimizer 'rmsprop'; valid: adam, sgd"):
+        make_optimizer(params, "rmsprop", 0.1, 0.0)
+
+
+class RecordingData(TensorData):
+    def __init__(self, x, y):
+        super().__init__(x, y)
+        self.batches = []
+
+    def batch(self, idx):
+        self.batches.append(idx.tolist())
+        return super().batch(idx)
+
+
+def test_train_pass_visits_each_index_once_and_steps():
+    torch.manual_seed(0)
+    data = RecordingData(torch.rand(30, 4), torch.randint(0, 3, (30,)))
+    idx = torch.tensor([3, 5, 7, 11, 13, 17, 19, 23, 29, 2])
+    model = nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    steps = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.register_step_post_hook(lambda *a: steps.append(1))
+    loss, acc = train_pass(model, data, idx, optimizer, batch_size=4)
+    assert [len(b) for b in data.batches] == [4, 4, 2] and len(steps) == 3
+    assert sorted(sum(data.batches, [])) == sorted(idx.tolist())
+    assert not torch.equal(model.weight, before)
+    assert 0 <= acc <= 100 and loss > 0
