@@ -24,12 +24,15 @@ def minibatches(idx, batch_size, shuffle=True):
     return idx.split(batch_size)
 
 
-def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy):
-    """One shuffled pass over idx: forward, loss_fn(logits, y), backward, step. Returns (loss, acc %)."""
+def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy, before_step=None):
+    """One shuffled pass over idx: forward, loss_fn(logits, y), backward, step. Returns (loss, acc %).
+    before_step(), if given, runs before each batch's forward (ADV trains its inference model there)."""
     model.train()
     total_loss = torch.zeros((), device=idx.device)
     correct = torch.zeros((), dtype=torch.long, device=idx.device)
     for batch in minibatches(idx, batch_size):
+        if before_step is not None:
+            before_step()
         x, y = data.batch(batch)
         out = model(x)
         loss = loss_fn(out, y)
