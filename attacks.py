@@ -5,15 +5,18 @@ train on) and the victim's outputs on its members / non-members (to be scored), 
 AttackResult per reported attack: accuracy in percent plus the continuous member score of every
 victim sample (higher = more likely a member).
 """
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from common import UsageError
 from datasets import TensorData
 from models import build_attack_model
+from progress import progress_bar
 from train import make_optimizer, predict, train_pass
 
 SENS_DRAWS, SENS_EPS = 10, 1e-3
@@ -27,12 +30,17 @@ class Outputs:
     labels: torch.Tensor         # (N,)
     member: torch.Tensor         # (N,) bool
     sens: torch.Tensor = None    # (N, C) sensitivity, only when an attack needs it
+    logits: torch.Tensor = None  # (N, C) raw outputs (LiRA's stable log-odds need them)
+    shadow_logits: torch.Tensor = None  # (S, N, C) every shadow model's logits on these samples;
+    #                                     victim only, only when an attack needs it (LiRA)
 
     @staticmethod
     def cat(parts):
-        sens = None if parts[0].sens is None else torch.cat([p.sens for p in parts])
-        return Outputs(torch.cat([p.probs for p in parts]), torch.cat([p.labels for p in parts]),
-                       torch.cat([p.member for p in parts]), sens)
+        """Stack several models' outputs on their own samples (shadow_logits does not stack)."""
+        def cat_field(name):
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+        return Outputs(cat_field("probs"), cat_field("labels"), cat_field("member"), cat_field("sens"),
+                       cat_field("logits"))
 
 
 @dataclass
@@ -52,18 +60,60 @@ def sensitivity(model, x, draws=SENS_DRAWS, eps=SENS_EPS):
     return ((q - p).abs() / eps).mean(0)
 
 
+def attacked_rows(split):
+    """The samples an attack scores for a model: split.train (members) then split.test (non-members)."""
+    return torch.cat([split.train, split.test])
+
+
 @torch.no_grad()  # not inference_mode: attack models train on these tensors
 def model_outputs(model, data, split, with_sens, batch_size=1024):
     """The model's outputs on split.train (members) then split.test (non-members)."""
-    idx = torch.cat([split.train, split.test])
+    idx = attacked_rows(split)
     member = torch.cat([torch.ones(len(split.train), dtype=torch.bool),
                         torch.zeros(len(split.test), dtype=torch.bool)]).to(idx.device)
-    probs = F.softmax(predict(model, data, idx, batch_size), dim=1)
+    logits = predict(model, data, idx, batch_size)
+    probs = F.softmax(logits, dim=1)
     sens = None
     if with_sens:
         model.eval()
         sens = torch.cat([sensitivity(model, data.batch(b)[0]) for b in idx.split(batch_size // SENS_DRAWS)])
-    return Outputs(probs, data.y[idx], member, sens)
+    return Outputs(probs, data.y[idx], member, sens, logits)
+
+
+# ---------------------------------------------------------------- ROC metrics
+
+FPR_TARGETS = (0.01, 0.001)  # reported as TPR@1%FPR and TPR@0.1%FPR
+
+
+def _rankable(scores):
+    """Finite scores with the same order: nan/-inf (a diverged model) rank lowest, +inf highest."""
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    low, high = (finite.min() - 1, finite.max() + 1) if len(finite) else (0.0, 1.0)
+    return np.nan_to_num(scores, nan=low, posinf=high, neginf=low)
+
+
+def roc_metrics(scores, member):
+    """(AUC, {fpr target: TPR in %}) of a member score (higher = member), with scikit-learn's ROC.
+    TPR@x is the standard read-out: the highest TPR among ROC points whose FPR is <= x (no
+    interpolation), so an attack must really reach that FPR to be credited."""
+    scores, member = _rankable(scores), np.asarray(member, dtype=bool)
+    fpr, tpr, _ = roc_curve(member, scores, drop_intermediate=False)
+    tpr_at = {target: 100 * float(tpr[fpr <= target].max()) for target in FPR_TARGETS}
+    return float(roc_auc_score(member, scores)), tpr_at
+
+
+def best_balanced_accuracy(scores, member):
+    """Best 0.5 * (TPR + TNR) over all thresholds on the victim itself, in %: an oracle upper bound."""
+    fpr, tpr, _ = roc_curve(np.asarray(member, dtype=bool), _rankable(scores), drop_intermediate=False)
+    return 100 * float((0.5 * (tpr + 1 - fpr)).max())
+
+
+def metric_lines(result):
+    """The log lines that follow "<name> attack accuracy: x": AUC and TPR at low FPR."""
+    auc, tpr_at = roc_metrics(result.scores, result.member)
+    return [f"{result.name} attack AUC: {auc:.4f}"] + [
+        f"{result.name} attack TPR@{100 * target:g}%FPR: {tpr:.3f}" for target, tpr in tpr_at.items()]
 
 
 # ---------------------------------------------------------------- metric (threshold) attacks
@@ -120,12 +170,15 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 
 # ---------------------------------------------------------------- registry
 
-ATTACKS = {}   # name -> (function(shadow, victim, num_cls) -> [AttackResult], needs sensitivity)
+# fn(shadow, victim, num_cls) -> [AttackResult]; the flags ask mia_modi.py for optional Outputs fields:
+# needs_sensitivity fills `sens` (shadow and victim), needs_shadow_logits fills victim.shadow_logits.
+Attack = namedtuple("Attack", "fn needs_sensitivity needs_shadow_logits")
+ATTACKS = {}   # name -> Attack, in log order
 
 
-def register(name, needs_sensitivity=False):
+def register(name, needs_sensitivity=False, needs_shadow_logits=False):
     def add(fn):
-        ATTACKS[name] = (fn, needs_sensitivity)
+        ATTACKS[name] = Attack(fn, needs_sensitivity, needs_shadow_logits)
         return fn
     return add
 
@@ -148,7 +201,7 @@ def _nn_attack(name, kind, features, shadow, victim, num_cls):
     optimizer = make_optimizer(model.parameters(), "sgd", 1e-3, 5e-4)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
     all_rows = torch.arange(len(train), device=train.x.device)
-    for _ in range(ATTACK_EPOCHS):
+    for _ in progress_bar(range(ATTACK_EPOCHS), desc=f"{name} attack model"):
         train_pass(model, train, all_rows, optimizer, ATTACK_BATCH)
         schedule.step()
     logits = predict(model, test, torch.arange(len(test), device=test.x.device))
@@ -195,3 +248,46 @@ def nn_top3(shadow, victim, num_cls):
 def nn_cls(shadow, victim, num_cls):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
     return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls)
+
+
+# ---------------------------------------------------------------- offline LiRA
+
+LIRA_PER_SAMPLE_VAR_MIN = 64  # shadows needed before per-sample variances beat one pooled variance
+
+
+def logit_confidence(logits, labels):
+    """log(p_y / (1 - p_y)) computed from logits as z_y - logsumexp_{j != y} z_j: no 1 - p_y
+    cancellation, no clamping, exact for confidences that round to 1 in float32."""
+    z = logits.double()
+    rows = torch.arange(len(labels), device=z.device)
+    others = z.clone()
+    others[rows, labels] = -torch.inf
+    return z[rows, labels] - torch.logsumexp(others, dim=1)
+
+
+def lira_scores(shadow_values, victim_values):
+    """Offline LiRA (Carlini et al. 2022). shadow_values (S, N): each shadow's log-odds on the
+    victim's samples, all OUT (no shadow trained on them). Fit N(mu_i, var) per sample and score
+    -log P[OUT >= victim value]: higher = member. The variance is pooled over all samples unless there
+    are LIRA_PER_SAMPLE_VAR_MIN shadows (per-sample variances from a few shadows are too noisy);
+    one shadow has no spread around its own mean, so it falls back to the spread over samples."""
+    count = shadow_values.shape[0]
+    mean = shadow_values.mean(0)
+    if count >= LIRA_PER_SAMPLE_VAR_MIN:
+        var = shadow_values.var(0)
+    elif count > 1:
+        var = ((shadow_values - mean) ** 2).sum() / (shadow_values.shape[1] * (count - 1))
+    else:
+        var = shadow_values.var()
+    z = (victim_values - mean) / var.clamp_min(1e-12).sqrt()
+    return -torch.special.log_ndtr(-z)  # -log of the upper tail, stable far into it
+
+
+@register("lira", needs_shadow_logits=True)
+def lira(shadow, victim, num_cls):
+    """Offline LiRA. Its accuracy is the best balanced accuracy over thresholds chosen on the victim
+    (as the LiRA paper reports it), an upper bound rather than a shadow-calibrated accuracy."""
+    shadow_values = torch.stack([logit_confidence(z, victim.labels) for z in victim.shadow_logits])
+    scores = lira_scores(shadow_values, logit_confidence(victim.logits, victim.labels)).cpu().numpy()
+    member = victim.member.cpu().numpy()
+    return [AttackResult("LiRA", best_balanced_accuracy(scores, member), scores, member)]

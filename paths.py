@@ -23,6 +23,11 @@ def log_dir(args):
     return os.path.join(LOG_ROOT, run_name(args))
 
 
+def tb_dir(args):
+    """TensorBoard runs: log/<ds>_<model>/tb/ (summarize.py skips this folder)."""
+    return os.path.join(log_dir(args), "tb")
+
+
 def split_path(args):
     return os.path.join(result_dir(args), "split.npz")
 
