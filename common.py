@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UsageError(Exception):
@@ -31,6 +32,14 @@ def main_guard(main):
         print("error: interrupted; finished checkpoints are intact, rerun the command to redo this step",
               file=sys.stderr)
         sys.exit(130)
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch_size or pass another GPU-ID", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # disk full, permission denied, a file where a folder should be...
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot read or write{where} ({err.strerror or type(err).__name__}); "
+              f"check that path, its permissions and the free disk space", file=sys.stderr)
+        sys.exit(1)
 
 
 def seed_everything(seed):
@@ -41,6 +50,8 @@ def seed_everything(seed):
 
 def pick_device(gpu_id):
     """GPU-ID k -> cuda:k; -1 or no CUDA -> cpu (said once)."""
+    if gpu_id < -1:
+        raise UsageError(f"GPU-ID {gpu_id} is not valid; pass a CUDA device index (0, 1, ...) or -1 for the CPU")
     if gpu_id < 0 or not torch.cuda.is_available():
         why = "GPU-ID is -1" if gpu_id < 0 else "CUDA is not available"
         print(f"Running on CPU ({why}).")
@@ -66,6 +77,8 @@ def load_config(path):
             config = json.load(f)
     except json.JSONDecodeError as err:
         raise UsageError(f"config {path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file")
+    except UnicodeDecodeError:
+        raise UsageError(f"config {path} is not a text file; pass a JSON config such as config/digits.json")
     if not isinstance(config, dict):
         raise UsageError(f"config {path} must be a JSON object with keys {', '.join(CONFIG_KEYS)}")
     for key, value in config.items():
@@ -76,10 +89,10 @@ def load_config(path):
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
-            raise UsageError(f"config {path}: '{key}' must be {want.__name__}, got {value!r}")
+            raise UsageError(f"config {path}: '{key}' must be {want.__name__}, got {value!r}; fix the config")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise UsageError(f"config {path}: missing key(s) {', '.join(missing)}")
+        raise UsageError(f"config {path}: missing key(s) {', '.join(missing)}; add them (see config/digits.json)")
     return config
 
 
@@ -97,18 +110,26 @@ def base_parser(description):
         parser.add_argument(f"--{key}", type=typ, default=None, help="overrides the config")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (they are also off when stdout is not a terminal)")
+    parser.add_argument("--no_tensorboard", action="store_true",
+                        help="write no TensorBoard scalars under log/<ds>_<model>/tb/")
     return parser
 
 
 def parse_args(parser, argv=None):
     """Config values become defaults; explicit flags win."""
     args = parser.parse_args(argv)
+    from progress import set_quiet  # progress imports this module
+    set_quiet(args.quiet)
     config = load_config(args.config_path)
     for key, value in config.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.batch_size < 1:
         raise UsageError("--batch_size must be >= 1")
+    if getattr(args, "shadow_num", 0) < 0:
+        raise UsageError(f"--shadow_num must be >= 0, got {args.shadow_num}")
     return args
 
 
@@ -151,4 +172,16 @@ def append_log(path, line):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         f.write(line + "\n")
-    print(line)
+    tqdm.write(line)  # print without breaking a live progress bar
+
+
+def log_gpu_usage(device, log=None):
+    """On CUDA, once at the end of a run: the GPU's name and the run's peak allocated memory."""
+    if device.type != "cuda":
+        return
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    line = f"GPU: {torch.cuda.get_device_name(device)}, peak memory allocated {peak:.3f} GiB"
+    if log:
+        append_log(log, line)
+    else:
+        print(line)

@@ -3,13 +3,17 @@
 python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --attacks threshold,samia
                    [--defend slide_re [--defend_arg 4] --adaptive] [--original]
 """
-from attacks import ATTACKS, Outputs, model_outputs, parse_attacks
-from common import append_log, base_parser, main_guard, parse_args, pick_device, seed_everything
+import torch
+
+from attacks import ATTACKS, Outputs, attacked_rows, metric_lines, model_outputs, parse_attacks
+from common import (UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
+                    seed_everything)
 from defenses import get_defense
 from models import build_model
 from paths import checkpoint, log_path, prefix, pretrained_dir, pruned_dir
-from splits import open_run
-from train import evaluate, load_checkpoint
+from pruning import PRUNERS
+from splits import check_config, open_run
+from train import evaluate, load_checkpoint, predict
 
 
 def get_args(argv=None):
@@ -26,50 +30,90 @@ def get_args(argv=None):
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
     get_defense(args.defend)
+    check_config(args)
+    if args.pruner_name not in PRUNERS:
+        raise UsageError(f"unknown pruner_name '{args.pruner_name}'; valid: {', '.join(PRUNERS)}")
+    if not 0 < args.prune_sparsity < 1:
+        raise UsageError(f"--prune_sparsity must be in (0, 1), got {args.prune_sparsity}")
+    if args.shadow_num < 1:
+        raise UsageError(f"the attacks need shadows: --shadow_num must be >= 1, got {args.shadow_num}")
+    if args.original and args.adaptive:
+        raise UsageError("--original attacks the unpruned models, which have no defense; drop --adaptive")
     return args
 
 
+def prune_command(args, defend):
+    """What creates the pruned models of `defend` ('' = Base) that this attack reads."""
+    cmd = (f"run prune_modi.py {args.gpu_id} {args.config_path} --pruner_name {args.pruner_name} "
+           f"--prune_sparsity {args.prune_sparsity} --shadow_num {args.shadow_num}")
+    if defend:
+        cmd += f" --defend {defend}"
+        if get_defense(defend).arg_in_name:
+            cmd += f" --defend_arg {args.defend_arg}"
+        if get_defense(defend).window:
+            cmd += " --stride <stride> --width <width>"
+    return cmd + " first"
+
+
 def model_folders(args):
-    """(victim folder, shadow folders, description for the log, how to create missing ones)."""
+    """(victim folder, shadow folders, description for the log, how to create the victim, the shadows)."""
     if args.original:
+        how = f"run pretrain_modi.py {args.gpu_id} {args.config_path} --shadow_num {args.shadow_num} first"
         return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)],
-                "original", f"run pretrain_modi.py {args.gpu_id} {args.config_path}")
+                "original", how, how)
     victim_stem = prefix(args.pruner_name, args.prune_sparsity, args.defend, args.defend_arg)
     shadow_defend = args.defend if args.adaptive else ""
     shadow_stem = prefix(args.pruner_name, args.prune_sparsity, shadow_defend, args.defend_arg)
     setting = "adaptive" if args.adaptive else "base"
-    how = (f"run prune_modi.py {args.gpu_id} {args.config_path} --pruner_name {args.pruner_name} "
-           f"--prune_sparsity {args.prune_sparsity}")
-    if shadow_defend:
-        how += f" --defend {args.defend} --defend_arg {args.defend_arg} (plus that defense's flags)"
     return (pruned_dir(args, victim_stem), [pruned_dir(args, shadow_stem, i) for i in range(args.shadow_num)],
-            f"{shadow_stem} ({setting})", how)
+            f"{shadow_stem} ({setting})", prune_command(args, args.defend), prune_command(args, shadow_defend))
 
 
 def main():
     args = get_args()
-    seed_everything(args.seed)
     device = pick_device(args.gpu_id)
     data, split = open_run(args, device)
-    victim_folder, shadow_folders, setting, how = model_folders(args)
-    with_sens = any(ATTACKS[name][1] for name in args.attack_names)
+    victim_folder, shadow_folders, setting, victim_how, shadow_how = model_folders(args)
+    with_sens = any(ATTACKS[name].needs_sensitivity for name in args.attack_names)
+    with_shadow_logits = any(ATTACKS[name].needs_shadow_logits for name in args.attack_names)
+
+    def load(folder, shadow=None):
+        model = build_model(args.model_name, args.num_cls, args.input_dim).to(device)
+        load_checkpoint(model, checkpoint(folder), "checkpoint", victim_how if shadow is None else shadow_how)
+        return model
+
+    for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all present before any work
+        split.model(i)  # the split has this shadow
+        load(folder, i)
+    seed_everything(args.seed)  # after the checks, which build models
 
     def outputs(folder, shadow=None):
-        model = build_model(args.model_name, args.num_cls, args.input_dim).to(device)
-        load_checkpoint(model, checkpoint(folder), "checkpoint", how)
+        model = load(folder, shadow)
         model_split = split.model(shadow).to(device)
         return model, model_outputs(model, data, model_split, with_sens, max(args.batch_size, 1000))
 
-    shadow = Outputs.cat([outputs(folder, i)[1] for i, folder in enumerate(shadow_folders)])
+    victim_rows = attacked_rows(split.model().to(device))
+    shadow_parts, shadow_logits = [], []
+    for i, folder in enumerate(shadow_folders):
+        shadow_model, part = outputs(folder, i)
+        shadow_parts.append(part)
+        if with_shadow_logits:  # LiRA: every shadow on the victim's members and non-members
+            shadow_logits.append(predict(shadow_model, data, victim_rows))
+    shadow = Outputs.cat(shadow_parts)
     victim_model, victim = outputs(victim_folder)
+    if with_shadow_logits:
+        victim.shadow_logits = torch.stack(shadow_logits)
     log = log_path(args)
     test_acc, _ = evaluate(victim_model, data, split.model().test.to(device))
     kind = "original" if args.original else "pruned"
     append_log(log, f"Victim {kind} model test accuracy: {test_acc:.3f}")
     append_log(log, f"Shadows: {setting}")
     for name in args.attack_names:
-        for result in ATTACKS[name][0](shadow, victim, args.num_cls):
+        for result in ATTACKS[name].fn(shadow, victim, args.num_cls):
             append_log(log, f"{result.name} attack accuracy: {result.accuracy:.3f}")
+            for line in metric_lines(result):
+                append_log(log, line)
+    log_gpu_usage(device, log)
 
 
 if __name__ == "__main__":

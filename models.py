@@ -1,7 +1,6 @@
 """Target models (resnet18, vgg16bn, densenet121, columnfc) and attack models (mia_fc, transformer)."""
 import torch
 import torch.nn as nn
-import torchvision.models as tvm
 
 from common import UsageError
 
@@ -21,6 +20,7 @@ def release_init(model):
 
 
 def resnet18(num_cls):
+    import torchvision.models as tvm  # here, not at the top: slow to import and the tabular runs never need it
     model = tvm.resnet18(weights=None, num_classes=num_cls)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # 32x32 input; max-pool kept
     return model
@@ -28,6 +28,7 @@ def resnet18(num_cls):
 
 def vgg16bn(num_cls):
     """VGG-16 (config D) with BatchNorm, 1x1 adaptive pool, 512-4096-4096-C classifier."""
+    import torchvision.models as tvm
     model = tvm.vgg16_bn(weights=None, num_classes=num_cls)
     model.avgpool = nn.AdaptiveAvgPool2d(1)
     model.classifier[0] = nn.Linear(512, 4096)
@@ -35,6 +36,7 @@ def vgg16bn(num_cls):
 
 
 def densenet121(num_cls):
+    import torchvision.models as tvm
     model = tvm.densenet121(weights=None, num_classes=num_cls)
     model.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     return model

@@ -1,14 +1,16 @@
 """Step 1: split the data and train the victim and the shadow models.
 
-python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 7] [--force]
+python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 7] [--force | --skip_existing]
 """
 import os
 
-from common import MissingError, append_log, base_parser, main_guard, parse_args, pick_device, seed_everything
+from common import (MissingError, UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args,
+                    pick_device, seed_everything)
 from datasets import TensorData, get_dataset
 from defenses import get_defense
 from models import build_model
 from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
+from progress import Scalars, epoch_monitor
 from splits import Split, check_config
 from train import evaluate, fit, load_checkpoint, save_checkpoint
 
@@ -18,7 +20,11 @@ def get_args(argv=None):
     parser.add_argument("--shadow_num", type=int, default=5)
     parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
     parser.add_argument("--force", action="store_true", help="rebuild a split that does not match this run")
-    return parse_args(parser, argv)
+    parser.add_argument("--skip_existing", action="store_true", help="keep models whose best.pth already exists")
+    args = parse_args(parser, argv)
+    if args.force and args.skip_existing:
+        raise UsageError("--force rebuilds the split, so existing models would be stale; drop --skip_existing")
+    return args
 
 
 def prepare_split(args, n_train, n_test):
@@ -37,13 +43,15 @@ def prepare_split(args, n_train, n_test):
     return split
 
 
-def pretrain(args, data, model_split, folder):
-    """Train one target model with the plain recipe; keep the best-dev checkpoint in folder."""
+def pretrain(args, data, model_split, folder, scalars=None, tag="victim"):
+    """Train one target model with the plain recipe; keep the best-dev checkpoint in folder.
+    Per-epoch curves go to scalars (TensorBoard) under `tag`."""
     model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
     defense = get_defense("base")(model, data, model_split, args)
     path = checkpoint(folder)
-    fit(model, defense.train_epoch, data, model_split.dev, model_split.test, args.epochs, args.early_stop,
-        on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss))
+    with epoch_monitor(scalars, tag, args.epochs) as on_epoch:
+        fit(model, defense.train_epoch, data, model_split.dev, model_split.test, args.epochs, args.early_stop,
+            on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss), on_epoch=on_epoch)
     best = load_checkpoint(model, path, "checkpoint", "rerun pretrain_modi.py")
     return best, evaluate(model, data, model_split.test)
 
@@ -58,11 +66,19 @@ def main():
     data = TensorData.concat(train, test).to(device)
     log = os.path.join(log_dir(args), "pretrain.txt")
     append_log(log, f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
+    scalars = Scalars(args, "pretrain")
     for who in [None] + list(range(args.shadow_num)):
         name = "victim" if who is None else f"shadow {who}"
-        best, (test_acc, test_loss) = pretrain(args, data, split.model(who).to(device), pretrained_dir(args, who))
+        if args.skip_existing and os.path.isfile(checkpoint(pretrained_dir(args, who))):
+            print(f"Skipping {name}: {checkpoint(pretrained_dir(args, who))} exists (--skip_existing)")
+            continue
+        seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
+        best, (test_acc, test_loss) = pretrain(args, data, split.model(who).to(device), pretrained_dir(args, who),
+                                               scalars, name.replace(" ", "_"))
         append_log(log, f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
                         f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
+    scalars.close()
+    log_gpu_usage(device, log)
 
 
 if __name__ == "__main__":

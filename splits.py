@@ -14,6 +14,7 @@ from common import MissingError, UsageError, atomic_write
 from datasets import DATASETS, TensorData, get_dataset
 from models import TARGET_MODELS
 from paths import split_path
+from train import OPTIMIZERS
 
 
 @dataclass
@@ -88,6 +89,12 @@ class Split:
         except Exception as err:
             raise MissingError(f"data split {path} is unreadable ({type(err).__name__}); "
                                f"rerun pretrain_modi.py with --force to rebuild it")
+        shadows = meta.get("shadow_num") if isinstance(meta.get("shadow_num"), int) else -1
+        want = {f"{who}_{part}{tail}" for who, tail in [("victim", "")] + [("shadow", f"_{i}") for i in range(shadows)]
+                for part in ("train", "dev", "test")}
+        if shadows < 0 or not {"dataset", "n_train", "n_test", "seed"} <= set(meta) or not want <= set(arrays):
+            raise MissingError(f"data split {path} was not made by pretrain_modi.py (arrays or meta missing); "
+                               f"rerun pretrain_modi.py with --force to rebuild it")
         return cls(arrays, meta)
 
     def mismatch(self, dataset_name, n_train, n_test, seed=None, shadow_num=0):
@@ -123,3 +130,12 @@ def check_config(args):
     if (args.num_cls, args.input_dim) != (num_cls, input_dim):
         raise UsageError(f"config has num_cls={args.num_cls}, input_dim={args.input_dim} but "
                          f"{args.dataset_name} has num_cls={num_cls}, input_dim={input_dim}; fix the config")
+    if (input_dim == 3) != (args.model_name != "columnfc"):  # input_dim 3 = the image datasets
+        raise UsageError(f"model_name '{args.model_name}' does not fit dataset {args.dataset_name}; use columnfc "
+                         f"for tabular data and resnet18, vgg16bn or densenet121 for images")
+    if args.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer '{args.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
+    for key, ok, want in (("epochs", args.epochs >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
+                          ("weight_decay", args.weight_decay >= 0, ">= 0")):
+        if not ok:
+            raise UsageError(f"{key} must be {want}, got {getattr(args, key)}; fix the config or pass --{key}")

@@ -1,0 +1,96 @@
+"""Training-loop overhead: the project's one-epoch function (train.train_pass) vs a bare loop over
+pre-made batches, and vs the release's style (a per-item DataLoader over a Subset with 4 workers,
+re-created every epoch). Also one columnfc epoch at 1k/10k/100k rows.
+
+python bench/bench_train.py [--tiny] [--device cpu|cuda:0]
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from common_bench import best_of, table
+from datasets import TensorData
+from models import build_model
+from train import make_optimizer, train_pass
+
+
+def bare_epoch(model, batches, optimizer):
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def release_style_epoch(model, dataset, indices, optimizer, device, batch_size=128):
+    model.train()
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, num_workers=4,
+                        pin_memory=device.type == "cuda")
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def setup(kind, rows, device):
+    g = torch.Generator().manual_seed(0)
+    if kind == "columnfc":
+        x = (torch.rand(rows, 446, generator=g) > 0.5).float()
+        y = torch.randint(0, 30, (rows,), generator=g)
+        model = build_model("columnfc", 30, 446)
+        data = TensorData(x, y)
+    else:
+        x = torch.randint(0, 256, (rows, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, 10, (rows,), generator=g)
+        model = build_model("resnet18", 10, 3)
+        data = TensorData(x, y, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+    return model.to(device), data.to(device)
+
+
+def compare(kind, rows, device, with_release):
+    model, data = setup(kind, rows, device)
+    optimizer = make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
+    idx = torch.arange(rows, device=device)
+    batches = [data.batch(b) for b in idx.split(128)]  # pre-made: the floor the loop can reach
+    t_project = best_of(lambda: train_pass(model, data, idx, optimizer, 128))
+    t_bare = best_of(lambda: bare_epoch(model, batches, optimizer))
+    row = [kind, rows, f"{t_project:.3f}", f"{t_bare:.3f}", f"{t_project / t_bare:.2f}"]
+    if with_release:
+        xs = torch.stack([data.batch(torch.tensor([i]))[0][0] for i in range(rows)]).cpu()
+        dataset = TensorDataset(xs, data.y.cpu())
+        t_rel = best_of(lambda: release_style_epoch(model, dataset, list(range(rows)), optimizer, device),
+                        repeat=2)
+        row += [f"{t_rel:.3f}", f"{t_rel / t_project:.1f}"]
+    else:
+        row += ["-", "-"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    fc_rows, img_rows = (300, 64) if args.tiny else (4008, 512)
+    rows = [compare("columnfc", fc_rows, device, True), compare("resnet18", img_rows, device, not args.tiny)]
+    table(f"one epoch, seconds ({device})",
+          ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"], rows)
+    sizes = (100, 1000) if args.tiny else (1000, 10000, 100000)
+    scaling = []
+    for n in sizes:
+        model, data = setup("columnfc", n, device)
+        optimizer = make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
+        idx = torch.arange(n, device=device)
+        t = best_of(lambda: train_pass(model, data, idx, optimizer, 128), repeat=2)
+        scaling.append([n, f"{t:.3f}", f"{1e6 * t / n:.1f}"])
+    table("columnfc epoch scaling", ["rows", "seconds", "us/row"], scaling)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""No lost work and safe reruns: an interrupted save keeps the previous file, a Ctrl-C leaves loadable
+checkpoints, reruns reuse the split, append to logs and (with --skip_existing) keep finished models,
+and the same seed and command give the same files and numbers in any folder."""
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from models import build_model
+from splits import Split
+from train import load_checkpoint, save_checkpoint
+
+DIGITS = os.path.join(REPO, "config", "digits.json")
+RUN = "result/digits_columnfc"
+PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1", "--no_tensorboard"]
+PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2",
+         "--shadow_num", "1", "--no_tensorboard"]
+ATTACK = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", "1"]
+PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
+PRETRAIN_LOG = "log/digits_columnfc/pretrain.txt"
+
+
+def run_pipeline(folder):
+    for command in (PRETRAIN, PRUNE, ATTACK):
+        run_script(*command, cwd=folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """The same tiny digits pipeline run twice, in two folders, side by side."""
+    folders = [tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")]
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(run_pipeline, folders))
+
+
+def files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def read(folder, path):
+    return (folder / path).read_bytes()
+
+
+def without_times(text):
+    return [line for line in text.splitlines() if "defend time" not in line]
+
+
+def tensors_equal(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_same_seed_same_files_and_numbers(twins):
+    a, b = twins
+    assert files(a) == files(b)
+    assert {f"{RUN}/split.npz", "data/datasets/digits/digits_split.npz", PRETRAIN_LOG} < set(files(a))
+    assert len([p for p in files(a) if p.endswith(".pth")]) == 6  # victim + shadow: pretrained, pruned, masks
+    for path in files(a):
+        if path != PRUNE_LOG:  # the only file with a time in it
+            assert read(a, path) == read(b, path), path
+    log_a, log_b = (without_times((x / PRUNE_LOG).read_text()) for x in (a, b))
+    assert log_a == log_b
+    assert any(line.startswith("Conf attack accuracy: ") for line in log_a)
+    assert sum("best model: Accuracy" in line for line in log_a) == 4  # 2 iterations x (victim, shadow)
+
+
+# ---------------------------------------------------------------- reruns
+
+def test_pretrain_rerun_reuses_split_skips_finished_models_and_appends(twins, tmp_path):
+    shutil.copytree(twins[0], tmp_path, dirs_exist_ok=True)
+    (tmp_path / RUN / "shadow_model_0/best.pth").unlink()  # as if killed while training shadow 0
+    victim, split, old_log = (read(tmp_path, p) for p in (f"{RUN}/victim_model/best.pth", f"{RUN}/split.npz",
+                                                         PRETRAIN_LOG))
+    proc = run_script(*PRETRAIN, "--skip_existing", cwd=tmp_path)
+    assert f"Reusing data split {RUN}/split.npz" in proc.stdout
+    assert f"Skipping victim: {RUN}/victim_model/best.pth exists (--skip_existing)" in proc.stdout
+    assert "Skipping shadow 0" not in proc.stdout
+    assert read(tmp_path, f"{RUN}/victim_model/best.pth") == victim
+    assert read(tmp_path, f"{RUN}/split.npz") == split
+    # each model is seeded on its own, so the retrained shadow equals the one of the full run
+    assert read(tmp_path, f"{RUN}/shadow_model_0/best.pth") == read(twins[0], f"{RUN}/shadow_model_0/best.pth")
+    new_log = read(tmp_path, PRETRAIN_LOG)
+    assert new_log.startswith(old_log)
+    shadow_line = [line for line in old_log.decode().splitlines() if line.startswith("Pretrained shadow 0")]
+    assert new_log[len(old_log):].decode().splitlines()[1:] == shadow_line
+
+
+def test_prune_rerun_overwrites_checkpoints_and_appends_to_the_log(twins, tmp_path):
+    shutil.copytree(twins[0], tmp_path, dirs_exist_ok=True)
+    pruned = tmp_path / RUN / "iter_prunetxt_0.6_model/best.pth"
+    old_log, old_mtime = (tmp_path / PRUNE_LOG).read_text(), pruned.stat().st_mtime_ns
+    time.sleep(0.01)
+    run_script(*PRUNE, cwd=tmp_path)
+    new_log = (tmp_path / PRUNE_LOG).read_text()
+    assert new_log.startswith(old_log)
+    old_lines = without_times(old_log)
+    prune_block = old_lines[:next(i for i, line in enumerate(old_lines) if line.startswith("Victim pruned"))]
+    assert without_times(new_log[len(old_log):]) == prune_block  # the same numbers again, appended
+    assert pruned.stat().st_mtime_ns > old_mtime
+    assert pruned.read_bytes() == read(twins[0], f"{RUN}/iter_prunetxt_0.6_model/best.pth")
+    assert not [p for p in files(tmp_path) if ".tmp_" in p]
+
+
+# ---------------------------------------------------------------- kill safety
+
+def write_half_and_die(f, write, exception):
+    """What a kill in the middle of a save leaves: the first half of the real bytes, then `exception`."""
+    buffer = io.BytesIO()
+    write(buffer)
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    raise exception("simulated kill during the write")
+
+
+@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_checkpoint_save_keeps_the_previous_best(tmp_path, monkeypatch, exception):
+    path = str(tmp_path / "victim_model/best.pth")
+    first = build_model("columnfc", 10, 64)
+    save_checkpoint(path, first, 3, 81.5, 0.4)
+    before = (tmp_path / "victim_model/best.pth").read_bytes()
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: write_half_and_die(f, lambda b: real(obj, b), exception))
+    with pytest.raises(exception, match="simulated kill"):
+        save_checkpoint(path, build_model("columnfc", 10, 64), 4, 90.0, 0.3)
+    monkeypatch.undo()
+    assert (tmp_path / "victim_model/best.pth").read_bytes() == before
+    assert os.listdir(tmp_path / "victim_model") == ["best.pth"]  # no temp file left behind
+    model = build_model("columnfc", 10, 64)
+    ckpt = load_checkpoint(model, path, "checkpoint", "rerun")
+    assert (ckpt["epoch"], ckpt["acc"]) == (3, 81.5)
+    assert tensors_equal(model.state_dict(), first.state_dict())
+
+
+@pytest.mark.parametrize("exception", [OSError, KeyboardInterrupt])
+def test_interrupted_split_save_keeps_the_previous_split(tmp_path, monkeypatch, exception):
+    path = str(tmp_path / "split.npz")
+    Split.create("digits", 1437, 360, 7, 2).save(path)
+    before = (tmp_path / "split.npz").read_bytes()
+    real = np.savez
+    monkeypatch.setattr(np, "savez", lambda f, **arrays: write_half_and_die(f, lambda b: real(b, **arrays), exception))
+    with pytest.raises(exception, match="simulated kill"):
+        Split.create("digits", 1437, 360, 8, 2).save(path)
+    monkeypatch.undo()
+    assert (tmp_path / "split.npz").read_bytes() == before
+    assert os.listdir(tmp_path) == ["split.npz"]
+    assert Split.load(path).meta["seed"] == 7
+
+
+def test_ctrl_c_while_pretraining_leaves_a_loadable_checkpoint(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0")
+    cmd = [sys.executable, os.path.join(REPO, "pretrain_modi.py"), "-1", DIGITS, "--epochs", "500", "--early_stop", "0",
+           "--shadow_num", "1", "--no_tensorboard"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    best = tmp_path / RUN / "victim_model/best.pth"
+    deadline = time.time() + 120
+    while not best.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.splitlines() == ["error: interrupted; finished checkpoints are intact, rerun the command to redo "
+                                   "this step"]
+    load_checkpoint(build_model("columnfc", 10, 64), str(best), "checkpoint", "rerun")
+    assert not [p for p in files(tmp_path) if ".tmp_" in p]
