@@ -110,6 +110,8 @@ def base_parser(description):
         parser.add_argument(f"--{key}", type=typ, default=None, help="overrides the config")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--amp", action="store_true",
+                        help="CUDA only: bfloat16 autocast for forward passes (faster; off = the paper's float32)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (they are also off when stdout is not a terminal)")
     parser.add_argument("--no_tensorboard", action="store_true",
@@ -121,7 +123,9 @@ def parse_args(parser, argv=None):
     """Config values become defaults; explicit flags win."""
     args = parser.parse_args(argv)
     from progress import set_quiet  # progress imports this module
+    from train import set_amp
     set_quiet(args.quiet)
+    set_amp(args.amp)
     config = load_config(args.config_path)
     for key, value in config.items():
         if getattr(args, key) is None:

@@ -52,12 +52,15 @@ class Defense:
         """Raise UsageError for flags this defense cannot run with."""
 
     @classmethod
-    def load_memscores(cls, args):
-        """Mem-scores of the config's training set (float64 tensor, row i = trainset index i)."""
+    def load_memscores(cls, args, n_train=None):
+        """Mem-scores of the config's training set (float64 tensor, row i = trainset index i). n_train,
+        when known (the split records it), spares reading the dataset again to count its rows."""
         path, fix = memscore_path(args.dataset_name, args.model_name), memscore_fix(args)
         if not os.path.isfile(path):
             raise MissingError(f"mem-scores {path} not found; {fix}")
-        return read_memscores(path, len(get_dataset(args.dataset_name)[0]), fix)
+        if n_train is None:
+            n_train = len(get_dataset(args.dataset_name)[0])
+        return read_memscores(path, n_train, fix)
 
     def train_epoch(self, epoch):
         """Train one epoch; return (train loss, train accuracy %)."""
@@ -201,8 +204,8 @@ class RiskMemory(Defense):
             raise UsageError(f"--mem_thre must be a number, got {args.mem_thre}")
 
     @classmethod
-    def load_memscores(cls, args):
-        scores = super().load_memscores(args)
+    def load_memscores(cls, args, n_train=None):
+        scores = super().load_memscores(args, n_train)
         low, high = scores.min().item(), scores.max().item()
         if not low <= args.mem_thre <= high:
             raise UsageError(f"--mem_thre {args.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
@@ -290,20 +293,29 @@ def ppb_loss(logits, y, weight):
     return F.cross_entropy(logits, y) + weight * ppb_kl(logits)
 
 
+class LossDefense(Defense):
+    """A plain epoch over the training set with its own loss(logits, y, epoch)."""
+    arg_in_name = True
+
+    def loss(self, logits, y, epoch):
+        raise NotImplementedError
+
+    def train_epoch(self, epoch):
+        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size,
+                          loss_fn=lambda logits, y: self.loss(logits, y, epoch))
+
+
 @register
-class Ppb(Defense):
+class Ppb(LossDefense):
     """Pair-wise posterior balancing (Yuan & Zhang, USENIX Security 2022); defend_arg weighs the KL term."""
     name = "ppb"
-    arg_in_name = True
 
     @classmethod
     def check_args(cls, args):
         check_defend_arg(cls, args, 0, False, "the weight of the KL term")
 
-    def train_epoch(self, epoch):
-        weight = self.args.defend_arg
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size,
-                          loss_fn=lambda logits, y: ppb_loss(logits, y, weight))
+    def loss(self, logits, y, epoch):
+        return ppb_loss(logits, y, self.args.defend_arg)
 
 
 def relaxloss_loss(logits, y, alpha, epoch, upper=1.0):
@@ -324,19 +336,16 @@ def relaxloss_loss(logits, y, alpha, epoch, upper=1.0):
 
 
 @register
-class RelaxLoss(Defense):
+class RelaxLoss(LossDefense):
     """RelaxLoss (Chen et al., ICLR 2022); defend_arg is the target loss level alpha."""
     name = "relaxloss"
-    arg_in_name = True
 
     @classmethod
     def check_args(cls, args):
         check_defend_arg(cls, args, 0, True, "the target loss level alpha")
 
-    def train_epoch(self, epoch):
-        alpha = self.args.defend_arg
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size,
-                          loss_fn=lambda logits, y: relaxloss_loss(logits, y, alpha, epoch))
+    def loss(self, logits, y, epoch):
+        return relaxloss_loss(logits, y, self.args.defend_arg, epoch)
 
 
 def inference_features(logits, y):

@@ -99,7 +99,7 @@ def main():
     device = pick_device(args.gpu_id)
     data, split = open_run(args, device)
     defense_cls = get_defense(args.defend)
-    memscores = defense_cls.load_memscores(args) if defense_cls.needs_memscore else None
+    memscores = defense_cls.load_memscores(args, int(split.meta["n_train"])) if defense_cls.needs_memscore else None
     stem = prefix(args.pruner_name, args.prune_sparsity, args.defend, args.defend_arg)
     log = log_path(args)
     shadows = [split.model(i).to(device) for i in range(args.shadow_num)]  # checks shadow_num early

@@ -7,6 +7,17 @@ from common import MissingError, UsageError, load_torch, save_torch
 
 OPTIMIZERS = ("adam", "sgd")
 EVAL_BATCH = 1024
+_amp = False  # --amp: bfloat16 autocast on CUDA for forward passes; off keeps numbers comparable
+
+
+def set_amp(enabled):
+    global _amp
+    _amp = bool(enabled)
+
+
+def autocast(device):
+    """bfloat16 autocast around forward passes when --amp is on and the data lives on a GPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=_amp and device.type == "cuda")
 
 
 def make_optimizer(params, name, lr, weight_decay):
@@ -34,8 +45,9 @@ def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy,
         if before_step is not None:
             before_step()
         x, y = data.batch(batch)
-        out = model(x)
-        loss = loss_fn(out, y)
+        with autocast(x.device):
+            out = model(x).float()
+            loss = loss_fn(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -49,7 +61,8 @@ def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy,
 def predict(model, data, idx, batch_size=EVAL_BATCH):
     """Logits for data[idx], in order."""
     model.eval()
-    return torch.cat([model(data.batch(b)[0]) for b in idx.split(batch_size)])
+    with autocast(idx.device):
+        return torch.cat([model(data.batch(b)[0]).float() for b in idx.split(batch_size)])
 
 
 @torch.inference_mode()

@@ -148,3 +148,22 @@ def test_train_pass_visits_each_index_once_and_steps():
     assert sorted(sum(data.batches, [])) == sorted(idx.tolist())
     assert not torch.equal(model.weight, before)
     assert 0 <= acc <= 100 and loss > 0
+
+
+def test_amp_is_cuda_only_and_leaves_cpu_numbers_unchanged():
+    def one_pass(amp):
+        train.set_amp(amp)
+        try:
+            torch.manual_seed(0)
+            model = ColumnFC(64, 10)
+            data = TensorData(torch.rand(300, 64), torch.randint(0, 10, (300,)))
+            optimizer = train.make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
+            result = train.train_pass(model, data, torch.arange(300), optimizer, 128)
+            return result, train.predict(model, data, torch.arange(300))
+        finally:
+            train.set_amp(False)
+
+    (plain, plain_logits), (amp, amp_logits) = one_pass(False), one_pass(True)
+    assert plain == amp and torch.equal(plain_logits, amp_logits)
+    assert plain_logits.dtype == torch.float32
+    assert train.autocast(torch.device("cuda")).fast_dtype == torch.bfloat16
