@@ -77,8 +77,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    fc_rows, img_rows = (300, 64) if args.tiny else (4008, 512)
-    rows = [compare("columnfc", fc_rows, device, True), compare("resnet18", img_rows, device, not args.tiny)]
+    fc_rows, window_rows, img_rows = (300, 60, 64) if args.tiny else (4008, 450, 512)
+    # a window defense trains ~classes x width rows per epoch (Location: 30 x 15), and the release builds
+    # a new DataLoader for each such epoch
+    rows = [compare("columnfc", fc_rows, device, True), compare("columnfc", window_rows, device, True),
+            compare("resnet18", img_rows, device, not args.tiny)]
     table(f"one epoch, seconds ({device})",
           ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"], rows)
     sizes = (100, 1000) if args.tiny else (1000, 10000, 100000)
