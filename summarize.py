@@ -217,7 +217,8 @@ def main():
     parser.add_argument("log_dir", nargs="?", default="log")
     parser.add_argument("--out", default="results.csv", help="CSV file to write")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table to stdout")
-    parser.add_argument("--plot", metavar="FILE.png", help="write the privacy-utility plot")
+    parser.add_argument("--plot", metavar="FILE.png", nargs="?", const="tradeoff.png",
+                        help="write the privacy-utility plot (default file: tradeoff.png)")
     parser.add_argument("--all", action="store_true", help="keep every entry, not only the newest per config")
     args = parser.parse_args()
     if not os.path.isdir(args.log_dir):

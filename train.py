@@ -28,6 +28,11 @@ def make_optimizer(params, name, lr, weight_decay):
     raise UsageError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
 
 
+def full_precision(out):
+    """float32 logits out of an autocast region; anything else as it is."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+
+
 def minibatches(idx, batch_size, shuffle=True):
     """Index tensors of one pass over idx (shuffled with the global torch RNG)."""
     if shuffle:
@@ -46,7 +51,7 @@ def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy,
             before_step()
         x, y = data.batch(batch)
         with autocast(x.device):
-            out = model(x).float()
+            out = full_precision(model(x))
             loss = loss_fn(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -62,7 +67,7 @@ def predict(model, data, idx, batch_size=EVAL_BATCH):
     """Logits for data[idx], in order."""
     model.eval()
     with autocast(idx.device):
-        return torch.cat([model(data.batch(b)[0]).float() for b in idx.split(batch_size)])
+        return torch.cat([full_precision(model(data.batch(b)[0])) for b in idx.split(batch_size)])
 
 
 @torch.inference_mode()

@@ -162,7 +162,9 @@ def test_ctrl_c_while_pretraining_leaves_a_loadable_checkpoint(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0")
     cmd = [sys.executable, os.path.join(REPO, "pretrain_modi.py"), "-1", DIGITS, "--epochs", "500", "--early_stop", "0",
            "--shadow_num", "1", "--no_tensorboard"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background jobs inherit an ignored SIGINT, and Python then installs no handler: restore it
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     best = tmp_path / RUN / "victim_model/best.pth"
     deadline = time.time() + 120
     while not best.exists() and proc.poll() is None and time.time() < deadline:

@@ -256,3 +256,10 @@ def test_cli_missing_or_empty_dir(tmp_path):
     proc = run_cli(tmp_path / "empty", cwd=tmp_path)
     assert proc.returncode == 1 and "no results logs" in proc.stderr
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_cli_plot_without_a_file_name_writes_tradeoff_png(log_dir, tmp_path):
+    proc = run_cli(log_dir, "--markdown", "--plot", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.startswith("| dataset | model |")
