@@ -84,7 +84,7 @@ def test_bars_and_tensorboard_change_no_number(tmp_path, monkeypatch):
     text = (tmp_path / "live" / logs[0]).read_text()
     assert "Top3-NN attack AUC: " in text and "LiRA attack accuracy: " in text
     for who in ("victim_model", "iter_prunetxt_0.6_model", "shadow_iter_prunetxt_0.6_model_0"):
-        a, b = (torch.load(tmp_path / run / "result" / "digits_columnfc" / who / "best.pth")
+        a, b = (torch.load(tmp_path / run / "result" / "digits_columnfc" / who / "best.pth", weights_only=True)
                 for run in ("quiet", "live"))
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
