@@ -11,7 +11,7 @@ from common import (UsageError, append_log, base_parser, log_gpu_usage, main_gua
 from defenses import get_defense
 from models import build_model
 from paths import checkpoint, log_path, prefix, pretrained_dir, pruned_dir
-from pruning import PRUNERS
+from pruning import check_pruning_flags
 from splits import check_config, open_run
 from train import evaluate, load_checkpoint, predict
 
@@ -31,10 +31,7 @@ def get_args(argv=None):
     args.attack_names = parse_attacks(args.attacks)
     get_defense(args.defend)
     check_config(args)
-    if args.pruner_name not in PRUNERS:
-        raise UsageError(f"unknown pruner_name '{args.pruner_name}'; valid: {', '.join(PRUNERS)}")
-    if not 0 < args.prune_sparsity < 1:
-        raise UsageError(f"--prune_sparsity must be in (0, 1), got {args.prune_sparsity}")
+    check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.shadow_num < 1:
         raise UsageError(f"the attacks need shadows: --shadow_num must be >= 1, got {args.shadow_num}")
     if args.original and args.adaptive:

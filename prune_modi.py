@@ -11,7 +11,7 @@ from defenses import get_defense
 from models import build_model
 from paths import checkpoint, log_path, prefix, pretrained_dir, pruned_dir, run_name
 from progress import Scalars, epoch_monitor, progress_bar
-from pruning import PRUNERS, Pruner, prunable_layers
+from pruning import PRUNERS, Pruner, check_pruning_flags, prunable_layers
 from splits import check_config, open_run
 from train import evaluate, fit, load_checkpoint
 
@@ -34,10 +34,7 @@ def get_args(argv=None):
     parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
     args = parse_args(parser, argv)
     check_config(args)
-    if args.pruner_name not in PRUNERS:
-        raise UsageError(f"unknown pruner_name '{args.pruner_name}'; valid: {', '.join(PRUNERS)}")
-    if not 0 < args.prune_sparsity < 1:
-        raise UsageError(f"--prune_sparsity must be in (0, 1), got {args.prune_sparsity}")
+    check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.prune_iter < 1 or args.prune_epochs < 1:
         raise UsageError(f"--prune_iter and --prune_epochs must be >= 1, got {args.prune_iter} and {args.prune_epochs}")
     get_defense(args.defend).check_args(args)

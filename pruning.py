@@ -17,6 +17,14 @@ from train import save_checkpoint
 PRUNERS = ("iter_pruning", "iter_prunetxt", "l1unstructure")
 
 
+def check_pruning_flags(pruner_name, sparsity):
+    """--pruner_name and --prune_sparsity, shared by prune_modi.py and mia_modi.py."""
+    if pruner_name not in PRUNERS:
+        raise UsageError(f"unknown pruner_name '{pruner_name}'; valid: {', '.join(PRUNERS)}")
+    if not 0 < sparsity < 1:
+        raise UsageError(f"--prune_sparsity must be in (0, 1), got {sparsity}")
+
+
 def prunable_layers(model, pruner_name):
     """name -> module of the layers whose weights get masks (biases never do)."""
     if pruner_name not in PRUNERS:

@@ -109,8 +109,8 @@ class Split:
 
 
 def open_run(args, device):
-    """The dataset (train rows then test rows, on device) and the persisted split of a pretrained run."""
-    check_config(args)
+    """The dataset (train rows then test rows, on device) and the persisted split of a pretrained run.
+    The caller has checked the config (check_config) before getting here."""
     train, test = get_dataset(args.dataset_name)
     split = Split.load(split_path(args))
     why = split.mismatch(args.dataset_name, len(train), len(test))
