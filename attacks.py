@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from common import UsageError
 from datasets import TensorData
 from models import build_attack_model
-from progress import progress_bar
+from progress import Progress
 from train import make_optimizer, predict, train_pass
 
 SENS_DRAWS, SENS_EPS = 10, 1e-3
@@ -60,13 +60,13 @@ def sensitivity(model, x, draws=SENS_DRAWS, eps=SENS_EPS):
     return ((q - p).abs() / eps).mean(0)
 
 
-def attacked_rows(split):
+def attacked_rows(split) -> torch.Tensor:
     """The samples an attack scores for a model: split.train (members) then split.test (non-members)."""
     return torch.cat([split.train, split.test])
 
 
 @torch.no_grad()  # not inference_mode: attack models train on these tensors
-def model_outputs(model, data, split, with_sens, batch_size=1024):
+def model_outputs(model, data: TensorData, split, with_sens: bool, batch_size: int = 1024) -> Outputs:
     """The model's outputs on split.train (members) then split.test (non-members)."""
     idx = attacked_rows(split)
     member = torch.cat([torch.ones(len(split.train), dtype=torch.bool),
@@ -93,7 +93,7 @@ def _rankable(scores):
     return np.nan_to_num(scores, nan=low, posinf=high, neginf=low)
 
 
-def roc_metrics(scores, member):
+def roc_metrics(scores, member) -> tuple:
     """(AUC, {fpr target: TPR in %}) of a member score (higher = member), with scikit-learn's ROC.
     TPR@x is the standard read-out: the highest TPR among ROC points whose FPR is <= x (no
     interpolation), so an attack must really reach that FPR to be credited."""
@@ -109,7 +109,7 @@ def best_balanced_accuracy(scores, member):
     return 100 * float((0.5 * (tpr + 1 - fpr)).max())
 
 
-def metric_lines(result):
+def metric_lines(result: AttackResult) -> list:
     """The log lines that follow "<name> attack accuracy: x": AUC and TPR at low FPR."""
     auc, tpr_at = roc_metrics(result.scores, result.member)
     return [f"{result.name} attack AUC: {auc:.4f}"] + [
@@ -170,20 +170,26 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 
 # ---------------------------------------------------------------- registry
 
-# fn(shadow, victim, num_cls) -> [AttackResult]; the flags ask mia_modi.py for optional Outputs fields:
-# needs_sensitivity fills `sens` (shadow and victim), needs_shadow_logits fills victim.shadow_logits.
-Attack = namedtuple("Attack", "fn needs_sensitivity needs_shadow_logits")
-ATTACKS = {}   # name -> Attack, in log order
+# fn(shadow, victim, num_cls, progress) -> [AttackResult], one per name in `reports` (the log names, in
+# order). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity fills `sens` (shadow
+# and victim), needs_shadow_logits fills victim.shadow_logits.
+Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits")
+ATTACKS = {}   # --attacks name -> Attack, in log order
 
 
-def register(name, needs_sensitivity=False, needs_shadow_logits=False):
+def register(name, reports, needs_sensitivity=False, needs_shadow_logits=False):
     def add(fn):
-        ATTACKS[name] = Attack(fn, needs_sensitivity, needs_shadow_logits)
+        ATTACKS[name] = Attack(fn, tuple(reports), needs_sensitivity, needs_shadow_logits)
         return fn
     return add
 
 
-def parse_attacks(text):
+def report_names() -> list:
+    """Every attack's log name ("SAMIA", "Conf", ...) in log order."""
+    return [name for attack in ATTACKS.values() for name in attack.reports]
+
+
+def parse_attacks(text: str) -> list:
     """Comma list -> attack names in the registry's (= the log's) order."""
     names = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
@@ -193,7 +199,7 @@ def parse_attacks(text):
     return [a for a in ATTACKS if a in names]
 
 
-def _nn_attack(name, kind, features, shadow, victim, num_cls):
+def _nn_attack(name, kind, features, shadow, victim, num_cls, progress):
     """Train an attack model on the shadows' features; report it on the victim's."""
     train = TensorData(features(shadow), shadow.member.long())
     test = TensorData(features(victim), victim.member.long())
@@ -201,7 +207,7 @@ def _nn_attack(name, kind, features, shadow, victim, num_cls):
     optimizer = make_optimizer(model.parameters(), "sgd", 1e-3, 5e-4)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
     all_rows = torch.arange(len(train), device=train.x.device)
-    for _ in progress_bar(range(ATTACK_EPOCHS), desc=f"{name} attack model"):
+    for _ in progress.bar(range(ATTACK_EPOCHS), desc=f"{name} attack model"):
         train_pass(model, train, all_rows, optimizer, ATTACK_BATCH)
         schedule.step()
     logits = predict(model, test, torch.arange(len(test), device=test.x.device))
@@ -214,14 +220,14 @@ def _onehot(o, num_cls):
     return F.one_hot(o.labels, num_cls).float()
 
 
-@register("samia", needs_sensitivity=True)
-def samia(shadow, victim, num_cls):
+@register("samia", ["SAMIA"], needs_sensitivity=True)
+def samia(shadow, victim, num_cls, progress=Progress()):
     feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
-    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls)
+    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress)
 
 
-@register("threshold")
-def threshold(shadow, victim, num_cls):
+@register("threshold", ["Conf", "Entr", "Mentr", "Hconf"])
+def threshold(shadow, victim, num_cls, progress=Progress()):
     """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes."""
     sp, sy, sm = (t.cpu().numpy() for t in (shadow.probs.double(), shadow.labels, shadow.member))
     vp, vy, vm = (t.cpu().numpy() for t in (victim.probs.double(), victim.labels, victim.member))
@@ -234,20 +240,20 @@ def threshold(shadow, victim, num_cls):
     return results
 
 
-@register("nn")
-def nn_probs(shadow, victim, num_cls):
-    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls)
+@register("nn", ["NN"])
+def nn_probs(shadow, victim, num_cls, progress=Progress()):
+    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress)
 
 
-@register("nn_top3")
-def nn_top3(shadow, victim, num_cls):
-    return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls)
+@register("nn_top3", ["Top3-NN"])
+def nn_top3(shadow, victim, num_cls, progress=Progress()):
+    return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls, progress)
 
 
-@register("nn_cls")
-def nn_cls(shadow, victim, num_cls):
+@register("nn_cls", ["NNCl"])
+def nn_cls(shadow, victim, num_cls, progress=Progress()):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
-    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls)
+    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress)
 
 
 # ---------------------------------------------------------------- offline LiRA
@@ -283,8 +289,8 @@ def lira_scores(shadow_values, victim_values):
     return -torch.special.log_ndtr(-z)  # -log of the upper tail, stable far into it
 
 
-@register("lira", needs_shadow_logits=True)
-def lira(shadow, victim, num_cls):
+@register("lira", ["LiRA"], needs_shadow_logits=True)
+def lira(shadow, victim, num_cls, progress=Progress()):
     """Offline LiRA. Its accuracy is the best balanced accuracy over thresholds chosen on the victim
     (as the LiRA paper reports it), an upper bound rather than a shadow-calibrated accuracy."""
     shadow_values = torch.stack([logit_confidence(z, victim.labels) for z in victim.shadow_logits])

@@ -1,4 +1,7 @@
-"""Run plumbing shared by the scripts: errors, seeding, device, config + flags, safe files."""
+"""Run plumbing shared by the scripts: errors, seeding, device, config + flags, safe files.
+
+The bottom layer with paths.py: it imports nothing of the project.
+"""
 import argparse
 import json
 import os
@@ -19,6 +22,11 @@ class UsageError(Exception):
 class MissingError(Exception):
     """A prerequisite file is missing or unusable (exit status 1)."""
     exit_code = 1
+
+
+def run_first(script: str, args, *flags: str) -> str:
+    """How a missing prerequisite gets made: 'run <script> <GPU-ID> <config> [flags] first'."""
+    return " ".join(["run", script, str(args.gpu_id), args.config_path, *flags, "first"])
 
 
 def main_guard(main):
@@ -42,13 +50,13 @@ def main_guard(main):
         sys.exit(1)
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def pick_device(gpu_id):
+def pick_device(gpu_id: int) -> torch.device:
     """GPU-ID k -> cuda:k; -1 or no CUDA -> cpu (said once)."""
     if gpu_id < -1:
         raise UsageError(f"GPU-ID {gpu_id} is not valid; pass a CUDA device index (0, 1, ...) or -1 for the CPU")
@@ -69,7 +77,7 @@ CONFIG_KEYS = {"dataset_name": str, "model_name": str, "epochs": int, "num_cls":
                "input_dim": int, "optimizer": str, "lr": float, "weight_decay": float}
 
 
-def load_config(path):
+def load_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"config file {path} not found; pass one of config/*.json, e.g. config/digits.json")
     try:
@@ -101,7 +109,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see '{self.prog} --help'")
 
 
-def base_parser(description):
+def base_parser(description: str) -> argparse.ArgumentParser:
     """GPU-ID and config positionals plus the config keys as overridable flags."""
     parser = _Parser(description=description)
     parser.add_argument("gpu_id", metavar="GPU-ID", type=int, help="CUDA device index, -1 for the CPU")
@@ -119,13 +127,9 @@ def base_parser(description):
     return parser
 
 
-def parse_args(parser, argv=None):
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Config values become defaults; explicit flags win."""
     args = parser.parse_args(argv)
-    from progress import set_quiet  # progress imports this module
-    from train import set_amp
-    set_quiet(args.quiet)
-    set_amp(args.amp)
     config = load_config(args.config_path)
     for key, value in config.items():
         if getattr(args, key) is None:
@@ -139,7 +143,7 @@ def parse_args(parser, argv=None):
 
 # ---------------------------------------------------------------- safe files
 
-def atomic_write(path, write):
+def atomic_write(path: str, write) -> None:
     """Call write(file_object) on a temp file next to path, fsync, then rename over path."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -156,11 +160,11 @@ def atomic_write(path, write):
         raise
 
 
-def save_torch(obj, path):
+def save_torch(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_torch(path, what, fix):
+def load_torch(path: str, what: str, fix: str):
     """torch.load with weights_only=True and a readable error for missing or broken files."""
     if not os.path.isfile(path):
         raise MissingError(f"{what} {path} not found; {fix}")
@@ -171,7 +175,7 @@ def load_torch(path, what, fix):
                            f"delete it and {fix}")
 
 
-def append_log(path, line):
+def append_log(path: str, line: str) -> None:
     """Append one line to a text log (never truncates) and echo it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
@@ -179,7 +183,7 @@ def append_log(path, line):
     tqdm.write(line)  # print without breaking a live progress bar
 
 
-def log_gpu_usage(device, log=None):
+def log_gpu_usage(device: torch.device, log: str = None) -> None:
     """On CUDA, once at the end of a run: the GPU's name and the run's peak allocated memory."""
     if device.type != "cuda":
         return

@@ -18,7 +18,7 @@ from common import UsageError, atomic_write, base_parser, main_guard, parse_args
 from datasets import get_dataset
 from models import build_model
 from paths import memscore_path
-from progress import progress_bar
+from progress import Progress
 from splits import check_config
 from train import make_optimizer, predict, train_pass
 
@@ -74,14 +74,14 @@ def memorization(correct, masks):
     return in_rate - out_rate
 
 
-def estimate(args, data):
+def estimate(args, data, progress=Progress()):
     """Mem-scores (float64, one per sample of data) from args.num_models subset-trained models; the same
     for the same args.seed."""
     seed_everything(args.seed)
     masks = draw_subsets(len(data), args.num_models, args.subset_ratio, args.seed)
     check_coverage(masks)
     correct = torch.zeros_like(masks)
-    for k in progress_bar(range(args.num_models), desc="mem-score models", unit="model"):
+    for k in progress.bar(range(args.num_models), desc="mem-score models", unit="model"):
         subset = masks[k].nonzero().squeeze(1).to(data.y.device)
         correct[k] = correct_after_training(args, data, subset)
     return memorization(correct, masks)
@@ -100,9 +100,9 @@ def main():
     if os.path.exists(path) and not args.force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it (or move it away first)")
     device = pick_device(args.gpu_id)
-    data = get_dataset(args.dataset_name)[0].to(device)
+    data = get_dataset(args.dataset_name)[0].to(device, amp=args.amp)
     start = time.time()
-    scores = estimate(args, data)
+    scores = estimate(args, data, Progress(args.quiet))
     write_memscores(path, scores)
     print(f"Wrote {path}: {len(scores)} scores from {args.num_models} models in {time.time() - start:.1f}s "
           f"(mean {scores.mean():.3f}, {int((scores >= 0.5).sum())} samples >= 0.5)")

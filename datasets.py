@@ -48,18 +48,20 @@ class TensorData:
     mean/std: per-channel float tensors for images (normalised at batch time: x/255 then (x-mean)/std, which equals
     torchvision ToTensor+Normalize), None for tabular data."""
 
-    def __init__(self, x, y, mean=None, std=None):
+    def __init__(self, x, y, mean=None, std=None, amp=False):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         self.x, self.y = x, y
+        self.amp = amp  # --amp: forward passes on these batches run under bfloat16 autocast (CUDA only)
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=x.device)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=x.device)
 
     def __len__(self):
         return len(self.y)
 
-    def to(self, device):
-        return TensorData(self.x.to(device), self.y.to(device), self.mean, self.std)
+    def to(self, device, amp=None):
+        """A copy on device; amp=None keeps this one's --amp choice."""
+        return TensorData(self.x.to(device), self.y.to(device), self.mean, self.std, self.amp if amp is None else amp)
 
     def batch(self, idx):
         x = self.x[idx]

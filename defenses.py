@@ -1,23 +1,24 @@
-"""Defenses: each is one fine-tuning epoch under a rule, registered by name.
+"""Defenses: each is one fine-tuning epoch under a rule, registered by name (README: Defenses).
 
 A defense is built once per model being pruned (victim or shadow) and lives through every pruning
 iteration, so its optimizers keep their state. To add one, subclass Defense, set `name`, implement
-`train_epoch(epoch)` and decorate with @register. `epoch` restarts at 0 every pruning iteration.
+`train_epoch(epoch)` and decorate with @register; `--defend <name>` then works in prune_modi.py and
+mia_modi.py, and summarize.py and the grids read the registry. `epoch` restarts at 0 every pruning
+iteration. What a defense may read from the command line is DefenseSettings, nothing else.
 """
+import argparse
 import math
-import os
 import warnings
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from train import make_optimizer, train_pass
-from common import MissingError, UsageError
-from datasets import get_dataset
+from common import UsageError
+from dp import dp_gradient
 from models import build_attack_model
-from paths import memscore_path
+from paths import model_prefix
+from train import make_optimizer, train_pass
 
 DEFENSES = {}
 
@@ -27,12 +28,48 @@ def register(cls):
     return cls
 
 
-def get_defense(name):
-    """'' and 'base' both mean no defense."""
+def get_defense(name: str) -> type:
+    """The Defense class registered as name; '' and 'base' both mean no defense."""
     name = name or "base"
     if name not in DEFENSES:
         raise UsageError(f"unknown defense '{name}'; valid: {', '.join(DEFENSES)}")
     return DEFENSES[name]
+
+
+def add_defense_flags(parser: argparse.ArgumentParser) -> None:
+    """The defense flags, the same in prune_modi.py and mia_modi.py (mia_modi.py needs them to find the
+    pruned models and to say how to make them)."""
+    parser.add_argument("--defend", default="", help=f"'' (Base) or one of: {', '.join(DEFENSES)}")
+    parser.add_argument("--defend_arg", type=float, default=4, help="the baselines' argument (README: Baselines)")
+    parser.add_argument("--dp_microbatch", type=int, default=None,
+                        help="dp: examples per clipped microbatch (default batch_size//2; 1 = per-example)")
+    parser.add_argument("--stride", type=int, default=None, help="window step (slide defenses)")
+    parser.add_argument("--width", type=int, default=None, help="window width (slide defenses)")
+    parser.add_argument("--weight_decay_mem", type=float, default=5e-4, help="risk-side weight decay (ml2)")
+    parser.add_argument("--mem_thre", type=float, default=0.6, help="mem-score threshold (ml2)")
+
+
+@dataclass(frozen=True)
+class DefenseSettings:
+    """What a defense reads from the command line and the config (defaults: the scripts' flag defaults;
+    the config's values have none that fits every dataset, so these are digits')."""
+    defend_arg: float = 4.0
+    stride: int = None
+    width: int = None
+    weight_decay_mem: float = 5e-4
+    mem_thre: float = 0.6
+    dp_microbatch: int = None
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    num_cls: int = 10
+    prune_epochs: int = 21
+
+    @classmethod
+    def from_args(cls, args) -> "DefenseSettings":
+        return cls(args.defend_arg, args.stride, args.width, args.weight_decay_mem, args.mem_thre, args.dp_microbatch,
+                   args.optimizer, args.lr, args.weight_decay, args.batch_size, args.num_cls, args.prune_epochs)
 
 
 class Defense:
@@ -42,31 +79,29 @@ class Defense:
     window = False            # uses --stride/--width (written into the log header)
     needs_memscore = False
 
-    def __init__(self, model, data, split, args, memscores=None):
-        self.model, self.data, self.split, self.args = model, data, split, args
+    def __init__(self, model, data, split, settings: DefenseSettings, memscores=None):
+        self.model, self.data, self.split, self.settings = model, data, split, settings
         self.memscores = memscores
-        self.optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+        self.optimizer = make_optimizer(model.parameters(), settings.optimizer, settings.lr, settings.weight_decay)
 
     @classmethod
-    def check_args(cls, args):
+    def check_args(cls, settings: DefenseSettings) -> None:
         """Raise UsageError for flags this defense cannot run with."""
 
     @classmethod
-    def load_memscores(cls, args, n_train=None):
-        """Mem-scores of the config's training set (float64 tensor, row i = trainset index i). n_train,
-        when known (the split records it), spares reading the dataset again to count its rows."""
-        path, fix = memscore_path(args.dataset_name, args.model_name), memscore_fix(args)
-        if not os.path.isfile(path):
-            raise MissingError(f"mem-scores {path} not found; {fix}")
-        if n_train is None:
-            n_train = len(get_dataset(args.dataset_name)[0])
-        return read_memscores(path, n_train, fix)
+    def check_memscores(cls, scores: torch.Tensor, settings: DefenseSettings, path: str) -> None:
+        """Raise UsageError when the settings do not fit the mem-scores (loaded from path)."""
 
-    def train_epoch(self, epoch):
+    @classmethod
+    def prefix(cls, pruner_name: str, sparsity: float, defend_arg: float) -> str:
+        """The release's name of a run pruned with this defense, e.g. iter_pruning_0.6_ppb_4.0."""
+        return model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None)
+
+    def train_epoch(self, epoch: int) -> tuple:
         """Train one epoch; return (train loss, train accuracy %)."""
         raise NotImplementedError
 
-    def iteration_summary(self):
+    def iteration_summary(self) -> str:
         """An extra log line after each pruning iteration, or None."""
         return None
 
@@ -78,41 +113,10 @@ class Base(Defense):
     label = "Base"
 
     def train_epoch(self, epoch):
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size)
+        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.settings.batch_size)
 
 
-# ---------------------------------------------------------------- mem-scores (the paper's defenses)
-
-AUTHORS_MEMSCORES = {(ds, model) for ds in ("cifar10", "cifar100", "cinic")
-                     for model in ("resnet18", "densenet121", "vgg16bn")} | {("location", "columnfc")}
-
-
-def memscore_fix(args):
-    """How to get the mem-score file of this config: the authors' CSV where one exists, else compute it."""
-    compute = f"compute it with python compute_memscore.py {args.gpu_id} {args.config_path} (README: Mem-scores)"
-    if (args.dataset_name, args.model_name) in AUTHORS_MEMSCORES:
-        return f"put the authors' published CSV there, or {compute}"
-    return compute
-
-
-def read_memscores(path, n_train, fix):
-    """The authors' CSV (unnamed index column 0..n-1, one column named 0) -> float64 tensor, row i = trainset index i."""
-    try:
-        frame = pd.read_csv(path, index_col=0)
-    except Exception as err:  # missing, empty, not a CSV
-        raise MissingError(f"mem-scores {path} is not a readable CSV ({type(err).__name__}); {fix}")
-    if list(frame.columns) != ["0"] or not pd.api.types.is_numeric_dtype(frame["0"]):
-        raise MissingError(f"mem-scores {path} must hold an index column and one numeric column named 0; {fix}")
-    if len(frame) != n_train:
-        raise MissingError(f"mem-scores {path} has {len(frame)} rows but the training set has {n_train} samples "
-                           f"(made for another dataset or split); {fix}")
-    if not np.array_equal(frame.index.to_numpy(), np.arange(n_train)):
-        raise MissingError(f"mem-scores {path}: the index column must count 0..{n_train - 1} in order; {fix}")
-    scores = frame["0"].to_numpy(np.float64)
-    if not np.isfinite(scores).all():
-        raise MissingError(f"mem-scores {path}: row {int(np.argmin(np.isfinite(scores)))} is not a number; {fix}")
-    return torch.tensor(scores)
-
+# ---------------------------------------------------------------- the paper's defenses (mem-scores)
 
 def class_orderings(idx, labels, scores=None, descending=True):
     """idx grouped by class (ascending label; labels[j] is idx[j]'s). Within a class: sorted by scores[idx]
@@ -140,28 +144,27 @@ class WindowDefense(Defense):
     needs_memscore = True
     descending = True  # True: high -> low mem-score, False: low -> high, None: training-list order
 
-    def __init__(self, model, data, split, args, memscores=None):
-        super().__init__(model, data, split, args, memscores)
+    def __init__(self, model, data, split, settings, memscores=None):
+        super().__init__(model, data, split, settings, memscores)
         scores = None if self.descending is None else memscores.to(split.train.device)
         self.groups = class_orderings(split.train, data.y[split.train], scores, bool(self.descending))
 
     @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        for flag in ("stride", "width"):
-            value = getattr(args, flag)
+    def check_args(cls, settings):
+        super().check_args(settings)
+        for flag, value in (("stride", settings.stride), ("width", settings.width)):
             if value is None or value < 1:
                 raise UsageError(f"--defend {cls.name} needs --stride and --width of at least 1 "
                                  f"(got --{flag} {value}); e.g. --stride 1 --width 15")
 
     def window_indices(self, epoch):
-        return window_at(self.groups, self.args.stride, self.args.width, epoch)
+        return window_at(self.groups, self.settings.stride, self.settings.width, epoch)
 
     def train_epoch(self, epoch):
         idx = self.window_indices(epoch)
         if len(idx) == 0:  # the window has passed every class: this epoch trains nothing
             return float("nan"), float("nan")
-        return train_pass(self.model, self.data, idx, self.optimizer, self.args.batch_size)
+        return train_pass(self.model, self.data, idx, self.optimizer, self.settings.batch_size)
 
 
 @register
@@ -190,31 +193,31 @@ class RiskMemory(Defense):
     decay is --weight_decay_mem; then the general samples get one pass with the normal optimizer."""
     needs_memscore = True
 
-    def __init__(self, model, data, split, args, memscores=None):
-        super().__init__(model, data, split, args, memscores)
+    def __init__(self, model, data, split, settings, memscores=None):
+        super().__init__(model, data, split, settings, memscores)
         self.scores = memscores.to(split.train.device)
-        self.risk_optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay_mem)
+        self.risk_optimizer = make_optimizer(model.parameters(), settings.optimizer, settings.lr,
+                                             settings.weight_decay_mem)
 
     @classmethod
-    def check_args(cls, args):
-        super().check_args(args)
-        if not args.weight_decay_mem >= 0:
-            raise UsageError(f"--weight_decay_mem must be >= 0, got {args.weight_decay_mem}")
-        if not math.isfinite(args.mem_thre):
-            raise UsageError(f"--mem_thre must be a number, got {args.mem_thre}")
+    def check_args(cls, settings):
+        super().check_args(settings)
+        if not settings.weight_decay_mem >= 0:
+            raise UsageError(f"--weight_decay_mem must be >= 0, got {settings.weight_decay_mem}")
+        if not math.isfinite(settings.mem_thre):
+            raise UsageError(f"--mem_thre must be a number, got {settings.mem_thre}")
 
     @classmethod
-    def load_memscores(cls, args, n_train=None):
-        scores = super().load_memscores(args, n_train)
+    def check_memscores(cls, scores, settings, path):
+        super().check_memscores(scores, settings, path)
         low, high = scores.min().item(), scores.max().item()
-        if not low <= args.mem_thre <= high:
-            raise UsageError(f"--mem_thre {args.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
-                             f"({memscore_path(args.dataset_name, args.model_name)}); pick a value inside it")
-        return scores
+        if not low <= settings.mem_thre <= high:
+            raise UsageError(f"--mem_thre {settings.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
+                             f"({path}); pick a value inside it")
 
     def risk_split(self, idx):
         """(risk, general): the indices with mem-score >= --mem_thre and the rest, in list order."""
-        risky = self.scores[idx] >= self.args.mem_thre
+        risky = self.scores[idx] >= self.settings.mem_thre
         return idx[risky], idx[~risky]
 
     def train_risk_then_general(self, idx, epoch):
@@ -225,7 +228,7 @@ class RiskMemory(Defense):
         if not sides:
             raise UsageError(f"--defend {self.name}: epoch {epoch} has no sample on either side of --mem_thre "
                              f"(the window is past every class); lower --stride or --prune_epochs")
-        results = [(len(part), *train_pass(self.model, self.data, part, opt, self.args.batch_size))
+        results = [(len(part), *train_pass(self.model, self.data, part, opt, self.settings.batch_size))
                    for part, opt in sides]
         total = sum(n for n, _, _ in results)
         return (sum(n * loss for n, loss, _ in results) / total, sum(n * acc for n, _, acc in results) / total)
@@ -243,12 +246,12 @@ class ML2(RiskMemory):
 class WindowRiskMemory(RiskMemory, WindowDefense):
     """SWMR: this epoch's RSW window, then RMR on it."""
 
-    def __init__(self, model, data, split, args, memscores=None):
-        super().__init__(model, data, split, args, memscores)
-        last = args.prune_epochs - 1  # windows only shrink as they move, so check the last one up front
+    def __init__(self, model, data, split, settings, memscores=None):
+        super().__init__(model, data, split, settings, memscores)
+        last = settings.prune_epochs - 1  # windows only shrink as they move, so check the last one up front
         if len(self.window_indices(last)) == 0:
             largest = max(len(group) for group in self.groups)
-            raise UsageError(f"--defend {self.name}: the window of epoch {last} starts at {args.stride * last}, "
+            raise UsageError(f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
                              f"past every class (the largest has {largest} samples); lower --stride or --prune_epochs")
 
     def train_epoch(self, epoch):
@@ -270,9 +273,9 @@ class SlideReML2(WindowRiskMemory):
 
 # ---------------------------------------------------------------- baselines the paper compares against
 
-def check_defend_arg(cls, args, minimum, strict, meaning):
+def check_defend_arg(cls, settings, minimum, strict, meaning):
     """One-line UsageError unless minimum < defend_arg (strict) or minimum <= defend_arg, and finite."""
-    value = args.defend_arg
+    value = settings.defend_arg
     ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
@@ -301,7 +304,7 @@ class LossDefense(Defense):
         raise NotImplementedError
 
     def train_epoch(self, epoch):
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size,
+        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.settings.batch_size,
                           loss_fn=lambda logits, y: self.loss(logits, y, epoch))
 
 
@@ -311,14 +314,14 @@ class Ppb(LossDefense):
     name = "ppb"
 
     @classmethod
-    def check_args(cls, args):
-        check_defend_arg(cls, args, 0, False, "the weight of the KL term")
+    def check_args(cls, settings):
+        check_defend_arg(cls, settings, 0, False, "the weight of the KL term")
 
     def loss(self, logits, y, epoch):
-        return ppb_loss(logits, y, self.args.defend_arg)
+        return ppb_loss(logits, y, self.settings.defend_arg)
 
 
-def relaxloss_loss(logits, y, alpha, epoch, upper=1.0):
+def relaxloss_loss(logits, y, alpha, epoch):
     """RelaxLoss (Chen et al. 2022). Even epochs: |mean CE - alpha|. Odd epochs: plain CE while the
     mean CE is above alpha, else posterior flattening on the misclassified samples."""
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -326,7 +329,7 @@ def relaxloss_loss(logits, y, alpha, epoch, upper=1.0):
     if epoch % 2 == 0:
         return (mean_ce - alpha).abs()
     num_cls = logits.shape[1]
-    p_true = F.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).clamp(0, upper).detach()
+    p_true = F.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).detach()
     soft = ((1 - p_true) / (num_cls - 1))[:, None].repeat(1, num_cls)
     soft.scatter_(1, y[:, None], p_true[:, None])
     soft_ce = -(soft * F.log_softmax(logits, 1)).sum(1)
@@ -341,11 +344,11 @@ class RelaxLoss(LossDefense):
     name = "relaxloss"
 
     @classmethod
-    def check_args(cls, args):
-        check_defend_arg(cls, args, 0, True, "the target loss level alpha")
+    def check_args(cls, settings):
+        check_defend_arg(cls, settings, 0, True, "the target loss level alpha")
 
     def loss(self, logits, y, epoch):
-        return relaxloss_loss(logits, y, self.args.defend_arg, epoch)
+        return relaxloss_loss(logits, y, self.settings.defend_arg, epoch)
 
 
 def inference_features(logits, y):
@@ -370,17 +373,17 @@ class Adv(Defense):
     arg_in_name = True
     inference_steps = 7   # inference-model steps before every classifier step
 
-    def __init__(self, model, data, split, args, memscores=None):
-        super().__init__(model, data, split, args, memscores)
-        self.inference = build_attack_model("mia_fc", 2 * args.num_cls, args.num_cls).to(data.y.device)
+    def __init__(self, model, data, split, settings, memscores=None):
+        super().__init__(model, data, split, settings, memscores)
+        self.inference = build_attack_model("mia_fc", 2 * settings.num_cls, settings.num_cls).to(data.y.device)
         self.inference_optimizer = torch.optim.Adam(self.inference.parameters(), lr=1e-3, weight_decay=5e-4)
 
     @classmethod
-    def check_args(cls, args):
-        check_defend_arg(cls, args, 0, True, "privacy_theta, the weight of the inference game")
+    def check_args(cls, settings):
+        check_defend_arg(cls, settings, 0, True, "privacy_theta, the weight of the inference game")
 
     def random_batch(self, idx):
-        return idx[torch.randperm(len(idx), device=idx.device)[:self.args.batch_size]]
+        return idx[torch.randperm(len(idx), device=idx.device)[:self.settings.batch_size]]
 
     @torch.no_grad()
     def features(self, idx):
@@ -398,7 +401,7 @@ class Adv(Defense):
         others = self.features(self.random_batch(self.split.dev))
         labels = torch.cat([torch.ones(len(members)), torch.zeros(len(others))]).long().to(members.device)
         self.inference.train()
-        loss = self.args.defend_arg * F.cross_entropy(self.inference(torch.cat([members, others])), labels)
+        loss = self.settings.defend_arg * F.cross_entropy(self.inference(torch.cat([members, others])), labels)
         self.inference_optimizer.zero_grad(set_to_none=True)  # also drops grads left by the classifier step
         loss.backward()
         self.inference_optimizer.step()
@@ -409,68 +412,10 @@ class Adv(Defense):
             self.inference_step()
 
     def train_epoch(self, epoch):
-        theta = self.args.defend_arg
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.args.batch_size,
+        theta = self.settings.defend_arg
+        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.settings.batch_size,
                           loss_fn=lambda logits, y: adv_classifier_loss(logits, y, self.inference, theta),
                           before_step=self.train_inference_model)
-
-
-def _microbatch_grads_vmap(model, x, y, microbatch):
-    """Yield (grads with a leading microbatch dim, logits, labels) for equal-size microbatches,
-    all at once with torch.func. Only for models without buffers (no BatchNorm running stats)."""
-    from torch.func import functional_call, grad, vmap
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss(params, xb, yb):
-        logits = functional_call(model, params, (xb,))
-        return F.cross_entropy(logits, yb), logits
-
-    per_microbatch = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
-    full = len(x) // microbatch * microbatch
-    for xs, ys, size in ((x[:full], y[:full], microbatch), (x[full:], y[full:], len(x) - full)):
-        if size:
-            grads, logits = per_microbatch(params, xs.view(-1, size, *x.shape[1:]), ys.view(-1, size))
-            yield grads, logits.flatten(0, 1), ys
-
-
-def _microbatch_grads_loop(model, x, y, microbatch):
-    """The same, one microbatch at a time with ordinary autograd (BatchNorm updates its running
-    statistics once per microbatch)."""
-    params = dict(model.named_parameters())
-    for xb, yb in zip(x.split(microbatch), y.split(microbatch)):
-        logits = model(xb)
-        grads = torch.autograd.grad(F.cross_entropy(logits, yb), list(params.values()), allow_unused=True)
-        yield ({name: (torch.zeros_like(p) if g is None else g)[None] for (name, p), g in zip(params.items(), grads)},
-               logits.detach(), yb)
-
-
-def clipped_gradient_sum(model, x, y, microbatch, clip):
-    """Sum over microbatches of each microbatch's mean-loss gradient, clipped to L2 norm <= clip.
-    Returns (name -> summed gradient, summed loss, correct count)."""
-    total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    loss_sum = torch.zeros((), device=y.device)
-    correct = torch.zeros((), dtype=torch.long, device=y.device)
-    has_buffers = any(True for _ in model.buffers())
-    grads_of = _microbatch_grads_loop if has_buffers else _microbatch_grads_vmap
-    batches = grads_of(model, x, y, microbatch) if len(y) else ()  # Poisson sampling can draw nobody
-    for grads, logits, labels in batches:
-        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-        scale = (clip / (norms + 1e-6)).clamp(max=1.0)
-        for name, g in grads.items():
-            total[name] += torch.tensordot(scale, g, dims=1)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").detach()
-        correct += (logits.argmax(1) == labels).sum()
-    return total, loss_sum, correct
-
-
-def dp_gradient(model, x, y, microbatch, expected_batch, clip, sigma):
-    """Set .grad to (sum of clipped microbatch gradients + N(0, (clip*sigma)^2)) * microbatch/expected_batch.
-    Returns (summed loss, correct count) of the batch."""
-    total, loss_sum, correct = clipped_gradient_sum(model, x, y, microbatch, clip)
-    for name, p in model.named_parameters():
-        noise = torch.randn_like(p) * (clip * sigma) if sigma > 0 else 0
-        p.grad = (total[name] + noise) * (microbatch / expected_batch)
-    return loss_sum, correct
 
 
 @register
@@ -482,26 +427,26 @@ class Dp(Defense):
     clip = 1.0
     delta, delta_text = 1e-5, "1e-5"
 
-    def __init__(self, model, data, split, args, memscores=None):
-        super().__init__(model, data, split, args, memscores)
+    def __init__(self, model, data, split, settings, memscores=None):
+        super().__init__(model, data, split, settings, memscores)
         from opacus.accountants import RDPAccountant  # imported here: opacus is slow to import
         self.accountant = RDPAccountant()
-        self.microbatch = getattr(args, "dp_microbatch", None) or max(1, args.batch_size // 2)
-        self.sample_rate = min(1.0, args.batch_size / len(split.train))
+        self.microbatch = settings.dp_microbatch or max(1, settings.batch_size // 2)
+        self.sample_rate = min(1.0, settings.batch_size / len(split.train))
         self.expected_batch = self.sample_rate * len(split.train)
 
     @classmethod
-    def check_args(cls, args):
-        check_defend_arg(cls, args, 0, False, "the noise multiplier; 0 clips without noise")
-        microbatch = getattr(args, "dp_microbatch", None)
-        if microbatch is not None and not 1 <= microbatch <= args.batch_size:
-            raise UsageError(f"--dp_microbatch must be in 1..--batch_size ({args.batch_size}), got {microbatch}")
+    def check_args(cls, settings):
+        check_defend_arg(cls, settings, 0, False, "the noise multiplier; 0 clips without noise")
+        microbatch = settings.dp_microbatch
+        if microbatch is not None and not 1 <= microbatch <= settings.batch_size:
+            raise UsageError(f"--dp_microbatch must be in 1..--batch_size ({settings.batch_size}), got {microbatch}")
 
     def train_epoch(self, epoch):
         self.model.train()
-        train, sigma = self.split.train, self.args.defend_arg
+        train, sigma = self.split.train, self.settings.defend_arg
         loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(max(1, len(train) // self.args.batch_size)):
+        for _ in range(max(1, len(train) // self.settings.batch_size)):
             batch = train[torch.rand(len(train), device=train.device) < self.sample_rate]
             x, y = self.data.batch(batch)
             batch_loss, batch_correct = dp_gradient(self.model, x, y, self.microbatch, self.expected_batch,

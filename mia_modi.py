@@ -7,29 +7,26 @@ import torch
 
 from attacks import ATTACKS, Outputs, attacked_rows, metric_lines, model_outputs, parse_attacks
 from common import (UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
-                    seed_everything)
-from defenses import get_defense
-from models import build_model
-from paths import checkpoint, log_path, prefix, pretrained_dir, pruned_dir
-from pruning import check_pruning_flags
+                    run_first, seed_everything)
+from defenses import add_defense_flags, get_defense
+from paths import checkpoint, log_path, pretrained_dir, pruned_dir
+from progress import Progress
+from pruning import add_pruning_flags, check_pruning_flags
 from splits import check_config, open_run
-from train import evaluate, load_checkpoint, predict
+from train import evaluate, load_model, predict
 
 
 def get_args(argv=None):
     parser = base_parser(__doc__)
-    parser.add_argument("--pruner_name", default="l1unstructure")
-    parser.add_argument("--prune_sparsity", type=float, default=0.6)
+    add_pruning_flags(parser)
     parser.add_argument("--attacks", default="samia", help=f"comma list of: {', '.join(ATTACKS)}")
-    parser.add_argument("--defend", default="", help="the defense the victim was pruned with")
-    parser.add_argument("--defend_arg", type=float, default=4)
+    add_defense_flags(parser)
     parser.add_argument("--adaptive", action="store_true",
                         help="use shadows pruned with the same defense (else Base-pruned shadows)")
     parser.add_argument("--original", action="store_true", help="attack the unpruned victim with unpruned shadows")
     parser.add_argument("--shadow_num", type=int, default=5)
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
-    get_defense(args.defend)
     check_config(args)
     check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.shadow_num < 1:
@@ -39,57 +36,57 @@ def get_args(argv=None):
     return args
 
 
-def prune_command(args, defend):
-    """What creates the pruned models of `defend` ('' = Base) that this attack reads."""
-    cmd = (f"run prune_modi.py {args.gpu_id} {args.config_path} --pruner_name {args.pruner_name} "
-           f"--prune_sparsity {args.prune_sparsity} --shadow_num {args.shadow_num}")
-    if defend:
-        cmd += f" --defend {defend}"
-        if get_defense(defend).arg_in_name:
-            cmd += f" --defend_arg {args.defend_arg}"
-        if get_defense(defend).window:
-            cmd += " --stride <stride> --width <width>"
-    return cmd + " first"
+def prune_command(args, defense):
+    """What creates the pruned models of `defense` that this attack reads."""
+    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity),
+             "--shadow_num", str(args.shadow_num)]
+    if defense.name != "base":
+        flags += ["--defend", defense.name]
+        if defense.arg_in_name:
+            flags += ["--defend_arg", str(args.defend_arg)]
+        if defense.window:
+            flags += ["--stride", "<stride>", "--width", "<width>"]
+    return run_first("prune_modi.py", args, *flags)
 
 
-def model_folders(args):
+def model_folders(args, defense):
     """(victim folder, shadow folders, description for the log, how to create the victim, the shadows)."""
     if args.original:
-        how = f"run pretrain_modi.py {args.gpu_id} {args.config_path} --shadow_num {args.shadow_num} first"
+        how = run_first("pretrain_modi.py", args, "--shadow_num", str(args.shadow_num))
         return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)],
                 "original", how, how)
-    victim_stem = prefix(args.pruner_name, args.prune_sparsity, args.defend, args.defend_arg)
-    shadow_defend = args.defend if args.adaptive else ""
-    shadow_stem = prefix(args.pruner_name, args.prune_sparsity, shadow_defend, args.defend_arg)
+    shadow_defense = defense if args.adaptive else get_defense("base")
+    victim_prefix = defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg)
+    shadow_prefix = shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg)
     setting = "adaptive" if args.adaptive else "base"
-    return (pruned_dir(args, victim_stem), [pruned_dir(args, shadow_stem, i) for i in range(args.shadow_num)],
-            f"{shadow_stem} ({setting})", prune_command(args, args.defend), prune_command(args, shadow_defend))
+    return (pruned_dir(args, victim_prefix), [pruned_dir(args, shadow_prefix, i) for i in range(args.shadow_num)],
+            f"{shadow_prefix} ({setting})", prune_command(args, defense), prune_command(args, shadow_defense))
 
 
 def main():
     args = get_args()
+    defense = get_defense(args.defend)
     device = pick_device(args.gpu_id)
     data, split = open_run(args, device)
-    victim_folder, shadow_folders, setting, victim_how, shadow_how = model_folders(args)
+    victim_folder, shadow_folders, setting, victim_how, shadow_how = model_folders(args, defense)
     with_sens = any(ATTACKS[name].needs_sensitivity for name in args.attack_names)
     with_shadow_logits = any(ATTACKS[name].needs_shadow_logits for name in args.attack_names)
 
     def load(folder, shadow=None):
-        model = build_model(args.model_name, args.num_cls, args.input_dim).to(device)
-        load_checkpoint(model, checkpoint(folder), "checkpoint", victim_how if shadow is None else shadow_how)
-        return model
+        how = victim_how if shadow is None else shadow_how
+        return load_model(args, checkpoint(folder), device, "checkpoint", how)[0]
 
     for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all present before any work
-        split.model(i)  # the split has this shadow
+        split.indices(i)  # the split has this shadow
         load(folder, i)
     seed_everything(args.seed)  # after the checks, which build models
 
     def outputs(folder, shadow=None):
         model = load(folder, shadow)
-        model_split = split.model(shadow).to(device)
+        model_split = split.indices(shadow).to(device)
         return model, model_outputs(model, data, model_split, with_sens, max(args.batch_size, 1000))
 
-    victim_rows = attacked_rows(split.model().to(device))
+    victim_rows = attacked_rows(split.indices().to(device))
     shadow_parts, shadow_logits = [], []
     for i, folder in enumerate(shadow_folders):
         shadow_model, part = outputs(folder, i)
@@ -101,12 +98,13 @@ def main():
     if with_shadow_logits:
         victim.shadow_logits = torch.stack(shadow_logits)
     log = log_path(args)
-    test_acc, _ = evaluate(victim_model, data, split.model().test.to(device))
+    test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"
     append_log(log, f"Victim {kind} model test accuracy: {test_acc:.3f}")
     append_log(log, f"Shadows: {setting}")
+    progress = Progress(args.quiet)
     for name in args.attack_names:
-        for result in ATTACKS[name].fn(shadow, victim, args.num_cls):
+        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress):
             append_log(log, f"{result.name} attack accuracy: {result.accuracy:.3f}")
             for line in metric_lines(result):
                 append_log(log, line)

@@ -5,7 +5,7 @@ import torch.nn as nn
 from common import UsageError
 
 
-def release_init(model):
+def release_init(model: nn.Module) -> nn.Module:
     """The release's init: Conv/Linear weights xavier-normal with zero bias; norm layers weight 1, bias 0."""
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
@@ -91,7 +91,7 @@ class SamiaTransformer(nn.Module):
 TARGET_MODELS = ("resnet18", "vgg16bn", "densenet121", "columnfc")
 
 
-def build_model(name, num_cls, input_dim):
+def build_model(name: str, num_cls: int, input_dim: int) -> nn.Module:
     """A target model with the release's init."""
     if name == "columnfc":
         model = ColumnFC(input_dim, num_cls)
@@ -104,7 +104,13 @@ def build_model(name, num_cls, input_dim):
     return release_init(model)
 
 
-def build_attack_model(kind, input_dim, num_cls):
+ATTACK_MODELS = ("mia_fc", "transformer")
+
+
+def build_attack_model(kind: str, input_dim: int, num_cls: int) -> nn.Module:
+    """SAMIA's transformer or the MLP of the NN attacks and ADV's inference model, with the release's init."""
     if kind == "transformer":
         return release_init(SamiaTransformer(num_cls))
-    return release_init(mia_fc(input_dim))
+    if kind == "mia_fc":
+        return release_init(mia_fc(input_dim))
+    raise ValueError(f"unknown attack model kind '{kind}'; valid: {', '.join(ATTACK_MODELS)}")

@@ -2,6 +2,8 @@
 
 Folders are relative to the working directory, as in the paper's release:
 result/<ds>_<model>/..., log/<ds>_<model>/..., memscore/, data/datasets/.
+The bottom layer with common.py: it imports nothing of the project; what a defense decides about its
+names (whether its argument is part of them) reaches it as plain values.
 """
 import os
 
@@ -11,62 +13,61 @@ LOG_ROOT = "log"
 MEMSCORE_ROOT = "memscore"
 
 
-def run_name(args):
+def run_name(args) -> str:
     return f"{args.dataset_name}_{args.model_name}"
 
 
-def result_dir(args):
+def result_dir(args) -> str:
     return os.path.join(RESULT_ROOT, run_name(args))
 
 
-def log_dir(args):
+def log_dir(args) -> str:
     return os.path.join(LOG_ROOT, run_name(args))
 
 
-def tb_dir(args):
+def tb_dir(args) -> str:
     """TensorBoard runs: log/<ds>_<model>/tb/ (summarize.py skips this folder)."""
     return os.path.join(log_dir(args), "tb")
 
 
-def split_path(args):
+def split_path(args) -> str:
     return os.path.join(result_dir(args), "split.npz")
 
 
-def pretrained_dir(args, shadow=None):
+def pretrained_dir(args, shadow: int = None) -> str:
     name = "victim_model" if shadow is None else f"shadow_model_{shadow}"
     return os.path.join(result_dir(args), name)
 
 
-def prefix(pruner_name, sparsity, defend, defend_arg):
-    """<pruner>_<sparsity>[_<defend>[_<defend_arg>]], the release's result-folder stem."""
-    from defenses import get_defense  # the defense decides whether its argument is in the name
-    cls = get_defense(defend)
+def model_prefix(pruner_name: str, sparsity: float, defense: str = "base", defend_arg: float = None) -> str:
+    """<pruner>_<sparsity>[_<defense>[_<defend_arg>]], the release's name of a pruned run (README: Pipeline).
+    Base adds nothing; defend_arg is passed only by the defenses whose argument is part of the name."""
     name = f"{pruner_name}_{float(sparsity)}"
-    if cls.name != "base":
-        name += f"_{cls.name}"
-    if cls.arg_in_name:
+    if defense and defense != "base":
+        name += f"_{defense}"
+    if defend_arg is not None:
         name += f"_{float(defend_arg)}"
     return name
 
 
-def pruned_dir(args, prefix_, shadow=None):
-    name = f"{prefix_}_model" if shadow is None else f"shadow_{prefix_}_model_{shadow}"
+def pruned_dir(args, prefix: str, shadow: int = None) -> str:
+    name = f"{prefix}_model" if shadow is None else f"shadow_{prefix}_model_{shadow}"
     return os.path.join(result_dir(args), name)
 
 
-def log_path(args):
+def log_path(args) -> str:
     """log/<ds>_<model>/<pruner>_<sparsity>_<defend>.txt (Base written as 'base')."""
     defend = args.defend or "base"
     return os.path.join(log_dir(args), f"{args.pruner_name}_{float(args.prune_sparsity)}_{defend}.txt")
 
 
-def memscore_path(dataset_name, model_name):
+def memscore_path(dataset_name: str, model_name: str) -> str:
     return os.path.join(MEMSCORE_ROOT, f"memscore_{dataset_name}_{model_name}.csv")
 
 
-def checkpoint(folder):
+def checkpoint(folder: str) -> str:
     return os.path.join(folder, "best.pth")
 
 
-def mask_file(folder):
+def mask_file(folder: str) -> str:
     return os.path.join(folder, "best_mask.pth")

@@ -7,12 +7,11 @@ import os
 from common import (MissingError, UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args,
                     pick_device, seed_everything)
 from datasets import TensorData, get_dataset
-from defenses import get_defense
 from models import build_model
 from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
-from progress import Scalars, epoch_monitor
+from progress import Progress
 from splits import Split, check_config
-from train import evaluate, fit, load_checkpoint, save_checkpoint
+from train import evaluate, fit, load_checkpoint, make_optimizer, save_checkpoint, train_pass
 
 
 def get_args(argv=None):
@@ -43,14 +42,15 @@ def prepare_split(args, n_train, n_test):
     return split
 
 
-def pretrain(args, data, model_split, folder, scalars=None, tag="victim"):
-    """Train one target model with the plain recipe; keep the best-dev checkpoint in folder.
-    Per-epoch curves go to scalars (TensorBoard) under `tag`."""
+def pretrain(args, data, model_split, folder, progress, tag="victim"):
+    """Train one target model with the plain recipe (shuffled cross-entropy epochs, the config's
+    optimizer); keep the best-dev checkpoint in folder. Per-epoch curves go to progress under `tag`."""
     model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
-    defense = get_defense("base")(model, data, model_split, args)
+    optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     path = checkpoint(folder)
-    with epoch_monitor(scalars, tag, args.epochs) as on_epoch:
-        fit(model, defense.train_epoch, data, model_split.dev, model_split.test, args.epochs, args.early_stop,
+    with progress.epochs(tag, args.epochs) as on_epoch:
+        fit(model, lambda epoch: train_pass(model, data, model_split.train, optimizer, args.batch_size), data,
+            model_split.dev, model_split.test, args.epochs, args.early_stop,
             on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss), on_epoch=on_epoch)
     best = load_checkpoint(model, path, "checkpoint", "rerun pretrain_modi.py")
     return best, evaluate(model, data, model_split.test)
@@ -63,21 +63,21 @@ def main():
     device = pick_device(args.gpu_id)
     train, test = get_dataset(args.dataset_name)
     split = prepare_split(args, len(train), len(test))
-    data = TensorData.concat(train, test).to(device)
+    data = TensorData.concat(train, test).to(device, amp=args.amp)
     log = os.path.join(log_dir(args), "pretrain.txt")
     append_log(log, f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
-    scalars = Scalars(args, "pretrain")
+    progress = Progress.from_args(args, "pretrain")
     for who in [None] + list(range(args.shadow_num)):
         name = "victim" if who is None else f"shadow {who}"
         if args.skip_existing and os.path.isfile(checkpoint(pretrained_dir(args, who))):
             print(f"Skipping {name}: {checkpoint(pretrained_dir(args, who))} exists (--skip_existing)")
             continue
         seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
-        best, (test_acc, test_loss) = pretrain(args, data, split.model(who).to(device), pretrained_dir(args, who),
-                                               scalars, name.replace(" ", "_"))
+        best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), pretrained_dir(args, who),
+                                               progress, name.replace(" ", "_"))
         append_log(log, f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
                         f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
-    scalars.close()
+    progress.close()
     log_gpu_usage(device, log)
 
 

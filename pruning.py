@@ -7,6 +7,8 @@ k = int(numel * s_t), mask = |w| > (k-th smallest |w|). As in NNI, the mask is m
 weight before every forward, so pruned weights are zero whenever the model runs while the optimizer
 (and its Adam state) keeps going; weights are never rewound.
 """
+import argparse
+
 import torch
 import torch.nn as nn
 
@@ -17,7 +19,13 @@ from train import save_checkpoint
 PRUNERS = ("iter_pruning", "iter_prunetxt", "l1unstructure")
 
 
-def check_pruning_flags(pruner_name, sparsity):
+def add_pruning_flags(parser: argparse.ArgumentParser) -> None:
+    """--pruner_name and --prune_sparsity, the same in prune_modi.py and mia_modi.py."""
+    parser.add_argument("--pruner_name", default="l1unstructure", help=", ".join(PRUNERS))
+    parser.add_argument("--prune_sparsity", type=float, default=0.6)
+
+
+def check_pruning_flags(pruner_name: str, sparsity: float) -> None:
     """--pruner_name and --prune_sparsity, shared by prune_modi.py and mia_modi.py."""
     if pruner_name not in PRUNERS:
         raise UsageError(f"unknown pruner_name '{pruner_name}'; valid: {', '.join(PRUNERS)}")
@@ -25,7 +33,7 @@ def check_pruning_flags(pruner_name, sparsity):
         raise UsageError(f"--prune_sparsity must be in (0, 1), got {sparsity}")
 
 
-def prunable_layers(model, pruner_name):
+def prunable_layers(model: nn.Module, pruner_name: str) -> dict:
     """name -> module of the layers whose weights get masks (biases never do)."""
     if pruner_name not in PRUNERS:
         raise UsageError(f"unknown pruner_name '{pruner_name}'; valid: {', '.join(PRUNERS)}")
@@ -38,7 +46,7 @@ def prunable_layers(model, pruner_name):
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def sparsity_schedule(pruner_name, sparsity, prune_iter):
+def sparsity_schedule(pruner_name: str, sparsity: float, prune_iter: int) -> list:
     """Target sparsity of each pruning iteration."""
     if pruner_name == "l1unstructure":
         return [sparsity]
@@ -46,7 +54,7 @@ def sparsity_schedule(pruner_name, sparsity, prune_iter):
     return [0.0] + [1 - (1 - sparsity) ** (t / last) for t in range(1, prune_iter)]
 
 
-def magnitude_mask(weight, mask, sparsity):
+def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, sparsity: float) -> torch.Tensor:
     w = (weight * mask).abs().flatten()
     k = int(w.numel() * sparsity)
     if k == 0:

@@ -1,4 +1,7 @@
-"""The victim/shadow data split of the release (SPEC section 6), persisted as index arrays.
+"""The victim/shadow data split of the release (README: Pipeline), persisted as index arrays.
+
+The training set is halved into the victim's and the shadows' pools. Each model trains on 90% of its
+pool; the other 10% plus the whole test set are cut 34/66 into its dev and test (non-member) parts.
 
 All indices point into one index space: the training set's rows first, then the test set's
 (TensorData.concat(train, test)), so trainset index i (and its mem-score row) is index i here.
@@ -34,7 +37,7 @@ def _dev_test(held, n_train, n_test, seed):
     return pool[dev], pool[test]
 
 
-def make_split(n_train, n_test, seed, shadow_num):
+def make_split(n_train: int, n_test: int, seed: int, shadow_num: int) -> dict:
     """{'victim_train': ..., 'victim_dev': ..., 'victim_test': ..., 'shadow_train_0': ...} index arrays."""
     victim_list, shadow_list = train_test_split(range(n_train), test_size=0.5, random_state=seed)
     out = {}
@@ -49,7 +52,7 @@ def make_split(n_train, n_test, seed, shadow_num):
 
 
 class Split:
-    """The persisted split: .model(None) is the victim's, .model(i) shadow i's."""
+    """The persisted split: .indices() is the victim's ModelSplit, .indices(i) shadow i's."""
 
     def __init__(self, arrays, meta):
         self.arrays, self.meta = arrays, meta
@@ -58,7 +61,8 @@ class Split:
     def shadow_num(self):
         return int(self.meta["shadow_num"])
 
-    def model(self, shadow=None):
+    def indices(self, shadow: int = None) -> ModelSplit:
+        """The train/dev/test index tensors of the victim (shadow=None) or of shadow i."""
         who = "victim" if shadow is None else "shadow"
         tail = "" if shadow is None else f"_{shadow}"
         if shadow is not None and shadow >= self.shadow_num:
@@ -108,19 +112,19 @@ class Split:
         return None
 
 
-def open_run(args, device):
-    """The dataset (train rows then test rows, on device) and the persisted split of a pretrained run.
-    The caller has checked the config (check_config) before getting here."""
+def open_run(args, device: torch.device) -> tuple:
+    """(data, split): the dataset (train rows then test rows, on device, with the run's --amp) and the
+    persisted split of a pretrained run. The caller has checked the config (check_config) first."""
     train, test = get_dataset(args.dataset_name)
     split = Split.load(split_path(args))
     why = split.mismatch(args.dataset_name, len(train), len(test))
     if why:
         raise MissingError(f"data split {split_path(args)} does not match the dataset ({why}); "
                            f"rerun pretrain_modi.py with --force")
-    return TensorData.concat(train, test).to(device), split
+    return TensorData.concat(train, test).to(device, amp=args.amp), split
 
 
-def check_config(args):
+def check_config(args) -> None:
     """dataset_name/model_name known and num_cls/input_dim agreeing with the dataset."""
     if args.dataset_name not in DATASETS:
         raise UsageError(f"unknown dataset_name '{args.dataset_name}'; valid: {', '.join(DATASETS)}")

@@ -2,7 +2,8 @@
 
     python summarize.py [LOG_DIR] [--out results.csv] [--markdown] [--plot FILE.png] [--all]
 
-Reads LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt (spec sections 8 and 10).
+Reads LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt, the log format of README: Reading
+the results (the release's own logs too).
 """
 import argparse
 import math
@@ -12,9 +13,12 @@ import sys
 
 import pandas as pd
 
-ATTACKS = ["SAMIA", "Conf", "Entr", "Mentr", "Hconf", "NN", "Top3-NN", "NNCl", "LiRA"]
+from attacks import report_names
+from defenses import DEFENSES
+
+ATTACKS = report_names()  # the attacks' log names, in log order
 METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
-ARG_DEFENSES = {"ppb", "adv", "dp", "relaxloss"}
+ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
        "weight_decay_mem", "setting"]
 COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]
@@ -46,77 +50,108 @@ def parse_header(match, defense):
     return info
 
 
+def shadow_setting(text):
+    """The setting named by a "Shadows: ..." line."""
+    text = text.strip()
+    return ("original" if text == "original" else "adaptive" if text.endswith("(adaptive)")
+            else "base" if text.endswith("(base)") else "unknown")
+
+
+class Block:
+    """One prune run (header, pretrained accuracy, defend time, epsilon) and the attack runs logged after it."""
+
+    def __init__(self, info=None):
+        self.info, self.attacks = dict(info or {}), []
+        self.in_shadows, self.late_eps = False, None
+
+    def new_attack(self, setting="unknown"):
+        self.attacks.append({"setting": setting})
+        return self.attacks[-1]
+
+    def rows(self, config):
+        info = dict(self.info)
+        if "dp_epsilon" not in info and self.late_eps is not None:
+            info["dp_epsilon"] = self.late_eps
+        for attack in self.attacks or [{"setting": None}]:
+            row = {**config, **info, **attack}
+            victim_acc = row.pop("victim_acc", math.nan)
+            row["pretrained_acc" if row["setting"] == "original" else "pruned_acc"] = victim_acc
+            yield row
+
+
+class LogReader:
+    """Folds the lines of one log file into Blocks; one method per kind of line."""
+
+    def __init__(self, defense, find_header):
+        self.defense, self.find_header = defense, find_header
+        self.blocks, self.attack = [], None
+
+    def block(self):
+        """The current block, opened on the first line that needs one (a log without a header line)."""
+        if not self.blocks:
+            self.blocks.append(Block())
+        return self.blocks[-1]
+
+    def feed(self, line):
+        for pattern, handle in ((ATTACK_RE, self.on_attack_metric), (VICTIM_RE, self.on_victim),
+                                (SHADOWS_RE, self.on_shadows), (PRETRAINED_RE, self.on_pretrained),
+                                (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),
+                                (SHADOW_ITER_RE, self.on_shadow_iteration), (self.find_header, self.on_header)):
+            if m := pattern.search(line):
+                handle(m)
+                return
+
+    def on_attack_metric(self, m):
+        column = f"{m.group(1)}_{METRICS[m.group(2)]}"
+        if self.attack is None or column in self.attack:  # a repeated metric starts a new run
+            self.attack = self.block().new_attack()
+        self.attack[column] = float(m.group(3))
+
+    def on_victim(self, m):
+        self.attack = self.block().new_attack("original" if m.group(1) == "original" else "unknown")
+        self.attack["victim_acc"] = float(m.group(2))
+
+    def on_shadows(self, m):
+        self.attack = self.attack or self.block().new_attack()
+        self.attack["setting"] = shadow_setting(m.group(1))
+
+    def on_pretrained(self, m):
+        block = self.blocks[-1] if self.blocks else None
+        if block is None or "pretrained_acc" in block.info or block.attacks:
+            self.blocks.append(Block())  # a run without a header line
+        self.blocks[-1].info["pretrained_acc"] = float(m.group(1))
+        self.attack = None
+
+    def on_defend_time(self, m):
+        self.block().info["defend_time_s"] = float(m.group(1))
+
+    def on_epsilon(self, m):
+        # The victim's epsilon is the last one before the shadows train; later ones are a fallback.
+        block = self.block()
+        if block.in_shadows:
+            block.late_eps = float(m.group(1))
+        else:
+            block.info["dp_epsilon"] = float(m.group(1))
+
+    def on_shadow_iteration(self, m):
+        if self.blocks:
+            self.blocks[-1].in_shadows = True
+
+    def on_header(self, m):
+        self.blocks.append(Block(parse_header(m, self.defense)))
+        self.attack = None
+
+
 def parse_file(path, dataset, model):
     """Rows of one log file, oldest first: one per attack block, or one per prune block without any."""
     pruner, sparsity, defense = FILE_RE.match(os.path.basename(path)[:-4]).groups()
     config = {"dataset": dataset, "model": model, "pruner": pruner, "sparsity": float(sparsity),
               "defense": defense or "base"}  # the release writes Base as an empty defend
-    find_header = header_re(pruner)
-    blocks = []  # prune blocks: {"info": {...}, "attacks": [{...}], ...}
-
-    def new_block():
-        blocks.append({"info": {}, "attacks": [], "in_shadows": False, "late_eps": None})
-        return blocks[-1]
-
-    def new_attack(block, setting="unknown"):
-        block["attacks"].append({"setting": setting})
-        return block["attacks"][-1]
-
-    block, attack = None, None
+    reader = LogReader(config["defense"], header_re(pruner))
     with open(path, errors="replace") as f:
         for line in f:
-            if m := ATTACK_RE.search(line):
-                block = block or new_block()
-                column = f"{m.group(1)}_{METRICS[m.group(2)]}"
-                if attack is None or column in attack:  # a repeated metric starts a new run
-                    attack = new_attack(block)
-                attack[column] = float(m.group(3))
-            elif m := VICTIM_RE.search(line):
-                block = block or new_block()
-                attack = new_attack(block, "original" if m.group(1) == "original" else "unknown")
-                attack["victim_acc"] = float(m.group(2))
-            elif m := SHADOWS_RE.search(line):
-                block = block or new_block()
-                attack = attack or new_attack(block)
-                text = m.group(1).strip()
-                attack["setting"] = ("original" if text == "original" else "adaptive" if text.endswith("(adaptive)")
-                                     else "base" if text.endswith("(base)") else "unknown")
-            elif m := PRETRAINED_RE.search(line):
-                if block is None or "pretrained_acc" in block["info"] or block["attacks"]:
-                    block = new_block()  # a run without a header line
-                block["info"]["pretrained_acc"] = float(m.group(1))
-                attack = None
-            elif m := DEFEND_TIME_RE.search(line):
-                block = block or new_block()
-                block["info"]["defend_time_s"] = float(m.group(1))
-            elif m := EPSILON_RE.search(line):
-                block = block or new_block()
-                # The victim's epsilon is the last one before the shadows train; later ones are a fallback.
-                if block["in_shadows"]:
-                    block["late_eps"] = float(m.group(1))
-                else:
-                    block["info"]["dp_epsilon"] = float(m.group(1))
-            elif SHADOW_ITER_RE.search(line):
-                if block is not None:
-                    block["in_shadows"] = True
-            elif m := find_header.search(line):
-                block, attack = new_block(), None
-                block["info"].update(parse_header(m, config["defense"]))
-
-    rows = []
-    for block in blocks:
-        info = dict(block["info"])
-        if "dp_epsilon" not in info and block["late_eps"] is not None:
-            info["dp_epsilon"] = block["late_eps"]
-        for attack in block["attacks"] or [{"setting": None}]:
-            row = {**config, **info, **attack}
-            victim_acc = row.pop("victim_acc", math.nan)
-            if row["setting"] == "original":  # the attacked model is the unpruned one
-                row["pretrained_acc"] = victim_acc
-            else:
-                row["pruned_acc"] = victim_acc
-            rows.append(row)
-    return rows
+            reader.feed(line)
+    return [row for block in reader.blocks for row in block.rows(config)]
 
 
 def log_files(log_dir):
@@ -163,7 +198,16 @@ def to_markdown(df):
 
 
 def plot(df, path):
-    """Privacy-utility trade-off: pruned test accuracy vs strongest attack, one subplot per dataset_model."""
+    """Write the privacy-utility trade-off figure (draw_tradeoff) to path."""
+    import matplotlib.pyplot as plt
+    fig = draw_tradeoff(df)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_tradeoff(df):
+    """Privacy-utility trade-off: pruned test accuracy vs strongest attack, one subplot per dataset_model.
+    Returns the matplotlib Figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,8 +252,7 @@ def plot(df, path):
     for ax in axes.flat[len(groups):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main():

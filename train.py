@@ -1,26 +1,24 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from common import MissingError, UsageError, load_torch, save_torch
+from datasets import TensorData
+from models import build_model
 
 OPTIMIZERS = ("adam", "sgd")
 EVAL_BATCH = 1024
-_amp = False  # --amp: bfloat16 autocast on CUDA for forward passes; off keeps numbers comparable
 
 
-def set_amp(enabled):
-    global _amp
-    _amp = bool(enabled)
+def autocast(data: TensorData):
+    """bfloat16 autocast around forward passes when the data asks for it (--amp) and lives on a GPU;
+    off keeps the numbers comparable with the paper's float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=data.amp and data.x.device.type == "cuda")
 
 
-def autocast(device):
-    """bfloat16 autocast around forward passes when --amp is on and the data lives on a GPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=_amp and device.type == "cuda")
-
-
-def make_optimizer(params, name, lr, weight_decay):
+def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     if name == "sgd":
@@ -33,14 +31,15 @@ def full_precision(out):
     return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
-def minibatches(idx, batch_size, shuffle=True):
+def minibatches(idx: torch.Tensor, batch_size: int, shuffle: bool = True) -> tuple:
     """Index tensors of one pass over idx (shuffled with the global torch RNG)."""
     if shuffle:
         idx = idx[torch.randperm(len(idx), device=idx.device)]
     return idx.split(batch_size)
 
 
-def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy, before_step=None):
+def train_pass(model: nn.Module, data: TensorData, idx: torch.Tensor, optimizer: torch.optim.Optimizer,
+               batch_size: int, loss_fn=F.cross_entropy, before_step=None) -> tuple:
     """One shuffled pass over idx: forward, loss_fn(logits, y), backward, step. Returns (loss, acc %).
     before_step(), if given, runs before each batch's forward (ADV trains its inference model there)."""
     model.train()
@@ -50,7 +49,7 @@ def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy,
         if before_step is not None:
             before_step()
         x, y = data.batch(batch)
-        with autocast(x.device):
+        with autocast(data):
             out = full_precision(model(x))
             loss = loss_fn(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -63,15 +62,15 @@ def train_pass(model, data, idx, optimizer, batch_size, loss_fn=F.cross_entropy,
 
 
 @torch.inference_mode()
-def predict(model, data, idx, batch_size=EVAL_BATCH):
+def predict(model: nn.Module, data: TensorData, idx: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Logits for data[idx], in order."""
     model.eval()
-    with autocast(idx.device):
+    with autocast(data):
         return torch.cat([full_precision(model(data.batch(b)[0])) for b in idx.split(batch_size)])
 
 
 @torch.inference_mode()
-def evaluate(model, data, idx, batch_size=EVAL_BATCH):
+def evaluate(model: nn.Module, data: TensorData, idx: torch.Tensor, batch_size: int = EVAL_BATCH) -> tuple:
     """(accuracy %, mean cross-entropy) on data[idx]."""
     logits = predict(model, data, idx, batch_size)
     y = data.y[idx]
@@ -79,13 +78,14 @@ def evaluate(model, data, idx, batch_size=EVAL_BATCH):
     return 100.0 * (logits.argmax(1) == y).float().mean().item(), loss
 
 
-def save_checkpoint(path, model, epoch, acc, loss):
+def save_checkpoint(path: str, model: nn.Module, epoch: int, acc: float, loss: float) -> None:
     """best.pth = {epoch, acc, loss, state}; state is a plain state_dict."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     save_torch({"epoch": epoch, "acc": acc, "loss": loss, "state": state}, path)
 
 
-def fit(model, train_epoch, data, dev_idx, test_idx, epochs, early_stop, on_best, on_epoch=None):
+def fit(model: nn.Module, train_epoch, data: TensorData, dev_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int,
+        early_stop: int, on_best, on_epoch=None) -> tuple:
     """The fine-tuning loop: train_epoch(epoch) then evaluate dev and test; on_best(epoch, dev_acc,
     dev_loss) when dev accuracy strictly improves; stop once `early_stop` (>0) epochs pass without
     improvement. Returns (best dev acc, last dev loss)."""
@@ -107,7 +107,7 @@ def fit(model, train_epoch, data, dev_idx, test_idx, epochs, early_stop, on_best
     return best_acc, dev_loss
 
 
-def load_checkpoint(model, path, what, fix):
+def load_checkpoint(model: nn.Module, path: str, what: str, fix: str) -> dict:
     """Load best.pth (or a plain state_dict) into model, with readable errors."""
     ckpt = load_torch(path, what, fix)
     state = ckpt.get("state", ckpt) if isinstance(ckpt, dict) else None
@@ -121,3 +121,10 @@ def load_checkpoint(model, path, what, fix):
         raise MissingError(f"{what} {path} does not fit this config's model ({detail}); "
                            f"it was made for another dataset/model/num_cls: {fix}")
     return ckpt
+
+
+def load_model(args, path: str, device: torch.device, what: str, fix: str) -> tuple:
+    """(model, checkpoint): a fresh model of the config's architecture (built, so seeded runs draw the
+    same initial weights as ever) with the checkpoint at path loaded into it."""
+    model = build_model(args.model_name, args.num_cls, args.input_dim).to(device)
+    return model, load_checkpoint(model, path, what, fix)

@@ -1,4 +1,4 @@
-"""attacks.py: threshold attacks against a literal SPEC section 10 loop, metric values by hand, the
+"""attacks.py: threshold attacks against the literal quadratic loop, metric values by hand, the
 sensitivity feature against its closed form on a linear model, the registry, and the NN attacks."""
 import math
 import warnings
@@ -20,7 +20,7 @@ from splits import ModelSplit
 # ---------------------------------------------------------------- threshold attacks vs the literal rule
 
 def slow_threshold(member_values, nonmember_values):
-    """SPEC section 10 as a quadratic loop: candidates = member values then non-member values;
+    """The release's threshold rule as a quadratic loop: candidates = member values then non-member values;
     acc = 0.5 * (mean(member >= t) + mean(non-member < t)); first best kept (strict >); starts at 0."""
     best_t, best_acc = 0, 0
     for t in list(member_values) + list(nonmember_values):
@@ -214,7 +214,9 @@ def test_parse_attacks_order_and_errors():
         with pytest.raises(UsageError, match=f"unknown attack {named}; {valid}") as err:
             parse_attacks(bad)
         assert "\n" not in str(err.value)
-    assert [name for name, attack in ATTACKS.items() if attack[1] and name in core] == ["samia"]  # needs sensitivity
+    assert [name for name, attack in ATTACKS.items() if attack.needs_sensitivity and name in core] == ["samia"]  # needs sensitivity
+    assert [n for name in core for n in ATTACKS[name].reports] == ["SAMIA", "Conf", "Entr", "Mentr", "Hconf", "NN",
+                                                                   "Top3-NN", "NNCl"]
 
 
 def separable_outputs(rng, n, num_cls, with_sens):
@@ -249,7 +251,7 @@ def test_nn_attack_features(monkeypatch):
     """What each NN attack feeds its attack model: captured from the shared training routine."""
     seen = {}
 
-    def capture(log_name, kind, features, shadow, victim, num_cls):
+    def capture(log_name, kind, features, shadow, victim, num_cls, progress):
         seen[log_name] = (kind, features(shadow), features(victim))
         return []
     monkeypatch.setattr(attacks, "_nn_attack", capture)
@@ -257,7 +259,7 @@ def test_nn_attack_features(monkeypatch):
     sens = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
     out = Outputs(probs, torch.tensor([2, 0]), torch.tensor([True, False]), sens)
     for name in ("samia", "nn", "nn_top3", "nn_cls"):
-        ATTACKS[name][0](out, out, 4)
+        ATTACKS[name].fn(out, out, 4)
     onehot = torch.tensor([[0.0, 0, 1, 0], [1, 0, 0, 0]])
     assert seen["NN"][0] == "mia_fc" and torch.equal(seen["NN"][1], probs)
     assert seen["Top3-NN"][0] == "mia_fc"

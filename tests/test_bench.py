@@ -19,12 +19,37 @@ def test_threshold_bench_checks_identity():
     assert [r[0] for r in rows] == ["50", "200"] and all(r[-1] == "True" for r in rows)
 
 
-def test_train_bench_reports_every_ratio():
+def test_train_bench_ratios_are_its_measured_times():
+    """Each ratio column is the quotient of the two times it names, as printed (rounding aside), and the
+    scaling table's us/row is seconds / rows."""
     out = bench("bench/bench_train.py", "--tiny")
-    assert "project/bare" in out and "release/project" in out
-    columnfc = next(line.split() for line in out.splitlines() if line.strip().startswith("columnfc"))
-    assert len(columnfc) == 7 and float(columnfc[4]) > 0 and float(columnfc[6]) > 0
-    assert "columnfc epoch scaling" in out
+    lines = out.splitlines()
+    header = next(line.split() for line in lines if line.strip().startswith("model"))
+    assert header == ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"]
+    rows = [line.split() for line in lines if line.strip().startswith(("columnfc ", "resnet18 ")) and "scaling" not in line]
+    assert [(r[0], r[1]) for r in rows] == [("columnfc", "300"), ("columnfc", "60"), ("resnet18", "64")]
+    for model, n, project, bare, ratio, release, release_ratio in rows:
+        assert quotient_fits(ratio, project, bare)
+        assert release == release_ratio == "-" if model == "resnet18" else quotient_fits(release_ratio, release, project)
+    start = lines.index(next(line for line in lines if "columnfc epoch scaling" in line))
+    scaling = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()]
+    assert [r[0] for r in scaling] == ["100", "1000"]
+    for n, seconds, per_row in scaling:
+        assert quotient_fits(per_row, seconds, str(int(n) / 1e6))
+
+
+def half_unit(text):
+    """Half a unit in the last printed digit: how far the printed value may be from the true one."""
+    return 0.5 * 10 ** -len(text.partition(".")[2])
+
+
+def quotient_fits(printed, numerator, denominator):
+    """Whether `printed` can be numerator / denominator for some true values behind the printed ones."""
+    n, d, q = float(numerator), float(denominator), float(printed)
+    dn, dd, dq = half_unit(numerator), half_unit(denominator), half_unit(printed)
+    low = (n - dn) / (d + dd)
+    high = (n + dn) / (d - dd) if d > dd else float("inf")
+    return low - dq <= q <= high + dq
 
 
 def test_pipeline_bench_times_every_python_step(tmp_path):

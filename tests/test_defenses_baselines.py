@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ import prune_modi
 from common import UsageError
 from conftest import REPO
 from datasets import TensorData
-from defenses import (Adv, Dp, adv_classifier_loss, clipped_gradient_sum, dp_gradient, inference_features,
-                      ppb_kl, ppb_loss, relaxloss_loss)
+from defenses import Adv, DefenseSettings, Dp, adv_classifier_loss, inference_features, ppb_kl, ppb_loss, relaxloss_loss
+from dp import clipped_gradient_sum, dp_gradient
 from models import ColumnFC
 from splits import ModelSplit
 
@@ -47,10 +46,10 @@ def softmax_rows(rows):
 
 
 def args_for(**overrides):
-    args = dict(num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                dp_microbatch=None)
-    args.update(overrides)
-    return Namespace(**args)
+    settings = dict(num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4,
+                    dp_microbatch=None)
+    settings.update(overrides)
+    return DefenseSettings(**settings)
 
 
 def random_task(n_train=64, n_dev=64, dim=64, num_cls=10, seed=0):

@@ -5,18 +5,18 @@ import math
 import os
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import defenses
+import memscores
 import prune_modi
 import train
 from common import UsageError
 from conftest import REPO, run_script
 from datasets import TensorData
-from defenses import DEFENSES, ML2, RandomWindow, Slide, SlideML2, SlideRe, SlideReML2
+from defenses import DEFENSES, DefenseSettings, ML2, RandomWindow, Slide, SlideML2, SlideRe, SlideReML2
 from models import build_model
 from splits import ModelSplit, make_split
 
@@ -35,10 +35,10 @@ def handmade(**overrides):
     torch.manual_seed(0)
     data = TensorData(torch.rand(12, 4), torch.tensor(LABELS))
     split = ModelSplit(torch.tensor(TRAIN), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]))
-    args = SimpleNamespace(optimizer="adam", lr=0.01, weight_decay=5e-4, weight_decay_mem=0.1, mem_thre=0.6,
-                           stride=2, width=3, batch_size=2, prune_epochs=3)
-    vars(args).update(overrides)
-    return data, split, args, torch.tensor(SCORES, dtype=torch.float64)
+    settings = dict(optimizer="adam", lr=0.01, weight_decay=5e-4, weight_decay_mem=0.1, mem_thre=0.6,
+                    stride=2, width=3, batch_size=2, prune_epochs=3, num_cls=3)
+    settings.update(overrides)
+    return data, split, DefenseSettings(**settings), torch.tensor(SCORES, dtype=torch.float64)
 
 
 def make(cls, **overrides):
@@ -281,7 +281,7 @@ def test_run_shell_rejects_an_unknown_section(tmp_path):
 
 def test_digits_mem_thre_leaves_both_sides_non_empty():
     """For the victim and the 5 shadows of run_shell.sh digits (seed 7), with the shipped scores."""
-    scores = defenses.read_memscores(os.path.join(REPO, "memscore", "memscore_digits_columnfc.csv"), 1437, "")
+    scores = memscores.read_memscores(os.path.join(REPO, "memscore", "memscore_digits_columnfc.csv"), 1437, "")
     lists = make_split(1437, 360, seed=7, shadow_num=5)
     for name in ["victim_train"] + [f"shadow_train_{i}" for i in range(5)]:
         risky = int((scores[lists[name]] >= MEM_THRE).sum())

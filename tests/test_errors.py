@@ -347,8 +347,14 @@ def test_fork_server_matches_a_real_run(name, outcomes, pretrained, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_enough_distinct_cases():
-    assert len({case.name for case in CASES}) == len(CASES) >= 20
+def test_every_case_hits_its_own_check(outcomes):
+    """No two cases of one script end in the same error line: each exercises a check of its own, and the
+    line says what is specific to it."""
+    seen = {}
+    for case in CASES:
+        line = outcomes[case.name][0].stderr.strip()
+        assert (case.script, line) not in seen, f"{case.name} and {seen[case.script, line]} both give {line!r}"
+        seen[case.script, line] = case.name
 
 
 def test_cpu_said_once(pretrained, fork_server, tmp_path):

@@ -12,7 +12,8 @@ import compute_memscore
 from common import MissingError, UsageError
 from conftest import REPO, run_script
 from datasets import TensorData
-from defenses import Defense, ML2
+from defenses import ML2, DefenseSettings
+from memscores import load_memscores
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
 N_DIGITS_TRAIN = 1437
@@ -99,7 +100,7 @@ def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeyp
     written = torch.tensor([float(line.split(",")[1]) for line in lines[1:]], dtype=torch.float64)
     assert written.min() >= -1 and written.max() <= 1
     monkeypatch.chdir(tmp_path)
-    assert torch.equal(Defense.load_memscores(digits_args()), written)
+    assert torch.equal(load_memscores(digits_args(), N_DIGITS_TRAIN), written)
     # a second run refuses to overwrite the file
     monkeypatch.setattr(sys, "argv", ["compute_memscore.py", "-1", DIGITS, "--num_models", "24"])
     with pytest.raises(UsageError, match="already exists; pass --force"):
@@ -110,7 +111,7 @@ def test_csv_round_trip_is_exact(tmp_path, monkeypatch):
     scores = torch.from_numpy(np.random.default_rng(0).uniform(-0.2, 1.0, N_DIGITS_TRAIN))
     monkeypatch.chdir(tmp_path)
     compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores)
-    assert torch.equal(Defense.load_memscores(digits_args()), scores)
+    assert torch.equal(load_memscores(digits_args(), N_DIGITS_TRAIN), scores)
 
 
 def write_csv(tmp_path, text):
@@ -122,7 +123,7 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     write_csv(tmp_path, ",0\n" + "".join(f"{i},0.5\n" for i in range(10)))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingError) as err:
-        Defense.load_memscores(digits_args())
+        load_memscores(digits_args(), N_DIGITS_TRAIN)
     assert str(err.value) == (
         "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 1437 samples "
         "(made for another dataset or split); compute it with python compute_memscore.py -1 config/digits.json "
@@ -138,7 +139,7 @@ def test_loader_rejects_malformed_files(tmp_path, monkeypatch, text, message):
     write_csv(tmp_path, text)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingError, match=message):
-        Defense.load_memscores(digits_args())
+        load_memscores(digits_args(), N_DIGITS_TRAIN)
 
 
 def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
@@ -146,27 +147,29 @@ def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
     rows = [f"{i},0.1\n" for i in range(N_DIGITS_TRAIN)]
     write_csv(tmp_path, ",0\n" + "".join(rows[:5] + ["5,\n"] + rows[6:]))
     with pytest.raises(MissingError, match="row 5 is not a number"):
-        Defense.load_memscores(digits_args())
+        load_memscores(digits_args(), N_DIGITS_TRAIN)
     write_csv(tmp_path, ",0\n" + "".join(rows[1:2] + rows[:1] + rows[2:]))
     with pytest.raises(MissingError, match="index column must count 0..1436 in order"):
-        Defense.load_memscores(digits_args())
+        load_memscores(digits_args(), N_DIGITS_TRAIN)
 
 
 def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingError) as err:
-        Defense.load_memscores(digits_args())
+        load_memscores(digits_args(), N_DIGITS_TRAIN)
     assert str(err.value) == ("mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
                               "python compute_memscore.py -1 config/digits.json (README: Mem-scores)")
     cifar = digits_args(dataset_name="cifar10", model_name="resnet18", config_path="config/cifar10_resnet18.json")
     with pytest.raises(MissingError, match="memscore_cifar10_resnet18.csv not found; put the authors' published CSV"):
-        Defense.load_memscores(cifar)
+        load_memscores(cifar, 50000)
 
 
 def test_ml2_rejects_a_threshold_outside_the_scores(tmp_path, monkeypatch):
     scores = torch.linspace(-0.1, 0.8, N_DIGITS_TRAIN, dtype=torch.float64)
     monkeypatch.chdir(tmp_path)
     compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores)
-    assert torch.equal(ML2.load_memscores(digits_args(mem_thre=0.8)), scores)
-    with pytest.raises(UsageError, match=r"--mem_thre 0.9 is outside the mem-scores' range \[-0.100, 0.800\]"):
-        ML2.load_memscores(digits_args(mem_thre=0.9))
+    loaded = load_memscores(digits_args(), N_DIGITS_TRAIN)
+    assert torch.equal(loaded, scores)
+    ML2.check_memscores(loaded, DefenseSettings(mem_thre=0.8), "m.csv")  # the top score itself is fine
+    with pytest.raises(UsageError, match=r"--mem_thre 0.9 is outside the mem-scores' range \[-0.100, 0.800\] \(m.csv\)"):
+        ML2.check_memscores(loaded, DefenseSettings(mem_thre=0.9), "m.csv")

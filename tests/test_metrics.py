@@ -181,10 +181,10 @@ def reference_outputs(tmp_path, shadow_num):
         return model
 
     shadows = [load(f"shadow_model_{i}") for i in range(shadow_num)]
-    shadow = Outputs.cat([attacks.model_outputs(m, data, split.model(i), False) for i, m in enumerate(shadows)])
+    shadow = Outputs.cat([attacks.model_outputs(m, data, split.indices(i), False) for i, m in enumerate(shadows)])
     victim_model = load("victim_model")
-    victim = attacks.model_outputs(victim_model, data, split.model(), False)
-    victim_rows = torch.cat([split.model().train, split.model().test])
+    victim = attacks.model_outputs(victim_model, data, split.indices(), False)
+    victim_rows = torch.cat([split.indices().train, split.indices().test])
     shadow_logits = [predict(m, data, victim_rows) for m in shadows]
     return shadow, victim, victim_model, data, split, shadow_logits
 
@@ -225,7 +225,7 @@ def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     lines = (tmp_path / "log" / "digits_columnfc" / "l1unstructure_0.6_base.txt").read_text().splitlines()
-    test_acc, _ = evaluate(victim_model, data, split.model().test)
+    test_acc, _ = evaluate(victim_model, data, split.indices().test)
     results = attacks.threshold(shadow, victim, 10)  # the accuracy lines as they were before the metrics
     member = victim.member.numpy()
     old_format = [f"Victim original model test accuracy: {test_acc:.3f}", "Shadows: original"] + [

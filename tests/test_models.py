@@ -1,4 +1,4 @@
-"""models.py: shapes, the CIFAR adaptations of SPEC section 4, the release init, SAMIA's tokens."""
+"""models.py: shapes, the CIFAR adaptations (3x3 stem), the release init, SAMIA's tokens."""
 import math
 
 import pytest
@@ -32,6 +32,8 @@ def test_small_model_output_shapes():
     assert build_model("columnfc", 10, 64)(x).shape == (5, 10)
     assert build_attack_model("mia_fc", 64, 10)(x).shape == (5, 2)
     assert build_attack_model("transformer", 30, 10)(torch.rand(5, 30)).shape == (5, 2)
+    with pytest.raises(ValueError, match="unknown attack model kind 'mlp'; valid: mia_fc, transformer"):
+        build_attack_model("mlp", 64, 10)
 
 
 def test_bad_model_config():

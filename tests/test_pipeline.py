@@ -81,7 +81,7 @@ def victim_test_accuracy(cwd, folder, monkeypatch):
     split = Split.load(os.path.join("result", RUN, "split.npz"))
     model = build_model("columnfc", 10, 64)
     load_checkpoint(model, os.path.join("result", RUN, folder, "best.pth"), "checkpoint", "")
-    return evaluate(model, data, split.model().test)
+    return evaluate(model, data, split.indices().test)
 
 
 def test_every_file_exists(run_dir):

@@ -119,13 +119,11 @@ def check_prune_scalars(scalars, log):
 
 def test_bars_only_on_a_terminal_and_without_quiet(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
-    progress.set_quiet(False)
-    assert not progress.progress_bar(range(3)).disable
-    progress.set_quiet(True)
-    assert progress.progress_bar(range(3)).disable
-    progress.set_quiet(False)
+    assert not progress.Progress(quiet=False).bar(range(3)).disable
+    assert progress.Progress(quiet=True).bar(range(3)).disable
+    assert progress.Progress().bar(range(3)).disable  # the library default shows nothing
     monkeypatch.setattr(sys, "stdout", io.StringIO())  # a log file, a pipe
-    assert progress.progress_bar(range(3)).disable
+    assert progress.Progress(quiet=False).bar(range(3)).disable
 
 
 def test_quiet_and_no_tensorboard_flags_on_every_script():
@@ -133,17 +131,17 @@ def test_quiet_and_no_tensorboard_flags_on_every_script():
         args = script.get_args(["-1", CONFIG, "--quiet", "--no_tensorboard"])
         assert args.quiet and args.no_tensorboard
         args = script.get_args(["-1", CONFIG])
-        assert not args.quiet and not args.no_tensorboard and not progress._quiet
+        assert not args.quiet and not args.no_tensorboard
 
 
 def test_tensorboard_is_needed_only_when_used(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    args = Namespace(dataset_name="digits", model_name="columnfc", no_tensorboard=True)
-    progress.Scalars(args, "run").add("victim/dev_acc", 1.0, 0)  # records nothing, needs nothing
+    args = Namespace(dataset_name="digits", model_name="columnfc", no_tensorboard=True, quiet=True)
+    progress.Progress.from_args(args, "run").add("victim/dev_acc", 1.0, 0)  # records nothing, needs nothing
     assert not (tmp_path / "log").exists()
     with pytest.raises(UsageError, match="--no_tensorboard"):
-        progress.Scalars(Namespace(**{**vars(args), "no_tensorboard": False}), "run")
+        progress.Progress.from_args(Namespace(**{**vars(args), "no_tensorboard": False}), "run")
 
 
 def test_gpu_line_once_on_cuda_only(monkeypatch, tmp_path):

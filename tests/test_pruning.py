@@ -38,7 +38,7 @@ def test_schedule_values():
 
 
 def reference_mask(weight, mask, sparsity):
-    """SPEC section 7 literally: w = weight * mask, k = int(numel * s); all ones if k == 0, else
+    """NNI's level pruner literally: w = weight * mask, k = int(numel * s); all ones if k == 0, else
     keep |w| > the k-th smallest |w|."""
     w = (weight * mask).abs().flatten().tolist()
     k = int(len(w) * sparsity)

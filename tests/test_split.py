@@ -1,4 +1,4 @@
-"""splits.py: the victim/shadow split of SPEC section 6, its persistence and reuse checks."""
+"""splits.py: the release's victim/shadow split (README: Pipeline), its persistence and reuse checks."""
 import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
@@ -10,7 +10,7 @@ N_TRAIN, N_TEST = 1437, 360  # digits
 
 
 def reference_split(n_train, n_test, seed, shadow_num):
-    """SPEC section 6, written out call by call; pools hold trainset indices and then the test set
+    """The release's split, written out call by call; pools hold trainset indices and then the test set
     shifted by n_train (one shared index space)."""
     out = {}
     victim_list, shadow_list = train_test_split(range(n_train), test_size=0.5, random_state=seed)
@@ -68,12 +68,12 @@ def test_members_and_nonmembers_never_overlap():
 
 def test_model_view_and_shadow_bounds():
     split = Split.create("digits", N_TRAIN, N_TEST, 7, 2)
-    victim, shadow1 = split.model(), split.model(1)
+    victim, shadow1 = split.indices(), split.indices(1)
     assert victim.train.tolist() == split.arrays["victim_train"].tolist()
     assert victim.test.tolist() == split.arrays["victim_test"].tolist()
     assert shadow1.dev.tolist() == split.arrays["shadow_dev_1"].tolist()
     with pytest.raises(UsageError, match="2 shadows"):
-        split.model(2)
+        split.indices(2)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -87,7 +87,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert loaded.arrays[key].dtype == np.int64
         assert np.array_equal(loaded.arrays[key], split.arrays[key])
     for who in (None, 0, 2):
-        a, b = split.model(who), loaded.model(who)
+        a, b = split.indices(who), loaded.indices(who)
         assert all(x.tolist() == y.tolist() for x, y in zip((a.train, a.dev, a.test), (b.train, b.dev, b.test)))
     assert not list(path.parent.glob(".tmp_*"))  # atomic write leaves no temp file
 

@@ -244,9 +244,30 @@ def test_cli_plot(log_dir, tmp_path):
     proc = run_cli(log_dir, "--out", tmp_path / "r.csv", "--plot", png, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tradeoff_plot_data(log_dir):
+    """What the figure shows, read back from matplotlib's objects: per panel one marker per defense at
+    (pruned accuracy, strongest attack accuracy) of the newest run, Base as the black star, the unpruned
+    victim as a dashed line and its attack as an X."""
     import matplotlib.pyplot as plt
-    image = plt.imread(png)
-    assert image.shape[0] > 0 and image.shape[1] > 0 and image.std() > 0
+    fig = summarize.draw_tradeoff(summarize.parse_logs(log_dir))
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert sorted(panels) == ["cifar10_resnet18", "digits_columnfc"]
+    ax = panels["digits_columnfc"]
+    points = {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}
+    assert points == {"Base": [(78.9, 58.0)], "dp": [(57.0, 50.5)], "ppb": [(76.5, 52.0)],
+                      "unpruned, attacked": [(81.5, 70.25)]}  # slide_re has no attack yet: no marker
+    base = next(c for c in ax.collections if c.get_label() == "Base")
+    assert tuple(base.get_facecolor()[0][:3]) == (0.0, 0.0, 0.0)
+    (line,) = ax.get_lines()
+    assert line.get_linestyle() == "--" and list(line.get_xdata()) == [81.5, 81.5]
+    assert line.get_label() == "unpruned (81.5%)"
+    assert [t.get_text() for t in ax.texts] == ["0.1", "4"]  # defend_arg next to dp and ppb (sorted by defense)
+    assert ax.get_xlabel() == "pruned victim test accuracy (%)"
+    assert ax.get_ylabel() == "strongest attack accuracy (%)"
+    assert [tuple(p) for p in panels["cifar10_resnet18"].collections[0].get_offsets()] == [(91.8, 71.0)]
+    plt.close(fig)
 
 
 def test_cli_missing_or_empty_dir(tmp_path):

@@ -152,18 +152,16 @@ def test_train_pass_visits_each_index_once_and_steps():
 
 def test_amp_is_cuda_only_and_leaves_cpu_numbers_unchanged():
     def one_pass(amp):
-        train.set_amp(amp)
-        try:
-            torch.manual_seed(0)
-            model = ColumnFC(64, 10)
-            data = TensorData(torch.rand(300, 64), torch.randint(0, 10, (300,)))
-            optimizer = train.make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
-            result = train.train_pass(model, data, torch.arange(300), optimizer, 128)
-            return result, train.predict(model, data, torch.arange(300))
-        finally:
-            train.set_amp(False)
+        torch.manual_seed(0)
+        model = ColumnFC(64, 10)
+        data = TensorData(torch.rand(300, 64), torch.randint(0, 10, (300,)), amp=amp)
+        optimizer = train.make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
+        result = train.train_pass(model, data, torch.arange(300), optimizer, 128)
+        return result, train.predict(model, data, torch.arange(300))
 
     (plain, plain_logits), (amp, amp_logits) = one_pass(False), one_pass(True)
     assert plain == amp and torch.equal(plain_logits, amp_logits)
     assert plain_logits.dtype == torch.float32
-    assert train.autocast(torch.device("cuda")).fast_dtype == torch.bfloat16
+    on_cpu = TensorData(torch.rand(3, 4), torch.zeros(3, dtype=torch.long), amp=True)
+    assert train.autocast(on_cpu).fast_dtype == torch.bfloat16 and not train.autocast(on_cpu)._enabled
+    assert on_cpu.to("cpu").amp and not on_cpu.to("cpu", amp=False).amp  # .to keeps the choice unless told
