@@ -170,8 +170,8 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 
 # ---------------------------------------------------------------- registry
 
-# fn(shadow, victim, num_cls, progress) -> [AttackResult], one per name in `reports` (the log names, in
-# order). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity fills `sens` (shadow
+# fn(shadow, victim, num_cls, progress, semantics) -> [AttackResult], one per name in `reports` (the log
+# names, in order); semantics is --semantics (release or corrected). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity fills `sens` (shadow
 # and victim), needs_shadow_logits fills victim.shadow_logits.
 Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits")
 ATTACKS = {}   # --attacks name -> Attack, in log order
@@ -221,16 +221,19 @@ def _onehot(o, num_cls):
 
 
 @register("samia", ["SAMIA"], needs_sensitivity=True)
-def samia(shadow, victim, num_cls, progress=Progress()):
+def samia(shadow, victim, num_cls, progress=Progress(), semantics="release"):
     feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
     return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress)
 
 
 @register("threshold", ["Conf", "Entr", "Mentr", "Hconf"])
-def threshold(shadow, victim, num_cls, progress=Progress()):
-    """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes."""
-    sp, sy, sm = (t.cpu().numpy() for t in (shadow.probs.double(), shadow.labels, shadow.member))
-    vp, vy, vm = (t.cpu().numpy() for t in (victim.probs.double(), victim.labels, victim.member))
+def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+    """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes. The features
+    are computed in float32 as in the release (semantics "release") or in float64 ("corrected"), which
+    moves Mentr on very confident outputs."""
+    dtype = torch.float32 if semantics == "release" else torch.float64
+    sp, sy, sm = (t.cpu().numpy() for t in (shadow.probs.to(dtype), shadow.labels, shadow.member))
+    vp, vy, vm = (t.cpu().numpy() for t in (victim.probs.to(dtype), victim.labels, victim.member))
     results = []
     for name, values, groups in (("Conf", conf_values, num_cls), ("Entr", entr_values, num_cls),
                                  ("Mentr", mentr_values, num_cls), ("Hconf", conf_values, 1)):
@@ -241,17 +244,17 @@ def threshold(shadow, victim, num_cls, progress=Progress()):
 
 
 @register("nn", ["NN"])
-def nn_probs(shadow, victim, num_cls, progress=Progress()):
+def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release"):
     return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress)
 
 
 @register("nn_top3", ["Top3-NN"])
-def nn_top3(shadow, victim, num_cls, progress=Progress()):
+def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release"):
     return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls, progress)
 
 
 @register("nn_cls", ["NNCl"])
-def nn_cls(shadow, victim, num_cls, progress=Progress()):
+def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release"):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
     return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress)
 
@@ -290,7 +293,7 @@ def lira_scores(shadow_values, victim_values):
 
 
 @register("lira", ["LiRA"], needs_shadow_logits=True)
-def lira(shadow, victim, num_cls, progress=Progress()):
+def lira(shadow, victim, num_cls, progress=Progress(), semantics="release"):
     """Offline LiRA. Its accuracy is the best balanced accuracy over thresholds chosen on the victim
     (as the LiRA paper reports it), an upper bound rather than a shadow-calibrated accuracy."""
     shadow_values = torch.stack([logit_confidence(z, victim.labels) for z in victim.shadow_logits])

@@ -3,6 +3,7 @@
 The bottom layer with paths.py: it imports nothing of the project.
 """
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -116,7 +117,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("config_path", help="config JSON, e.g. config/digits.json")
     for key, typ in CONFIG_KEYS.items():
         parser.add_argument(f"--{key}", type=typ, default=None, help="overrides the config")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7,
+                        help="a seed other than 7 keeps its results in result/<ds>_<model>_seed<k>/")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--amp", action="store_true",
                         help="CUDA only: bfloat16 autocast for forward passes (faster; off = the paper's float32)")
@@ -175,21 +177,43 @@ def load_torch(path: str, what: str, fix: str):
                            f"delete it and {fix}")
 
 
-def append_log(path: str, line: str) -> None:
-    """Append one line to a text log (never truncates) and echo it."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(line + "\n")
-    tqdm.write(line)  # print without breaking a live progress bar
+class RunLog:
+    """One run's block of lines in a text log that other runs may append to as well. The log is only
+    appended to (never truncated); from its first line to close() the run holds an exclusive lock on
+    the file (fcntl.flock), so two runs writing the same log at once write whole blocks, one after the
+    other. Every line is flushed at once and echoed to stdout."""
+
+    def __init__(self, path: str):
+        self.path, self.file = path, None
+
+    def write(self, line: str) -> None:
+        if self.file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.file = open(self.path, "a")
+            fcntl.flock(self.file, fcntl.LOCK_EX)  # waits while another run writes its block
+        self.file.write(line + "\n")
+        self.file.flush()
+        tqdm.write(line)  # print without breaking a live progress bar
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()  # releases the lock
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def log_gpu_usage(device: torch.device, log: str = None) -> None:
+def log_gpu_usage(device: torch.device, log: RunLog = None) -> None:
     """On CUDA, once at the end of a run: the GPU's name and the run's peak allocated memory."""
     if device.type != "cuda":
         return
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     line = f"GPU: {torch.cuda.get_device_name(device)}, peak memory allocated {peak:.3f} GiB"
     if log:
-        append_log(log, line)
+        log.write(line)
     else:
         print(line)

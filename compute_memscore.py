@@ -6,7 +6,8 @@ Trains --num_models models of the config's architecture and recipe, each for --e
 config's by default; no early stopping, there is no dev set) on a random subset of the training set,
 records which training samples each model gets right, and writes
 mem_i = P[correct on i | i in subset] - P[correct on i | i not in subset]
-to memscore/memscore_<dataset>_<model>.csv in the authors' format.
+to memscore/memscore_<dataset>_<model>.csv in the authors' format, with the fingerprint of the
+training set it scores in memscore/memscore_<dataset>_<model>.json (written first; see memscores.py).
 """
 import os
 import time
@@ -14,8 +15,9 @@ import time
 import pandas as pd
 import torch
 
-from common import UsageError, atomic_write, base_parser, main_guard, parse_args, pick_device, seed_everything
-from datasets import get_dataset
+from common import UsageError, base_parser, main_guard, parse_args, pick_device, seed_everything
+from datasets import get_dataset, split_source
+from memscores import fingerprint, sidecar_path, write_with_sidecar
 from models import build_model
 from paths import memscore_path
 from progress import Progress
@@ -87,10 +89,10 @@ def estimate(args, data, progress=Progress()):
     return memorization(correct, masks)
 
 
-def write_memscores(path, scores):
-    """The authors' format: pandas CSV with the default index and one column named 0."""
-    text = pd.DataFrame(scores.numpy()).to_csv()
-    atomic_write(path, lambda f: f.write(text.encode()))
+def write_memscores(path, scores, fields):
+    """The authors' format (pandas CSV, default index, one column named 0) and its sidecar, which holds
+    fields (memscores.fingerprint of the training set) and the CSV's hash."""
+    write_with_sidecar(path, pd.DataFrame(scores.numpy()).to_csv().encode(), fields)
 
 
 def main():
@@ -100,12 +102,15 @@ def main():
     if os.path.exists(path) and not args.force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it (or move it away first)")
     device = pick_device(args.gpu_id)
-    data = get_dataset(args.dataset_name)[0].to(device, amp=args.amp)
+    train = get_dataset(args.dataset_name)[0]
+    fields = fingerprint(args.dataset_name, args.model_name, train.x, train.y, split_source(args.dataset_name))
+    data = train.to(device, amp=args.amp)
     start = time.time()
     scores = estimate(args, data, Progress(args.quiet))
-    write_memscores(path, scores)
-    print(f"Wrote {path}: {len(scores)} scores from {args.num_models} models in {time.time() - start:.1f}s "
-          f"(mean {scores.mean():.3f}, {int((scores >= 0.5).sum())} samples >= 0.5)")
+    write_memscores(path, scores, fields)
+    print(f"Wrote {path} and its fingerprint {sidecar_path(path)}: {len(scores)} scores from {args.num_models} "
+          f"models in {time.time() - start:.1f}s (mean {scores.mean():.3f}, "
+          f"{int((scores >= 0.5).sum())} samples >= 0.5)")
 
 
 if __name__ == "__main__":

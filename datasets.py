@@ -94,6 +94,24 @@ def get_dataset(name, root=DATA_ROOT):
     return TensorData(x[train], y[train]), TensorData(x[test], y[test])
 
 
+def authors_split_file(name, folder):
+    """The authors' split file in a dataset's folder, which get_dataset prefers when present: CINIC's
+    train_test_idx.pkl, or <name>.pkl (a pair of torch Subsets) for the tabular datasets."""
+    return os.path.join(folder, "train_test_idx.pkl" if name == "cinic" else f"{name}.pkl")
+
+
+def split_source(name, root=DATA_ROOT):
+    """Where get_dataset(name, root) takes its training set from, in words (recorded with mem-scores)."""
+    if name in ("cifar10", "cifar100"):
+        return "official training set order"
+    authors = authors_split_file(name, os.path.join(root, FOLDERS[name]))
+    if os.path.isfile(authors):
+        return f"authors' {os.path.basename(authors)}"
+    if name == "cinic":
+        return f"drawn subset (seed {CINIC_SUBSET_SEED})"
+    return f"seeded 80/20 split (random_state {TABULAR_SPLIT_SEED})"
+
+
 def _how(name, folder):
     return SOURCES[name].format(folder=folder)
 
@@ -227,7 +245,7 @@ def _save_npz(path, **arrays):
 
 def tabular_split(n, folder, name):
     """80/20 train/test indices: the authors' <name>.pkl if present, else ours, made once and cached."""
-    authors = os.path.join(folder, f"{name}.pkl")
+    authors = authors_split_file(name, folder)
     if os.path.isfile(authors):
         return read_authors_tabular_split(authors, n)
     path = os.path.join(folder, f"{name}_split.npz")
@@ -385,7 +403,7 @@ def _cinic(folder):
 
 def _cinic_subset(folder, n_train, n_test):
     """The authors' train_test_idx.pkl if present, else a seeded subset drawn once and cached in an .npz."""
-    authors = os.path.join(folder, "train_test_idx.pkl")
+    authors = authors_split_file("cinic", folder)
     path = os.path.join(folder, "train_test_idx.npz")
     if os.path.isfile(authors):
         train, test = read_authors_cinic_indices(authors, n_train, n_test)

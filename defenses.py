@@ -21,6 +21,7 @@ from paths import model_prefix
 from train import make_optimizer, train_pass
 
 DEFENSES = {}
+SEMANTICS = ("release", "corrected")
 
 
 def register(cls):
@@ -47,6 +48,9 @@ def add_defense_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="window width (slide defenses)")
     parser.add_argument("--weight_decay_mem", type=float, default=5e-4, help="risk-side weight decay (ml2)")
     parser.add_argument("--mem_thre", type=float, default=0.6, help="mem-score threshold (ml2)")
+    parser.add_argument("--semantics", choices=SEMANTICS, default="release",
+                        help="release: the paper's code as released (default); corrected: our fixes "
+                             "(README: Differences from the paper's release)")
 
 
 @dataclass(frozen=True)
@@ -65,11 +69,14 @@ class DefenseSettings:
     batch_size: int = 128
     num_cls: int = 10
     prune_epochs: int = 21
+    epochs: int = 100            # the config's training epochs (the release's DP steps per epoch scale with it)
+    semantics: str = "corrected"  # the scripts default to "release"
 
     @classmethod
     def from_args(cls, args) -> "DefenseSettings":
         return cls(args.defend_arg, args.stride, args.width, args.weight_decay_mem, args.mem_thre, args.dp_microbatch,
-                   args.optimizer, args.lr, args.weight_decay, args.batch_size, args.num_cls, args.prune_epochs)
+                   args.optimizer, args.lr, args.weight_decay, args.batch_size, args.num_cls, args.prune_epochs,
+                   args.epochs, args.semantics)
 
 
 class Defense:
@@ -78,6 +85,7 @@ class Defense:
     arg_in_name = False       # --defend_arg is part of the result-folder and log names
     window = False            # uses --stride/--width (written into the log header)
     needs_memscore = False
+    semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
 
     def __init__(self, model, data, split, settings: DefenseSettings, memscores=None):
         self.model, self.data, self.split, self.settings = model, data, split, settings
@@ -93,9 +101,11 @@ class Defense:
         """Raise UsageError when the settings do not fit the mem-scores (loaded from path)."""
 
     @classmethod
-    def prefix(cls, pruner_name: str, sparsity: float, defend_arg: float) -> str:
-        """The release's name of a run pruned with this defense, e.g. iter_pruning_0.6_ppb_4.0."""
-        return model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None)
+    def prefix(cls, pruner_name: str, sparsity: float, defend_arg: float, semantics: str = "release") -> str:
+        """The release's name of a run pruned with this defense, e.g. iter_pruning_0.6_ppb_4.0; a
+        defense that trains differently under --semantics corrected gets '_corrected' after it."""
+        name = model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None)
+        return name + "_corrected" if cls.semantics_differ and semantics == "corrected" else name
 
     def train_epoch(self, epoch: int) -> tuple:
         """Train one epoch; return (train loss, train accuracy %)."""
@@ -130,18 +140,27 @@ def class_orderings(idx, labels, scores=None, descending=True):
     return groups
 
 
-def window_at(groups, stride, width, epoch):
-    """Positions [stride*epoch, stride*epoch + width) of every class, each clipped to its own length
-    (the release clips with one `end` shared by all classes; we do not), concatenated in class order."""
-    start = stride * epoch
-    return torch.cat([group[start:start + width] for group in groups])
+def window_at(groups, stride, width, epoch, shared_end=False):
+    """Positions [stride*epoch, stride*epoch + width) of every class, concatenated in class order.
+    shared_end=False (corrected): each class is clipped to its own length. shared_end=True (release):
+    one `end` for all classes, lowered to each class's length in class order, so a short class also
+    shortens the windows of the classes after it (a class whose start is past that end gives nothing)."""
+    start, end = stride * epoch, stride * epoch + width
+    parts = []
+    for group in groups:
+        if shared_end:
+            end = min(end, len(group))
+        parts.append(group[start:end])
+    return torch.cat(parts)
 
 
 class WindowDefense(Defense):
     """RSW: each epoch trains on a window per class over the class's samples ordered by mem-score;
-    the window moves by --stride every epoch and restarts every pruning iteration."""
+    the window moves by --stride every epoch and restarts every pruning iteration. The windows'
+    ends follow window_at: one end shared by all classes under release, per class under corrected."""
     window = True
     needs_memscore = True
+    semantics_differ = True
     descending = True  # True: high -> low mem-score, False: low -> high, None: training-list order
 
     def __init__(self, model, data, split, settings, memscores=None):
@@ -158,7 +177,9 @@ class WindowDefense(Defense):
                                  f"(got --{flag} {value}); e.g. --stride 1 --width 15")
 
     def window_indices(self, epoch):
-        return window_at(self.groups, self.settings.stride, self.settings.width, epoch)
+        """This epoch's window: window_at with a shared end under release, per-class ends under corrected."""
+        return window_at(self.groups, self.settings.stride, self.settings.width, epoch,
+                         shared_end=self.settings.semantics == "release")
 
     def train_epoch(self, epoch):
         idx = self.window_indices(epoch)
@@ -244,15 +265,21 @@ class ML2(RiskMemory):
 
 
 class WindowRiskMemory(RiskMemory, WindowDefense):
-    """SWMR: this epoch's RSW window, then RMR on it."""
+    """SWMR: this epoch's RSW window (under either semantics' rule, see window_at), then RMR on it.
+    A setting whose last epoch's window is empty under that rule is refused when it is built."""
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
-        last = settings.prune_epochs - 1  # windows only shrink as they move, so check the last one up front
+        # under both rules windows only shrink as they move, so checking the last one covers all epochs
+        last = settings.prune_epochs - 1
         if len(self.window_indices(last)) == 0:
-            largest = max(len(group) for group in self.groups)
+            if settings.semantics == "release":  # the shared end never exceeds the first class's length
+                reach = f"the first class's {len(self.groups[0])} samples (under --semantics release its length " \
+                        f"caps every class's window)"
+            else:
+                reach = f"every class (the largest has {max(len(group) for group in self.groups)} samples)"
             raise UsageError(f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
-                             f"past every class (the largest has {largest} samples); lower --stride or --prune_epochs")
+                             f"past {reach}; lower --stride or --prune_epochs")
 
     def train_epoch(self, epoch):
         return self.train_risk_then_general(self.window_indices(epoch), epoch)
@@ -323,13 +350,14 @@ class Ppb(LossDefense):
 
 def relaxloss_loss(logits, y, alpha, epoch):
     """RelaxLoss (Chen et al. 2022). Even epochs: |mean CE - alpha|. Odd epochs: plain CE while the
-    mean CE is above alpha, else posterior flattening on the misclassified samples."""
+    mean CE is above alpha, else posterior flattening on the misclassified samples. The soft targets
+    keep their gradient, as in the release and the original RelaxLoss code."""
     ce = F.cross_entropy(logits, y, reduction="none")
     mean_ce = ce.mean()
     if epoch % 2 == 0:
         return (mean_ce - alpha).abs()
     num_cls = logits.shape[1]
-    p_true = F.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).detach()
+    p_true = F.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)  # not detached, as in RelaxLoss's code
     soft = ((1 - p_true) / (num_cls - 1))[:, None].repeat(1, num_cls)
     soft.scatter_(1, y[:, None], p_true[:, None])
     soft_ce = -(soft * F.log_softmax(logits, 1)).sum(1)
@@ -368,10 +396,14 @@ def adv_classifier_loss(logits, y, inference, theta):
 @register
 class Adv(Defense):
     """Adversarial regularization (Nasr et al., CCS 2018); defend_arg is privacy_theta. The inference
-    model and its optimizer live across epochs and pruning iterations."""
+    model and its optimizer live across epochs and pruning iterations. An epoch under release: 7
+    inference steps against the dev set's first 7 batches in order, then one classifier step on one
+    random training batch. Under corrected: a full shuffled epoch with 7 inference steps (random dev
+    batches) before every classifier step."""
     name = "adv"
     arg_in_name = True
-    inference_steps = 7   # inference-model steps before every classifier step
+    semantics_differ = True
+    inference_steps = 7   # per classifier step (corrected) or per epoch (release)
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
@@ -395,10 +427,11 @@ class Adv(Defense):
         self.model.train(was_training)
         return features
 
-    def inference_step(self):
-        """One step on a random training batch (label 1) against a random dev batch (label 0)."""
+    def inference_step(self, others=None):
+        """One step on a random training batch (label 1) against the dev indices `others` (label 0),
+        a random dev batch when None."""
         members = self.features(self.random_batch(self.split.train))
-        others = self.features(self.random_batch(self.split.dev))
+        others = self.features(self.random_batch(self.split.dev) if others is None else others)
         labels = torch.cat([torch.ones(len(members)), torch.zeros(len(others))]).long().to(members.device)
         self.inference.train()
         loss = self.settings.defend_arg * F.cross_entropy(self.inference(torch.cat([members, others])), labels)
@@ -412,18 +445,32 @@ class Adv(Defense):
             self.inference_step()
 
     def train_epoch(self, epoch):
-        theta = self.settings.defend_arg
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.settings.batch_size,
-                          loss_fn=lambda logits, y: adv_classifier_loss(logits, y, self.inference, theta),
-                          before_step=self.train_inference_model)
+        """Release: 7 inference steps, then one classifier step; returns that batch's (loss, acc %).
+        Corrected: a full epoch, 7 inference steps before each classifier step."""
+        theta, batch_size = self.settings.defend_arg, self.settings.batch_size
+        loss_fn = lambda logits, y: adv_classifier_loss(logits, y, self.inference, theta)
+        if self.settings.semantics == "release":
+            # the release zips its training loader with an unshuffled dev loader: a short dev set ends it early
+            for others in self.split.dev.split(batch_size)[:self.inference_steps]:
+                self.inference_step(others)
+            return train_pass(self.model, self.data, self.random_batch(self.split.train), self.optimizer,
+                              batch_size, loss_fn=loss_fn)
+        return train_pass(self.model, self.data, self.split.train, self.optimizer, batch_size,
+                          loss_fn=loss_fn, before_step=self.train_inference_model)
 
 
 @register
 class Dp(Defense):
     """DP-SGD (Abadi et al., CCS 2016) with Poisson sampling and microbatch clipping; defend_arg is
-    the noise multiplier sigma. Privacy spent is tracked with Opacus's RDP accountant."""
+    the noise multiplier sigma. Privacy spent is tracked with Opacus's RDP accountant, every step.
+    Release (the release's DP pruning script): SGD without momentum at the config's lr and weight
+    decay, len(train)//batch_size * epochs steps per epoch, microbatches of batch_size//2 with the last
+    partial one dropped, and the model's mode left alone (eval after the first evaluation). Corrected:
+    the config's optimizer, len(train)//batch_size steps, --dp_microbatch with partial microbatches
+    kept, train mode every epoch."""
     name = "dp"
     arg_in_name = True
+    semantics_differ = True
     clip = 1.0
     delta, delta_text = 1e-5, "1e-5"
 
@@ -431,7 +478,15 @@ class Dp(Defense):
         super().__init__(model, data, split, settings, memscores)
         from opacus.accountants import RDPAccountant  # imported here: opacus is slow to import
         self.accountant = RDPAccountant()
-        self.microbatch = settings.dp_microbatch or max(1, settings.batch_size // 2)
+        self.release = settings.semantics == "release"
+        steps = len(split.train) // settings.batch_size
+        if self.release:
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+            self.microbatch = max(1, settings.batch_size // 2)
+            self.steps = max(1, steps * settings.epochs)
+        else:
+            self.microbatch = settings.dp_microbatch or max(1, settings.batch_size // 2)
+            self.steps = max(1, steps)
         self.sample_rate = min(1.0, settings.batch_size / len(split.train))
         self.expected_batch = self.sample_rate * len(split.train)
 
@@ -441,19 +496,26 @@ class Dp(Defense):
         microbatch = settings.dp_microbatch
         if microbatch is not None and not 1 <= microbatch <= settings.batch_size:
             raise UsageError(f"--dp_microbatch must be in 1..--batch_size ({settings.batch_size}), got {microbatch}")
+        if microbatch is not None and settings.semantics == "release":
+            raise UsageError(f"--dp_microbatch is a --semantics corrected flag; --semantics release always uses "
+                             f"batch_size//2 ({max(1, settings.batch_size // 2)}), as the release does")
 
     def train_epoch(self, epoch):
-        self.model.train()
+        """self.steps Poisson-sampled DP-SGD steps; returns (loss, accuracy %) over the examples used.
+        Corrected puts the model in train mode first; release trains in whatever mode it is in."""
+        if not self.release:
+            self.model.train()
         train, sigma = self.split.train, self.settings.defend_arg
         loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(max(1, len(train) // self.settings.batch_size)):
+        for _ in range(self.steps):
             batch = train[torch.rand(len(train), device=train.device) < self.sample_rate]
             x, y = self.data.batch(batch)
             batch_loss, batch_correct = dp_gradient(self.model, x, y, self.microbatch, self.expected_batch,
-                                                    self.clip, sigma)
+                                                    self.clip, sigma, self.release)
             self.optimizer.step()
             self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate)
-            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + len(batch)
+            used = len(batch) // self.microbatch * self.microbatch if self.release else len(batch)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + used
         seen = max(seen, 1)
         return float(loss_sum) / seen, 100.0 * float(correct) / seen
 

@@ -37,9 +37,15 @@ def _microbatch_grads_loop(model, x, y, microbatch):
                logits.detach(), yb)
 
 
-def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, clip: float) -> tuple:
+def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, clip: float,
+                         drop_partial: bool = False) -> tuple:
     """Sum over microbatches of each microbatch's mean-loss gradient, clipped to L2 norm <= clip.
+    drop_partial (release): the examples that do not fill a last whole microbatch are left out, of the
+    gradient and of the loss and count; otherwise (corrected) they form a smaller last microbatch.
     Returns (name -> summed gradient, summed loss, correct count)."""
+    if drop_partial:  # cut here, so the vmap and the loop paths both see whole microbatches only
+        full = len(y) // microbatch * microbatch
+        x, y = x[:full], y[:full]
     total = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     loss_sum = torch.zeros((), device=y.device)
     correct = torch.zeros((), dtype=torch.long, device=y.device)
@@ -57,10 +63,11 @@ def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
 
 
 def dp_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, expected_batch: float,
-                clip: float, sigma: float) -> tuple:
+                clip: float, sigma: float, drop_partial: bool = False) -> tuple:
     """Set .grad to (sum of clipped microbatch gradients + N(0, (clip*sigma)^2)) * microbatch/expected_batch.
-    Returns (summed loss, correct count) of the batch."""
-    total, loss_sum, correct = clipped_gradient_sum(model, x, y, microbatch, clip)
+    drop_partial: leave out a last partial microbatch (release) instead of clipping it (corrected).
+    Returns (summed loss, correct count) of the examples used."""
+    total, loss_sum, correct = clipped_gradient_sum(model, x, y, microbatch, clip, drop_partial)
     for name, p in model.named_parameters():
         noise = torch.randn_like(p) * (clip * sigma) if sigma > 0 else 0
         p.grad = (total[name] + noise) * (microbatch / expected_batch)

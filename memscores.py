@@ -1,15 +1,37 @@
-"""Per-sample mem-scores of a config's training set (README: Mem-scores): reading the authors' CSV format."""
+"""Per-sample mem-scores of a config's training set (README: Mem-scores): the authors' CSV format and
+the fingerprint that ties a CSV to the training set it scores.
+
+Row i of memscore/memscore_<ds>_<model>.csv scores training-set sample i, so the file only means
+something for the split it was made on. compute_memscore.py writes a sidecar next to it,
+memscore/memscore_<ds>_<model>.json, holding:
+  dataset, model, n_train  what the scores were computed for
+  split                    where that training set came from, in words (datasets.split_source), e.g.
+                           "seeded 80/20 split (random_state 0)" or "authors' location.pkl"
+  train_sha256             SHA-256 of the training set in row order (train_sha256 below): any other
+                           split, order or data gives another value
+  csv_sha256               SHA-256 of the CSV's bytes: a CSV and a sidecar that were not written
+                           together (an interrupted --force, an edited file) do not pass as a pair
+The sidecar is written before the CSV, so that a kill in between leaves a pair that fails csv_sha256,
+never a new CSV without its sidecar. A CSV without a sidecar is taken only as the authors' published
+file (AUTHORS_MEMSCORES), and for location and cinic only while the authors' split file is in use.
+"""
+import hashlib
+import io
+import json
 import os
 
 import numpy as np
 import pandas as pd
 import torch
 
-from common import MissingError
-from paths import memscore_path
+from common import MissingError, atomic_write
+from datasets import FOLDERS, authors_split_file, split_source
+from paths import DATA_ROOT, memscore_path
 
 AUTHORS_MEMSCORES = {(ds, model) for ds in ("cifar10", "cifar100", "cinic")
                      for model in ("resnet18", "densenet121", "vgg16bn")} | {("location", "columnfc")}
+SIDECAR_KEYS = {"dataset": str, "model": str, "n_train": int, "split": str, "train_sha256": str, "csv_sha256": str}
+HASH_CHUNK = 64 << 20  # bytes of x moved to the CPU and hashed at a time
 
 
 def memscore_fix(args) -> str:
@@ -20,10 +42,114 @@ def memscore_fix(args) -> str:
     return compute
 
 
-def read_memscores(path: str, n_train: int, fix: str) -> torch.Tensor:
-    """The authors' CSV (unnamed index column 0..n-1, one column named 0) -> float64 tensor, row i = trainset index i."""
+def recompute_hint(args) -> str:
+    return f"python compute_memscore.py {args.gpu_id} {args.config_path} --force"
+
+
+def sidecar_path(path: str) -> str:
+    """memscore/memscore_<ds>_<model>.csv -> memscore/memscore_<ds>_<model>.json"""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def train_sha256(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 (hex) of a training set in row order: the text "<shape of x> <dtype of x>\\n", the labels
+    as little-endian int64, then x's raw bytes as stored (uint8 images, float32 features), row by row.
+    Cheap next to loading the data (about 1 s per GB); x and y may sit on any device."""
+    x = x.detach()
+    digest = hashlib.sha256(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}\n".encode())
+    digest.update(y.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes())
+    rows = max(1, HASH_CHUNK // max(1, x[0].numel() * x.element_size())) if len(x) else 1
+    for start in range(0, len(x), rows):
+        digest.update(np.ascontiguousarray(x[start:start + rows].cpu().numpy()).view(np.uint8))
+    return digest.hexdigest()
+
+
+def fingerprint(dataset_name: str, model_name: str, x: torch.Tensor, y: torch.Tensor, source: str) -> dict:
+    """What a sidecar says about the training set (x, y) whose scores it describes (csv_sha256 aside)."""
+    return {"dataset": dataset_name, "model": model_name, "n_train": len(y), "split": source,
+            "train_sha256": train_sha256(x, y)}
+
+
+def write_sidecar(path: str, csv_bytes: bytes, fields: dict) -> None:
+    """The sidecar of the CSV `path` whose content is csv_bytes (atomically); fields from fingerprint()."""
+    record = {**fields, "csv_sha256": hashlib.sha256(csv_bytes).hexdigest()}
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(sidecar_path(path), lambda f: f.write(text.encode()))
+
+
+def write_with_sidecar(path: str, csv_bytes: bytes, fields: dict) -> None:
+    """Sidecar first, then the CSV, each atomically (see the module docstring for why in this order)."""
+    write_sidecar(path, csv_bytes, fields)
+    atomic_write(path, lambda f: f.write(csv_bytes))
+
+
+def read_sidecar(path: str, recompute: str) -> dict:
     try:
-        frame = pd.read_csv(path, index_col=0)
+        with open(path) as f:
+            record = json.load(f)
+        ok = isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in SIDECAR_KEYS.items())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise MissingError(f"mem-score fingerprint {path} is unreadable or lacks one of {', '.join(SIDECAR_KEYS)}; "
+                           f"recompute the scores with {recompute}")
+    return record
+
+
+def _describe(record: dict) -> str:
+    return (f"{record['dataset']} [{record['split']}, {record['n_train']} samples, "
+            f"train_sha256 {record['train_sha256'][:12]}]")
+
+
+def _way_back(record: dict, dataset_name: str, source: str) -> str:
+    """How to get back the training set the scores were made for; None for another dataset's scores."""
+    if record["dataset"] != dataset_name:
+        return None
+    folder = os.path.join(DATA_ROOT, FOLDERS[dataset_name])
+    authors = os.path.basename(authors_split_file(dataset_name, folder))
+    if record["split"] == f"authors' {authors}" != source:
+        return f"put {authors} back into {folder}/"
+    if source == f"authors' {authors}" != record["split"]:
+        return f"move {authors} out of {folder}/"
+    return f"restore the files in {folder}/ they were made with"
+
+
+def check_fingerprint(args, path: str, csv_bytes: bytes, x: torch.Tensor, y: torch.Tensor, source: str) -> None:
+    """The sidecar of `path` describes this CSV and this training set (x, y), or a one-line MissingError."""
+    recompute, sidecar = recompute_hint(args), sidecar_path(path)
+    record = read_sidecar(sidecar, recompute)
+    if record["csv_sha256"] != hashlib.sha256(csv_bytes).hexdigest():
+        raise MissingError(f"mem-scores {path} and their fingerprint {sidecar} were not written together "
+                           f"(an interrupted compute_memscore.py or an edited file); recompute them with {recompute}")
+    ours = fingerprint(args.dataset_name, args.model_name, x, y, source)
+    if any(record[k] != ours[k] for k in ("dataset", "n_train", "train_sha256")):
+        fix = f"recompute them for this split with {recompute}"
+        way_back = _way_back(record, args.dataset_name, source)
+        raise MissingError(f"mem-scores {path} score another training set: they were made for {_describe(record)}, "
+                           f"this run trains on {_describe(ours)}; {f'{way_back}, or {fix}' if way_back else fix}")
+
+
+def check_unsigned(args, path: str, source: str) -> None:
+    """A CSV without sidecar passes only as the authors' published file on the authors' split."""
+    recompute, sidecar = recompute_hint(args), sidecar_path(path)
+    if (args.dataset_name, args.model_name) not in AUTHORS_MEMSCORES:
+        raise MissingError(f"mem-scores {path} carry no fingerprint ({sidecar}) and the authors publish none for "
+                           f"{args.dataset_name}_{args.model_name}, so nothing says which training set they score; "
+                           f"recompute them with {recompute} (it writes the fingerprint)")
+    if args.dataset_name in ("location", "cinic"):
+        folder = os.path.join(DATA_ROOT, FOLDERS[args.dataset_name])
+        authors = os.path.basename(authors_split_file(args.dataset_name, folder))
+        if source != f"authors' {authors}":
+            raise MissingError(f"mem-scores {path} carry no fingerprint and look like the authors' published file, "
+                               f"which scores the authors' split ({authors}); put {authors} into {folder}/ "
+                               f"or compute scores for this split with {recompute}")
+
+
+def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -> torch.Tensor:
+    """The authors' CSV (unnamed index column 0..n-1, one column named 0) -> float64 tensor, row i = trainset
+    index i. csv_bytes: the file's content when already read."""
+    try:
+        frame = pd.read_csv(path if csv_bytes is None else io.BytesIO(csv_bytes), index_col=0)
     except Exception as err:  # missing, empty, not a CSV
         raise MissingError(f"mem-scores {path} is not a readable CSV ({type(err).__name__}); {fix}")
     if list(frame.columns) != ["0"] or not pd.api.types.is_numeric_dtype(frame["0"]):
@@ -39,10 +165,20 @@ def read_memscores(path: str, n_train: int, fix: str) -> torch.Tensor:
     return torch.tensor(scores)
 
 
-def load_memscores(args, n_train: int) -> torch.Tensor:
-    """Mem-scores of the config's training set (float64, row i = trainset index i); n_train is the
-    training set's size, as the split records it."""
+def load_memscores(args, data, n_train: int = None) -> torch.Tensor:
+    """Mem-scores of the config's training set (float64, row i = trainset index i). The training set is
+    the first n_train rows of the TensorData `data` (all of them by default; splits.py puts the
+    training rows first). The file must belong to this training set (see the module docstring): that
+    is checked before its scores are read."""
+    n_train = len(data) if n_train is None else n_train
     path, fix = memscore_path(args.dataset_name, args.model_name), memscore_fix(args)
     if not os.path.isfile(path):
         raise MissingError(f"mem-scores {path} not found; {fix}")
-    return read_memscores(path, n_train, fix)
+    with open(path, "rb") as f:
+        csv_bytes = f.read()
+    source = split_source(args.dataset_name)
+    if os.path.isfile(sidecar_path(path)):
+        check_fingerprint(args, path, csv_bytes, data.x[:n_train], data.y[:n_train], source)
+    else:
+        check_unsigned(args, path, source)
+    return read_memscores(path, n_train, fix, csv_bytes)

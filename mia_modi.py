@@ -6,14 +6,14 @@ python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6
 import torch
 
 from attacks import ATTACKS, Outputs, attacked_rows, metric_lines, model_outputs, parse_attacks
-from common import (UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
+from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
-from paths import checkpoint, log_path, pretrained_dir, pruned_dir
+from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
 from pruning import add_pruning_flags, check_pruning_flags
 from splits import check_config, open_run
-from train import evaluate, load_model, predict
+from train import evaluate, load_model, predict, warn_release_format
 
 
 def get_args(argv=None):
@@ -46,6 +46,12 @@ def prune_command(args, defense):
             flags += ["--defend_arg", str(args.defend_arg)]
         if defense.window:
             flags += ["--stride", "<stride>", "--width", "<width>"]
+        if defense.semantics_differ and args.semantics != "release":
+            flags += ["--semantics", args.semantics]
+    if args.seed != DEFAULT_SEED:
+        flags += ["--seed", str(args.seed)]
+    if args.tag:
+        flags += ["--tag", args.tag]
     return run_first("prune_modi.py", args, *flags)
 
 
@@ -56,8 +62,10 @@ def model_folders(args, defense):
         return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)],
                 "original", how, how)
     shadow_defense = defense if args.adaptive else get_defense("base")
-    victim_prefix = defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg)
-    shadow_prefix = shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg)
+    victim_prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics),
+                           args.tag)
+    shadow_prefix = tagged(shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg,
+                                                 args.semantics), args.tag)
     setting = "adaptive" if args.adaptive else "base"
     return (pruned_dir(args, victim_prefix), [pruned_dir(args, shadow_prefix, i) for i in range(args.shadow_num)],
             f"{shadow_prefix} ({setting})", prune_command(args, defense), prune_command(args, shadow_defense))
@@ -74,15 +82,18 @@ def main():
 
     def load(folder, shadow=None):
         how = victim_how if shadow is None else shadow_how
-        return load_model(args, checkpoint(folder), device, "checkpoint", how)[0]
+        return load_model(args, checkpoint(folder), device, "checkpoint", how, finished=True)
 
-    for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all present before any work
+    release_format = []
+    for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all finished before any work
         split.indices(i)  # the split has this shadow
-        load(folder, i)
+        if "state" not in load(folder, i)[1]:
+            release_format.append(checkpoint(folder))
+    warn_release_format(release_format)
     seed_everything(args.seed)  # after the checks, which build models
 
     def outputs(folder, shadow=None):
-        model = load(folder, shadow)
+        model = load(folder, shadow)[0]
         model_split = split.indices(shadow).to(device)
         return model, model_outputs(model, data, model_split, with_sens, max(args.batch_size, 1000))
 
@@ -97,18 +108,20 @@ def main():
     victim_model, victim = outputs(victim_folder)
     if with_shadow_logits:
         victim.shadow_logits = torch.stack(shadow_logits)
-    log = log_path(args)
+    log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"
-    append_log(log, f"Victim {kind} model test accuracy: {test_acc:.3f}")
-    append_log(log, f"Shadows: {setting}")
+    log.write(f"Victim {kind} model test accuracy: {test_acc:.3f}")
+    log.write(f"Shadows: {setting}")
+    log.write(f"Semantics: {args.semantics}")
     progress = Progress(args.quiet)
     for name in args.attack_names:
-        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress):
-            append_log(log, f"{result.name} attack accuracy: {result.accuracy:.3f}")
+        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics):
+            log.write(f"{result.name} attack accuracy: {result.accuracy:.3f}")
             for line in metric_lines(result):
-                append_log(log, line)
+                log.write(line)
     log_gpu_usage(device, log)
+    log.close()
 
 
 if __name__ == "__main__":

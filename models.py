@@ -6,13 +6,15 @@ from common import UsageError
 
 
 def release_init(model: nn.Module) -> nn.Module:
-    """The release's init: Conv/Linear weights xavier-normal with zero bias; norm layers weight 1, bias 0."""
+    """The release's init: Conv/Linear weights xavier-normal with zero bias; norm layers weight 1, bias 0.
+    Like the release it matches exact classes, so subclasses keep PyTorch's default init (in SAMIA's
+    transformer, the attention output projection, a Linear subclass)."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
             nn.init.xavier_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm):
             if m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

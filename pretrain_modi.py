@@ -4,14 +4,15 @@ python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 
 """
 import os
 
-from common import (MissingError, UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args,
+from common import (MissingError, RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args,
                     pick_device, seed_everything)
 from datasets import TensorData, get_dataset
 from models import build_model
 from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
 from progress import Progress
 from splits import Split, check_config
-from train import evaluate, fit, load_checkpoint, make_optimizer, save_checkpoint, train_pass
+from train import (clear_finished, evaluate, fit, is_finished, load_checkpoint, make_optimizer, mark_finished,
+                   save_checkpoint, train_pass)
 
 
 def get_args(argv=None):
@@ -19,7 +20,8 @@ def get_args(argv=None):
     parser.add_argument("--shadow_num", type=int, default=5)
     parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
     parser.add_argument("--force", action="store_true", help="rebuild a split that does not match this run")
-    parser.add_argument("--skip_existing", action="store_true", help="keep models whose best.pth already exists")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="keep models that finished training (best.pth and its completion record)")
     args = parse_args(parser, argv)
     if args.force and args.skip_existing:
         raise UsageError("--force rebuilds the split, so existing models would be stale; drop --skip_existing")
@@ -64,21 +66,25 @@ def main():
     train, test = get_dataset(args.dataset_name)
     split = prepare_split(args, len(train), len(test))
     data = TensorData.concat(train, test).to(device, amp=args.amp)
-    log = os.path.join(log_dir(args), "pretrain.txt")
-    append_log(log, f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
+    log = RunLog(os.path.join(log_dir(args), "pretrain.txt"))
+    log.write(f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
     progress = Progress.from_args(args, "pretrain")
     for who in [None] + list(range(args.shadow_num)):
         name = "victim" if who is None else f"shadow {who}"
-        if args.skip_existing and os.path.isfile(checkpoint(pretrained_dir(args, who))):
-            print(f"Skipping {name}: {checkpoint(pretrained_dir(args, who))} exists (--skip_existing)")
+        folder = pretrained_dir(args, who)
+        if args.skip_existing and is_finished(folder):
+            print(f"Skipping {name}: {checkpoint(folder)} exists (--skip_existing)")
             continue
+        clear_finished(folder)
         seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
-        best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), pretrained_dir(args, who),
+        best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), folder,
                                                progress, name.replace(" ", "_"))
-        append_log(log, f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
+        mark_finished(folder, script="pretrain_modi.py", epoch=best["epoch"], dev_acc=best["acc"])
+        log.write(f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
                         f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
     progress.close()
     log_gpu_usage(device, log)
+    log.close()
 
 
 if __name__ == "__main__":

@@ -5,16 +5,16 @@ python prune_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0
 """
 import time
 
-from common import (UsageError, append_log, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
+from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import DefenseSettings, add_defense_flags, get_defense
 from memscores import load_memscores
 from models import build_model
-from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name
+from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, tagged
 from progress import Progress
 from pruning import Pruner, add_pruning_flags, check_pruning_flags, prunable_layers
 from splits import check_config, open_run
-from train import evaluate, fit, load_model
+from train import clear_finished, evaluate, fit, load_model, mark_finished, warn_release_format
 
 
 def get_args(argv=None):
@@ -46,12 +46,18 @@ def pretrained_fix(args):
 
 
 def check_prerequisites(args, defense, settings, data, model_splits, memscores):
-    """Before any log line: every pretrained checkpoint loads into this config's model and the defense
-    can be set up for it (its constructor checks what depends on the data, e.g. window sizes)."""
+    """Before any log line: every pretrained checkpoint is a finished one that loads into this config's
+    model, and the defense can be set up for it (its constructor checks what depends on the data, e.g.
+    window sizes)."""
+    release_format = []
     for who, model_split in zip([None] + list(range(args.shadow_num)), model_splits):
-        model, _ = load_model(args, checkpoint(pretrained_dir(args, who)), data.y.device, "pretrained checkpoint",
-                              pretrained_fix(args))
+        path = checkpoint(pretrained_dir(args, who))
+        model, ckpt = load_model(args, path, data.y.device, "pretrained checkpoint", pretrained_fix(args),
+                                 finished=True)
+        if "state" not in ckpt:
+            release_format.append(path)
         defense(model, data, model_split, settings, memscores)
+    warn_release_format(release_format)
 
 
 def mask_sparsity(pruner):
@@ -77,12 +83,14 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
                                       args.prune_epochs, args.early_stop,
                                       on_best=lambda epoch, acc, loss: pruner.export(target, epoch, acc, loss),
                                       on_epoch=on_epoch)
-        append_log(log, f"{tag} iter {iteration} best model: Accuracy {best_acc:.3f}, Loss {last_loss:.3f}")
+        log.write(f"{tag} iter {iteration} best model: Accuracy {best_acc:.3f}, Loss {last_loss:.3f}")
         progress.add(f"{model_tag}/iteration_sparsity", mask_sparsity(pruner), iteration)
         progress.add(f"{model_tag}/iteration_best_dev_acc", best_acc, iteration)
         extra = trainer.iteration_summary()
         if extra:
-            append_log(log, extra)
+            log.write(extra)
+    mark_finished(target, script="prune_modi.py", target_sparsity=args.prune_sparsity,
+                  sparsity=mask_sparsity(pruner))
     return model
 
 
@@ -93,31 +101,36 @@ def main():
     data, split = open_run(args, device)
     memscores = None
     if defense.needs_memscore:
-        memscores = load_memscores(args, int(split.meta["n_train"]))
+        memscores = load_memscores(args, data, int(split.meta["n_train"]))  # data: training rows first
         defense.check_memscores(memscores, settings, memscore_path(args.dataset_name, args.model_name))
-    prefix = defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg)
-    log = log_path(args)
+    prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+    log = RunLog(log_path(args))
     shadows = [split.indices(i).to(device) for i in range(args.shadow_num)]  # checks shadow_num early
     victim_split = split.indices().to(device)
     check_prerequisites(args, defense, settings, data, [victim_split] + shadows, memscores)
     seed_everything(args.seed)  # after the checks, which build models
 
-    append_log(log, header(args, defense, prefix))
+    log.write(header(args, defense, prefix))
+    log.write(f"Semantics: {args.semantics}")
     progress = Progress.from_args(args, prefix)
     victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
                            run_first("pretrain_modi.py", args))
     acc, loss = evaluate(victim, data, victim_split.test)
-    append_log(log, f"Pretrained Victim: Accuracy {acc:.3f}, Loss {loss:.3f}")
+    log.write(f"Pretrained Victim: Accuracy {acc:.3f}, Loss {loss:.3f}")
 
+    targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
+    for folder in targets:  # from here on they hold this run's models, finished one by one
+        clear_finished(folder)
     start = time.time()
     prune_one(args, defense, settings, data, victim_split, pretrained_dir(args), pruned_dir(args, prefix), log,
               "victim", memscores, progress)
-    append_log(log, f"Total {defense.label or defense.name} defend time: {time.time() - start:.3f}s")
+    log.write(f"Total {defense.label or defense.name} defend time: {time.time() - start:.3f}s")
     for i, shadow_split in enumerate(shadows):
         prune_one(args, defense, settings, data, shadow_split, pretrained_dir(args, i), pruned_dir(args, prefix, i),
                   log, f"shadow {i}", memscores, progress)
     progress.close()
     log_gpu_usage(device, log)
+    log.close()
 
 
 if __name__ == "__main__":

@@ -12,17 +12,27 @@ import argparse
 import torch
 import torch.nn as nn
 
-from common import UsageError, save_torch
+from common import MissingError, UsageError, load_torch, save_torch
 from paths import checkpoint, mask_file
 from train import save_checkpoint
 
 PRUNERS = ("iter_pruning", "iter_prunetxt", "l1unstructure")
 
 
+def tag_type(text: str) -> str:
+    """--tag: letters, digits, '.' and '-' (no '_', so names split back into their parts)."""
+    if not all(c.isascii() and (c.isalnum() or c in ".-") for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} may hold only letters, digits, '.' and '-'")
+    return text
+
+
 def add_pruning_flags(parser: argparse.ArgumentParser) -> None:
-    """--pruner_name and --prune_sparsity, the same in prune_modi.py and mia_modi.py."""
+    """--pruner_name, --prune_sparsity and --tag, the same in prune_modi.py and mia_modi.py."""
     parser.add_argument("--pruner_name", default="l1unstructure", help=", ".join(PRUNERS))
     parser.add_argument("--prune_sparsity", type=float, default=0.6)
+    parser.add_argument("--tag", default="", type=tag_type,
+                        help="a name for this setting, added to the pruned folders and the log file "
+                             "(letters, digits, '.', '-'; README: Running the paper's grid)")
 
 
 def check_pruning_flags(pruner_name: str, sparsity: float) -> None:
@@ -93,3 +103,20 @@ class Pruner:
                 layer.weight.mul_(self.masks[name])
         save_checkpoint(checkpoint(folder), self.model, epoch, acc, loss)
         save_torch({n: m.detach().cpu().clone() for n, m in self.masks.items()}, mask_file(folder))
+
+
+def load_masks(path: str, fix: str = "rerun prune_modi.py for this setting") -> dict:
+    """name -> weight mask from a best_mask.pth: ours ({name: mask}) or the release's
+    ({name: {"weight": mask, "bias": mask or None}})."""
+    masks = load_torch(path, "mask file", fix)
+    if not isinstance(masks, dict) or not masks:
+        raise MissingError(f"mask file {path} holds no masks; delete it and {fix}")
+    weights = {}
+    for name, mask in masks.items():
+        if isinstance(mask, dict):  # the release's; biases are never pruned, so only the weight mask counts
+            mask = mask.get("weight")
+        if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
+            raise MissingError(f"mask file {path}: entry {name!r} is neither a mask nor {{weight: mask}}; "
+                               f"delete it and {fix}")
+        weights[name] = mask
+    return weights

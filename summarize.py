@@ -20,15 +20,19 @@ ATTACKS = report_names()  # the attacks' log names, in log order
 METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
-       "weight_decay_mem", "setting"]
+       "weight_decay_mem", "setting", "semantics"]
 COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]
+TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics")
 
 NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*))?$")
 # Lines are matched anywhere, so the release's "2024-01-01 ... - INFO - " prefixes do not matter.
 ATTACK_RE = re.compile(r"(?<![\w-])([A-Za-z][\w-]*) attack (accuracy|AUC|TPR@1%FPR|TPR@0\.1%FPR): " + NUM)
+# The release's NN lines: "NN attack accuracy 61.200", "Top3-NN Attack Accuracy 61.2" (no colon).
+RELEASE_ACC_RE = re.compile(r"(?<![\w-])([A-Za-z][\w-]*) (?:attack accuracy|Attack Accuracy) " + NUM)
 VICTIM_RE = re.compile(r"Victim (pruned|original) model test accuracy: " + NUM)
 SHADOWS_RE = re.compile(r"Shadows: (.*)$")
+SEMANTICS_RE = re.compile(r"Semantics: (\w+)")
 PRETRAINED_RE = re.compile(r"Pretrained Victim: Accuracy " + NUM)
 DEFEND_TIME_RE = re.compile(r"Total \S+ defend time: " + NUM + "s")
 EPSILON_RE = re.compile(r"DP epsilon: " + NUM)
@@ -93,19 +97,26 @@ class LogReader:
         return self.blocks[-1]
 
     def feed(self, line):
-        for pattern, handle in ((ATTACK_RE, self.on_attack_metric), (VICTIM_RE, self.on_victim),
-                                (SHADOWS_RE, self.on_shadows), (PRETRAINED_RE, self.on_pretrained),
+        for pattern, handle in ((ATTACK_RE, self.on_attack_metric), (RELEASE_ACC_RE, self.on_release_accuracy),
+                                (VICTIM_RE, self.on_victim), (SHADOWS_RE, self.on_shadows),
+                                (SEMANTICS_RE, self.on_semantics), (PRETRAINED_RE, self.on_pretrained),
                                 (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),
                                 (SHADOW_ITER_RE, self.on_shadow_iteration), (self.find_header, self.on_header)):
             if m := pattern.search(line):
                 handle(m)
                 return
 
-    def on_attack_metric(self, m):
-        column = f"{m.group(1)}_{METRICS[m.group(2)]}"
+    def add_metric(self, name, metric, value):
+        column = f"{name}_{METRICS[metric]}"
         if self.attack is None or column in self.attack:  # a repeated metric starts a new run
             self.attack = self.block().new_attack()
-        self.attack[column] = float(m.group(3))
+        self.attack[column] = value
+
+    def on_attack_metric(self, m):
+        self.add_metric(m.group(1), m.group(2), float(m.group(3)))
+
+    def on_release_accuracy(self, m):
+        self.add_metric(m.group(1), "accuracy", float(m.group(2)))
 
     def on_victim(self, m):
         self.attack = self.block().new_attack("original" if m.group(1) == "original" else "unknown")
@@ -114,6 +125,11 @@ class LogReader:
     def on_shadows(self, m):
         self.attack = self.attack or self.block().new_attack()
         self.attack["setting"] = shadow_setting(m.group(1))
+
+    def on_semantics(self, m):
+        # It follows the prune header (no attack open: the block's) or the "Shadows:" line (that attack's).
+        target = self.block().info if self.attack is None else self.attack
+        target["semantics"] = m.group(1)
 
     def on_pretrained(self, m):
         block = self.blocks[-1] if self.blocks else None
@@ -146,7 +162,8 @@ def parse_file(path, dataset, model):
     """Rows of one log file, oldest first: one per attack block, or one per prune block without any."""
     pruner, sparsity, defense = FILE_RE.match(os.path.basename(path)[:-4]).groups()
     config = {"dataset": dataset, "model": model, "pruner": pruner, "sparsity": float(sparsity),
-              "defense": defense or "base"}  # the release writes Base as an empty defend
+              "defense": defense or "base",  # the release writes Base as an empty defend
+              "semantics": "release"}  # the release's logs have no "Semantics:" lines
     reader = LogReader(config["defense"], header_re(pruner))
     with open(path, errors="replace") as f:
         for line in f:
@@ -177,8 +194,7 @@ def parse_logs(log_dir, newest_only=True):
     """One DataFrame of all results; with newest_only, the last entry per configuration."""
     rows = [row for path, ds, model in log_files(log_dir) for row in parse_file(path, ds, model)]
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r])))
-    df = df.astype({c: float for c in df.columns if c not in ("dataset", "model", "pruner", "defense",
-                                                                "window", "setting")})
+    df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS})
     if newest_only:
         df = df.drop_duplicates(KEY, keep="last")
     seen = {c.rsplit("_", 1)[0] for c in df.columns[len(COLUMNS):]}

@@ -1,12 +1,19 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
+import hashlib
+import json
+import os
+import sys
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import MissingError, UsageError, load_torch, save_torch
+from common import MissingError, UsageError, atomic_write, load_torch, save_torch
 from datasets import TensorData
 from models import build_model
+from paths import checkpoint, completion_file
 
 OPTIMIZERS = ("adam", "sgd")
 EVAL_BATCH = 1024
@@ -123,8 +130,72 @@ def load_checkpoint(model: nn.Module, path: str, what: str, fix: str) -> dict:
     return ckpt
 
 
-def load_model(args, path: str, device: torch.device, what: str, fix: str) -> tuple:
+def load_model(args, path: str, device: torch.device, what: str, fix: str, finished: bool = False) -> tuple:
     """(model, checkpoint): a fresh model of the config's architecture (built, so seeded runs draw the
-    same initial weights as ever) with the checkpoint at path loaded into it."""
+    same initial weights as ever) with the checkpoint at path loaded into it. With finished, the
+    checkpoint must belong to a finished run (check_finished)."""
     model = build_model(args.model_name, args.num_cls, args.input_dim).to(device)
-    return model, load_checkpoint(model, path, what, fix)
+    ckpt = load_checkpoint(model, path, what, fix)
+    if finished:
+        check_finished(os.path.dirname(path), ckpt, fix)
+    return model, ckpt
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def warn_release_format(paths: list) -> None:
+    """One warning line for checkpoints taken in the release's own format (no completion record)."""
+    if paths:
+        print(f"warning: {len(paths)} checkpoint(s) have no completion record and are taken as made by the "
+              f"paper's release (a plain state_dict), e.g. {paths[0]}", file=sys.stderr)
+
+
+def clear_finished(folder: str) -> None:
+    """Before a run writes into folder: its model is no longer the finished one of an earlier run."""
+    if os.path.exists(completion_file(folder)):
+        os.remove(completion_file(folder))
+
+
+def mark_finished(folder: str, **info) -> None:
+    """Write folder/complete.json once the folder's model is final: the checkpoint's SHA-256 and info."""
+    record = {"checkpoint_sha256": file_sha256(checkpoint(folder)),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    atomic_write(completion_file(folder), lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def recorded_sha256(folder: str) -> str:
+    """The checkpoint SHA-256 that folder's completion record names; None without a readable record."""
+    try:
+        with open(completion_file(folder)) as f:
+            return json.load(f)["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def is_finished(folder: str) -> bool:
+    """Whether folder holds the checkpoint its completion record names."""
+    expected = recorded_sha256(folder)
+    return expected is not None and os.path.isfile(checkpoint(folder)) and file_sha256(checkpoint(folder)) == expected
+
+
+def check_finished(folder: str, ckpt: dict, fix: str) -> None:
+    """One line (MissingError) unless folder's checkpoint is the one its completion record names. A
+    checkpoint in the release's own format (a plain state_dict) has no record and passes; the caller
+    warns about it."""
+    record_path = completion_file(folder)
+    if not os.path.isfile(record_path):
+        if "state" in ckpt:  # ours: the run that writes it never finished
+            raise MissingError(f"{checkpoint(folder)} belongs to a run that did not finish (no {record_path}: it "
+                               f"was killed or is still running); {fix}")
+        return
+    if recorded_sha256(folder) is None:
+        raise MissingError(f"completion record {record_path} is unreadable; {fix}")
+    if not is_finished(folder):
+        raise MissingError(f"{checkpoint(folder)} changed after its run finished (it is not the checkpoint "
+                           f"{record_path} names: a later run was killed or is still running); {fix}")

@@ -201,7 +201,8 @@ def pretrained(tmp_path_factory, one_thread):
     """One tiny pretrained digits run (victim + 1 shadow) with the shipped mem-scores beside it."""
     folder = tmp_path_factory.mktemp("digits_paper")
     os.makedirs(folder / "memscore")
-    shutil.copy(os.path.join(REPO, "memscore", "memscore_digits_columnfc.csv"), folder / "memscore")
+    for name in ("memscore_digits_columnfc.csv", "memscore_digits_columnfc.json"):  # the scores and their fingerprint
+        shutil.copy(os.path.join(REPO, "memscore", name), folder / "memscore")
     run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1", "--quiet",
                "--no_tensorboard", cwd=folder)
     return folder
@@ -221,16 +222,18 @@ def test_digits_end_to_end(pretrained, defend):
     stem = f"iter_prunetxt_0.6_{defend}"
     result = pretrained / "result" / "digits_columnfc"
     for folder in (f"{stem}_model", f"shadow_{stem}_model_0"):
-        assert sorted(os.listdir(result / folder)) == ["best.pth", "best_mask.pth"]
+        assert sorted(os.listdir(result / folder)) == ["best.pth", "best_mask.pth", "complete.json"]
     lines = (pretrained / "log" / "digits_columnfc" / f"{stem}.txt").read_text().splitlines()
     assert lines[0] == f"digits_columnfc_{stem}{'_1-15' if window else ''}_0.1"
-    assert lines[1].startswith("Pretrained Victim: Accuracy ")
-    assert [line.split(":")[0] for line in lines[2:7]] == [
+    assert lines[1] == "Semantics: release"
+    assert lines[2].startswith("Pretrained Victim: Accuracy ")
+    assert [line.split(":")[0] for line in lines[3:8]] == [
         "victim iter 0 best model", "victim iter 1 best model", f"Total {defend} defend time",
         "shadow 0 iter 0 best model", "shadow 0 iter 1 best model"]
-    assert lines[7].startswith("Victim pruned model test accuracy: ")
-    assert lines[8] == f"Shadows: {stem} (adaptive)"
-    accuracies = [line.split(" attack accuracy: ")[0] for line in lines[9:] if " attack accuracy: " in line]
+    assert lines[8].startswith("Victim pruned model test accuracy: ")
+    assert lines[9] == f"Shadows: {stem} (adaptive)"
+    assert lines[10] == "Semantics: release"
+    accuracies = [line.split(" attack accuracy: ")[0] for line in lines[11:] if " attack accuracy: " in line]
     assert accuracies == ["Conf", "Entr", "Mentr", "Hconf"]
 
 

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+import memscores
 from common import UsageError, pick_device
+from datasets import get_dataset
 from conftest import REPO, run_script
 from models import build_model
 from train import save_checkpoint
@@ -69,9 +71,15 @@ def purchase_rows(label=1, bad=None, columns=601):
 
 
 def write_memscores(values):
+    """A digits mem-score CSV of these values with a matching fingerprint (as compute_memscore.py writes),
+    so that the run gets past the fingerprint to the check the case is about."""
     def setup(folder):
         (folder / "memscore").mkdir()
-        pd.DataFrame({"0": values}).to_csv(folder / "memscore/memscore_digits_columnfc.csv")
+        path = folder / "memscore/memscore_digits_columnfc.csv"
+        pd.DataFrame({"0": values}).to_csv(path)
+        train = get_dataset("digits", root=str(folder / "data/datasets"))[0]
+        fields = memscores.fingerprint("digits", "columnfc", train.x, train.y, "seeded 80/20 split (random_state 0)")
+        memscores.write_sidecar(str(path), path.read_bytes(), fields)
     return setup
 
 
@@ -235,8 +243,10 @@ CASES = [
          write_bytes(f"{RUN}/split.npz", b"not an npz at all")),
     Case("split_of_another_program", PRU, ["-1", DIGITS, *PRUNE], 1,
          ["split.npz was not made by pretrain_modi.py", "--force"], foreign_split),
+    # seed 8 has its own namespace (result/digits_columnfc_seed8); a seed-7 split copied there is refused
     Case("split_other_seed", PRE, ["-1", DIGITS, "--shadow_num", "1", "--seed", "8"], 1,
-         ["split.npz cannot be reused", "seed=7", "seed=8", "--force"]),
+         ["digits_columnfc_seed8/split.npz cannot be reused", "seed=7", "seed=8", "--force"],
+         copy_folder(RUN, RUN + "_seed8")),
     Case("split_too_few_shadows", PRE, ["-1", DIGITS, "--shadow_num", "2"], 1,
          ["cannot be reused", "1 shadows", "asks for 2", "--force"]),
     Case("output_folder_is_a_file", PRE, ["-1", DIGITS, "--shadow_num", "1"], 1,

@@ -1,4 +1,6 @@
 """Mem-scores: the Feldman & Zhang estimator (compute_memscore.py) and the CSV loader of the defenses."""
+import hashlib
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -11,9 +13,9 @@ from sklearn.datasets import load_digits
 import compute_memscore
 from common import MissingError, UsageError
 from conftest import REPO, run_script
-from datasets import TensorData
+from datasets import TensorData, get_dataset, split_source
 from defenses import ML2, DefenseSettings
-from memscores import load_memscores
+from memscores import fingerprint, load_memscores, write_sidecar
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
 N_DIGITS_TRAIN = 1437
@@ -48,6 +50,16 @@ def digits_args(**overrides):
                            mem_thre=0.6)
     vars(args).update(overrides)
     return args
+
+
+def digits_train():
+    """The digits training set as get_dataset makes it under the working directory (tests chdir first)."""
+    return get_dataset("digits")[0]
+
+
+def digits_fields():
+    train = digits_train()
+    return fingerprint("digits", "columnfc", train.x, train.y, split_source("digits"))
 
 
 def test_memorization_formula():
@@ -100,7 +112,9 @@ def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeyp
     written = torch.tensor([float(line.split(",")[1]) for line in lines[1:]], dtype=torch.float64)
     assert written.min() >= -1 and written.max() <= 1
     monkeypatch.chdir(tmp_path)
-    assert torch.equal(load_memscores(digits_args(), N_DIGITS_TRAIN), written)
+    assert torch.equal(load_memscores(digits_args(), digits_train()), written)
+    sidecar = json.loads((tmp_path / "memscore" / "memscore_digits_columnfc.json").read_text())
+    assert sidecar == {**digits_fields(), "csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     # a second run refuses to overwrite the file
     monkeypatch.setattr(sys, "argv", ["compute_memscore.py", "-1", DIGITS, "--num_models", "24"])
     with pytest.raises(UsageError, match="already exists; pass --force"):
@@ -110,20 +124,23 @@ def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeyp
 def test_csv_round_trip_is_exact(tmp_path, monkeypatch):
     scores = torch.from_numpy(np.random.default_rng(0).uniform(-0.2, 1.0, N_DIGITS_TRAIN))
     monkeypatch.chdir(tmp_path)
-    compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores)
-    assert torch.equal(load_memscores(digits_args(), N_DIGITS_TRAIN), scores)
+    compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores, digits_fields())
+    assert torch.equal(load_memscores(digits_args(), digits_train()), scores)
 
 
 def write_csv(tmp_path, text):
+    """A CSV with a sidecar for the digits training set, so that the format checks are what is tested."""
+    path = os.path.join("memscore", "memscore_digits_columnfc.csv")
     os.makedirs(tmp_path / "memscore", exist_ok=True)
-    (tmp_path / "memscore" / "memscore_digits_columnfc.csv").write_text(text)
+    (tmp_path / path).write_text(text)
+    write_sidecar(str(tmp_path / path), text.encode(), digits_fields())
 
 
 def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
-    write_csv(tmp_path, ",0\n" + "".join(f"{i},0.5\n" for i in range(10)))
     monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path, ",0\n" + "".join(f"{i},0.5\n" for i in range(10)))
     with pytest.raises(MissingError) as err:
-        load_memscores(digits_args(), N_DIGITS_TRAIN)
+        load_memscores(digits_args(), digits_train())
     assert str(err.value) == (
         "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 1437 samples "
         "(made for another dataset or split); compute it with python compute_memscore.py -1 config/digits.json "
@@ -136,10 +153,10 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     ("", "is not a readable CSV"),
 ])
 def test_loader_rejects_malformed_files(tmp_path, monkeypatch, text, message):
-    write_csv(tmp_path, text)
     monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path, text)
     with pytest.raises(MissingError, match=message):
-        load_memscores(digits_args(), N_DIGITS_TRAIN)
+        load_memscores(digits_args(), digits_train())
 
 
 def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
@@ -147,28 +164,29 @@ def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
     rows = [f"{i},0.1\n" for i in range(N_DIGITS_TRAIN)]
     write_csv(tmp_path, ",0\n" + "".join(rows[:5] + ["5,\n"] + rows[6:]))
     with pytest.raises(MissingError, match="row 5 is not a number"):
-        load_memscores(digits_args(), N_DIGITS_TRAIN)
+        load_memscores(digits_args(), digits_train())
     write_csv(tmp_path, ",0\n" + "".join(rows[1:2] + rows[:1] + rows[2:]))
     with pytest.raises(MissingError, match="index column must count 0..1436 in order"):
-        load_memscores(digits_args(), N_DIGITS_TRAIN)
+        load_memscores(digits_args(), digits_train())
 
 
 def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingError) as err:
-        load_memscores(digits_args(), N_DIGITS_TRAIN)
+        load_memscores(digits_args(), digits_train())
     assert str(err.value) == ("mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
                               "python compute_memscore.py -1 config/digits.json (README: Mem-scores)")
     cifar = digits_args(dataset_name="cifar10", model_name="resnet18", config_path="config/cifar10_resnet18.json")
     with pytest.raises(MissingError, match="memscore_cifar10_resnet18.csv not found; put the authors' published CSV"):
-        load_memscores(cifar, 50000)
+        load_memscores(cifar, digits_train())  # the file is looked for before the data
 
 
 def test_ml2_rejects_a_threshold_outside_the_scores(tmp_path, monkeypatch):
     scores = torch.linspace(-0.1, 0.8, N_DIGITS_TRAIN, dtype=torch.float64)
     monkeypatch.chdir(tmp_path)
-    compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores)
-    loaded = load_memscores(digits_args(), N_DIGITS_TRAIN)
+    path = os.path.join("memscore", "memscore_digits_columnfc.csv")
+    compute_memscore.write_memscores(path, scores, digits_fields())
+    loaded = load_memscores(digits_args(), digits_train())
     assert torch.equal(loaded, scores)
     ML2.check_memscores(loaded, DefenseSettings(mem_thre=0.8), "m.csv")  # the top score itself is fine
     with pytest.raises(UsageError, match=r"--mem_thre 0.9 is outside the mem-scores' range \[-0.100, 0.800\] \(m.csv\)"):

@@ -228,8 +228,8 @@ def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     test_acc, _ = evaluate(victim_model, data, split.indices().test)
     results = attacks.threshold(shadow, victim, 10)  # the accuracy lines as they were before the metrics
     member = victim.member.numpy()
-    old_format = [f"Victim original model test accuracy: {test_acc:.3f}", "Shadows: original"] + [
-        f"{r.name} attack accuracy: {r.accuracy:.3f}" for r in results]
+    old_format = [f"Victim original model test accuracy: {test_acc:.3f}", "Shadows: original",
+                  "Semantics: release"] + [f"{r.name} attack accuracy: {r.accuracy:.3f}" for r in results]
     new_line = lambda line: line.startswith("LiRA ") or " attack AUC: " in line or " attack TPR@" in line
     assert [line for line in lines if not new_line(line)] == old_format
 

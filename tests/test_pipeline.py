@@ -118,6 +118,7 @@ def test_prune_log_and_exports(run_dir, monkeypatch):
     lines = read_lines(run_dir / "log" / RUN / f"{STEM}_base.txt")
     found = match_in_order(lines, prune_patterns())
     assert lines[0] == f"{RUN}_{STEM}_0.0005"
+    assert lines[1] == "Semantics: release"  # the default --semantics, said in the block's header
     acc, loss = victim_test_accuracy(run_dir, "victim_model", monkeypatch)
     assert (percent(found[1]), float(found[1].group(2))) == (round(acc, 3), round(loss, 3))
     for m in found[2:5] + found[6:]:
@@ -143,6 +144,7 @@ def test_attack_log_from_the_command_line(run_dir, monkeypatch):
                                                       rf"Shadows: {STEM} \(base\)"] +
                            [rf"{name} attack accuracy: {NUM}" for name in names])
     attack = found[len(prune_patterns()):]
+    assert lines[lines.index(f"Shadows: {STEM} (base)") + 1] == "Semantics: release"
     acc, _ = victim_test_accuracy(run_dir, f"{STEM}_model", monkeypatch)
     assert percent(attack[0]) == round(acc, 3)
     for m in attack[2:]:

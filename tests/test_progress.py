@@ -137,7 +137,7 @@ def test_quiet_and_no_tensorboard_flags_on_every_script():
 def test_tensorboard_is_needed_only_when_used(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    args = Namespace(dataset_name="digits", model_name="columnfc", no_tensorboard=True, quiet=True)
+    args = Namespace(dataset_name="digits", model_name="columnfc", seed=7, no_tensorboard=True, quiet=True)
     progress.Progress.from_args(args, "run").add("victim/dev_acc", 1.0, 0)  # records nothing, needs nothing
     assert not (tmp_path / "log").exists()
     with pytest.raises(UsageError, match="--no_tensorboard"):
@@ -146,9 +146,10 @@ def test_tensorboard_is_needed_only_when_used(monkeypatch, tmp_path):
 
 def test_gpu_line_once_on_cuda_only(monkeypatch, tmp_path):
     log = tmp_path / "run.txt"
-    common.log_gpu_usage(torch.device("cpu"), str(log))
+    common.log_gpu_usage(torch.device("cpu"), common.RunLog(str(log)))
     assert not log.exists()
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU 80GB")
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**29)
-    common.log_gpu_usage(torch.device("cuda:0"), str(log))
+    with common.RunLog(str(log)) as run_log:
+        common.log_gpu_usage(torch.device("cuda:0"), run_log)
     assert log.read_text() == "GPU: Fake GPU 80GB, peak memory allocated 1.500 GiB\n"

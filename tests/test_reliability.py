@@ -2,6 +2,7 @@
 checkpoints, reruns reuse the split, append to logs and (with --skip_existing) keep finished models,
 and the same seed and command give the same files and numbers in any folder."""
 import io
+import json
 import os
 import shutil
 import signal
@@ -68,8 +69,13 @@ def test_same_seed_same_files_and_numbers(twins):
     assert files(a) == files(b)
     assert {f"{RUN}/split.npz", "data/datasets/digits/digits_split.npz", PRETRAIN_LOG} < set(files(a))
     assert len([p for p in files(a) if p.endswith(".pth")]) == 6  # victim + shadow: pretrained, pruned, masks
+    records = [p for p in files(a) if p.endswith("complete.json")]
+    assert len(records) == 4  # victim + shadow, pretrained and pruned: each finished once
     for path in files(a):
-        if path != PRUNE_LOG:  # the only file with a time in it
+        if path in records:  # they say when the model finished; all else in them is the same
+            untimed = [{k: v for k, v in json.loads(read(x, path)).items() if k != "finished"} for x in (a, b)]
+            assert untimed[0] == untimed[1], path
+        elif path != PRUNE_LOG:  # the only other file with a time in it
             assert read(a, path) == read(b, path), path
     log_a, log_b = (without_times((x / PRUNE_LOG).read_text()) for x in (a, b))
     assert log_a == log_b

@@ -33,11 +33,13 @@ Shadows: original
 SAMIA attack accuracy: 70.250
 Conf attack accuracy: 66.000
 digits_columnfc_iter_prunetxt_0.6_0.0005
+Semantics: release
 Pretrained Victim: Accuracy 81.234, Loss 0.567
 victim iter 0 best model: Accuracy 78.000, Loss 0.700
 Total Base defend time: 100.5s
 Victim pruned model test accuracy: 78.900
 Shadows: iter_prunetxt_0.6 (adaptive)
+Semantics: release
 SAMIA attack accuracy: 58.000
 Conf attack accuracy: 54.000
 """
@@ -86,7 +88,56 @@ RELEASE_LOG = f"""\
 {P}Victim pruned model test accuracy: 91.800
 {P}SAMIA attack accuracy: 71.000
 {P}Conf attack accuracy: 65.500
-{P}Top3-NN attack accuracy: 60.000
+{P}NN attack accuracy 61.200
+{P}Top3-NN Attack Accuracy 60.0
+{P}NNCl Attack Accuracy 59.87654321
+"""
+
+# Release and corrected runs in one file: a Base prune block attacked in both modes, then a dp run
+# pruned and attacked with --semantics corrected, then a corrected dp prune block not attacked yet.
+SEMANTICS_BASE_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_0.0005
+Semantics: release
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+Total Base defend time: 10.000s
+Victim pruned model test accuracy: 80.000
+Shadows: iter_prunetxt_0.6 (base)
+Semantics: release
+Conf attack accuracy: 55.000
+Victim pruned model test accuracy: 80.000
+Shadows: iter_prunetxt_0.6 (base)
+Semantics: corrected
+Conf attack accuracy: 55.500
+Victim pruned model test accuracy: 80.000
+Shadows: iter_prunetxt_0.6 (base)
+Semantics: release
+Conf attack accuracy: 56.000
+"""
+
+SEMANTICS_DP_LOG = """\
+digits_columnfc_iter_prunetxt_0.6_dp_0.1_0.0005
+Semantics: release
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+DP epsilon: 1.500 (delta 1e-5)
+Total dp defend time: 40.000s
+Victim pruned model test accuracy: 57.000
+Shadows: iter_prunetxt_0.6 (base)
+Semantics: release
+Conf attack accuracy: 50.500
+digits_columnfc_iter_prunetxt_0.6_dp_0.1_corrected_0.0005
+Semantics: corrected
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+DP epsilon: 20.000 (delta 1e-5)
+Total dp defend time: 400.000s
+Victim pruned model test accuracy: 68.000
+Shadows: iter_prunetxt_0.6 (base)
+Semantics: corrected
+Conf attack accuracy: 52.000
+digits_columnfc_iter_prunetxt_0.6_dp_0.1_corrected_0.0005
+Semantics: corrected
+Pretrained Victim: Accuracy 81.234, Loss 0.567
+DP epsilon: 30.000 (delta 1e-5)
+Total dp defend time: 410.000s
 """
 
 
@@ -131,10 +182,13 @@ def run_cli(*args, cwd):
 def test_columns_and_rows(log_dir):
     df = summarize.parse_logs(log_dir)
     # Only attack columns with a value among the newest entries (the old Base run's AUC/TPR/NN are gone).
-    assert list(df.columns) == summarize.COLUMNS + ["SAMIA_acc", "Conf_acc", "Top3-NN_acc", "LiRA_acc", "LiRA_tpr01"]
+    assert list(df.columns) == summarize.COLUMNS + ["SAMIA_acc", "Conf_acc", "NN_acc", "Top3-NN_acc", "NNCl_acc",
+                                                    "LiRA_acc", "LiRA_tpr01"]
+    assert summarize.COLUMNS[8:11] == ["setting", "semantics", "pretrained_acc"]
     assert list(summarize.parse_logs(log_dir, newest_only=False).columns) == summarize.COLUMNS + [
         "SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
-        "NN_acc", "Top3-NN_acc", "LiRA_acc", "LiRA_tpr01"]
+        "NN_acc", "Top3-NN_acc", "NNCl_acc", "LiRA_acc", "LiRA_tpr01"]
+    assert set(df["semantics"]) == {"release"}  # logs without "Semantics:" lines are the release's
     got = set(zip(df["dataset"], df["model"], df["defense"], df["setting"].fillna("-")))
     assert got == {("digits", "columnfc", "base", "adaptive"), ("digits", "columnfc", "base", "original"),
                    ("digits", "columnfc", "ppb", "adaptive"), ("digits", "columnfc", "slide_re", "-"),
@@ -192,6 +246,31 @@ def test_defended_partial_dp_and_release_rows(log_dir):
     assert release["pretrained_acc"] == 93.1 and release["pruned_acc"] == 91.8
     assert release["defend_time_s"] == 1000.0 and release["SAMIA_acc"] == 71.0
     assert release["Conf_acc"] == 65.5 and release["Top3-NN_acc"] == 60.0 and nan(release["LiRA_acc"])
+    assert release["NN_acc"] == 61.2 and release["NNCl_acc"] == 59.87654321 and release["SAMIA_acc"] == 71.0
+    assert release["semantics"] == "release"
+
+
+def test_release_and_corrected_runs_are_separate_rows(tmp_path):
+    folder = tmp_path / "log" / "digits_columnfc"
+    folder.mkdir(parents=True)
+    (folder / "iter_prunetxt_0.6_base.txt").write_text(SEMANTICS_BASE_LOG)
+    (folder / "iter_prunetxt_0.6_dp.txt").write_text(SEMANTICS_DP_LOG)
+    every = summarize.parse_logs(tmp_path / "log", newest_only=False)
+    assert list(every["semantics"]) == ["corrected", "release", "release", "corrected", "corrected", "release"]
+    assert list(every["Conf_acc"].fillna(-1)) == [55.5, 55.0, 56.0, -1, 52.0, 50.5]  # no setting first
+
+    df = summarize.parse_logs(tmp_path / "log")
+    assert len(df) == 5
+    # An attack's own line sets its semantics, whatever its prune block's was (Base prunes alike in both).
+    assert row(df, defense="base", semantics="release")["Conf_acc"] == 56.0
+    assert row(df, defense="base", semantics="corrected")["Conf_acc"] == 55.5
+    assert row(df, defense="dp", semantics="release")["dp_epsilon"] == 1.5
+    attacked = row(df, defense="dp", semantics="corrected", setting="base")
+    assert attacked["Conf_acc"] == 52.0 and attacked["dp_epsilon"] == 20.0 and attacked["pruned_acc"] == 68.0
+    # The newest corrected dp block has no attack yet; its row carries the prune block's semantics.
+    pruned_only = row(df, defense="dp", semantics="corrected", setting=None)
+    assert pruned_only["dp_epsilon"] == 30.0 and pruned_only["defend_time_s"] == 410.0
+    assert nan(pruned_only["Conf_acc"]) and pruned_only["defend_arg"] == 0.1
 
 
 def test_newest_across_files_by_mtime(tmp_path):
@@ -233,7 +312,8 @@ def test_cli_csv_and_markdown(log_dir, tmp_path):
     assert lines[1] == "|" + "---|" * len(expected.columns)
     assert len(lines) == 2 + 6
     ppb_line = next(line for line in lines if "| ppb |" in line)
-    assert ppb_line.startswith("| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | 81.234 |")
+    assert ppb_line.startswith(
+        "| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | release | 81.234 |")
 
     proc = run_cli(log_dir, "--out", out, "--all", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "" and len(pd.read_csv(out)) == 7
