@@ -3,15 +3,16 @@
 # sparsity 0.6 in 5 iterations; attack each pruned victim with threshold,samia (adaptive for defenses).
 #
 #   bash run_shell.sh               the release's CIFAR10-ResNet18 and Location-FC sections (GPU 0)
-#   bash run_shell.sh digits [GPU]  the bundled digits data (GPU-ID default -1, the CPU)
+#   bash run_shell.sh digits [GPU [FLAGS]]  the bundled digits data (GPU-ID default -1, the CPU); FLAGS
+#                                    (e.g. --semantics corrected) go to every prune and attack command
 set -euo pipefail
 cd "$(dirname "$0")"  # the scripts read config/, memscore/ and write result/, log/ relative to the repo root
 
 # run_section GPU CONFIG PRUNER SLIDE_RE_STRIDE SLIDE_RE_WIDTH ML2_MEM_THRE SLIDE_ML2_STRIDE SLIDE_ML2_WIDTH SLIDE_ML2_MEM_THRE
 run_section() {
     local gpu=$1 config=$2 pruner=$3
-    local prune=(--pruner_name "$pruner" --prune_sparsity 0.6 --prune_iter 5)
-    local attack=(--pruner_name "$pruner" --prune_sparsity 0.6 --attacks threshold,samia)
+    local prune=(--pruner_name "$pruner" --prune_sparsity 0.6 --prune_iter 5 "${EXTRA[@]}")
+    local attack=(--pruner_name "$pruner" --prune_sparsity 0.6 --attacks threshold,samia "${EXTRA[@]}")
 
     python pretrain_modi.py "$gpu" "$config"
 
@@ -29,6 +30,7 @@ run_section() {
     python mia_modi.py "$gpu" "$config" "${attack[@]}" --defend slide_ml2 --adaptive
 }
 
+EXTRA=()
 case "${1:-}" in
     "")
         run_section 0 ./config/cifar10_resnet18.json iter_pruning 50 500 0.5 100 500 0.5
@@ -36,10 +38,11 @@ case "${1:-}" in
         ;;
     digits)
         # about 65 training samples per class: windows as for Location; mem_thre from the shipped scores
+        EXTRA=("${@:3}")
         run_section "${2:--1}" ./config/digits.json iter_prunetxt 1 15 0.3 1 15 0.3
         ;;
     *)
-        echo "usage: bash run_shell.sh [digits [GPU-ID]]  (no argument: the release's CIFAR10-ResNet18 and Location-FC runs)" >&2
+        echo "usage: bash run_shell.sh [digits [GPU-ID [FLAGS]]]  (no argument: the release's CIFAR10-ResNet18 and Location-FC runs)" >&2
         exit 2
         ;;
 esac

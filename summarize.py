@@ -15,17 +15,19 @@ import pandas as pd
 
 from attacks import report_names
 from defenses import DEFENSES
+from paths import DEFAULT_SEED
 
 ATTACKS = report_names()  # the attacks' log names, in log order
 METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
-       "weight_decay_mem", "setting", "semantics"]
+       "weight_decay_mem", "setting", "semantics", "tag", "seed"]
 COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]
-TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics")
+TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics", "tag", "seed")  # not floats
 
 NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
-FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*))?$")
+FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*?))?(?:_tag-([A-Za-z0-9.-]+))?$")
+FOLDER_RE = re.compile(r"^([^_]+)_(.+?)(?:_seed(\d+))?$")  # <ds>_<model>[_seed<k>]
 # Lines are matched anywhere, so the release's "2024-01-01 ... - INFO - " prefixes do not matter.
 ATTACK_RE = re.compile(r"(?<![\w-])([A-Za-z][\w-]*) attack (accuracy|AUC|TPR@1%FPR|TPR@0\.1%FPR): " + NUM)
 # The release's NN lines: "NN attack accuracy 61.200", "Top3-NN Attack Accuracy 61.2" (no colon).
@@ -158,12 +160,13 @@ class LogReader:
         self.attack = None
 
 
-def parse_file(path, dataset, model):
+def parse_file(path, dataset, model, seed=DEFAULT_SEED):
     """Rows of one log file, oldest first: one per attack block, or one per prune block without any."""
-    pruner, sparsity, defense = FILE_RE.match(os.path.basename(path)[:-4]).groups()
+    pruner, sparsity, defense, tag = FILE_RE.match(os.path.basename(path)[:-4]).groups()
     config = {"dataset": dataset, "model": model, "pruner": pruner, "sparsity": float(sparsity),
               "defense": defense or "base",  # the release writes Base as an empty defend
-              "semantics": "release"}  # the release's logs have no "Semantics:" lines
+              "semantics": "release",  # the release's logs have no "Semantics:" lines
+              "tag": tag or "", "seed": seed}
     reader = LogReader(config["defense"], header_re(pruner))
     with open(path, errors="replace") as f:
         for line in f:
@@ -172,13 +175,14 @@ def parse_file(path, dataset, model):
 
 
 def log_files(log_dir):
-    """(path, dataset, model) of every results log, oldest modification first."""
+    """(path, dataset, model, seed) of every results log, oldest modification first."""
     found = []
     for folder in sorted(os.listdir(log_dir)):
         sub = os.path.join(log_dir, folder)
         if folder == "tb" or not os.path.isdir(sub):
             continue
-        dataset, _, model = folder.partition("_")
+        dataset, model, seed = FOLDER_RE.match(folder).groups() if FOLDER_RE.match(folder) else (folder, "", None)
+        seed = int(seed) if seed else DEFAULT_SEED
         for name in sorted(os.listdir(sub)):
             path = os.path.join(sub, name)
             if not name.endswith(".txt") or name == "pretrain.txt" or not os.path.isfile(path):
@@ -186,13 +190,13 @@ def log_files(log_dir):
             if not FILE_RE.match(name[:-4]):
                 print(f"skipping {path}: name is not <pruner>_<sparsity>_<defend>.txt", file=sys.stderr)
                 continue
-            found.append((path, dataset, model))
+            found.append((path, dataset, model, seed))
     return sorted(found, key=lambda item: os.path.getmtime(item[0]))  # stable: ties keep name order
 
 
 def parse_logs(log_dir, newest_only=True):
     """One DataFrame of all results; with newest_only, the last entry per configuration."""
-    rows = [row for path, ds, model in log_files(log_dir) for row in parse_file(path, ds, model)]
+    rows = [row for path, ds, model, seed in log_files(log_dir) for row in parse_file(path, ds, model, seed)]
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r])))
     df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS})
     if newest_only:

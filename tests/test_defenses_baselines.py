@@ -438,14 +438,18 @@ def test_run_custom_digits_pretrains_only_when_the_victim_is_missing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert calls == ["pretrain_modi.py -1 ./config/digits.json"] + expected_calls("./config/digits.json", "iter_prunetxt", -1)
     (tmp_path / "bin" / "calls.txt").unlink()
-    victim = tmp_path / "result" / "digits_columnfc" / "victim_model" / "best.pth"
+    victim = tmp_path / "result" / "digits_columnfc" / "victim_model" / "complete.json"  # a finished victim
     victim.parent.mkdir(parents=True)
     victim.write_bytes(b"")
     proc, calls = run_custom(tmp_path, "digits", "1")
     assert proc.returncode == 0 and calls == expected_calls("./config/digits.json", "iter_prunetxt", 1)
+    (tmp_path / "bin" / "calls.txt").unlink()
+    proc, calls = run_custom(tmp_path, "digits", "-1", "--semantics", "corrected")  # flags reach every step
+    assert proc.returncode == 0
+    assert calls == [f"{call} --semantics corrected" for call in expected_calls("./config/digits.json", "iter_prunetxt", -1)]
 
 
-@pytest.mark.parametrize("argv", [["cifar"], ["digits", "0", "extra"], ["", "0"]])
+@pytest.mark.parametrize("argv", [["cifar"], ["", "0"]])
 def test_run_custom_rejects_unknown_arguments(tmp_path, argv):
     proc, calls = run_custom(tmp_path, *argv)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: bash run_custom.sh") and calls == []

@@ -274,12 +274,19 @@ def test_run_shell_sections(tmp_path):
     proc, calls = shell_commands(tmp_path, "digits")
     assert proc.returncode == 0
     assert calls == section(-1, "./config/digits.json", "iter_prunetxt", (1, 15), MEM_THRE, (1, 15, MEM_THRE))
+    os.remove(tmp_path / "calls.txt")
+    proc, calls = shell_commands(tmp_path, "digits", "-1", "--semantics", "corrected")  # flags reach prune + attack
+    plain = section(-1, "./config/digits.json", "iter_prunetxt", (1, 15), MEM_THRE, (1, 15, MEM_THRE))
+    assert proc.returncode == 0 and calls[0] == plain[0] == "pretrain_modi.py -1 ./config/digits.json"
+    assert all(call.startswith(("prune_modi.py", "mia_modi.py")) for call in calls[1:])
+    assert sorted(calls[1:]) == sorted(f"{c.split(' --defend')[0]} --semantics corrected" + (
+        f" --defend{c.split(' --defend', 1)[1]}" if " --defend" in c else "") for c in plain[1:])
 
 
 def test_run_shell_rejects_an_unknown_section(tmp_path):
     proc, calls = shell_commands(tmp_path, "cifar")
     assert proc.returncode == 2 and calls == []
-    assert proc.stderr.startswith("usage: bash run_shell.sh [digits [GPU-ID]]")
+    assert proc.stderr.startswith("usage: bash run_shell.sh [digits [GPU-ID [FLAGS]]]")
 
 
 def test_digits_mem_thre_leaves_both_sides_non_empty():

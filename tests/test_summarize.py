@@ -179,12 +179,33 @@ def run_cli(*args, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def test_tags_and_seeds_are_rows_of_their_own(tmp_path):
+    """Two window settings of one defense (tagged) and a second seed: three rows, none overwritten."""
+    block = lambda header, acc: (f"{header}\nSemantics: release\nPretrained Victim: Accuracy 90.000, Loss 0.1\n"
+                                 f"Victim pruned model test accuracy: {acc}\nShadows: x (adaptive)\n"
+                                 f"Semantics: release\nConf attack accuracy: 55.000\n")
+    logs = {"digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s1w15.txt":
+            block("digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s1w15_1-15_0.0005", "81.000"),
+            "digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s2w10.txt":
+            block("digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s2w10_2-10_0.0005", "82.000"),
+            "digits_columnfc_seed3/iter_prunetxt_0.6_slide_re.txt":
+            block("digits_columnfc_seed3_iter_prunetxt_0.6_slide_re_1-15_0.0005", "83.000")}
+    for name, text in logs.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    df = summarize.parse_logs(tmp_path)
+    got = sorted(zip(df["model"], df["defense"], df["tag"], df["seed"], df["window"], df["pruned_acc"]))
+    assert got == [("columnfc", "slide_re", "", 3, "1-15", 83.0), ("columnfc", "slide_re", "s1w15", 7, "1-15", 81.0),
+                   ("columnfc", "slide_re", "s2w10", 7, "2-10", 82.0)]
+
+
 def test_columns_and_rows(log_dir):
     df = summarize.parse_logs(log_dir)
     # Only attack columns with a value among the newest entries (the old Base run's AUC/TPR/NN are gone).
     assert list(df.columns) == summarize.COLUMNS + ["SAMIA_acc", "Conf_acc", "NN_acc", "Top3-NN_acc", "NNCl_acc",
                                                     "LiRA_acc", "LiRA_tpr01"]
-    assert summarize.COLUMNS[8:11] == ["setting", "semantics", "pretrained_acc"]
+    assert summarize.COLUMNS[8:13] == ["setting", "semantics", "tag", "seed", "pretrained_acc"]
+    assert set(df["tag"]) == {""} and set(df["seed"]) == {7}  # untagged runs of the default seed
     assert list(summarize.parse_logs(log_dir, newest_only=False).columns) == summarize.COLUMNS + [
         "SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
         "NN_acc", "Top3-NN_acc", "NNCl_acc", "LiRA_acc", "LiRA_tpr01"]
@@ -313,7 +334,7 @@ def test_cli_csv_and_markdown(log_dir, tmp_path):
     assert len(lines) == 2 + 6
     ppb_line = next(line for line in lines if "| ppb |" in line)
     assert ppb_line.startswith(
-        "| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | release | 81.234 |")
+        "| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | release |  | 7 | 81.234 |")
 
     proc = run_cli(log_dir, "--out", out, "--all", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "" and len(pd.read_csv(out)) == 7
