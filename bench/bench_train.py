@@ -2,7 +2,7 @@
 pre-made batches, and vs the release's style (a per-item DataLoader over a Subset with 4 workers,
 re-created every epoch). Also one columnfc epoch at 1k/10k/100k rows.
 
-python bench/bench_train.py [--tiny] [--device cpu|cuda:0]
+python bench/bench_train.py [--tiny] [--device cpu|cuda:0] [--amp] [--only columnfc|resnet18]
 """
 import argparse
 
@@ -37,7 +37,7 @@ def release_style_epoch(model, dataset, indices, optimizer, device, batch_size=1
         optimizer.step()
 
 
-def setup(kind, rows, device):
+def setup(kind, rows, device, amp=False):
     g = torch.Generator().manual_seed(0)
     if kind == "columnfc":
         x = (torch.rand(rows, 446, generator=g) > 0.5).float()
@@ -49,11 +49,11 @@ def setup(kind, rows, device):
         y = torch.randint(0, 10, (rows,), generator=g)
         model = build_model("resnet18", 10, 3)
         data = TensorData(x, y, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
-    return model.to(device), data.to(device)
+    return model.to(device), data.to(device, amp=amp)
 
 
-def compare(kind, rows, device, with_release):
-    model, data = setup(kind, rows, device)
+def compare(kind, rows, device, with_release, amp=False):
+    model, data = setup(kind, rows, device, amp)
     optimizer = make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
     idx = torch.arange(rows, device=device)
     batches = [data.batch(b) for b in idx.split(128)]  # pre-made: the floor the loop can reach
@@ -75,15 +75,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="the project's epoch under --amp (bfloat16 autocast, CUDA)")
+    parser.add_argument("--only", choices=("columnfc", "resnet18"), help="one model's rows only")
     args = parser.parse_args()
     device = torch.device(args.device)
     fc_rows, window_rows, img_rows = (300, 60, 64) if args.tiny else (4008, 450, 512)
     # a window defense trains ~classes x width rows per epoch (Location: 30 x 15), and the release builds
     # a new DataLoader for each such epoch
-    rows = [compare("columnfc", fc_rows, device, True), compare("columnfc", window_rows, device, True),
-            compare("resnet18", img_rows, device, not args.tiny)]
-    table(f"one epoch, seconds ({device})",
+    rows = []
+    if args.only in (None, "columnfc"):
+        rows += [compare("columnfc", fc_rows, device, True, args.amp),
+                 compare("columnfc", window_rows, device, True, args.amp)]
+    if args.only in (None, "resnet18"):
+        rows.append(compare("resnet18", img_rows, device, not args.tiny, args.amp))
+    amp = ", --amp" if args.amp else ""
+    table(f"one epoch, seconds ({device}{amp})",
           ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"], rows)
+    if device.type == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.3f} GiB")
+    if args.only == "resnet18":
+        return
     sizes = (100, 1000) if args.tiny else (1000, 10000, 100000)
     scaling = []
     for n in sizes:
