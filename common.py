@@ -3,10 +3,13 @@
 The bottom layer with paths.py: it imports nothing of the project.
 """
 import argparse
+import errno
 import fcntl
 import json
+import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 
@@ -25,6 +28,11 @@ class MissingError(Exception):
     exit_code = 1
 
 
+class DivergedError(Exception):
+    """Training produced a non-finite loss (exit status 1)."""
+    exit_code = 1
+
+
 def run_first(script: str, args, *flags: str) -> str:
     """How a missing prerequisite gets made: 'run <script> <GPU-ID> <config> [flags] first'."""
     return " ".join(["run", script, str(args.gpu_id), args.config_path, *flags, "first"])
@@ -34,7 +42,7 @@ def main_guard(main):
     """Run main(); turn our errors into one readable line on stderr and a non-zero exit."""
     try:
         main()
-    except (UsageError, MissingError) as err:
+    except (UsageError, MissingError, DivergedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
@@ -74,6 +82,7 @@ def pick_device(gpu_id: int) -> torch.device:
 
 # ---------------------------------------------------------------- config + flags
 
+MAX_BATCH = 2**31 - 1  # torch splits index tensors with a 32-bit-safe size; larger ones overflow
 CONFIG_KEYS = {"dataset_name": str, "model_name": str, "epochs": int, "num_cls": int,
                "input_dim": int, "optimizer": str, "lr": float, "weight_decay": float}
 
@@ -99,6 +108,8 @@ def load_config(path: str) -> dict:
             ok = True
         if not ok:
             raise UsageError(f"config {path}: '{key}' must be {want.__name__}, got {value!r}; fix the config")
+        if want is float and not math.isfinite(value):  # JSON's NaN/Infinity would train a NaN model
+            raise UsageError(f"config {path}: '{key}' must be a finite number, got {value!r}; fix the config")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise UsageError(f"config {path}: missing key(s) {', '.join(missing)}; add them (see config/digits.json)")
@@ -136,8 +147,13 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     for key, value in config.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size < 1:
-        raise UsageError("--batch_size must be >= 1")
+    for key, value in vars(args).items():  # inf/nan learning rates, decays, thresholds train NaN models
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{key} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in 0..{2**32 - 1} (numpy's seed range), got {args.seed}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch_size must be in 1..{MAX_BATCH}, got {args.batch_size}")
     if getattr(args, "shadow_num", 0) < 0:
         raise UsageError(f"--shadow_num must be >= 0, got {args.shadow_num}")
     return args
@@ -145,16 +161,30 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 # ---------------------------------------------------------------- safe files
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write) -> None:
-    """Call write(file_object) on a temp file next to path, fsync, then rename over path."""
+    """Call write(file_object) on a temp file next to path, fsync, then rename over path. The file gets
+    the permissions the umask gives a new file (mkstemp alone would make it 0600). A write that fails
+    the way torch.save fails on a full disk (RuntimeError) becomes an OSError naming the file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            try:
+                write(f)
+                f.flush()
+            except RuntimeError as err:  # torch.save's "file write failed"
+                full = shutil.disk_usage(directory).free < 16 << 20
+                code = errno.ENOSPC if full else errno.EIO
+                raise OSError(code, os.strerror(code) + ("" if full else f": {err}".splitlines()[0]), path)
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -172,6 +202,9 @@ def load_torch(path: str, what: str, fix: str):
         raise MissingError(f"{what} {path} not found; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # unreadable (permissions, I/O): the file itself may be fine, so do not delete it
+        raise MissingError(f"{what} {path} cannot be read ({err.strerror or type(err).__name__}); "
+                           f"check its permissions and the disk")
     except Exception as err:  # truncated zip, not a checkpoint, unsafe pickle...
         raise MissingError(f"{what} {path} is corrupt or not a checkpoint ({type(err).__name__}); "
                            f"delete it and {fix}")

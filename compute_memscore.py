@@ -9,13 +9,14 @@ mem_i = P[correct on i | i in subset] - P[correct on i | i not in subset]
 to memscore/memscore_<dataset>_<model>.csv in the authors' format, with the fingerprint of the
 training set it scores in memscore/memscore_<dataset>_<model>.json (written first; see memscores.py).
 """
+import math
 import os
 import time
 
 import pandas as pd
 import torch
 
-from common import UsageError, base_parser, main_guard, parse_args, pick_device, seed_everything
+from common import DivergedError, UsageError, base_parser, main_guard, parse_args, pick_device, seed_everything
 from datasets import get_dataset, split_source
 from memscores import fingerprint, sidecar_path, write_with_sidecar
 from models import build_model
@@ -62,8 +63,11 @@ def correct_after_training(args, data, subset):
     """Train one model on data[subset] for args.epochs; bool per sample of data: predicted its label."""
     model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
     optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
-    for _ in range(args.epochs):
-        train_pass(model, data, subset, optimizer, args.batch_size)
+    for epoch in range(args.epochs):
+        loss, _ = train_pass(model, data, subset, optimizer, args.batch_size)
+        if not math.isfinite(loss):  # a diverged model gets nothing right: its scores would be noise
+            raise DivergedError(f"training diverged: the loss of epoch {epoch} is {loss}; nothing was written; "
+                                f"lower --lr")
     everyone = torch.arange(len(data), device=data.y.device)
     return (predict(model, data, everyone).argmax(1) == data.y).cpu()
 

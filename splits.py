@@ -99,7 +99,39 @@ class Split:
         if shadows < 0 or not {"dataset", "n_train", "n_test", "seed"} <= set(meta) or not want <= set(arrays):
             raise MissingError(f"data split {path} was not made by pretrain_modi.py (arrays or meta missing); "
                                f"rerun pretrain_modi.py with --force to rebuild it")
-        return cls(arrays, meta)
+        split = cls(arrays, meta)
+        why = split.damage()
+        if why:
+            raise MissingError(f"data split {path} is damaged ({why}); rerun pretrain_modi.py with --force to rebuild "
+                               f"it (models trained on it must then be retrained)")
+        return split
+
+    def damage(self) -> str:
+        """What makes the index arrays unusable, or None: each part a non-empty 1-D integer array inside
+        the index space, a model's train/dev/test disjoint, and no victim member among a shadow's
+        non-members (nor a shadow member among the victim's): every one would mislabel members."""
+        n_train, n_test = self.meta["n_train"], self.meta["n_test"]
+        if not (isinstance(n_train, int) and isinstance(n_test, int) and n_train > 0 and n_test >= 0):
+            return f"n_train={n_train!r}, n_test={n_test!r}"
+        for name, array in self.arrays.items():
+            if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+                return f"{name} is not a 1-D integer array ({array.dtype}, shape {array.shape})"
+            if len(array) == 0:
+                return f"{name} is empty"
+            if array.min() < 0 or array.max() >= n_train + n_test:
+                return f"{name} holds indices outside 0..{n_train + n_test - 1}"
+            if len(np.unique(array)) != len(array):
+                return f"{name} repeats an index"
+        for who, tail in [("victim", "")] + [("shadow", f"_{i}") for i in range(self.shadow_num)]:
+            parts = [f"{who}_{part}{tail}" for part in ("train", "dev", "test")]
+            for a, b in ((0, 1), (0, 2), (1, 2)):
+                if np.intersect1d(self.arrays[parts[a]], self.arrays[parts[b]]).size:
+                    return f"{parts[a]} and {parts[b]} overlap"
+        for i in range(self.shadow_num):
+            for members, others in ((f"victim_train", f"shadow_test_{i}"), (f"shadow_train_{i}", "victim_test")):
+                if np.intersect1d(self.arrays[members], self.arrays[others]).size:
+                    return f"members of {members} are non-members in {others}"
+        return None
 
     def mismatch(self, dataset_name, n_train, n_test, seed=None, shadow_num=0):
         """Why this split cannot serve the given run, or None (seed=None: any seed will do)."""

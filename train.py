@@ -2,6 +2,7 @@
 for the victim and every shadow alike."""
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import MissingError, UsageError, atomic_write, load_torch, save_torch
+from common import DivergedError, MissingError, UsageError, atomic_write, load_torch, save_torch
 from datasets import TensorData
 from models import build_model
 from paths import checkpoint, completion_file
@@ -99,6 +100,9 @@ def fit(model: nn.Module, train_epoch, data: TensorData, dev_idx: torch.Tensor, 
     best_acc, stall, dev_loss = -1.0, 0, float("nan")
     for epoch in range(epochs):
         train_loss, train_acc = train_epoch(epoch)
+        if math.isfinite(train_acc) and not math.isfinite(train_loss):  # (nan, nan): an epoch that trained nothing
+            raise DivergedError(f"training diverged: the loss of epoch {epoch} is {train_loss} (nothing of this epoch "
+                                f"is saved); lower --lr, or check the config's lr and weight decays")
         dev_acc, dev_loss = evaluate(model, data, dev_idx)
         test_acc, test_loss = evaluate(model, data, test_idx)
         if on_epoch is not None:
@@ -120,6 +124,9 @@ def load_checkpoint(model: nn.Module, path: str, what: str, fix: str) -> dict:
     state = ckpt.get("state", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise MissingError(f"{what} {path} holds no state_dict; delete it and {fix}")
+    broken = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if broken:  # a diverged run's weights: every attack on them reads as perfect privacy
+        raise MissingError(f"{what} {path} holds NaN or infinite weights ({broken[0]}); {fix}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

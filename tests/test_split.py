@@ -120,3 +120,32 @@ def test_fewer_shadows_are_a_prefix_of_more():
     small, large = make_split(N_TRAIN, N_TEST, 7, 2), make_split(N_TRAIN, N_TEST, 7, 5)
     for key, array in small.items():
         assert np.array_equal(array, large[key])
+
+
+def damaged(tmp_path, change):
+    """Save a valid split, change its arrays with change(arrays), and write it back as pretraining would."""
+    split = Split.create("digits", N_TRAIN, N_TEST, 7, 2)
+    change(split.arrays)
+    path = str(tmp_path / "split.npz")
+    split.save(path)
+    return path
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda a: a.update(victim_test=np.concatenate([a["victim_test"], a["victim_train"][:1]])),
+     "victim_train and victim_test overlap"),
+    (lambda a: a.update(shadow_test_1=np.concatenate([a["shadow_test_1"], a["victim_train"][:3]])),
+     "members of victim_train are non-members in shadow_test_1"),
+    (lambda a: a.update(shadow_train_0=np.concatenate([a["shadow_train_0"], a["victim_test"][:1]])),
+     "shadow_train_0 and shadow_test_0 overlap"),
+    (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], -1)), "victim_dev holds indices outside 0..1796"),
+    (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], N_TRAIN + N_TEST)), "outside 0..1796"),
+    (lambda a: a.update(victim_train=a["victim_train"].astype(np.float64)), "victim_train is not a 1-D integer array"),
+    (lambda a: a.update(shadow_dev_1=np.array([], dtype=np.int64)), "shadow_dev_1 is empty"),
+    (lambda a: a.update(victim_train=np.append(a["victim_train"], a["victim_train"][0])), "victim_train repeats"),
+])
+def test_a_damaged_split_is_refused_on_load(tmp_path, change, why):
+    path = damaged(tmp_path, change)
+    with pytest.raises(MissingError, match="damaged") as err:
+        Split.load(path)
+    assert why in str(err.value) and "rerun pretrain_modi.py with --force" in str(err.value)

@@ -165,3 +165,58 @@ def test_amp_is_cuda_only_and_leaves_cpu_numbers_unchanged():
     on_cpu = TensorData(torch.rand(3, 4), torch.zeros(3, dtype=torch.long), amp=True)
     assert train.autocast(on_cpu).fast_dtype == torch.bfloat16 and not train.autocast(on_cpu)._enabled
     assert on_cpu.to("cpu").amp and not on_cpu.to("cpu", amp=False).amp  # .to keeps the choice unless told
+
+
+def test_a_diverged_epoch_stops_fit_before_anything_is_saved():
+    saved = []
+    epochs = iter([(0.5, 60.0), (float("nan"), 10.0)])
+    data = TensorData(torch.rand(8, 4), torch.zeros(8, dtype=torch.long))
+    model = nn.Linear(4, 2)
+    with pytest.raises(train.DivergedError, match=r"training diverged: the loss of epoch 1 is nan"):
+        fit(model, lambda epoch: next(epochs), data, torch.arange(4), torch.arange(4, 8), 5, 0,
+            on_best=lambda *best: saved.append(best[0]))
+    assert saved == [0]  # epoch 0 was saved as best, the diverged epoch 1 was not
+    quiet = iter([(float("nan"), float("nan"))] * 2)  # an RSW epoch whose window is empty trains nothing
+    fit(model, lambda epoch: next(quiet), data, torch.arange(4), torch.arange(4, 8), 2, 0, on_best=lambda *a: None)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight[0, 1] = float("nan")
+    save_checkpoint(str(tmp_path / "best.pth"), model, 0, 50.0, 1.0)
+    with pytest.raises(MissingError, match=r"best.pth holds NaN or infinite weights \(weight\); rerun it"):
+        load_checkpoint(nn.Linear(4, 2), str(tmp_path / "best.pth"), "checkpoint", "rerun it")
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(str(tmp_path / "best.pth"), nn.Linear(4, 2), 0, 50.0, 1.0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "best.pth").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch, capsys):
+    """torch.save fails with RuntimeError on a full disk; the run ends with one line naming the file,
+    and the old checkpoint stays."""
+    import collections
+    import shutil
+    import common
+    path = tmp_path / "best.pth"
+    save_checkpoint(str(path), nn.Linear(4, 2), 0, 50.0, 1.0)
+    before = path.read_bytes()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: collections.namedtuple("U", "total used free")(1, 1, 0))
+    with pytest.raises(SystemExit) as exit_:
+        common.main_guard(lambda: save_checkpoint(str(path), nn.Linear(4, 2), 1, 60.0, 0.5))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == (f"error: cannot read or write {path} (No space left on device); check that "
+                                       f"path, its permissions and the free disk space\n")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
