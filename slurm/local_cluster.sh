@@ -130,7 +130,7 @@ install_if_missing() {
 
 write_config() {
     local cpus mem_mb
-    cpus="$(nproc)"
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
     mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
     mkdir -p "$STATE_DIR"/{munge,run,log,ctld,slurmd,dev,bin}
     chmod 755 "$STATE_DIR"
@@ -322,7 +322,7 @@ do_start() {
         || die "slurmd did not start; see $STATE_DIR/log/slurmd.log"
 
     wait_node_idle
-    say "started in $STATE_DIR (node $NODE: $(nproc) CPUs, gpu:2 fake)"
+    say "started in $STATE_DIR (node $NODE: $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPUs, gpu:2 fake)"
     echo "export SLURM_CONF=$CONF"
 }
 
