@@ -3,6 +3,7 @@
 python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --attacks threshold,samia
                    [--defend slide_re [--defend_arg 4] --adaptive] [--original]
 """
+import numpy as np
 import torch
 
 from attacks import ATTACKS, Outputs, attacked_rows, metric_lines, model_outputs, parse_attacks
@@ -11,6 +12,7 @@ from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, 
 from defenses import add_defense_flags, get_defense
 from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
+from records import Recorder, block_start, logged, number, run_fields
 from pruning import add_pruning_flags, check_pruning_flags
 from splits import check_config, open_run
 from train import evaluate, load_model, predict, warn_release_format
@@ -55,6 +57,11 @@ def prune_command(args, defense):
     return run_first("prune_modi.py", args, *flags)
 
 
+def victim_prefix(args, defense):
+    """The pruned victim's name (the log's and the result folders'), also for --original runs, which log there."""
+    return tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+
+
 def model_folders(args, defense):
     """(victim folder, shadow folders, description for the log, how to create the victim, the shadows)."""
     if args.original:
@@ -62,18 +69,35 @@ def model_folders(args, defense):
         return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)],
                 "original", how, how)
     shadow_defense = defense if args.adaptive else get_defense("base")
-    victim_prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics),
-                           args.tag)
     shadow_prefix = tagged(shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg,
-                                                 args.semantics), args.tag)
+                                                 args.semantics), args.tag if args.adaptive else "")  # Base: untagged
     setting = "adaptive" if args.adaptive else "base"
-    return (pruned_dir(args, victim_prefix), [pruned_dir(args, shadow_prefix, i) for i in range(args.shadow_num)],
-            f"{shadow_prefix} ({setting})", prune_command(args, defense), prune_command(args, shadow_defense))
+    return (pruned_dir(args, victim_prefix(args, defense)), [pruned_dir(args, shadow_prefix, i) for i in
+            range(args.shadow_num)], f"{shadow_prefix} ({setting})", prune_command(args, defense),
+            prune_command(args, shadow_defense))
+
+
+def score_arrays(victim_rows, victim, n_train, results):
+    """The scores file's arrays, one entry per attacked victim sample: its index in the split's index space
+    (training rows first, then test rows), the set it comes from ("train"/"test") and its index there, its
+    label and membership, and each attack's member score (the values its AUC is computed from)."""
+    index = victim_rows.cpu().numpy().astype(np.int64)
+    in_train = index < n_train
+    arrays = {"index": index, "set": np.where(in_train, "train", "test"),
+              "set_index": np.where(in_train, index, index - n_train),
+              "label": victim.labels.cpu().numpy().astype(np.int64), "member": victim.member.cpu().numpy(),
+              "attacks": np.array([r.name for r in results])}
+    arrays.update({f"score_{r.name}": np.asarray(r.scores, dtype=np.float64) for r in results})
+    return arrays
 
 
 def main():
     args = get_args()
     defense = get_defense(args.defend)
+    setting_word = "original" if args.original else "adaptive" if args.adaptive else "base"
+    prefix = victim_prefix(args, defense)
+    run = run_fields(args, prefix, args.defend_arg if defense.arg_in_name else None)
+    recorder = Recorder("attack", args, {**run, "setting": setting_word})
     device = pick_device(args.gpu_id)
     data, split = open_run(args, device)
     victim_folder, shadow_folders, setting, victim_how, shadow_how = model_folders(args, defense)
@@ -111,16 +135,29 @@ def main():
     log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"
-    log.write(f"Victim {kind} model test accuracy: {test_acc:.3f}")
+    first = f"Victim {kind} model test accuracy: {test_acc:.3f}"
+    log.write(first)
+    start = block_start(log, first)
     log.write(f"Shadows: {setting}")
     log.write(f"Semantics: {args.semantics}")
+    recorder.results.update(victim=kind, victim_test_acc=logged(test_acc), shadows=setting, attacks=[])
     progress = Progress(args.quiet)
+    results = []
     for name in args.attack_names:
         for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics):
             log.write(f"{result.name} attack accuracy: {result.accuracy:.3f}")
-            for line in metric_lines(result):
+            numbers = {"accuracy": logged(result.accuracy)}
+            for line in metric_lines(result):  # "<name> attack <metric>: <value>"
                 log.write(line)
+                metric, value = line[len(result.name) + len(" attack "):].split(": ")
+                numbers[metric] = number(value)
+            recorder.results["attacks"].append({"name": result.name, **numbers})
+            results.append(result)
+    name = f"{prefix}_{setting_word}_{args.semantics}"
+    scores = recorder.save_scores(name, score_arrays(victim_rows, victim, int(split.meta["n_train"]), results))
+    log.write(f"Scores: {scores}")
     log_gpu_usage(device, log)
+    recorder.save(name, log, start)
     log.close()
 
 

@@ -12,6 +12,7 @@ from memscores import load_memscores
 from models import build_model
 from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, tagged
 from progress import Progress
+from records import Recorder, block_start, logged, run_fields
 from pruning import Pruner, add_pruning_flags, check_pruning_flags, prunable_layers
 from splits import check_config, open_run
 from train import clear_finished, evaluate, fit, load_model, mark_finished, warn_release_format
@@ -66,11 +67,11 @@ def mask_sparsity(pruner):
     return sum((m == 0).sum().item() for m in masks) / max(sum(m.numel() for m in masks), 1)
 
 
-def prune_one(args, defense, settings, data, model_split, source, target, log, tag, memscores, progress):
+def prune_one(args, defense, settings, data, model_split, source, target, log, tag, memscores, progress, history):
     """Load the pretrained model from `source`, prune + fine-tune it under `defense`, export bests into
     `target`. The same procedure serves the victim and every shadow. TensorBoard steps count fine-tuning
     epochs from the first iteration (iteration * prune_epochs + epoch); iteration-level curves use the
-    iteration."""
+    iteration. Each iteration's logged numbers are appended to `history` (for the run's record)."""
     model, _ = load_model(args, checkpoint(source), data.y.device, "pretrained checkpoint", pretrained_fix(args))
     pruner = Pruner(model, args.pruner_name, args.prune_sparsity, args.prune_iter)
     trainer = defense(model, data, model_split, settings, memscores)
@@ -89,6 +90,9 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
         extra = trainer.iteration_summary()
         if extra:
             log.write(extra)
+        history.append({"accuracy": logged(best_acc), "loss": logged(last_loss)})
+        if callable(getattr(trainer, "epsilon", None)):  # dp: the total so far, as its log line says
+            history[-1]["dp_epsilon"] = logged(trainer.epsilon())
     mark_finished(target, script="prune_modi.py", target_sparsity=args.prune_sparsity,
                   sparsity=mask_sparsity(pruner))
     return model
@@ -104,32 +108,42 @@ def main():
         memscores = load_memscores(args, data, int(split.meta["n_train"]))  # data: training rows first
         defense.check_memscores(memscores, settings, memscore_path(args.dataset_name, args.model_name))
     prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+    recorder = Recorder("prune", args, run_fields(args, prefix, args.defend_arg if defense.arg_in_name else None,
+                                                  f"{args.stride}-{args.width}" if defense.window else None))
     log = RunLog(log_path(args))
     shadows = [split.indices(i).to(device) for i in range(args.shadow_num)]  # checks shadow_num early
     victim_split = split.indices().to(device)
     check_prerequisites(args, defense, settings, data, [victim_split] + shadows, memscores)
     seed_everything(args.seed)  # after the checks, which build models
 
-    log.write(header(args, defense, prefix))
+    first = header(args, defense, prefix)
+    log.write(first)
+    log_start = block_start(log, first)
     log.write(f"Semantics: {args.semantics}")
     progress = Progress.from_args(args, prefix)
     victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
                            run_first("pretrain_modi.py", args))
     acc, loss = evaluate(victim, data, victim_split.test)
     log.write(f"Pretrained Victim: Accuracy {acc:.3f}, Loss {loss:.3f}")
+    iterations = {}
+    recorder.results.update(pretrained={"accuracy": logged(acc), "loss": logged(loss)}, iterations=iterations)
 
     targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
     for folder in targets:  # from here on they hold this run's models, finished one by one
         clear_finished(folder)
     start = time.time()
     prune_one(args, defense, settings, data, victim_split, pretrained_dir(args), pruned_dir(args, prefix), log,
-              "victim", memscores, progress)
-    log.write(f"Total {defense.label or defense.name} defend time: {time.time() - start:.3f}s")
+              "victim", memscores, progress, iterations.setdefault("victim", []))
+    defend_time = time.time() - start
+    log.write(f"Total {defense.label or defense.name} defend time: {defend_time:.3f}s")
+    recorder.results.update(defend_time_s=logged(defend_time),
+                            dp_epsilon=iterations["victim"][-1].get("dp_epsilon"))
     for i, shadow_split in enumerate(shadows):
         prune_one(args, defense, settings, data, shadow_split, pretrained_dir(args, i), pruned_dir(args, prefix, i),
-                  log, f"shadow {i}", memscores, progress)
+                  log, f"shadow {i}", memscores, progress, iterations.setdefault(f"shadow {i}", []))
     progress.close()
     log_gpu_usage(device, log)
+    recorder.save(f"{prefix}_{args.semantics}", log, log_start)
     log.close()
 
 

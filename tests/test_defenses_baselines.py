@@ -319,7 +319,7 @@ DIGITS = os.path.join(REPO, "config", "digits.json")
     (["--defend", "adv", "--defend_arg", "0"], "--defend adv needs --defend_arg > 0"),
     (["--defend", "relaxloss", "--defend_arg", "0"], "--defend relaxloss needs --defend_arg > 0"),
     (["--defend", "dp", "--defend_arg", "-0.1"], "--defend dp needs --defend_arg >= 0"),
-    (["--defend", "dp", "--defend_arg", "nan"], "--defend dp needs --defend_arg >= 0"),
+    (["--defend", "dp", "--defend_arg", "nan"], "--defend_arg must be a finite number, got nan"),
     (["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "0"], "--dp_microbatch must be in 1..--batch_size"),
     (["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "200"], "--dp_microbatch must be in 1..--batch_size"),
 ])

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from conftest import REPO
+import results
 
 RUN = "digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -286,14 +287,13 @@ def test_failed_step_skips_its_dependents_and_the_rest_completes(resumed):
 
 
 def test_two_settings_of_one_defense_get_tagged_names(resumed):
-    import summarize
     copy = resumed[0]
     for tag in ("s1", "s2"):
         for folder in (f"iter_prunetxt_0.6_slide_re_tag-{tag}_model",
                        f"shadow_iter_prunetxt_0.6_slide_re_tag-{tag}_model_0"):
             assert os.path.isfile(os.path.join(copy, "result", RUN, folder, "best.pth"))
         assert os.path.isfile(os.path.join(copy, "log", RUN, f"iter_prunetxt_0.6_slide_re_tag-{tag}.txt"))
-    df = summarize.parse_logs(os.path.join(copy, "log"))
+    df = results.parse_logs(os.path.join(copy, "log"))
     tag_of = lambda row: row.get("tag") if isinstance(row.get("tag"), str) and row.get("tag") \
         else row["defense"].partition("_tag-")[2]
     attacked = [tag_of(row) for _, row in df.iterrows() if row["setting"] == "adaptive"]  # a killed prune

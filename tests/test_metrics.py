@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 import attacks
 import mia_modi
 import pretrain_modi
-import summarize
+import results
 from attacks import ATTACKS, AttackResult, Outputs
 from conftest import REPO
 from datasets import TensorData, get_dataset
@@ -68,7 +68,7 @@ def test_metric_lines_format_and_summarize_reads_them(tmp_path):
     text = ["Victim pruned model test accuracy: 80.000", "Shadows: l1unstructure_0.6 (base)",
             f"Conf attack accuracy: {result.accuracy:.3f}"] + lines
     (folder / "l1unstructure_0.6_base.txt").write_text("\n".join(text) + "\n")
-    row = summarize.parse_logs(tmp_path / "log").iloc[0]
+    row = results.parse_logs(tmp_path / "log").iloc[0]
     assert (row["Conf_acc"], row["Conf_auc"], row["Conf_tpr1"], row["Conf_tpr01"]) == (62.5, 0.75, 50.0, 50.0)
 
 
@@ -225,6 +225,8 @@ def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     lines = (tmp_path / "log" / "digits_columnfc" / "l1unstructure_0.6_base.txt").read_text().splitlines()
+    scores = lines.pop()  # the run's last line names its scores file (tests/test_report.py reads it)
+    assert scores.startswith("Scores: result/digits_columnfc/scores/l1unstructure_0.6_original_release_")
     test_acc, _ = evaluate(victim_model, data, split.indices().test)
     results = attacks.threshold(shadow, victim, 10)  # the accuracy lines as they were before the metrics
     member = victim.member.numpy()

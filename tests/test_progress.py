@@ -57,7 +57,10 @@ def run_pipeline(folder, monkeypatch, *flags, terminal=True):
 
 
 def without_timing(text):
-    return re.sub(r"defend time: [\d.]+s", "defend time: <t>s", text)
+    """The log without what differs between two runs of one command: the defend time, and the run id (start
+    time, host, pid) in the name of the attack's scores file."""
+    text = re.sub(r"defend time: [\d.]+s", "defend time: <t>s", text)
+    return re.sub(r"\d{8}T\d{12}Z_[\w-]+_\d+", "<run id>", text)
 
 
 def scalars_of(run_dir):

@@ -1,12 +1,13 @@
 """Checkpoints in the paper's release formats load wherever ours do: a pruned best.pth that is a plain
 state_dict, and a best_mask.pth that maps layer names to {"weight": mask, "bias": mask}."""
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import summarize
+import results
 from common import MissingError
 from conftest import REPO, run_script
 from models import build_model
@@ -76,7 +77,8 @@ def attack_lines(folder):
     """The log lines of the last attack run: from its victim accuracy line on."""
     lines = (folder / LOG).read_text().splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("Victim pruned model test accuracy"))
-    return lines[start:]
+    return [re.sub(r"\d{8}T\d{12}Z_[\w-]+_\d+", "<run id>", line)  # the run id in the scores file's name
+            for line in lines[start:]]
 
 
 def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
@@ -108,6 +110,6 @@ def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
         f"warning: 2 checkpoint(s) have no completion record and are taken as made by the paper's release "
         f"(a plain state_dict), e.g. {RUN}/{PRUNED[0]}/best.pth"]
     assert attack_lines(tmp_path) == ours
-    rows = summarize.parse_logs(tmp_path / "log", newest_only=False)  # our real log, read back
+    rows = results.parse_logs(tmp_path / "log", newest_only=False)  # our real log, read back
     attacked = rows[rows["setting"] == "base"]
     assert list(attacked["semantics"]) == ["release", "release"] and attacked["Conf_acc"].nunique() == 1

@@ -4,6 +4,7 @@ and the same seed and command give the same files and numbers in any folder."""
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--pru
 ATTACK = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", "1"]
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 PRETRAIN_LOG = "log/digits_columnfc/pretrain.txt"
+RUN_ID = re.compile(r"\d{8}T\d{12}Z_[\w-]+_\d+")  # start time, host, pid: in run records' and scores' names
 
 
 def run_pipeline(folder):
@@ -45,7 +47,7 @@ def twins(tmp_path_factory):
 
 
 def files(folder):
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(RUN_ID.sub("<run id>", str(p.relative_to(folder))) for p in folder.rglob("*") if p.is_file())
 
 
 def read(folder, path):
@@ -53,7 +55,7 @@ def read(folder, path):
 
 
 def without_times(text):
-    return [line for line in text.splitlines() if "defend time" not in line]
+    return [RUN_ID.sub("<run id>", line) for line in text.splitlines() if "defend time" not in line]
 
 
 def tensors_equal(a, b):
@@ -75,8 +77,11 @@ def test_same_seed_same_files_and_numbers(twins):
         if path in records:  # they say when the model finished; all else in them is the same
             untimed = [{k: v for k, v in json.loads(read(x, path)).items() if k != "finished"} for x in (a, b)]
             assert untimed[0] == untimed[1], path
-        elif path != PRUNE_LOG:  # the only other file with a time in it
+        elif path != PRUNE_LOG and "<run id>" not in path:  # the other files with a time in them
             assert read(a, path) == read(b, path), path
+    (scores_a,), (scores_b,) = ((x / RUN / "scores").glob("*.npz") for x in (a, b))
+    with np.load(scores_a) as za, np.load(scores_b) as zb:
+        assert za.files == zb.files and all(np.array_equal(za[k], zb[k]) for k in za.files)
     log_a, log_b = (without_times((x / PRUNE_LOG).read_text()) for x in (a, b))
     assert log_a == log_b
     assert any(line.startswith("Conf attack accuracy: ") for line in log_a)
@@ -130,16 +135,19 @@ def write_half_and_die(f, write, exception):
     raise exception("simulated kill during the write")
 
 
-@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
-def test_interrupted_checkpoint_save_keeps_the_previous_best(tmp_path, monkeypatch, exception):
+@pytest.mark.parametrize("exception, seen", [(RuntimeError, OSError), (KeyboardInterrupt, KeyboardInterrupt)])
+def test_interrupted_checkpoint_save_keeps_the_previous_best(tmp_path, monkeypatch, exception, seen):
+    """torch.save's write failure (RuntimeError) reaches the caller as an OSError naming the file."""
     path = str(tmp_path / "victim_model/best.pth")
     first = build_model("columnfc", 10, 64)
     save_checkpoint(path, first, 3, 81.5, 0.4)
     before = (tmp_path / "victim_model/best.pth").read_bytes()
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: write_half_and_die(f, lambda b: real(obj, b), exception))
-    with pytest.raises(exception, match="simulated kill"):
+    with pytest.raises(seen, match="simulated kill") as caught:
         save_checkpoint(path, build_model("columnfc", 10, 64), 4, 90.0, 0.3)
+    if seen is OSError:
+        assert caught.value.filename == path
     monkeypatch.undo()
     assert (tmp_path / "victim_model/best.pth").read_bytes() == before
     assert os.listdir(tmp_path / "victim_model") == ["best.pth"]  # no temp file left behind

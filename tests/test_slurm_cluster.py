@@ -149,6 +149,9 @@ def test_submitit_without_sacct(cluster, tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     monkeypatch.setenv("SLURM_CONF", cluster.conf)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    wrapper_dir = os.path.join(cluster.state_dir, "bin")  # .ci/run puts it on PATH: take it off here
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != os.path.abspath(wrapper_dir))
+    monkeypatch.setenv("PATH", plain_path)
     executor = submitit.AutoExecutor(folder=tmp_path / "plain", cluster="slurm")
     executor.update_parameters(timeout_min=5, slurm_partition="debug", cpus_per_task=1, slurm_gres="gpu:1")
     job = executor.submit(submitit.helpers.CommandFunction(["bash", "-c", "echo hi; echo $CUDA_VISIBLE_DEVICES"]))
@@ -156,7 +159,7 @@ def test_submitit_without_sacct(cluster, tmp_path, monkeypatch):
     assert job.result() in ("hi\n0", "hi\n1")  # waits for the result pickle, no sacct needed
     assert job.done() and job.state == "UNKNOWN" and job.get_info() == {}  # plain sacct fails
     # With the sacct wrapper (`sacct -c`, job completion data) first on PATH, the state is real.
-    monkeypatch.setenv("PATH", os.path.join(cluster.state_dir, "bin") + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("PATH", wrapper_dir + os.pathsep + plain_path)
     executor = submitit.AutoExecutor(folder=tmp_path / "wrapped", cluster="slurm")
     executor.update_parameters(timeout_min=5, slurm_partition="debug", cpus_per_task=1)
     job = executor.submit(submitit.helpers.CommandFunction(["sleep", "60"]))

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import summarize  # noqa: E402
+import report  # noqa: E402
+import results  # noqa: E402
 
 BASE_LOG = """\
 digits_columnfc_iter_prunetxt_0.6_0.0005
@@ -193,20 +194,20 @@ def test_tags_and_seeds_are_rows_of_their_own(tmp_path):
     for name, text in logs.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    df = summarize.parse_logs(tmp_path)
+    df = results.parse_logs(tmp_path)
     got = sorted(zip(df["model"], df["defense"], df["tag"], df["seed"], df["window"], df["pruned_acc"]))
     assert got == [("columnfc", "slide_re", "", 3, "1-15", 83.0), ("columnfc", "slide_re", "s1w15", 7, "1-15", 81.0),
                    ("columnfc", "slide_re", "s2w10", 7, "2-10", 82.0)]
 
 
 def test_columns_and_rows(log_dir):
-    df = summarize.parse_logs(log_dir)
+    df = results.parse_logs(log_dir)
     # Only attack columns with a value among the newest entries (the old Base run's AUC/TPR/NN are gone).
-    assert list(df.columns) == summarize.COLUMNS + ["SAMIA_acc", "Conf_acc", "NN_acc", "Top3-NN_acc", "NNCl_acc",
+    assert list(df.columns) == results.COLUMNS + ["SAMIA_acc", "Conf_acc", "NN_acc", "Top3-NN_acc", "NNCl_acc",
                                                     "LiRA_acc", "LiRA_tpr01"]
-    assert summarize.COLUMNS[8:13] == ["setting", "semantics", "tag", "seed", "pretrained_acc"]
+    assert results.COLUMNS[8:13] == ["setting", "semantics", "tag", "seed", "pretrained_acc"]
     assert set(df["tag"]) == {""} and set(df["seed"]) == {7}  # untagged runs of the default seed
-    assert list(summarize.parse_logs(log_dir, newest_only=False).columns) == summarize.COLUMNS + [
+    assert list(results.parse_logs(log_dir, newest_only=False).columns) == results.COLUMNS + [
         "SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
         "NN_acc", "Top3-NN_acc", "NNCl_acc", "LiRA_acc", "LiRA_tpr01"]
     assert set(df["semantics"]) == {"release"}  # logs without "Semantics:" lines are the release's
@@ -219,7 +220,7 @@ def test_columns_and_rows(log_dir):
 
 
 def test_base_newest_and_original(log_dir):
-    df = summarize.parse_logs(log_dir)
+    df = results.parse_logs(log_dir)
     newest = row(df, dataset="digits", defense="base", setting="adaptive")
     assert newest["pruner"] == "iter_prunetxt" and newest["sparsity"] == 0.6
     assert newest["pretrained_acc"] == 81.234 and newest["pruned_acc"] == 78.9
@@ -233,7 +234,7 @@ def test_base_newest_and_original(log_dir):
 
 
 def test_all_keeps_every_entry(log_dir):
-    df = summarize.parse_logs(log_dir, newest_only=False)
+    df = results.parse_logs(log_dir, newest_only=False)
     base = df[(df["dataset"] == "digits") & (df["defense"] == "base")]
     assert list(base["setting"]) == ["adaptive", "adaptive", "original"]
     old = base.iloc[0]  # oldest first among equal keys
@@ -246,7 +247,7 @@ def test_all_keeps_every_entry(log_dir):
 
 
 def test_defended_partial_dp_and_release_rows(log_dir):
-    df = summarize.parse_logs(log_dir)
+    df = results.parse_logs(log_dir)
     ppb = row(df, defense="ppb")
     assert ppb["defend_arg"] == 4.0 and ppb["defend_time_s"] == 12.5 and ppb["pruned_acc"] == 76.5
     assert ppb["SAMIA_acc"] == 51.0 and ppb["LiRA_acc"] == 52.0 and ppb["LiRA_tpr01"] == 0.3
@@ -276,11 +277,11 @@ def test_release_and_corrected_runs_are_separate_rows(tmp_path):
     folder.mkdir(parents=True)
     (folder / "iter_prunetxt_0.6_base.txt").write_text(SEMANTICS_BASE_LOG)
     (folder / "iter_prunetxt_0.6_dp.txt").write_text(SEMANTICS_DP_LOG)
-    every = summarize.parse_logs(tmp_path / "log", newest_only=False)
+    every = results.parse_logs(tmp_path / "log", newest_only=False)
     assert list(every["semantics"]) == ["corrected", "release", "release", "corrected", "corrected", "release"]
     assert list(every["Conf_acc"].fillna(-1)) == [55.5, 55.0, 56.0, -1, 52.0, 50.5]  # no setting first
 
-    df = summarize.parse_logs(tmp_path / "log")
+    df = results.parse_logs(tmp_path / "log")
     assert len(df) == 5
     # An attack's own line sets its semantics, whatever its prune block's was (Base prunes alike in both).
     assert row(df, defense="base", semantics="release")["Conf_acc"] == 56.0
@@ -302,10 +303,10 @@ def test_newest_across_files_by_mtime(tmp_path):
     (folder / "l1_0.5_.txt").write_text(block.format(71.0, 61.0))
     os.utime(folder / "l1_0.5_base.txt", (2_000_000, 2_000_000))
     os.utime(folder / "l1_0.5_.txt", (1_000_000, 1_000_000))
-    df = summarize.parse_logs(tmp_path / "log")
+    df = results.parse_logs(tmp_path / "log")
     assert len(df) == 1 and df.loc[0, "pruned_acc"] == 70.0 and df.loc[0, "Conf_acc"] == 60.0
     assert df.loc[0, "pruner"] == "l1" and df.loc[0, "sparsity"] == 0.5
-    assert list(summarize.parse_logs(tmp_path / "log", newest_only=False)["pruned_acc"]) == [71.0, 70.0]
+    assert list(results.parse_logs(tmp_path / "log", newest_only=False)["pruned_acc"]) == [71.0, 70.0]
 
 
 def test_repeated_metric_without_victim_line_is_a_new_entry(tmp_path):
@@ -313,9 +314,9 @@ def test_repeated_metric_without_victim_line_is_a_new_entry(tmp_path):
     folder.mkdir(parents=True)
     (folder / "iter_prunetxt_0.7_.txt").write_text(
         "SAMIA attack accuracy: 60.000\nSAMIA attack accuracy: 61.000\nSAMIA attack accu")
-    df = summarize.parse_logs(tmp_path / "log", newest_only=False)
+    df = results.parse_logs(tmp_path / "log", newest_only=False)
     assert list(df["SAMIA_acc"]) == [60.0, 61.0] and list(df["setting"]) == ["unknown", "unknown"]
-    assert row(summarize.parse_logs(tmp_path / "log"), dataset="location")["SAMIA_acc"] == 61.0
+    assert row(results.parse_logs(tmp_path / "log"), dataset="location")["SAMIA_acc"] == 61.0
 
 
 def test_cli_csv_and_markdown(log_dir, tmp_path):
@@ -323,7 +324,7 @@ def test_cli_csv_and_markdown(log_dir, tmp_path):
     proc = run_cli(log_dir, "--out", out, "--markdown", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     csv = pd.read_csv(out)
-    expected = summarize.parse_logs(log_dir)
+    expected = results.parse_logs(log_dir)
     assert len(csv) == 6 and list(csv.columns) == list(expected.columns)
     pd.testing.assert_series_equal(csv["SAMIA_acc"], expected["SAMIA_acc"])
     assert row(csv, defense="dp")["dp_epsilon"] == 3.25
@@ -352,7 +353,7 @@ def test_tradeoff_plot_data(log_dir):
     (pruned accuracy, strongest attack accuracy) of the newest run, Base as the black star, the unpruned
     victim as a dashed line and its attack as an X."""
     import matplotlib.pyplot as plt
-    fig = summarize.draw_tradeoff(summarize.parse_logs(log_dir))
+    fig = report.draw_tradeoff(results.parse_logs(log_dir))
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     assert sorted(panels) == ["cifar10_resnet18", "digits_columnfc"]
     ax = panels["digits_columnfc"]
@@ -385,3 +386,16 @@ def test_cli_plot_without_a_file_name_writes_tradeoff_png(log_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert proc.stdout.startswith("| dataset | model |")
+
+
+def test_scores_line_names_the_runs_scores_file_and_nothing_else(tmp_path):
+    """mia_modi.py ends an attack block with "Scores: <file>": it fills the scores column, misread as nothing."""
+    folder = tmp_path / "log" / "digits_columnfc"
+    folder.mkdir(parents=True)
+    scores = "result/digits_columnfc/scores/iter_prunetxt_0.6_base_release_20250101T000000000000Z_h_1.npz"
+    (folder / "iter_prunetxt_0.6_base.txt").write_text(
+        BASE_LOG.split("Victim original")[0] + f"Scores: {scores}\n")
+    df = results.parse_logs(tmp_path / "log", newest_only=False)
+    assert list(df.columns) == results.COLUMNS + ["SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
+                                                    "NN_acc", "Top3-NN_acc", "scores"]
+    assert len(df) == 1 and df.loc[0, "scores"] == scores and df.loc[0, "NN_acc"] == 53.0

@@ -1,0 +1,354 @@
+"""The results table: every prune and attack run as one row, from the run records and the logs.
+
+Reads the run records RESULT_DIR/<dataset>_<model>/records/*.json (records.py) and the logs
+LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt in the format of README: Reading the results
+(the release's own logs too). A record and its log block are one run, one row: every record names its
+log file and the byte offset where its block starts, the logs are parsed with those offsets, and a block
+that a record names takes the record's values; a record whose block is in no log under LOG_DIR gives a
+row of its own, and a block without a record is read from the log alone.
+"""
+import math
+import os
+import re
+import sys
+from collections import namedtuple
+
+import pandas as pd
+
+from attacks import report_names
+from defenses import DEFENSES
+from paths import DEFAULT_SEED
+from records import find_records, record_time
+
+ATTACKS = report_names()  # the attacks' log names, in log order
+METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
+ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
+KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
+       "weight_decay_mem", "setting", "semantics", "tag", "seed"]
+COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]
+TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics", "tag", "seed",
+                "scores")  # not floats
+
+NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
+FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*?))?(?:_tag-([A-Za-z0-9.-]+))?$")
+FOLDER_RE = re.compile(r"^([^_]+)_(.+?)(?:_seed(\d+))?$")  # <ds>_<model>[_seed<k>]
+# Lines are matched anywhere, so the release's "2024-01-01 ... - INFO - " prefixes do not matter.
+ATTACK_RE = re.compile(r"(?<![\w-])([A-Za-z][\w-]*) attack (accuracy|AUC|TPR@1%FPR|TPR@0\.1%FPR): " + NUM)
+# The release's NN lines: "NN attack accuracy 61.200", "Top3-NN Attack Accuracy 61.2" (no colon).
+RELEASE_ACC_RE = re.compile(r"(?<![\w-])([A-Za-z][\w-]*) (?:attack accuracy|Attack Accuracy) " + NUM)
+VICTIM_RE = re.compile(r"Victim (pruned|original) model test accuracy: " + NUM)
+SHADOWS_RE = re.compile(r"Shadows: (.*)$")
+SEMANTICS_RE = re.compile(r"Semantics: (\w+)")
+PRETRAINED_RE = re.compile(r"Pretrained Victim: Accuracy " + NUM)
+DEFEND_TIME_RE = re.compile(r"Total \S+ defend time: " + NUM + "s")
+EPSILON_RE = re.compile(r"DP epsilon: " + NUM)
+SCORES_RE = re.compile(r"Scores: (\S+\.npz)\s*$")
+SHADOW_ITER_RE = re.compile(r"shadow \d+ iter \d+ best model")
+
+
+def header_re(pruner):
+    # <ds>_<model>_<pruner>_<sparsity>[_<defend>[_<arg>]][_<stride>-<width>]_<weight_decay_mem>
+    return re.compile(r"(?:^|\s)\S+_" + re.escape(pruner) + r"_\d*\.?\d+(?:_(\S+?))?_" + NUM + r"\s*$")
+
+
+def parse_header(match, defense):
+    info = {"weight_decay_mem": float(match.group(2))}
+    for token in (match.group(1) or "").split("_"):
+        if re.fullmatch(r"\d+-\d+", token):
+            info["window"] = token
+        elif defense in ARG_DEFENSES and re.fullmatch(NUM, token):
+            info["defend_arg"] = float(token)
+    return info
+
+
+def shadow_setting(text):
+    """The setting named by a "Shadows: ..." line."""
+    text = text.strip()
+    return ("original" if text == "original" else "adaptive" if text.endswith("(adaptive)")
+            else "base" if text.endswith("(base)") else "unknown")
+
+
+class Block:
+    """One prune run (header, pretrained accuracy, defend time, epsilon) and the attack runs logged after it."""
+
+    def __init__(self, info=None, offset=None):
+        self.info, self.attacks = dict(info or {}), []
+        self.in_shadows, self.late_eps = False, None
+        self.offset = offset  # byte offset of its header line in the log (None: a block without one)
+
+    def new_attack(self, setting="unknown", offset=None):
+        self.attacks.append({"setting": setting, "_attack_at": offset})
+        return self.attacks[-1]
+
+    def rows(self, config):
+        """Raw rows: they still carry victim_acc and the offsets _prune_at/_attack_at (see finish_row)."""
+        info = dict(self.info)
+        if "dp_epsilon" not in info and self.late_eps is not None:
+            info["dp_epsilon"] = self.late_eps
+        for attack in self.attacks or [{"setting": None, "_attack_at": None}]:
+            yield {**config, **info, **attack, "_prune_at": self.offset}
+
+
+def finish_row(row):
+    """The victim's accuracy is the pruned model's, or with --original the pretrained one's."""
+    victim_acc = row.pop("victim_acc", math.nan)
+    row["pretrained_acc" if row["setting"] == "original" else "pruned_acc"] = victim_acc
+    return row
+
+
+class LogReader:
+    """Folds the lines of one log file into Blocks; one method per kind of line."""
+
+    def __init__(self, defense, find_header):
+        self.defense, self.find_header = defense, find_header
+        self.blocks, self.attack = [], None
+        self.offset = None  # byte offset of the line being fed
+
+    def block(self):
+        """The current block, opened on the first line that needs one (a log without a header line)."""
+        if not self.blocks:
+            self.blocks.append(Block())
+        return self.blocks[-1]
+
+    def feed(self, line):
+        for pattern, handle in ((ATTACK_RE, self.on_attack_metric), (RELEASE_ACC_RE, self.on_release_accuracy),
+                                (VICTIM_RE, self.on_victim), (SHADOWS_RE, self.on_shadows), (SCORES_RE, self.on_scores),
+                                (SEMANTICS_RE, self.on_semantics), (PRETRAINED_RE, self.on_pretrained),
+                                (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),
+                                (SHADOW_ITER_RE, self.on_shadow_iteration), (self.find_header, self.on_header)):
+            if m := pattern.search(line):
+                handle(m)
+                return
+
+    def add_metric(self, name, metric, value):
+        column = f"{name}_{METRICS[metric]}"
+        if self.attack is None or column in self.attack:  # a repeated metric starts a new run
+            self.attack = self.block().new_attack()
+        self.attack[column] = value
+
+    def on_attack_metric(self, m):
+        self.add_metric(m.group(1), m.group(2), float(m.group(3)))
+
+    def on_release_accuracy(self, m):
+        self.add_metric(m.group(1), "accuracy", float(m.group(2)))
+
+    def on_victim(self, m):
+        self.attack = self.block().new_attack("original" if m.group(1) == "original" else "unknown", self.offset)
+        self.attack["victim_acc"] = float(m.group(2))
+
+    def on_shadows(self, m):
+        self.attack = self.attack or self.block().new_attack()
+        self.attack["setting"] = shadow_setting(m.group(1))
+
+    def on_scores(self, m):
+        if self.attack is not None:
+            self.attack["scores"] = m.group(1)
+
+    def on_semantics(self, m):
+        # It follows the prune header (no attack open: the block's) or the "Shadows:" line (that attack's).
+        target = self.block().info if self.attack is None else self.attack
+        target["semantics"] = m.group(1)
+
+    def on_pretrained(self, m):
+        block = self.blocks[-1] if self.blocks else None
+        if block is None or "pretrained_acc" in block.info or block.attacks:
+            self.blocks.append(Block())  # a run without a header line
+        self.blocks[-1].info["pretrained_acc"] = float(m.group(1))
+        self.attack = None
+
+    def on_defend_time(self, m):
+        self.block().info["defend_time_s"] = float(m.group(1))
+
+    def on_epsilon(self, m):
+        # The victim's epsilon is the last one before the shadows train; later ones are a fallback.
+        block = self.block()
+        if block.in_shadows:
+            block.late_eps = float(m.group(1))
+        else:
+            block.info["dp_epsilon"] = float(m.group(1))
+
+    def on_shadow_iteration(self, m):
+        if self.blocks:
+            self.blocks[-1].in_shadows = True
+
+    def on_header(self, m):
+        self.blocks.append(Block(parse_header(m, self.defense), self.offset))
+        self.attack = None
+
+
+def parse_file(path, dataset, model, seed=DEFAULT_SEED):
+    """Raw rows of one log file (Block.rows), oldest first: one per attack block, or one per prune block
+    without any."""
+    pruner, sparsity, defense, tag = FILE_RE.match(os.path.basename(path)[:-4]).groups()
+    config = {"dataset": dataset, "model": model, "pruner": pruner, "sparsity": float(sparsity),
+              "defense": defense or "base",  # the release writes Base as an empty defend
+              "semantics": "release",  # the release's logs have no "Semantics:" lines
+              "tag": tag or "", "seed": seed}
+    reader = LogReader(config["defense"], header_re(pruner))
+    with open(path, "rb") as f:
+        reader.offset = 0
+        for line in f:  # lines end at b"\n" (the records' offsets point there); old logs may hold \r too
+            for piece in re.split(r"\r\n?|\n", line.decode(errors="replace")):
+                reader.feed(piece)
+            reader.offset += len(line)
+    return [row for block in reader.blocks for row in block.rows(config)]
+
+
+def log_files(log_dir):
+    """(path, dataset, model, seed) of every results log, oldest modification first."""
+    found = []
+    for folder in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+        sub = os.path.join(log_dir, folder)
+        if folder == "tb" or not os.path.isdir(sub):
+            continue
+        dataset, model, seed = FOLDER_RE.match(folder).groups() if FOLDER_RE.match(folder) else (folder, "", None)
+        seed = int(seed) if seed else DEFAULT_SEED
+        for name in sorted(os.listdir(sub)):
+            path = os.path.join(sub, name)
+            if not name.endswith(".txt") or name == "pretrain.txt" or not os.path.isfile(path):
+                continue
+            if not FILE_RE.match(name[:-4]):
+                print(f"skipping {path}: name is not <pruner>_<sparsity>_<defend>.txt", file=sys.stderr)
+                continue
+            found.append((path, dataset, model, seed))
+    return sorted(found, key=lambda item: os.path.getmtime(item[0]))  # stable: ties keep name order
+
+
+# ---------------------------------------------------------------- records
+
+RUN_FIELDS = ("dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window", "weight_decay_mem",
+              "semantics", "tag", "seed")
+
+
+def value(x):
+    """A record's number as a float (null -> nan; the strings "nan", "inf" -> floats)."""
+    return math.nan if x is None else float(x)
+
+
+def run_fields(record):
+    """The columns that name the run, from the record's "run". An attack's name its pruned victim; the
+    window and weight_decay_mem are the prune run's (an attack's own flags need not hold them)."""
+    run = record["run"]
+    out = {key: run[key] for key in RUN_FIELDS if key in run}
+    out.update(sparsity=float(run["sparsity"]), defend_arg=value(run.get("defend_arg")), seed=int(run["seed"]),
+               window=run.get("window") or math.nan, weight_decay_mem=value(run.get("weight_decay_mem")))
+    if record["kind"] == "attack":
+        out.update(window=math.nan, weight_decay_mem=math.nan)
+    return out
+
+
+def prune_fields(record):
+    """A prune record's columns, as its log block would give them."""
+    results = record["results"]
+    return {**run_fields(record), "pretrained_acc": value(results["pretrained"]["accuracy"]),
+            "defend_time_s": value(results["defend_time_s"]), "dp_epsilon": value(results.get("dp_epsilon"))}
+
+
+def attack_fields(record):
+    """An attack record's own columns (the rest comes from its prune run), as its log block would give them."""
+    results = record["results"]
+    out = {"setting": record["run"]["setting"], "semantics": record["run"]["semantics"],
+           "victim_acc": value(results["victim_test_acc"])}
+    if record.get("scores"):
+        out["scores"] = record["scores"]
+    for attack in results["attacks"]:
+        for metric, short in METRICS.items():
+            if metric in attack:
+                out[f"{attack['name']}_{short}"] = value(attack[metric])
+    return out
+
+
+def log_key(path):
+    """<ds>_<model>/<file>.txt: a log's name wherever its folder was copied to."""
+    return tuple(path.replace("\\", "/").split("/")[-2:])
+
+
+def usable_records(result_dir, problems):
+    """The records under result_dir whose fields all read, each with its "fields" (its columns); the
+    others are named in `problems`."""
+    records, unreadable = find_records(result_dir) if result_dir else ([], [])
+    problems += unreadable
+    usable = []
+    for record in records:
+        try:
+            record["fields"] = (prune_fields if record["kind"] == "prune" else attack_fields)(record)
+            if record["kind"] == "attack":
+                record["run_fields"] = run_fields(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            problems.append(f"{record['file']}: a field is missing or damaged ({type(err).__name__}: {err})")
+            continue
+        usable.append(record)
+    return usable
+
+
+def record_rows(records, used):
+    """(time, raw row) of every record whose block is in no log: an attack with the last prune run of its
+    victim (same run name and prefix) that started before it, if any; then each prune record that no row
+    holds yet."""
+    prunes = [r for r in records if r["kind"] == "prune"]
+    victim = lambda r: (r["run"].get("run_name"), r["run"].get("prefix"))
+    rows = []
+    for attack in records:
+        if attack["kind"] != "attack" or attack["file"] in used:
+            continue
+        earlier = [p for p in prunes if victim(p) == victim(attack) and record_time(p) <= record_time(attack)]
+        prune = max(earlier, key=record_time) if earlier else None
+        if prune is not None:
+            used.add(prune["file"])
+        rows.append((record_time(attack), {**attack["run_fields"], **(prune["fields"] if prune else {}),
+                                           **attack["fields"]}))
+    rows += [(record_time(p), {**p["fields"], "setting": None}) for p in prunes if p["file"] not in used]
+    return rows
+
+
+# ---------------------------------------------------------------- the table
+
+Collected = namedtuple("Collected", "table records problems")
+
+
+def collect(log_dir, result_dir=None, newest_only=True):
+    """Collected(table, records, problems): one DataFrame of all runs (with newest_only, the last entry per
+    configuration), the usable records, and one line per record that could not be used."""
+    problems = []
+    records = usable_records(result_dir, problems)
+    by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
+    rows, used = [], set()
+    for path, ds, model, seed in log_files(log_dir):
+        key, mtime = log_key(path), os.path.getmtime(path)
+        for row in parse_file(path, ds, model, seed):
+            for kind, at in (("prune", row.pop("_prune_at")), ("attack", row.pop("_attack_at"))):
+                record = by_block.get((kind, key, at)) if at is not None else None
+                if record is not None:  # the same run: the record's values win
+                    row.update(record["fields"])
+                    used.add(record["file"])
+            rows.append((mtime, row))
+    rows += record_rows(records, used)
+    rows = [finish_row(row) for _, row in sorted(rows, key=lambda item: item[0])]  # stable: ties keep order
+    return Collected(table(rows, newest_only), records, problems)
+
+
+def table(rows, newest_only):
+    df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r])))
+    df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS})
+    if newest_only:
+        df = df.drop_duplicates(KEY, keep="last")
+    seen = {c.rsplit("_", 1)[0] for c in df.columns[len(COLUMNS):] if c != "scores"}
+    names = [a for a in ATTACKS if a in seen] + sorted(seen - set(ATTACKS))
+    attack_cols = [f"{a}_{m}" for a in names for m in METRICS.values()
+                   if f"{a}_{m}" in df.columns and df[f"{a}_{m}"].notna().any()]
+    scores = ["scores"] if "scores" in df.columns and df["scores"].notna().any() else []
+    df = df[COLUMNS + attack_cols + scores]
+    order = lambda col: col.where(col != "base", "") if col.name == "defense" else col  # Base first
+    return df.sort_values(KEY, key=order, kind="stable", na_position="first").reset_index(drop=True)
+
+
+def parse_logs(log_dir, newest_only=True, result_dir=None):
+    """One DataFrame of all results (see collect)."""
+    return collect(log_dir, result_dir, newest_only).table
+
+
+def to_markdown(df):
+    cell = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
