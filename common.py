@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -38,17 +39,28 @@ def run_first(script: str, args, *flags: str) -> str:
     return " ".join(["run", script, str(args.gpu_id), args.config_path, *flags, "first"])
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, Slurm's scancel or time limit), raised like Ctrl-C's KeyboardInterrupt so that the
+    staged models of an unfinished run are discarded on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main_guard(main):
     """Run main(); turn our errors into one readable line on stderr and a non-zero exit."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
     except (UsageError, MissingError, DivergedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; finished checkpoints are intact, rerun the command to redo this step",
-              file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, Terminated) as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        print(f"error: interrupted ({name}); every checkpoint in result/ is still a finished one (this run's "
+              f"unfinished models were discarded); rerun the command to redo this step", file=sys.stderr)
+        sys.exit(code)
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory; lower --batch_size or pass another GPU-ID", file=sys.stderr)
         sys.exit(1)

@@ -8,6 +8,7 @@ records which training samples each model gets right, and writes
 mem_i = P[correct on i | i in subset] - P[correct on i | i not in subset]
 to memscore/memscore_<dataset>_<model>.csv in the authors' format, with the fingerprint of the
 training set it scores in memscore/memscore_<dataset>_<model>.json (written first; see memscores.py).
+memscore/ is the repo's, whatever the working directory (paths.py), where the other scripts look.
 """
 import math
 import os

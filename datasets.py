@@ -14,7 +14,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from common import MissingError, UsageError, atomic_write
-from paths import DATA_ROOT
+import paths
 
 DATASETS = {"cifar10": (10, 3), "cifar100": (100, 3), "cinic": (10, 3), "location": (30, 446),
             "texas100": (100, 6169), "purchase100": (100, 600), "digits": (10, 64)}  # name -> (num_cls, input_dim)
@@ -80,10 +80,12 @@ class TensorData:
         return TensorData(torch.cat([first.x, second.x]), torch.cat([first.y, second.y]), first.mean, first.std)
 
 
-def get_dataset(name, root=DATA_ROOT):
-    """(train, test) TensorData for one of DATASETS, read from root (default data/datasets)."""
+def get_dataset(name, root=None):
+    """(train, test) TensorData for one of DATASETS, read from root (default: the repo's data/datasets/,
+    paths.DATA_ROOT, looked up at the call)."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset '{name}'; valid names: {', '.join(DATASETS)}")
+    root = paths.DATA_ROOT if root is None else root
     folder = os.path.join(root, FOLDERS[name])
     if name in ("cifar10", "cifar100"):
         return _cifar(name, folder)
@@ -100,8 +102,9 @@ def authors_split_file(name, folder):
     return os.path.join(folder, "train_test_idx.pkl" if name == "cinic" else f"{name}.pkl")
 
 
-def split_source(name, root=DATA_ROOT):
+def split_source(name, root=None):
     """Where get_dataset(name, root) takes its training set from, in words (recorded with mem-scores)."""
+    root = paths.DATA_ROOT if root is None else root
     if name in ("cifar10", "cifar100"):
         return "official training set order"
     authors = authors_split_file(name, os.path.join(root, FOLDERS[name]))

@@ -760,7 +760,7 @@ def main():
     args = get_args()
     path = args.grid
     args.grid = os.path.abspath(args.grid)
-    os.chdir(REPO)  # the scripts read config/, memscore/ and write result/, log/ relative to the repo
+    os.chdir(REPO)  # grids name config/ relative to the repo, and the scripts write result/, log/ there
     grid = Grid(args.grid, path)
     steps, warnings = expand(grid)
     check_commands(grid, steps)

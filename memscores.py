@@ -1,8 +1,9 @@
 """Per-sample mem-scores of a config's training set (README: Mem-scores): the authors' CSV format and
 the fingerprint that ties a CSV to the training set it scores.
 
-Row i of memscore/memscore_<ds>_<model>.csv scores training-set sample i, so the file only means
-something for the split it was made on. compute_memscore.py writes a sidecar next to it,
+Row i of memscore/memscore_<ds>_<model>.csv (in the repo's memscore/, whatever the working directory)
+scores training-set sample i, so the file only means something for the split it was made on.
+compute_memscore.py writes a sidecar next to it,
 memscore/memscore_<ds>_<model>.json, holding:
   dataset, model, n_train  what the scores were computed for
   split                    where that training set came from, in words (datasets.split_source), e.g.
@@ -26,7 +27,8 @@ import torch
 
 from common import MissingError, atomic_write
 from datasets import FOLDERS, authors_split_file, split_source
-from paths import DATA_ROOT, memscore_path
+import paths
+from paths import memscore_path
 
 AUTHORS_MEMSCORES = {(ds, model) for ds in ("cifar10", "cifar100", "cinic")
                      for model in ("resnet18", "densenet121", "vgg16bn")} | {("location", "columnfc")}
@@ -105,7 +107,7 @@ def _way_back(record: dict, dataset_name: str, source: str) -> str:
     """How to get back the training set the scores were made for; None for another dataset's scores."""
     if record["dataset"] != dataset_name:
         return None
-    folder = os.path.join(DATA_ROOT, FOLDERS[dataset_name])
+    folder = os.path.join(paths.DATA_ROOT, FOLDERS[dataset_name])
     authors = os.path.basename(authors_split_file(dataset_name, folder))
     if record["split"] == f"authors' {authors}" != source:
         return f"put {authors} back into {folder}/"
@@ -137,7 +139,7 @@ def check_unsigned(args, path: str, source: str) -> None:
                            f"{args.dataset_name}_{args.model_name}, so nothing says which training set they score; "
                            f"recompute them with {recompute} (it writes the fingerprint)")
     if args.dataset_name in ("location", "cinic"):
-        folder = os.path.join(DATA_ROOT, FOLDERS[args.dataset_name])
+        folder = os.path.join(paths.DATA_ROOT, FOLDERS[args.dataset_name])
         authors = os.path.basename(authors_split_file(args.dataset_name, folder))
         if source != f"authors' {authors}":
             raise MissingError(f"mem-scores {path} carry no fingerprint and look like the authors' published file, "

@@ -13,7 +13,7 @@ from defenses import add_defense_flags, get_defense
 from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
 from records import Recorder, block_start, logged, number, run_fields
-from pruning import add_pruning_flags, check_pruning_flags
+from pruning import add_pruning_flags, check_pruned, check_pruning_flags
 from splits import check_config, open_run
 from train import evaluate, load_model, predict, warn_release_format
 
@@ -35,6 +35,11 @@ def get_args(argv=None):
         raise UsageError(f"the attacks need shadows: --shadow_num must be >= 1, got {args.shadow_num}")
     if args.original and args.adaptive:
         raise UsageError("--original attacks the unpruned models, which have no defense; drop --adaptive")
+    if args.original and args.defend not in ("", "base"):
+        raise UsageError(f"--original attacks the unpruned models, which have no defense; drop --defend {args.defend}")
+    if args.adaptive and args.defend in ("", "base"):
+        raise UsageError("--adaptive uses shadows pruned with the victim's defense, and there is none; add "
+                         "--defend NAME, or drop --adaptive for Base")
     return args
 
 
@@ -106,7 +111,10 @@ def main():
 
     def load(folder, shadow=None):
         how = victim_how if shadow is None else shadow_how
-        return load_model(args, checkpoint(folder), device, "checkpoint", how, finished=True)
+        model, ckpt = load_model(args, checkpoint(folder), device, "checkpoint", how, finished=True)
+        if not args.original:
+            check_pruned(model, folder, args.prune_sparsity, how)
+        return model, ckpt
 
     release_format = []
     for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all finished before any work

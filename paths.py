@@ -1,7 +1,10 @@
 """Every file and folder name the three scripts share, built in one place.
 
-Folders are relative to the working directory, as in the paper's release:
-result/<ds>_<model>/..., log/<ds>_<model>/..., memscore/, data/datasets/.
+What the repo ships or holds for every run, data/datasets/ and memscore/, is found in the repo (the
+folder of this file), whatever the working directory: a script run from elsewhere reads the same
+data and mem-scores, and compute_memscore.py writes where the other scripts look. What a run makes,
+result/<ds>_<model>/... and log/<ds>_<model>/..., is relative to the working directory, as in the
+paper's release: runs started from different folders keep apart.
 A seed other than the default (7) gets its own namespace, <ds>_<model>_seed<k>, and --tag its own
 result folders and log file (<prefix>_tag-<tag>), so that no two settings share a name; the release's
 commands keep the release's names.
@@ -10,10 +13,11 @@ names (whether its argument is part of them) reaches it as plain values.
 """
 import os
 
-DATA_ROOT = os.path.join("data", "datasets")
-RESULT_ROOT = "result"
-LOG_ROOT = "log"
-MEMSCORE_ROOT = "memscore"
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_ROOT = os.path.join(REPO_DIR, "data", "datasets")  # absolute: follows the repo
+RESULT_ROOT = "result"                                  # relative: follows the working directory
+LOG_ROOT = "log"                                        # relative: follows the working directory
+MEMSCORE_ROOT = os.path.join(REPO_DIR, "memscore")      # absolute: follows the repo
 DEFAULT_SEED = 7      # the scripts' --seed default: runs with it keep the release's folder names
 
 
@@ -36,8 +40,11 @@ def tb_dir(args) -> str:
     return os.path.join(log_dir(args), "tb")
 
 
+SPLIT_FILE = "split.npz"  # in result/<ds>_<model>/, beside the model folders
+
+
 def split_path(args) -> str:
-    return os.path.join(result_dir(args), "split.npz")
+    return os.path.join(result_dir(args), SPLIT_FILE)
 
 
 def pretrained_dir(args, shadow: int = None) -> str:
@@ -88,3 +95,14 @@ def mask_file(folder: str) -> str:
 def completion_file(folder: str) -> str:
     """complete.json: written once the folder's model is final (README: Running the paper's grid)."""
     return os.path.join(folder, "complete.json")
+
+
+def staging_dir(folder: str) -> str:
+    """<folder>.partial-<host>-<pid>: where a run writes a model folder until the model is final (train.Staging).
+    Host and pid keep two runs apart, also on a shared filesystem."""
+    return f"{folder}.partial-{os.uname().nodename}-{os.getpid()}"
+
+
+def split_of(folder: str) -> str:
+    """The split.npz that the models in a run's model folder were trained on."""
+    return os.path.join(os.path.dirname(folder), SPLIT_FILE)

@@ -11,8 +11,8 @@ from models import build_model
 from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
 from progress import Progress
 from splits import Split, check_config
-from train import (clear_finished, evaluate, fit, is_finished, load_checkpoint, make_optimizer, mark_finished,
-                   save_checkpoint, train_pass)
+from train import (Staging, evaluate, fit, is_finished, load_checkpoint, make_optimizer, mark_finished, save_checkpoint,
+                   train_pass)
 
 
 def get_args(argv=None):
@@ -75,11 +75,14 @@ def main():
         if args.skip_existing and is_finished(folder):
             print(f"Skipping {name}: {checkpoint(folder)} exists (--skip_existing)")
             continue
-        clear_finished(folder)
         seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
-        best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), folder,
-                                               progress, name.replace(" ", "_"))
-        mark_finished(folder, script="pretrain_modi.py", epoch=best["epoch"], dev_acc=best["acc"])
+        with Staging([folder]) as staging:  # the folder keeps its last finished model until this one is
+            staged = staging.staged[0]
+            best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), staged,
+                                                   progress, name.replace(" ", "_"))
+            mark_finished(staged, split_path(args), script="pretrain_modi.py", epoch=best["epoch"],
+                          dev_acc=best["acc"])
+            staging.publish()
         log.write(f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
                         f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
     progress.close()

@@ -10,12 +10,12 @@ from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, 
 from defenses import DefenseSettings, add_defense_flags, get_defense
 from memscores import load_memscores
 from models import build_model
-from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, tagged
+from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, split_path, tagged
 from progress import Progress
 from records import Recorder, block_start, logged, run_fields
-from pruning import Pruner, add_pruning_flags, check_pruning_flags, prunable_layers
+from pruning import Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, prunable_layers
 from splits import check_config, open_run
-from train import clear_finished, evaluate, fit, load_model, mark_finished, warn_release_format
+from train import Staging, evaluate, fit, load_model, mark_finished, warn_release_format
 
 
 def get_args(argv=None):
@@ -31,6 +31,7 @@ def get_args(argv=None):
     check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.prune_iter < 1 or args.prune_epochs < 1:
         raise UsageError(f"--prune_iter and --prune_epochs must be >= 1, got {args.prune_iter} and {args.prune_epochs}")
+    check_prune_iter(args.pruner_name, args.prune_iter)
     get_defense(args.defend).check_args(DefenseSettings.from_args(args))
     prunable_layers(build_model(args.model_name, args.num_cls, args.input_dim), args.pruner_name)  # pruner fits?
     return args
@@ -93,7 +94,7 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
         history.append({"accuracy": logged(best_acc), "loss": logged(last_loss)})
         if callable(getattr(trainer, "epsilon", None)):  # dp: the total so far, as its log line says
             history[-1]["dp_epsilon"] = logged(trainer.epsilon())
-    mark_finished(target, script="prune_modi.py", target_sparsity=args.prune_sparsity,
+    mark_finished(target, split_path(args), script="prune_modi.py", target_sparsity=args.prune_sparsity,
                   sparsity=mask_sparsity(pruner))
     return model
 
@@ -129,18 +130,19 @@ def main():
     recorder.results.update(pretrained={"accuracy": logged(acc), "loss": logged(loss)}, iterations=iterations)
 
     targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
-    for folder in targets:  # from here on they hold this run's models, finished one by one
-        clear_finished(folder)
-    start = time.time()
-    prune_one(args, defense, settings, data, victim_split, pretrained_dir(args), pruned_dir(args, prefix), log,
-              "victim", memscores, progress, iterations.setdefault("victim", []))
-    defend_time = time.time() - start
-    log.write(f"Total {defense.label or defense.name} defend time: {defend_time:.3f}s")
-    recorder.results.update(defend_time_s=logged(defend_time),
-                            dp_epsilon=iterations["victim"][-1].get("dp_epsilon"))
-    for i, shadow_split in enumerate(shadows):
-        prune_one(args, defense, settings, data, shadow_split, pretrained_dir(args, i), pruned_dir(args, prefix, i),
-                  log, f"shadow {i}", memscores, progress, iterations.setdefault(f"shadow {i}", []))
+    with Staging(targets) as staging:  # the folders keep the last finished run's models until all of these are
+        victim_target, *shadow_targets = staging.staged
+        start = time.time()
+        prune_one(args, defense, settings, data, victim_split, pretrained_dir(args), victim_target, log,
+                  "victim", memscores, progress, iterations.setdefault("victim", []))
+        defend_time = time.time() - start
+        log.write(f"Total {defense.label or defense.name} defend time: {defend_time:.3f}s")
+        recorder.results.update(defend_time_s=logged(defend_time),
+                                dp_epsilon=iterations["victim"][-1].get("dp_epsilon"))
+        for i, (shadow_split, target) in enumerate(zip(shadows, shadow_targets)):
+            prune_one(args, defense, settings, data, shadow_split, pretrained_dir(args, i), target,
+                      log, f"shadow {i}", memscores, progress, iterations.setdefault(f"shadow {i}", []))
+        staging.publish()
     progress.close()
     log_gpu_usage(device, log)
     recorder.save(f"{prefix}_{args.semantics}", log, log_start)

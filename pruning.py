@@ -43,6 +43,14 @@ def check_pruning_flags(pruner_name: str, sparsity: float) -> None:
         raise UsageError(f"--prune_sparsity must be in (0, 1), got {sparsity}")
 
 
+def check_prune_iter(pruner_name: str, prune_iter: int) -> None:
+    """The iterative pruners' first iteration prunes nothing (sparsity_schedule), so one iteration would file
+    a dense model under the requested sparsity."""
+    if pruner_name != "l1unstructure" and prune_iter < 2:
+        raise UsageError(f"--prune_iter must be >= 2 for {pruner_name} (its first iteration prunes nothing, the "
+                         f"last reaches --prune_sparsity), got {prune_iter}; the paper uses 5")
+
+
 def prunable_layers(model: nn.Module, pruner_name: str) -> dict:
     """name -> module of the layers whose weights get masks (biases never do)."""
     if pruner_name not in PRUNERS:
@@ -120,3 +128,25 @@ def load_masks(path: str, fix: str = "rerun prune_modi.py for this setting") -> 
                                f"delete it and {fix}")
         weights[name] = mask
     return weights
+
+
+def check_pruned(model: nn.Module, folder: str, sparsity: float, fix: str, tolerance: float = 0.01) -> None:
+    """A pruned model is what its folder's best_mask.pth says: every masked weight is zero and the masks'
+    sparsity is the requested one (within `tolerance`), so a dense or other checkpoint copied into the folder
+    is not attacked as pruned."""
+    path = mask_file(folder)
+    masks = load_masks(path, fix)
+    modules = dict(model.named_modules())
+    zeros = total = 0
+    for name, mask in masks.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.shape != mask.shape:
+            raise MissingError(f"mask file {path} does not fit this model (layer {name}); {fix}")
+        kept_zero = mask.to(weight.device) == 0
+        if weight.detach()[kept_zero].any():
+            raise MissingError(f"{checkpoint(folder)} is not pruned as its mask {path} says (masked weights of "
+                               f"{name} are not zero: a dense or another run's checkpoint); {fix}")
+        zeros, total = zeros + int(kept_zero.sum()), total + mask.numel()
+    if abs(zeros / total - sparsity) > tolerance:
+        raise MissingError(f"{path} prunes {zeros / total:.3f} of the weights, not the requested --prune_sparsity "
+                           f"{sparsity}; {fix}")

@@ -6,7 +6,7 @@
 #   bash run_shell.sh digits [GPU [FLAGS]]  the bundled digits data (GPU-ID default -1, the CPU); FLAGS
 #                                    (e.g. --semantics corrected) go to every prune and attack command
 set -euo pipefail
-cd "$(dirname "$0")"  # the scripts read config/, memscore/ and write result/, log/ relative to the repo root
+cd "$(dirname "$0")"  # config/ below is relative to the repo root, and the scripts write result/, log/ there
 
 # run_section GPU CONFIG PRUNER SLIDE_RE_STRIDE SLIDE_RE_WIDTH ML2_MEM_THRE SLIDE_ML2_STRIDE SLIDE_ML2_WIDTH SLIDE_ML2_MEM_THRE
 run_section() {

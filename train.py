@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from common import DivergedError, MissingError, UsageError, atomic_write, load_torch, save_torch
 from datasets import TensorData
 from models import build_model
-from paths import checkpoint, completion_file
+from paths import checkpoint, completion_file, split_of, staging_dir
 
 OPTIMIZERS = ("adam", "sgd")
 EVAL_BATCH = 1024
@@ -169,25 +170,82 @@ def clear_finished(folder: str) -> None:
         os.remove(completion_file(folder))
 
 
-def mark_finished(folder: str, **info) -> None:
-    """Write folder/complete.json once the folder's model is final: the checkpoint's SHA-256 and info."""
-    record = {"checkpoint_sha256": file_sha256(checkpoint(folder)),
+def mark_finished(folder: str, split: str, **info) -> None:
+    """Write folder/complete.json once the folder's model is final: the checkpoint's SHA-256, the SHA-256 of
+    the split file it was trained on, and info."""
+    record = {"checkpoint_sha256": file_sha256(checkpoint(folder)), "split_sha256": file_sha256(split),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
     atomic_write(completion_file(folder), lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
-def recorded_sha256(folder: str) -> str:
-    """The checkpoint SHA-256 that folder's completion record names; None without a readable record."""
+class Staging:
+    """The model folders of one run, written beside them (paths.staging_dir) and moved into place only by
+    publish(), once their models are final. Leaving the block otherwise (an error, Ctrl-C, SIGTERM) discards
+    the staged folders, so each folder keeps the model of the last run that finished it; a kill -9 leaves
+    a staged folder behind, which the next run on this host removes."""
+
+    def __init__(self, folders: list):
+        self.folders = list(folders)
+        self.staged = [staging_dir(folder) for folder in self.folders]
+
+    def __enter__(self) -> "Staging":
+        for folder, staged in zip(self.folders, self.staged):
+            remove_dead_staging(folder)
+            shutil.rmtree(staged, ignore_errors=True)
+            os.makedirs(staged)
+        return self
+
+    def publish(self) -> None:
+        """Move every staged folder's files into its folder, the completion record last: until it arrives the
+        folder holds no record, so a kill in between is refused downstream, never taken."""
+        for folder, staged in zip(self.folders, self.staged):
+            os.makedirs(folder, exist_ok=True)
+            clear_finished(folder)
+            names = sorted(os.listdir(staged), key=lambda name: name == os.path.basename(completion_file(staged)))
+            for name in names:
+                os.replace(os.path.join(staged, name), os.path.join(folder, name))
+            os.rmdir(staged)
+
+    def __exit__(self, *exc) -> bool:
+        for staged in self.staged:
+            shutil.rmtree(staged, ignore_errors=True)
+        return False
+
+
+def remove_dead_staging(folder: str) -> None:
+    """Staged folders of folder left by runs on this host that no longer run (killed with -9)."""
+    mine = staging_dir(folder).rsplit("-", 1)[0] + "-"
+    parent = os.path.dirname(mine) or "."
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        path = os.path.join(parent, name)
+        pid = name[len(os.path.basename(mine)):]
+        if path.startswith(mine) and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recorded(folder: str, field: str = "checkpoint_sha256"):
+    """A field of folder's completion record (the checkpoint's SHA-256 by default); None without a readable
+    record or field."""
     try:
         with open(completion_file(folder)) as f:
-            return json.load(f)["checkpoint_sha256"]
+            return json.load(f)[field]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def is_finished(folder: str) -> bool:
     """Whether folder holds the checkpoint its completion record names."""
-    expected = recorded_sha256(folder)
+    expected = recorded(folder)
     return expected is not None and os.path.isfile(checkpoint(folder)) and file_sha256(checkpoint(folder)) == expected
 
 
@@ -201,8 +259,13 @@ def check_finished(folder: str, ckpt: dict, fix: str) -> None:
             raise MissingError(f"{checkpoint(folder)} belongs to a run that did not finish (no {record_path}: it "
                                f"was killed or is still running); {fix}")
         return
-    if recorded_sha256(folder) is None:
+    if recorded(folder) is None:
         raise MissingError(f"completion record {record_path} is unreadable; {fix}")
     if not is_finished(folder):
         raise MissingError(f"{checkpoint(folder)} changed after its run finished (it is not the checkpoint "
                            f"{record_path} names: a later run was killed or is still running); {fix}")
+    split = split_of(folder)
+    trained_on = recorded(folder, "split_sha256")
+    if trained_on is not None and os.path.isfile(split) and file_sha256(split) != trained_on:
+        raise MissingError(f"{checkpoint(folder)} was trained on another data split than {split} (the split was "
+                           f"rebuilt after it finished); {fix}")

@@ -1,5 +1,6 @@
 """Shared test helpers: the repo on sys.path, and running a script as a subprocess in a folder."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,20 +10,50 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import paths  # noqa: E402
+
 # Tests use small tensors; on a shared, busy CPU, multi-threaded kernels spend most of their time
 # waiting for each other (a 2-epoch attack: 9 s with 2 threads vs 0.5 s with 1).
 torch.set_num_threads(1)
 
 
-def run_script(script, *args, cwd, check=True, timeout=600):
-    """Run `python REPO/script args...` with cwd as working directory (so result/, log/, data/ land
-    there) on the CPU with one thread (see above). Returns the CompletedProcess; with check, a
-    non-zero exit fails the test with the script's output."""
+def run_script(script, *args, cwd, check=True, timeout=600, repo=REPO):
+    """Run `python <repo>/script args...` with cwd as working directory (so result/ and log/ land
+    there) on the CPU with one thread (see above). data/datasets/ and memscore/ are the repo's
+    (paths.py): pass repo=copy_repo(...) for a run with data and mem-scores of its own. Returns the
+    CompletedProcess; with check, a non-zero exit fails the test with the script's output."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
+    if os.path.abspath(repo) != REPO:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a copy's files stay as copied (tests compare snapshots)
+    cmd = [sys.executable, os.path.join(repo, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
                     f"\n--- stderr\n{proc.stderr[-3000:]}")
     return proc
 
+
+def copy_repo(target, memscores=True):
+    """A runnable copy of the repo in target (which may exist): its modules and config/, and with
+    memscores the shipped memscore/ files; no data, results or logs. Scripts run from it
+    (run_script(..., repo=target)) read and write data/datasets/ and memscore/ under target, since
+    paths.py resolves those from the scripts' own folder. Returns target as a str."""
+    target = str(target)
+    os.makedirs(target, exist_ok=True)
+    for name in os.listdir(REPO):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(REPO, name), os.path.join(target, name))
+    shutil.copytree(os.path.join(REPO, "config"), os.path.join(target, "config"), dirs_exist_ok=True)
+    if memscores:
+        shutil.copytree(os.path.join(REPO, "memscore"), os.path.join(target, "memscore"), dirs_exist_ok=True)
+    return target
+
+
+def as_repo(monkeypatch, folder):
+    """For an in-process test: folder becomes the working directory and the home of data/datasets/ and
+    memscore/ (which paths.py otherwise resolves from the repo), under their short relative names as
+    the scripts' messages would give them with the repo as working directory. The test then reads and
+    writes under folder only, never the repo's shipped mem-scores or data."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(paths, "DATA_ROOT", os.path.join("data", "datasets"))
+    monkeypatch.setattr(paths, "MEMSCORE_ROOT", "memscore")

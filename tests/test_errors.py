@@ -18,24 +18,28 @@ import torch
 import memscores
 from common import UsageError, pick_device
 from datasets import get_dataset
-from conftest import REPO, run_script
+from conftest import REPO, copy_repo, run_script
 from models import build_model
 from train import save_checkpoint
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
 PURCHASE = os.path.join(REPO, "config", "purchase.json")
 RUN = "result/digits_columnfc"
-PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_iter", "1", "--prune_epochs", "1", "--shadow_num", "1"]
+PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "1", "--shadow_num", "1"]
 MIA = ["--pruner_name", "iter_prunetxt", "--shadow_num", "1", "--attacks", "threshold"]
 N_TRAIN = 1437  # digits training rows = mem-score rows
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A tiny digits run: split, victim + 1 shadow, their Base-pruned copies and both logs."""
+    """A tiny digits run: split, victim + 1 shadow, their Base-pruned copies and both logs, made by a copy
+    of the repo (no mem-scores) in the same folder, so that its data/datasets/ and memscore/ are the
+    folder's own: the cases set them up there (write_purchase, write_memscores)."""
     folder = tmp_path_factory.mktemp("pretrained")
-    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard", cwd=folder)
-    run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder)
+    copy_repo(folder, memscores=False)
+    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard", cwd=folder,
+               repo=folder)
+    run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder, repo=folder)
     return folder
 
 
@@ -271,12 +275,15 @@ def prepare(case, pretrained, folder):
 # Starting python and importing torch costs seconds per run, the failing part milliseconds. The
 # server (this file run as `python test_errors.py`) imports the scripts' modules once and forks a
 # child per case that runs the script as __main__ with its own argv, cwd, stdout and stderr, exactly
-# like `python script ...` minus the start-up. test_fork_server_matches_a_real_run checks that claim.
+# like `python script ...` of the repo copy in the case's folder minus the start-up (the child points
+# paths.DATA_ROOT and MEMSCORE_ROOT there, as the copy's own paths.py would).
+# test_fork_server_matches_a_real_run checks that claim.
 
 def serve():
     import runpy
     import traceback
     import mia_modi, pretrain_modi, prune_modi  # noqa: F401  (the shared start-up cost, paid once)
+    import paths
     for line in sys.stdin:
         job = json.loads(line)
         sys.stdout.flush()
@@ -285,6 +292,8 @@ def serve():
             code = 1
             try:
                 os.chdir(job["cwd"])
+                paths.DATA_ROOT = os.path.join(job["cwd"], "data", "datasets")  # the case folder is the repo
+                paths.MEMSCORE_ROOT = os.path.join(job["cwd"], "memscore")
                 for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
                 sys.argv = [job["script"], *job["args"]]
@@ -351,7 +360,7 @@ def test_fork_server_matches_a_real_run(name, outcomes, pretrained, tmp_path):
     """The same case through `python script ...` gives the same status, stderr and files."""
     case = next(case for case in CASES if case.name == name)
     before = prepare(case, pretrained, tmp_path)
-    real = run_script(case.script, *case.args, cwd=tmp_path, check=False)
+    real = run_script(case.script, *case.args, cwd=tmp_path, check=False, repo=tmp_path)
     forked, _, _ = outcomes[name]
     assert (real.returncode, real.stderr) == (forked.returncode, forked.stderr)
     assert snapshot(tmp_path) == before

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 import compute_memscore
 from common import MissingError, UsageError
-from conftest import REPO, run_script
+from conftest import REPO, as_repo, copy_repo, run_script
 from datasets import TensorData, get_dataset, split_source
 from defenses import ML2, DefenseSettings
 from memscores import fingerprint, load_memscores, write_sidecar
@@ -53,7 +53,7 @@ def digits_args(**overrides):
 
 
 def digits_train():
-    """The digits training set as get_dataset makes it under the working directory (tests chdir first)."""
+    """The digits training set as get_dataset makes it under the test's folder (tests call as_repo first)."""
     return get_dataset("digits")[0]
 
 
@@ -103,17 +103,20 @@ def test_estimate_is_deterministic_for_a_seed(one_thread):
 
 def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two contended ones
+    repo, work = copy_repo(tmp_path / "repo", memscores=False), tmp_path / "work"  # run from elsewhere
+    work.mkdir()
     run_script("compute_memscore.py", "-1", DIGITS, "--num_models", "24", "--subset_ratio", "0.5", "--epochs", "1",
-               cwd=tmp_path)
-    path = tmp_path / "memscore" / "memscore_digits_columnfc.csv"
+               cwd=work, repo=repo)
+    assert os.listdir(work) == []  # the scores go to the repo's memscore/, not the working directory's
+    path = tmp_path / "repo" / "memscore" / "memscore_digits_columnfc.csv"
     lines = path.read_text().splitlines()
     assert lines[0] == ",0" and len(lines) == 1 + N_DIGITS_TRAIN
     assert [line.split(",")[0] for line in lines[1:]] == [str(i) for i in range(N_DIGITS_TRAIN)]
     written = torch.tensor([float(line.split(",")[1]) for line in lines[1:]], dtype=torch.float64)
     assert written.min() >= -1 and written.max() <= 1
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, repo)
     assert torch.equal(load_memscores(digits_args(), digits_train()), written)
-    sidecar = json.loads((tmp_path / "memscore" / "memscore_digits_columnfc.json").read_text())
+    sidecar = json.loads((tmp_path / "repo" / "memscore" / "memscore_digits_columnfc.json").read_text())
     assert sidecar == {**digits_fields(), "csv_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     # a second run refuses to overwrite the file
     monkeypatch.setattr(sys, "argv", ["compute_memscore.py", "-1", DIGITS, "--num_models", "24"])
@@ -123,7 +126,7 @@ def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeyp
 
 def test_csv_round_trip_is_exact(tmp_path, monkeypatch):
     scores = torch.from_numpy(np.random.default_rng(0).uniform(-0.2, 1.0, N_DIGITS_TRAIN))
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     compute_memscore.write_memscores(os.path.join("memscore", "memscore_digits_columnfc.csv"), scores, digits_fields())
     assert torch.equal(load_memscores(digits_args(), digits_train()), scores)
 
@@ -137,7 +140,7 @@ def write_csv(tmp_path, text):
 
 
 def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     write_csv(tmp_path, ",0\n" + "".join(f"{i},0.5\n" for i in range(10)))
     with pytest.raises(MissingError) as err:
         load_memscores(digits_args(), digits_train())
@@ -153,14 +156,14 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     ("", "is not a readable CSV"),
 ])
 def test_loader_rejects_malformed_files(tmp_path, monkeypatch, text, message):
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     write_csv(tmp_path, text)
     with pytest.raises(MissingError, match=message):
         load_memscores(digits_args(), digits_train())
 
 
 def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     rows = [f"{i},0.1\n" for i in range(N_DIGITS_TRAIN)]
     write_csv(tmp_path, ",0\n" + "".join(rows[:5] + ["5,\n"] + rows[6:]))
     with pytest.raises(MissingError, match="row 5 is not a number"):
@@ -171,7 +174,7 @@ def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
 
 
 def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     with pytest.raises(MissingError) as err:
         load_memscores(digits_args(), digits_train())
     assert str(err.value) == ("mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
@@ -183,7 +186,7 @@ def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_ml2_rejects_a_threshold_outside_the_scores(tmp_path, monkeypatch):
     scores = torch.linspace(-0.1, 0.8, N_DIGITS_TRAIN, dtype=torch.float64)
-    monkeypatch.chdir(tmp_path)
+    as_repo(monkeypatch, tmp_path)
     path = os.path.join("memscore", "memscore_digits_columnfc.csv")
     compute_memscore.write_memscores(path, scores, digits_fields())
     loaded = load_memscores(digits_args(), digits_train())

@@ -16,7 +16,7 @@ from torch.utils.data import Subset, TensorDataset
 import compute_memscore
 import memscores
 from common import MissingError
-from conftest import REPO, run_script
+from conftest import REPO, as_repo, copy_repo, run_script
 from datasets import TensorData, get_dataset, split_source
 from memscores import fingerprint, load_memscores
 from paths import memscore_path
@@ -30,8 +30,9 @@ DIGITS_CSV = os.path.join("memscore", "memscore_digits_columnfc.csv")
 
 @pytest.fixture
 def here(tmp_path, monkeypatch):
-    """Every test runs in an empty folder: data/datasets/, memscore/ and the split files are relative."""
-    monkeypatch.chdir(tmp_path)
+    """Every test runs in an empty folder that stands in for the repo's data/datasets/ and memscore/
+    (conftest.as_repo): the messages name them relative to it."""
+    as_repo(monkeypatch, tmp_path)
     return tmp_path
 
 
@@ -261,12 +262,13 @@ def test_shipped_digits_scores_load_with_their_sidecar(here):
 
 
 def test_prune_modi_refuses_before_its_first_log_line(here):
+    copy_repo(here, memscores=False)  # the scripts run from here: its memscore/ is theirs
     run_script("pretrain_modi.py", "-1", os.path.join(REPO, "config", "digits.json"), "--epochs", "1",
-               "--shadow_num", "1", "--quiet", "--no_tensorboard", cwd=here)
+               "--shadow_num", "1", "--quiet", "--no_tensorboard", cwd=here, repo=here)
     write_authors_csv(DIGITS_CSV, 1437)
     proc = run_script("prune_modi.py", "-1", os.path.join(REPO, "config", "digits.json"), "--pruner_name",
                       "iter_prunetxt", "--prune_sparsity", "0.6", "--shadow_num", "1", "--quiet", "--no_tensorboard",
-                      "--defend", "slide_re", "--stride", "1", "--width", "15", cwd=here, check=False)
+                      "--defend", "slide_re", "--stride", "1", "--width", "15", cwd=here, check=False, repo=here)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: mem-scores {DIGITS_CSV} carry no fingerprint")
+    assert proc.stderr.startswith(f"error: mem-scores {here / DIGITS_CSV} carry no fingerprint")
     assert os.listdir(here / "log" / "digits_columnfc") == ["pretrain.txt"]

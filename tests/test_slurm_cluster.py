@@ -5,6 +5,7 @@ in a fresh folder (free ports, so it can't clash with another one) and stops it 
 machine that can't run Slurm (not root, apt or the daemons fail) fails these tests, unless
 WEMEM_ALLOW_NO_SLURM=1 is set: then they are skipped with a loud message.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -74,12 +75,9 @@ class Cluster:
             time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    conf = os.environ.get("SLURM_CONF")
-    if conf and shutil.which("sinfo") and _sinfo_answers(dict(os.environ)):
-        yield Cluster(conf, os.path.dirname(conf), started_here=False)
-        return
+@contextlib.contextmanager
+def own_cluster():
+    """A single-node cluster of this test module's own, in a fresh state folder on free ports, stopped after."""
     if os.geteuid() != 0:
         _no_slurm("not root (the local cluster's daemons run as root)")
     state_dir = tempfile.mkdtemp(prefix="wemem-slurm-test-", dir="/tmp")  # short: munge socket path
@@ -108,6 +106,17 @@ def cluster():
         stop = subprocess.run(["bash", SCRIPT, "stop", state_dir], capture_output=True, text=True, timeout=120)
         shutil.rmtree(state_dir, ignore_errors=True)
         assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The running cluster of SLURM_CONF (CI starts one), else one of our own."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and shutil.which("sinfo") and _sinfo_answers(dict(os.environ)):
+        yield Cluster(conf, os.path.dirname(conf), started_here=False)
+        return
+    with own_cluster() as started:
+        yield started
 
 
 def test_two_gpu_jobs_run_together_with_their_own_cuda_device(cluster, tmp_path):
@@ -172,8 +181,14 @@ def test_submitit_without_sacct(cluster, tmp_path, monkeypatch):
 
 
 def test_start_again_then_stop(cluster):
-    if not cluster.started_here:
-        pytest.skip(f"uses the running cluster of SLURM_CONF={cluster.conf}: not stopping it")
+    if cluster.started_here:
+        check_start_again_then_stop(cluster)
+    else:  # never stop the cluster CI started: a second one of our own beside it
+        with own_cluster() as own:
+            check_start_again_then_stop(own)
+
+
+def check_start_again_then_stop(cluster):
     again = cluster.script("start")
     assert again.returncode == 0 and "already running" in again.stderr, again.stderr
     assert again.stdout.strip() == f"export SLURM_CONF={cluster.conf}"
