@@ -3,7 +3,7 @@
 checks that their logs hold the same numbers (the defend-time lines, wall clock, aside). The full run takes
 about 20 minutes on a 2-core CPU.
 
-python bench/bench_grid.py [--tiny]
+python bench/bench_grid.py [--tiny] [--keep DIR]
 
 --tiny: the tests' small settings (2 pretraining epochs, 2 pruning iterations of 2 epochs, one shadow, the
 threshold attacks, no TensorBoard), for a check in a minute or two: a `python` shim first on PATH appends
@@ -67,6 +67,7 @@ def log_numbers(copy):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tests' small settings (a minute or two)")
+    parser.add_argument("--keep", metavar="DIR", help="copy both runs' logs to DIR/shell and DIR/grid")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shell, grid = copy_repo(os.path.join(tmp, "shell")), copy_repo(os.path.join(tmp, "grid"))
@@ -89,6 +90,9 @@ def main():
         print(f"running python grid.py {'tiny' if args.tiny else grid_file} --jobs 2 ...", flush=True)
         grid_s = timed([sys.executable, "grid.py", grid_file, "--jobs", "2", "--no_summary"], grid, env)
         shell_logs, grid_logs = log_numbers(shell), log_numbers(grid)
+        if args.keep:
+            for name, copy in (("shell", shell), ("grid", grid)):
+                shutil.copytree(os.path.join(copy, "log"), os.path.join(args.keep, name), dirs_exist_ok=True)
     print(f"bash run_shell.sh digits:                  {shell_s:7.1f} s")
     print(f"python grid.py grids/digits.json --jobs 2: {grid_s:7.1f} s")
     print(f"speed-up: {shell_s / grid_s:.2f}x on {len(os.sched_getaffinity(0))} cores")
