@@ -15,11 +15,14 @@ from records import record_time
 from results import KEY, TEXT_COLUMNS, value
 
 def plot(df, path):
-    """Write the privacy-utility trade-off figure (draw_tradeoff) to path."""
-    import matplotlib.pyplot as plt
+    """Write the privacy-utility trade-off figure (draw_tradeoff) to path, whole or not at all; its
+    extension names the format."""
     fig = draw_tradeoff(df)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fmt = os.path.splitext(path)[1][1:].lower()
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        pyplot().close(fig)
 
 
 def draw_tradeoff(df):
@@ -424,9 +427,9 @@ def write_report(out_dir, collected, root, sources=""):
     atomic_write(os.path.join(out_dir, "results.csv"), lambda f: f.write(df.to_csv(index=False).encode()))
     agg = aggregate(df)
     problems = list(collected.problems)
-    lines = ["# Results", "", f"{len(df)} runs{sources}: the newest entry per setting, one row per setting with "
-             "mean ± standard deviation over seeds where several seeds ran it (column seeds). Every run, per seed: "
-             "[results.csv](results.csv).", "", report_table(agg), "", "## Figures", ""]
+    lines = ["# Results", "", f"{len(df)} runs{sources}: the newest result of each attack per setting, one row per "
+             "setting with mean ± standard deviation over seeds where several seeds ran it (column seeds). Every "
+             "run, per seed: [results.csv](results.csv).", "", report_table(agg), "", "## Figures", ""]
     left_out = []
     for name, caption, draw in FIGURES:
         try:

@@ -5,7 +5,8 @@ LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt in the format of READ
 (the release's own logs too). A record and its log block are one run, one row: every record names its
 log file and the byte offset where its block starts, the logs are parsed with those offsets, and a block
 that a record names takes the record's values; a record whose block is in no log under LOG_DIR gives a
-row of its own, and a block without a record is read from the log alone.
+row of its own, and a block without a record is read from the log alone. The table holds one row per
+configuration (KEY), merged from all its runs: each attack's newest result, the newest of everything else.
 """
 import math
 import os
@@ -61,6 +62,23 @@ def parse_header(match, defense):
     return info
 
 
+def unpruned_under_defense(setting, defense):
+    """An --original attack logged under a defense (older versions took --original --defend X): it attacked the
+    unpruned models, which no defense touched, so it is no run of that defense (fix_setting)."""
+    return setting == "original" and defense not in ("base", None)
+
+
+def fix_setting(row):
+    """What an attack of an older version was, whatever flags it took: --adaptive on Base used the Base-pruned
+    shadows (the base setting), and --original under a defense is the unpruned model's Base row, without the
+    defense's argument, window and prune numbers."""
+    if row.get("setting") == "adaptive" and row.get("defense") == "base":
+        row["setting"] = "base"
+    elif unpruned_under_defense(row.get("setting"), row.get("defense")):
+        row.update(defense="base", defend_arg=math.nan, window=math.nan, defend_time_s=math.nan,
+                   dp_epsilon=math.nan)
+
+
 def shadow_setting(text):
     """The setting named by a "Shadows: ..." line."""
     text = text.strip()
@@ -81,17 +99,24 @@ class Block:
         return self.attacks[-1]
 
     def rows(self, config):
-        """Raw rows: they still carry victim_acc and the offsets _prune_at/_attack_at (see finish_row)."""
+        """Raw rows, one per attack, and one of the prune run alone when no attack is on its models (none yet,
+        or only --original ones under a defense, which are Base rows: fix_setting). They still carry
+        victim_acc and the offsets _prune_at/_attack_at (see finish_row)."""
         info = dict(self.info)
         if "dp_epsilon" not in info and self.late_eps is not None:
             info["dp_epsilon"] = self.late_eps
-        for attack in self.attacks or [{"setting": None, "_attack_at": None}]:
+        attacks = list(self.attacks)
+        if not attacks or (info and all(unpruned_under_defense(a["setting"], config["defense"]) for a in attacks)):
+            attacks.insert(0, {"setting": None, "_attack_at": None})
+        for attack in attacks:
             yield {**config, **info, **attack, "_prune_at": self.offset}
 
 
 def finish_row(row):
-    """The victim's accuracy is the pruned model's, or with --original the pretrained one's."""
+    """The victim's accuracy is the pruned model's, or with --original the pretrained one's; the setting is
+    what the attack was (fix_setting)."""
     victim_acc = row.pop("victim_acc", math.nan)
+    fix_setting(row)
     row["pretrained_acc" if row["setting"] == "original" else "pruned_acc"] = victim_acc
     return row
 
@@ -284,7 +309,7 @@ def usable_records(result_dir, problems):
 def record_rows(records, used):
     """(time, raw row) of every record whose block is in no log: an attack with the last prune run of its
     victim (same run name and prefix) that started before it, if any; then each prune record that no row
-    holds yet."""
+    holds yet (an --original attack under a defense holds none: its row is Base's, as from the logs)."""
     prunes = [r for r in records if r["kind"] == "prune"]
     victim = lambda r: (r["run"].get("run_name"), r["run"].get("prefix"))
     rows = []
@@ -293,11 +318,12 @@ def record_rows(records, used):
             continue
         earlier = [p for p in prunes if victim(p) == victim(attack) and record_time(p) <= record_time(attack)]
         prune = max(earlier, key=record_time) if earlier else None
-        if prune is not None:
+        if prune is not None and not unpruned_under_defense(attack["run"]["setting"], attack["run"].get("defense")):
             used.add(prune["file"])
         rows.append((record_time(attack), {**attack["run_fields"], **(prune["fields"] if prune else {}),
-                                           **attack["fields"]}))
-    rows += [(record_time(p), {**p["fields"], "setting": None}) for p in prunes if p["file"] not in used]
+                                           **attack["fields"], "_model": f"run {prune['run_id']}" if prune else ""}))
+    rows += [(record_time(p), {**p["fields"], "setting": None, "_model": f"run {p['run_id']}"}) for p in prunes
+             if p["file"] not in used]
     return rows
 
 
@@ -307,8 +333,8 @@ Collected = namedtuple("Collected", "table records problems")
 
 
 def collect(log_dir, result_dir=None, newest_only=True):
-    """Collected(table, records, problems): one DataFrame of all runs (with newest_only, the last entry per
-    configuration), the usable records, and one line per record that could not be used."""
+    """Collected(table, records, problems): one DataFrame of all runs (with newest_only, one row per
+    configuration: merge_runs), the usable records, and one line per record that could not be used."""
     problems = []
     records = usable_records(result_dir, problems)
     by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
@@ -316,23 +342,60 @@ def collect(log_dir, result_dir=None, newest_only=True):
     for path, ds, model, seed in log_files(log_dir):
         key, mtime = log_key(path), os.path.getmtime(path)
         for row in parse_file(path, ds, model, seed):
+            prune_at = row["_prune_at"]
             for kind, at in (("prune", row.pop("_prune_at")), ("attack", row.pop("_attack_at"))):
                 record = by_block.get((kind, key, at)) if at is not None else None
                 if record is not None:  # the same run: the record's values win
                     row.update(record["fields"])
                     used.add(record["file"])
+            prune = by_block.get(("prune", key, prune_at))
+            row["_model"] = f"run {prune['run_id']}" if prune else f"log {'/'.join(key)}@{prune_at}"
             rows.append((mtime, row))
     rows += record_rows(records, used)
     rows = [finish_row(row) for _, row in sorted(rows, key=lambda item: item[0])]  # stable: ties keep order
     return Collected(table(rows, newest_only), records, problems)
 
 
+def attack_columns(columns):
+    """{attack name: its metric columns} among a table's columns."""
+    groups = {}
+    for col in columns[len(COLUMNS):]:
+        if col != "scores":
+            groups.setdefault(col.rsplit("_", 1)[0], []).append(col)
+    return groups
+
+
+def merge_runs(df):
+    """One row per configuration (KEY) from its rows, oldest first: each attack's columns from the newest row
+    with a result of that attack, so that runs with different --attacks add up, and every other column
+    (the victim's accuracy, the scores file, ...) its newest value."""
+    ids = df.groupby(KEY, dropna=False, sort=False).ngroup()
+    merged = df.groupby(ids).last()  # per column the newest value that is not missing
+    for cols in attack_columns(df.columns).values():
+        carried = df[cols].notna().any(axis=1)
+        newest = df[carried].groupby(ids[carried]).tail(1)
+        merged.loc[ids[newest.index].to_numpy(), cols] = newest[cols].to_numpy()
+    return merged.reset_index(drop=True)
+
+
+def newest_models_only(df):
+    """The rows of each configuration (KEY) that attacked the model of its newest row: after a configuration
+    was pruned again, the attacks on the model it replaced are not merged with those on the new one. An
+    --original row's model is the pretrained one, whatever prune run its block follows."""
+    model = df["_model"].where(df["setting"] != "original", "pretrained").fillna("")
+    newest = model.groupby(df.groupby(KEY, dropna=False, sort=False).ngroup()).transform("last")
+    return df[model == newest]
+
+
 def table(rows, newest_only):
-    df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r])))
-    df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS})
-    if newest_only:
-        df = df.drop_duplicates(KEY, keep="last")
-    seen = {c.rsplit("_", 1)[0] for c in df.columns[len(COLUMNS):] if c != "scores"}
+    df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r] + ["_model"])))
+    df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS and c != "_model"})
+    if newest_only and len(df):
+        df = newest_models_only(df)
+    df = df.drop(columns="_model")
+    if newest_only and len(df):
+        df = merge_runs(df)
+    seen = set(attack_columns(df.columns))
     names = [a for a in ATTACKS if a in seen] + sorted(seen - set(ATTACKS))
     attack_cols = [f"{a}_{m}" for a in names for m in METRICS.values()
                    if f"{a}_{m}" in df.columns and df[f"{a}_{m}"].notna().any()]

@@ -5,37 +5,111 @@ and a report with figures.
     python summarize.py [LOG_DIR] [--result_dir DIR] --report OUT_DIR
 
 The table comes from results.py (records first, then the logs, the release's own too), the figures and
-report.md from report.py.
+report.md from report.py. Every output file is written whole or not at all (common.atomic_write), and the
+output paths are checked before anything is read or written: a refused command changes no file. Errors
+are one line, `error: <what is wrong>; <what to do>`, exit status 2 for the command line, 1 for a missing
+or unusable folder or no results (common.main_guard).
 """
 import argparse
 import os
 import sys
 import time
 
+from common import MissingError, UsageError, atomic_write, main_guard
 from paths import RESULT_ROOT
 from report import plot, write_report
 from results import collect, to_markdown
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Summarize prune/attack records and logs into one table.")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like the scripts' usage errors
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+def get_args(argv=None):
+    parser = Parser(description="Summarize prune/attack records and logs into one table.")
     parser.add_argument("log_dir", nargs="?", default="log")
     parser.add_argument("--result_dir", help="where the run records are (default: result/ beside LOG_DIR)")
     parser.add_argument("--out", default="results.csv", help="CSV file to write")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table to stdout")
     parser.add_argument("--plot", metavar="FILE.png", nargs="?", const="tradeoff.png",
                         help="write the privacy-utility plot (default file: tradeoff.png)")
-    parser.add_argument("--all", action="store_true", help="keep every entry, not only the newest per config")
+    parser.add_argument("--all", action="store_true",
+                        help="keep every run as its own row, not one row per configuration")
     parser.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.csv and the figures")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.plot is not None and not os.path.splitext(args.plot)[1]:
+        args.plot += ".png"  # matplotlib's own default for a name without extension
+    return args
+
+
+def check_input_folder(path, what, fix):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a file, not a folder; {fix}")
+
+
+def check_folder(folder, what):
+    """`folder`, which `what` writes into, exists and is writable."""
+    if not os.path.exists(folder):
+        raise MissingError(f"folder {folder} for {what} not found; create it first, or pass a path in an "
+                           f"existing folder")
+    if not os.path.isdir(folder):
+        raise MissingError(f"{folder} for {what} is a file, not a folder; move that file away, or pass a path "
+                           f"in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MissingError(f"folder {folder} for {what} is not writable; fix its permissions, or pass a path "
+                           f"in a folder you can write to")
+
+
+def check_output_file(path, flag):
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder; pass a file name, e.g. {flag} "
+                         f"{os.path.join(path, 'results.csv' if flag == '--out' else 'tradeoff.png')}")
+    check_folder(os.path.dirname(path) or ".", f"{flag} {path}")
+
+
+def check_plot_format(path):
+    from matplotlib.backend_bases import FigureCanvasBase
+    ext = os.path.splitext(path)[1][1:].lower()
+    known = FigureCanvasBase.get_supported_filetypes()
+    if ext not in known:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{ext} files; use one of "
+                         f"{', '.join('.' + e for e in sorted(known))}")
+
+
+def check_outputs(args):
+    """Every file this run will write can be written, before anything is read or written."""
+    if args.report:
+        if os.path.exists(args.report) and not os.path.isdir(args.report):
+            raise UsageError(f"--report {args.report} is a file, not a folder; pass a folder name (it is created "
+                             f"if missing)")
+        check_folder(args.report if os.path.isdir(args.report) else os.path.dirname(args.report) or ".",
+                     f"--report {args.report}")
+        return
+    check_output_file(args.out, "--out")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
+        check_plot_format(args.plot)
+
+
+def main(argv=None):
+    args = get_args(argv)
     result_dir = args.result_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), RESULT_ROOT)
+    check_input_folder(args.log_dir, "LOG_DIR", "pass the folder that holds the <ds>_<model>/ log folders "
+                                                "(default: log)")
+    if args.result_dir:
+        check_input_folder(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
+                                                       "(default: result/ beside LOG_DIR)")
+    check_outputs(args)
     if not os.path.isdir(args.log_dir) and not os.path.isdir(result_dir):
-        sys.exit(f"error: log directory {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to")
+        raise MissingError(f"log directory {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py "
+                           f"log to")
     collected = collect(args.log_dir, result_dir, newest_only=not args.all)
     df = collected.table
     if df.empty:
-        sys.exit(f"error: no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt) under {args.log_dir} "
-                 f"and no run records under {result_dir}")
+        raise MissingError(f"no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt) under "
+                           f"{args.log_dir} and no run records under {result_dir}; run prune_modi.py and "
+                           f"mia_modi.py first, or pass the folder they log to")
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"
@@ -45,7 +119,7 @@ def main():
         return
     for problem in collected.problems:
         print(f"skipped {problem}", file=sys.stderr)
-    df.to_csv(args.out, index=False)
+    atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode()))
     print(f"wrote {len(df)} rows to {args.out}", file=sys.stderr)
     if args.markdown:
         print(to_markdown(df))
@@ -55,4 +129,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)
