@@ -103,7 +103,7 @@ def roc_metrics(scores, member) -> tuple:
     return float(roc_auc_score(member, scores)), tpr_at
 
 
-def best_balanced_accuracy(scores, member):
+def best_balanced_accuracy(scores, member) -> float:
     """Best 0.5 * (TPR + TNR) over all thresholds on the victim itself, in %: an oracle upper bound."""
     fpr, tpr, _ = roc_curve(np.asarray(member, dtype=bool), _rankable(scores), drop_intermediate=False)
     return 100 * float((0.5 * (tpr + 1 - fpr)).max())
@@ -140,7 +140,7 @@ def mentr_values(probs, labels):
     return (1 - p_y) * _log(p_y) + others.sum(1)
 
 
-def best_threshold(member_values, nonmember_values):
+def best_threshold(member_values: np.ndarray, nonmember_values: np.ndarray) -> float:
     """The candidate (member values then non-member values, in that order) that first reaches the
     highest 0.5 * (P[member >= t] + P[non-member < t]); 0 when none scores above 0. This is the
     literal quadratic rule, computed with sorted counts in O(n log n)."""
@@ -177,7 +177,7 @@ Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits"
 ATTACKS = {}   # --attacks name -> Attack, in log order
 
 
-def register(name, reports, needs_sensitivity=False, needs_shadow_logits=False):
+def register(name: str, reports: list, needs_sensitivity: bool = False, needs_shadow_logits: bool = False):
     def add(fn):
         ATTACKS[name] = Attack(fn, tuple(reports), needs_sensitivity, needs_shadow_logits)
         return fn

@@ -59,11 +59,11 @@ class TensorData:
     def __len__(self):
         return len(self.y)
 
-    def to(self, device, amp=None):
+    def to(self, device: torch.device, amp: bool = None) -> "TensorData":
         """A copy on device; amp=None keeps this one's --amp choice."""
         return TensorData(self.x.to(device), self.y.to(device), self.mean, self.std, self.amp if amp is None else amp)
 
-    def batch(self, idx):
+    def batch(self, idx: torch.Tensor) -> tuple:
         x = self.x[idx]
         if self.mean is not None:
             # the same operations, in the same order, as ToTensor (div 255) then Normalize (sub, div)
@@ -71,7 +71,7 @@ class TensorData:
         return x, self.y[idx]
 
     @staticmethod
-    def concat(first, second):
+    def concat(first: "TensorData", second: "TensorData") -> "TensorData":
         same_norm = (first.mean is None and second.mean is None) or (
             first.mean is not None and second.mean is not None
             and torch.equal(first.mean, second.mean) and torch.equal(first.std, second.std))
@@ -80,7 +80,7 @@ class TensorData:
         return TensorData(torch.cat([first.x, second.x]), torch.cat([first.y, second.y]), first.mean, first.std)
 
 
-def get_dataset(name, root=None):
+def get_dataset(name: str, root: str = None) -> tuple:
     """(train, test) TensorData for one of DATASETS, read from root (default: the repo's data/datasets/,
     paths.DATA_ROOT, looked up at the call)."""
     if name not in DATASETS:
@@ -96,13 +96,13 @@ def get_dataset(name, root=None):
     return TensorData(x[train], y[train]), TensorData(x[test], y[test])
 
 
-def authors_split_file(name, folder):
+def authors_split_file(name: str, folder: str) -> str:
     """The authors' split file in a dataset's folder, which get_dataset prefers when present: CINIC's
     train_test_idx.pkl, or <name>.pkl (a pair of torch Subsets) for the tabular datasets."""
     return os.path.join(folder, "train_test_idx.pkl" if name == "cinic" else f"{name}.pkl")
 
 
-def split_source(name, root=None):
+def split_source(name: str, root: str = None) -> str:
     """Where get_dataset(name, root) takes its training set from, in words (recorded with mem-scores)."""
     root = paths.DATA_ROOT if root is None else root
     if name in ("cifar10", "cifar100"):
@@ -194,7 +194,7 @@ def _unpickle_pair(path):
     raise MissingError(f"{path} does not hold a (train, test) pair; delete it or replace it with the authors' file")
 
 
-def read_authors_tabular_split(path, n):
+def read_authors_tabular_split(path: str, n: int) -> tuple:
     """Train and test indices from the release's <name>.pkl, a pickle of two torch Subset objects.
 
     This unpickles a file you must trust (the authors' published split). It goes through a restricted
@@ -210,7 +210,7 @@ def read_authors_tabular_split(path, n):
     return _indices(train.indices, n, path), _indices(test.indices, n, path)
 
 
-def read_authors_cinic_indices(path, n_train, n_test):
+def read_authors_cinic_indices(path: str, n_train: int, n_test: int) -> tuple:
     """Train and test indices from the release's cinic/train_test_idx.pkl, a pickle of two int lists.
 
     This unpickles a file you must trust (the authors' published subset). It goes through a restricted
@@ -246,7 +246,7 @@ def _save_npz(path, **arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def tabular_split(n, folder, name):
+def tabular_split(n: int, folder: str, name: str) -> tuple:
     """80/20 train/test indices: the authors' <name>.pkl if present, else ours, made once and cached."""
     authors = authors_split_file(name, folder)
     if os.path.isfile(authors):

@@ -21,14 +21,14 @@ def release_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def resnet18(num_cls):
+def resnet18(num_cls: int) -> nn.Module:
     import torchvision.models as tvm  # here, not at the top: slow to import and the tabular runs never need it
     model = tvm.resnet18(weights=None, num_classes=num_cls)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # 32x32 input; max-pool kept
     return model
 
 
-def vgg16bn(num_cls):
+def vgg16bn(num_cls: int) -> nn.Module:
     """VGG-16 (config D) with BatchNorm, 1x1 adaptive pool, 512-4096-4096-C classifier."""
     import torchvision.models as tvm
     model = tvm.vgg16_bn(weights=None, num_classes=num_cls)
@@ -37,7 +37,7 @@ def vgg16bn(num_cls):
     return model
 
 
-def densenet121(num_cls):
+def densenet121(num_cls: int) -> nn.Module:
     import torchvision.models as tvm
     model = tvm.densenet121(weights=None, num_classes=num_cls)
     model.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -60,7 +60,7 @@ class ColumnFC(nn.Module):
         return self.fc3(x)
 
 
-def mia_fc(input_dim):
+def mia_fc(input_dim: int) -> nn.Module:
     return nn.Sequential(
         nn.Linear(input_dim, 512), nn.ReLU(), nn.Dropout(0.2),
         nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),

@@ -14,7 +14,7 @@ from common import atomic_write
 from records import record_time
 from results import KEY, TEXT_COLUMNS, value
 
-def plot(df, path):
+def plot(df: pd.DataFrame, path: str) -> None:
     """Write the privacy-utility trade-off figure (draw_tradeoff) to path, whole or not at all; its
     extension names the format."""
     fig = draw_tradeoff(df)
@@ -25,7 +25,7 @@ def plot(df, path):
         pyplot().close(fig)
 
 
-def draw_tradeoff(df):
+def draw_tradeoff(df: pd.DataFrame):
     """Privacy-utility trade-off: pruned test accuracy vs strongest attack, one subplot per dataset_model.
     Returns the matplotlib Figure."""
     import matplotlib
@@ -420,7 +420,7 @@ def save_figure(fig, path):
     pyplot().close(fig)
 
 
-def write_report(out_dir, collected, root, sources=""):
+def write_report(out_dir: str, collected, root: str, sources: str = "") -> list:
     """OUT_DIR/results.csv, the figures (PNG and PDF) and report.md: the table, then each figure with its
     caption, or one line saying why it is left out. Returns the lines that say what was left out."""
     df = collected.table

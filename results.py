@@ -201,7 +201,7 @@ class LogReader:
         self.attack = None
 
 
-def parse_file(path, dataset, model, seed=DEFAULT_SEED):
+def parse_file(path: str, dataset: str, model: str, seed: int = DEFAULT_SEED) -> list:
     """Raw rows of one log file (Block.rows), oldest first: one per attack block, or one per prune block
     without any."""
     pruner, sparsity, defense, tag = FILE_RE.match(os.path.basename(path)[:-4]).groups()
@@ -219,7 +219,7 @@ def parse_file(path, dataset, model, seed=DEFAULT_SEED):
     return [row for block in reader.blocks for row in block.rows(config)]
 
 
-def log_files(log_dir):
+def log_files(log_dir: str) -> list:
     """(path, dataset, model, seed) of every results log, oldest modification first."""
     found = []
     for folder in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
@@ -332,7 +332,7 @@ def record_rows(records, used):
 Collected = namedtuple("Collected", "table records problems")
 
 
-def collect(log_dir, result_dir=None, newest_only=True):
+def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> Collected:
     """Collected(table, records, problems): one DataFrame of all runs (with newest_only, one row per
     configuration: merge_runs), the usable records, and one line per record that could not be used."""
     problems = []
@@ -405,12 +405,12 @@ def table(rows, newest_only):
     return df.sort_values(KEY, key=order, kind="stable", na_position="first").reset_index(drop=True)
 
 
-def parse_logs(log_dir, newest_only=True, result_dir=None):
+def parse_logs(log_dir: str, newest_only: bool = True, result_dir: str = None) -> pd.DataFrame:
     """One DataFrame of all results (see collect)."""
     return collect(log_dir, result_dir, newest_only).table
 
 
-def to_markdown(df):
+def to_markdown(df: pd.DataFrame) -> str:
     cell = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]

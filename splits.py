@@ -26,7 +26,7 @@ class ModelSplit:
     dev: torch.Tensor
     test: torch.Tensor   # non-members
 
-    def to(self, device):
+    def to(self, device: torch.device) -> "ModelSplit":
         return ModelSplit(self.train.to(device), self.dev.to(device), self.test.to(device))
 
 
@@ -58,7 +58,7 @@ class Split:
         self.arrays, self.meta = arrays, meta
 
     @property
-    def shadow_num(self):
+    def shadow_num(self) -> int:
         return int(self.meta["shadow_num"])
 
     def indices(self, shadow: int = None) -> ModelSplit:
@@ -71,19 +71,19 @@ class Split:
         return ModelSplit(*(torch.from_numpy(self.arrays[f"{who}_{part}{tail}"])
                             for part in ("train", "dev", "test")))
 
-    def save(self, path):
+    def save(self, path: str) -> None:
         payload = dict(self.arrays)
         payload.update({f"meta_{k}": np.asarray(v) for k, v in self.meta.items()})
         atomic_write(path, lambda f: np.savez(f, **payload))
 
     @classmethod
-    def create(cls, dataset_name, n_train, n_test, seed, shadow_num):
+    def create(cls, dataset_name: str, n_train: int, n_test: int, seed: int, shadow_num: int) -> "Split":
         meta = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed,
                 "shadow_num": shadow_num}
         return cls(make_split(n_train, n_test, seed, shadow_num), meta)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str) -> "Split":
         if not os.path.isfile(path):
             raise MissingError(f"data split {path} not found; run pretrain_modi.py with this config first")
         try:
@@ -128,12 +128,12 @@ class Split:
                 if np.intersect1d(self.arrays[parts[a]], self.arrays[parts[b]]).size:
                     return f"{parts[a]} and {parts[b]} overlap"
         for i in range(self.shadow_num):
-            for members, others in ((f"victim_train", f"shadow_test_{i}"), (f"shadow_train_{i}", "victim_test")):
+            for members, others in (("victim_train", f"shadow_test_{i}"), (f"shadow_train_{i}", "victim_test")):
                 if np.intersect1d(self.arrays[members], self.arrays[others]).size:
                     return f"members of {members} are non-members in {others}"
         return None
 
-    def mismatch(self, dataset_name, n_train, n_test, seed=None, shadow_num=0):
+    def mismatch(self, dataset_name: str, n_train: int, n_test: int, seed: int = None, shadow_num: int = 0) -> str:
         """Why this split cannot serve the given run, or None (seed=None: any seed will do)."""
         want = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed}
         for key, value in want.items():
