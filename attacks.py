@@ -109,11 +109,20 @@ def best_balanced_accuracy(scores, member) -> float:
     return 100 * float((0.5 * (tpr + 1 - fpr)).max())
 
 
-def metric_lines(result: AttackResult) -> list:
-    """The log lines that follow "<name> attack accuracy: x": AUC and TPR at low FPR."""
+METRIC_DIGITS = {"AUC": 4}  # decimals in the log; 3 for the TPR@FPR metrics
+
+
+def metric_values(result: AttackResult) -> dict:
+    """{"AUC": auc, "TPR@1%FPR": tpr, "TPR@0.1%FPR": tpr}: what follows "<name> attack accuracy: x"."""
     auc, tpr_at = roc_metrics(result.scores, result.member)
-    return [f"{result.name} attack AUC: {auc:.4f}"] + [
-        f"{result.name} attack TPR@{100 * target:g}%FPR: {tpr:.3f}" for target, tpr in tpr_at.items()]
+    return {"AUC": auc, **{f"TPR@{100 * target:g}%FPR": tpr for target, tpr in tpr_at.items()}}
+
+
+def metric_lines(result: AttackResult, values: dict = None) -> list:
+    """The log lines of metric_values(result) (or of `values`, computed from it before)."""
+    values = metric_values(result) if values is None else values
+    return [f"{result.name} attack {metric}: {value:.{METRIC_DIGITS.get(metric, 3)}f}"
+            for metric, value in values.items()]
 
 
 # ---------------------------------------------------------------- metric (threshold) attacks

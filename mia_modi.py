@@ -6,13 +6,13 @@ python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6
 import numpy as np
 import torch
 
-from attacks import ATTACKS, Outputs, attacked_rows, metric_lines, model_outputs, parse_attacks
+from attacks import ATTACKS, METRIC_DIGITS, Outputs, attacked_rows, metric_lines, metric_values, model_outputs, parse_attacks
 from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
 from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
-from records import Recorder, block_start, logged, number, run_fields
+from records import Recorder, block_start, logged, run_fields
 from pruning import add_pruning_flags, check_pruned, check_pruning_flags
 from splits import check_config, open_run
 from train import evaluate, load_model, predict, warn_release_format
@@ -109,17 +109,19 @@ def main():
     with_sens = any(ATTACKS[name].needs_sensitivity for name in args.attack_names)
     with_shadow_logits = any(ATTACKS[name].needs_shadow_logits for name in args.attack_names)
 
+    def how(shadow=None):  # the command that makes this model
+        return victim_how if shadow is None else shadow_how
+
     def load(folder, shadow=None):
-        how = victim_how if shadow is None else shadow_how
-        model, ckpt = load_model(args, checkpoint(folder), device, "checkpoint", how, finished=True)
-        if not args.original:
-            check_pruned(model, folder, args.prune_sparsity, how)
-        return model, ckpt
+        return load_model(args, checkpoint(folder), device, "checkpoint", how(shadow), finished=True)
 
     release_format = []
     for i, folder in [(None, victim_folder)] + list(enumerate(shadow_folders)):  # all finished before any work
         split.indices(i)  # the split has this shadow
-        if "state" not in load(folder, i)[1]:
+        model, ckpt = load(folder, i)
+        if not args.original:
+            check_pruned(model, folder, args.prune_sparsity, how(i))
+        if "state" not in ckpt:
             release_format.append(checkpoint(folder))
     warn_release_format(release_format)
     seed_everything(args.seed)  # after the checks, which build models
@@ -154,11 +156,11 @@ def main():
     for name in args.attack_names:
         for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics):
             log.write(f"{result.name} attack accuracy: {result.accuracy:.3f}")
-            numbers = {"accuracy": logged(result.accuracy)}
-            for line in metric_lines(result):  # "<name> attack <metric>: <value>"
+            values = metric_values(result)
+            for line in metric_lines(result, values):
                 log.write(line)
-                metric, value = line[len(result.name) + len(" attack "):].split(": ")
-                numbers[metric] = number(value)
+            numbers = {"accuracy": logged(result.accuracy),
+                       **{metric: logged(v, METRIC_DIGITS.get(metric, 3)) for metric, v in values.items()}}
             recorder.results["attacks"].append({"name": result.name, **numbers})
             results.append(result)
     name = f"{prefix}_{setting_word}_{args.semantics}"

@@ -97,10 +97,10 @@ def completion_file(folder: str) -> str:
     return os.path.join(folder, "complete.json")
 
 
-def staging_dir(folder: str) -> str:
-    """<folder>.partial-<host>-<pid>: where a run writes a model folder until the model is final (train.Staging).
-    Host and pid keep two runs apart, also on a shared filesystem."""
-    return f"{folder}.partial-{os.uname().nodename}-{os.getpid()}"
+def staging_dir(folder: str, pid=None) -> str:
+    """<folder>.partial-<host>-<pid> (this process's by default): where a run writes a model folder until the
+    model is final (train.Staging). Host and pid keep two runs apart, also on a shared filesystem."""
+    return f"{folder}.partial-{os.uname().nodename}-{os.getpid() if pid is None else pid}"
 
 
 def split_of(folder: str) -> str:

@@ -13,7 +13,8 @@ from models import build_model
 from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, split_path, tagged
 from progress import Progress
 from records import Recorder, block_start, logged, run_fields
-from pruning import Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, prunable_layers
+from pruning import (Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, masked_fraction,
+                     prunable_layers)
 from splits import check_config, open_run
 from train import Staging, evaluate, fit, load_model, mark_finished, warn_release_format
 
@@ -62,12 +63,6 @@ def check_prerequisites(args, defense, settings, data, model_splits, memscores):
     warn_release_format(release_format)
 
 
-def mask_sparsity(pruner):
-    """Fraction of the prunable layers' weights that are masked out."""
-    masks = pruner.masks.values()
-    return sum((m == 0).sum().item() for m in masks) / max(sum(m.numel() for m in masks), 1)
-
-
 def prune_one(args, defense, settings, data, model_split, source, target, log, tag, memscores, progress, history):
     """Load the pretrained model from `source`, prune + fine-tune it under `defense`, export bests into
     `target`. The same procedure serves the victim and every shadow. TensorBoard steps count fine-tuning
@@ -86,7 +81,7 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
                                       on_best=lambda epoch, acc, loss: pruner.export(target, epoch, acc, loss),
                                       on_epoch=on_epoch)
         log.write(f"{tag} iter {iteration} best model: Accuracy {best_acc:.3f}, Loss {last_loss:.3f}")
-        progress.add(f"{model_tag}/iteration_sparsity", mask_sparsity(pruner), iteration)
+        progress.add(f"{model_tag}/iteration_sparsity", masked_fraction(pruner.masks.values()), iteration)
         progress.add(f"{model_tag}/iteration_best_dev_acc", best_acc, iteration)
         extra = trainer.iteration_summary()
         if extra:
@@ -95,7 +90,7 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
         if callable(getattr(trainer, "epsilon", None)):  # dp: the total so far, as its log line says
             history[-1]["dp_epsilon"] = logged(trainer.epsilon())
     mark_finished(target, split_path(args), script="prune_modi.py", target_sparsity=args.prune_sparsity,
-                  sparsity=mask_sparsity(pruner))
+                  sparsity=masked_fraction(pruner.masks.values()))
     return model
 
 

@@ -130,6 +130,12 @@ def load_masks(path: str, fix: str = "rerun prune_modi.py for this setting") -> 
     return weights
 
 
+def masked_fraction(masks) -> float:
+    """Fraction of the weights under `masks` (0/1 tensors) that are masked out."""
+    masks = list(masks)
+    return sum(int((m == 0).sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
+
+
 def check_pruned(model: nn.Module, folder: str, sparsity: float, fix: str, tolerance: float = 0.01) -> None:
     """A pruned model is what its folder's best_mask.pth says: every masked weight is zero and the masks'
     sparsity is the requested one (within `tolerance`), so a dense or other checkpoint copied into the folder
@@ -137,16 +143,14 @@ def check_pruned(model: nn.Module, folder: str, sparsity: float, fix: str, toler
     path = mask_file(folder)
     masks = load_masks(path, fix)
     modules = dict(model.named_modules())
-    zeros = total = 0
     for name, mask in masks.items():
         weight = getattr(modules.get(name), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.shape != mask.shape:
             raise MissingError(f"mask file {path} does not fit this model (layer {name}); {fix}")
-        kept_zero = mask.to(weight.device) == 0
-        if weight.detach()[kept_zero].any():
+        if weight.detach()[mask.to(weight.device) == 0].any():
             raise MissingError(f"{checkpoint(folder)} is not pruned as its mask {path} says (masked weights of "
                                f"{name} are not zero: a dense or another run's checkpoint); {fix}")
-        zeros, total = zeros + int(kept_zero.sum()), total + mask.numel()
-    if abs(zeros / total - sparsity) > tolerance:
-        raise MissingError(f"{path} prunes {zeros / total:.3f} of the weights, not the requested --prune_sparsity "
+    measured = masked_fraction(masks.values())
+    if abs(measured - sparsity) > tolerance:
+        raise MissingError(f"{path} prunes {measured:.3f} of the weights, not the requested --prune_sparsity "
                            f"{sparsity}; {fix}")

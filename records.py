@@ -19,10 +19,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from common import atomic_write
-from paths import result_dir, run_name
+from paths import REPO_DIR, result_dir, run_name
 
 FORMAT = 1  # the record layout below; bump it when a field changes meaning
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def utc_now() -> datetime:
@@ -42,7 +41,7 @@ def make_run_id(start: datetime) -> str:
 def code_version() -> dict:
     """{"commit": git HEAD of this code or None, "dirty": whether tracked or new files differ from it, or None}."""
     def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30,
+        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}

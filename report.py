@@ -25,14 +25,16 @@ def plot(df: pd.DataFrame, path: str) -> None:
         pyplot().close(fig)
 
 
+def attack_accuracy_columns(df: pd.DataFrame) -> list:
+    """<attack>_acc: the attacks' accuracies (not the victim's pretrained_acc or pruned_acc)."""
+    return [c for c in df.columns if c.endswith("_acc") and c not in ("pretrained_acc", "pruned_acc")]
+
+
 def draw_tradeoff(df: pd.DataFrame):
     """Privacy-utility trade-off: pruned test accuracy vs strongest attack, one subplot per dataset_model.
     Returns the matplotlib Figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    acc_cols = [c for c in df.columns if c.endswith("_acc") and c not in ("pretrained_acc", "pruned_acc")]
+    plt = pyplot()
+    acc_cols = attack_accuracy_columns(df)
     df = df.assign(attack=df[acc_cols].max(axis=1) if acc_cols else math.nan,
                    group=df["dataset"] + "_" + df["model"])
     groups = list(dict.fromkeys(df["group"])) or ["no results"]
@@ -132,8 +134,7 @@ def with_labels(df):
 
 def shown_attacks(df):
     """The STRONG attacks with results in df, else every attack with an accuracy."""
-    present = [c[:-4] for c in df.columns if c.endswith("_acc") and c not in ("pretrained_acc", "pruned_acc")
-               and df[c].notna().any()]
+    present = [c[:-len("_acc")] for c in attack_accuracy_columns(df) if df[c].notna().any()]
     return [a for a in STRONG if a in present] or present
 
 
@@ -386,7 +387,7 @@ def draw_sensitivity(agg):
 
 
 def draw_tradeoff_or_why(agg):
-    acc_cols = [c for c in agg.columns if c.endswith("_acc") and c not in ("pretrained_acc", "pruned_acc")]
+    acc_cols = attack_accuracy_columns(agg)
     attacked = agg[agg["pruned_acc"].notna() & agg[acc_cols].notna().any(axis=1)] if acc_cols else agg.iloc[:0]
     if attacked.empty:
         raise NoData("no pruned run has been attacked")

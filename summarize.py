@@ -43,7 +43,7 @@ def get_args(argv=None):
     return args
 
 
-def check_input_folder(path, what, fix):
+def check_not_a_file(path, what, fix):
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{what} {path} is a file, not a folder; {fix}")
 
@@ -80,9 +80,7 @@ def check_plot_format(path):
 def check_outputs(args):
     """Every file this run will write can be written, before anything is read or written."""
     if args.report:
-        if os.path.exists(args.report) and not os.path.isdir(args.report):
-            raise UsageError(f"--report {args.report} is a file, not a folder; pass a folder name (it is created "
-                             f"if missing)")
+        check_not_a_file(args.report, "--report", "pass a folder name (it is created if missing)")
         check_folder(args.report if os.path.isdir(args.report) else os.path.dirname(args.report) or ".",
                      f"--report {args.report}")
         return
@@ -95,10 +93,10 @@ def check_outputs(args):
 def main(argv=None):
     args = get_args(argv)
     result_dir = args.result_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), RESULT_ROOT)
-    check_input_folder(args.log_dir, "LOG_DIR", "pass the folder that holds the <ds>_<model>/ log folders "
+    check_not_a_file(args.log_dir, "LOG_DIR", "pass the folder that holds the <ds>_<model>/ log folders "
                                                 "(default: log)")
     if args.result_dir:
-        check_input_folder(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
+        check_not_a_file(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
                                                        "(default: result/ beside LOG_DIR)")
     check_outputs(args)
     if not os.path.isdir(args.log_dir) and not os.path.isdir(result_dir):

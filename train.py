@@ -1,5 +1,6 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
+import glob
 import hashlib
 import json
 import math
@@ -214,12 +215,9 @@ class Staging:
 
 def remove_dead_staging(folder: str) -> None:
     """Staged folders of folder left by runs on this host that no longer run (killed with -9)."""
-    mine = staging_dir(folder).rsplit("-", 1)[0] + "-"
-    parent = os.path.dirname(mine) or "."
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        path = os.path.join(parent, name)
-        pid = name[len(os.path.basename(mine)):]
-        if path.startswith(mine) and pid.isdigit() and not pid_alive(int(pid)):
+    for path in glob.glob(staging_dir(glob.escape(folder), "*")):
+        pid = path.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -233,20 +231,24 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def recorded(folder: str, field: str = "checkpoint_sha256"):
-    """A field of folder's completion record (the checkpoint's SHA-256 by default); None without a readable
-    record or field."""
+def completion_record(folder: str) -> dict:
+    """folder's completion record; None without a readable one that names a checkpoint."""
     try:
         with open(completion_file(folder)) as f:
-            return json.load(f)[field]
-    except (OSError, ValueError, KeyError, TypeError):
+            record = json.load(f)
+        return record if isinstance(record.get("checkpoint_sha256"), str) else None
+    except (OSError, ValueError, AttributeError):
         return None
+
+
+def holds_recorded_checkpoint(folder: str, record: dict) -> bool:
+    return os.path.isfile(checkpoint(folder)) and file_sha256(checkpoint(folder)) == record["checkpoint_sha256"]
 
 
 def is_finished(folder: str) -> bool:
     """Whether folder holds the checkpoint its completion record names."""
-    expected = recorded(folder)
-    return expected is not None and os.path.isfile(checkpoint(folder)) and file_sha256(checkpoint(folder)) == expected
+    record = completion_record(folder)
+    return record is not None and holds_recorded_checkpoint(folder, record)
 
 
 def check_finished(folder: str, ckpt: dict, fix: str) -> None:
@@ -259,13 +261,14 @@ def check_finished(folder: str, ckpt: dict, fix: str) -> None:
             raise MissingError(f"{checkpoint(folder)} belongs to a run that did not finish (no {record_path}: it "
                                f"was killed or is still running); {fix}")
         return
-    if recorded(folder) is None:
+    record = completion_record(folder)
+    if record is None:
         raise MissingError(f"completion record {record_path} is unreadable; {fix}")
-    if not is_finished(folder):
+    if not holds_recorded_checkpoint(folder, record):
         raise MissingError(f"{checkpoint(folder)} changed after its run finished (it is not the checkpoint "
                            f"{record_path} names: a later run was killed or is still running); {fix}")
     split = split_of(folder)
-    trained_on = recorded(folder, "split_sha256")
+    trained_on = record.get("split_sha256")
     if trained_on is not None and os.path.isfile(split) and file_sha256(split) != trained_on:
         raise MissingError(f"{checkpoint(folder)} was trained on another data split than {split} (the split was "
                            f"rebuilt after it finished); {fix}")

@@ -34,19 +34,19 @@ def run_script(script, *args, cwd, check=True, timeout=600, repo=REPO):
 
 
 def copy_repo(target, memscores=True):
-    """A runnable copy of the repo in target (which may exist): its modules and config/, and with
-    memscores the shipped memscore/ files; no data, results or logs. Scripts run from it
-    (run_script(..., repo=target)) read and write data/datasets/ and memscore/ under target, since
-    paths.py resolves those from the scripts' own folder. Returns target as a str."""
-    target = str(target)
-    os.makedirs(target, exist_ok=True)
-    for name in os.listdir(REPO):
-        if name.endswith(".py"):
+    """A runnable copy of the repo in target (which may exist): the files git knows (tracked, or new and not
+    ignored) and the shipped digits mem-scores, without memscore/ unless memscores; no data, results or
+    logs. Scripts run from it (run_script(..., repo=target)) read and write data/datasets/ and memscore/
+    under target, since paths.py resolves those from the scripts' own folder. Returns target as a str."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    names = set(filter(None, listed)) | {"memscore/memscore_digits_columnfc.csv"}
+    left_out = ("result/", "log/") + (() if memscores else ("memscore/",))
+    for name in sorted(names):
+        if not name.startswith(left_out) and os.path.isfile(os.path.join(REPO, name)):
+            os.makedirs(os.path.join(target, os.path.dirname(name)), exist_ok=True)
             shutil.copy2(os.path.join(REPO, name), os.path.join(target, name))
-    shutil.copytree(os.path.join(REPO, "config"), os.path.join(target, "config"), dirs_exist_ok=True)
-    if memscores:
-        shutil.copytree(os.path.join(REPO, "memscore"), os.path.join(target, "memscore"), dirs_exist_ok=True)
-    return target
+    return str(target)
 
 
 def as_repo(monkeypatch, folder):

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, copy_repo
 import results
 
 RUN = "digits_columnfc"
@@ -34,17 +34,6 @@ EXTRA = {"defenses": [{"defend": "slide_re", "stride": [1, 2], "width": 15}, {"d
 STEPS = ["pretrain"] + [f"{kind}.iter_prunetxt_0.6{suffix}" for suffix in ("", "_slide_re", "_ml2", "_slide_ml2")
                         for kind in ("prune", "attack")]
 CLUSTER_SCRIPT = os.path.join(REPO, "slurm", "local_cluster.sh")
-
-
-def copy_repo(target):
-    """The files git knows (tracked and not ignored: grid.py, grids/) and the shipped mem-scores."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
-    for name in set(filter(None, listed)) | {"memscore/memscore_digits_columnfc.csv"}:
-        if os.path.isfile(os.path.join(REPO, name)):
-            os.makedirs(os.path.join(target, os.path.dirname(name)), exist_ok=True)
-            shutil.copy2(os.path.join(REPO, name), os.path.join(target, name))
-    return str(target)
 
 
 def write_grid(folder, name, **changes):
