@@ -1,4 +1,4 @@
-"""Defenses: each is one fine-tuning epoch under a rule, registered by name (README: Defenses).
+"""Defenses: each is one fine-tuning epoch under a rule, registered by name (docs/defenses.md).
 
 A defense is built once per model being pruned (victim or shadow) and lives through every pruning
 iteration, so its optimizers keep their state. To add one, subclass Defense, set `name`, implement
@@ -41,7 +41,7 @@ def add_defense_flags(parser: argparse.ArgumentParser) -> None:
     """The defense flags, the same in prune_modi.py and mia_modi.py (mia_modi.py needs them to find the
     pruned models and to say how to make them)."""
     parser.add_argument("--defend", default="", help=f"'' (Base) or one of: {', '.join(DEFENSES)}")
-    parser.add_argument("--defend_arg", type=float, default=4, help="the baselines' argument (README: Baselines)")
+    parser.add_argument("--defend_arg", type=float, default=4, help="the baselines' argument (docs/defenses.md)")
     parser.add_argument("--dp_microbatch", type=int, default=None,
                         help="dp: examples per clipped microbatch (default batch_size//2; 1 = per-example)")
     parser.add_argument("--stride", type=int, default=None, help="window step (slide defenses)")
@@ -50,7 +50,7 @@ def add_defense_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem_thre", type=float, default=0.6, help="mem-score threshold (ml2)")
     parser.add_argument("--semantics", choices=SEMANTICS, default="release",
                         help="release: the paper's code as released (default); corrected: our fixes "
-                             "(README: Differences from the paper's release)")
+                             "(docs/differences.md)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The DP-SGD engine of the dp baseline (README: Baselines): per-microbatch gradients, clipping, noise.
+"""The DP-SGD engine of the dp baseline (docs/defenses.md#baselines): per-microbatch gradients, clipping, noise.
 
 Microbatch gradients come all at once through torch.func (vmap) for models without buffers, and one
 microbatch at a time for models with BatchNorm (whose running statistics then update per microbatch).

@@ -1,4 +1,4 @@
-"""Per-sample mem-scores of a config's training set (README: Mem-scores): the authors' CSV format and
+"""Per-sample mem-scores of a config's training set (docs/defenses.md#mem-scores): the authors' CSV format and
 the fingerprint that ties a CSV to the training set it scores.
 
 Row i of memscore/memscore_<ds>_<model>.csv (in the repo's memscore/, whatever the working directory)
@@ -38,7 +38,7 @@ HASH_CHUNK = 64 << 20  # bytes of x moved to the CPU and hashed at a time
 
 def memscore_fix(args) -> str:
     """How to get the mem-score file of this config: the authors' CSV where one exists, else compute it."""
-    compute = f"compute it with python compute_memscore.py {args.gpu_id} {args.config_path} (README: Mem-scores)"
+    compute = f"compute it with python compute_memscore.py {args.gpu_id} {args.config_path} (docs/defenses.md)"
     if (args.dataset_name, args.model_name) in AUTHORS_MEMSCORES:
         return f"put the authors' published CSV there, or {compute}"
     return compute

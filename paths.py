@@ -53,7 +53,7 @@ def pretrained_dir(args, shadow: int = None) -> str:
 
 
 def model_prefix(pruner_name: str, sparsity: float, defense: str = "base", defend_arg: float = None) -> str:
-    """<pruner>_<sparsity>[_<defense>[_<defend_arg>]], the release's name of a pruned run (README: Pipeline).
+    """<pruner>_<sparsity>[_<defense>[_<defend_arg>]], the release's name of a pruned run (docs/pipeline.md).
     Base adds nothing; defend_arg is passed only by the defenses whose argument is part of the name."""
     name = f"{pruner_name}_{float(sparsity)}"
     if defense and defense != "base":
@@ -93,7 +93,7 @@ def mask_file(folder: str) -> str:
 
 
 def completion_file(folder: str) -> str:
-    """complete.json: written once the folder's model is final (README: Running the paper's grid)."""
+    """complete.json: written once the folder's model is final (docs/troubleshooting.md)."""
     return os.path.join(folder, "complete.json")
 
 

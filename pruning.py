@@ -32,7 +32,7 @@ def add_pruning_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune_sparsity", type=float, default=0.6)
     parser.add_argument("--tag", default="", type=tag_type,
                         help="a name for this setting, added to the pruned folders and the log file "
-                             "(letters, digits, '.', '-'; README: Running the paper's grid)")
+                             "(letters, digits, '.', '-'; docs/grid.md)")
 
 
 def check_pruning_flags(pruner_name: str, sparsity: float) -> None:

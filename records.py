@@ -1,7 +1,7 @@
 """Structured run records (JSON) and per-sample attack scores (.npz), beside the text logs.
 
 Every prune and attack run writes one record, result/<ds>_<model>/records/<kind>_<name>_<run id>.json,
-and every attack run one scores file, result/<ds>_<model>/scores/<name>_<run id>.npz (README: Reading
+and every attack run one scores file, result/<ds>_<model>/scores/<name>_<run id>.npz (docs/results.md: Reading
 the results). The run id is the UTC start time to the microsecond, the host and the process id: one
 process starts one run, and no two processes of one host share a pid at the same time, so no two runs
 share a name, and the name never changes once the run has started. A record names its log file and the

@@ -1,7 +1,7 @@
 """The results table: every prune and attack run as one row, from the run records and the logs.
 
 Reads the run records RESULT_DIR/<dataset>_<model>/records/*.json (records.py) and the logs
-LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt in the format of README: Reading the results
+LOG_DIR/<dataset>_<model>/<pruner>_<sparsity>_<defend>.txt in the format of docs/results.md
 (the release's own logs too). A record and its log block are one run, one row: every record names its
 log file and the byte offset where its block starts, the logs are parsed with those offsets, and a block
 that a record names takes the record's values; a record whose block is in no log under LOG_DIR gives a

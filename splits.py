@@ -1,4 +1,4 @@
-"""The victim/shadow data split of the release (README: Pipeline), persisted as index arrays.
+"""The victim/shadow data split of the release (docs/pipeline.md#the-split), persisted as index arrays.
 
 The training set is halved into the victim's and the shadows' pools. Each model trains on 90% of its
 pool; the other 10% plus the whole test set are cut 34/66 into its dev and test (non-member) parts.

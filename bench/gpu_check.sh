@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, prepared once: run it as is on a machine with a CUDA GPU and put its numbers in the
-# README's Performance section. Downloads nothing (digits ships with scikit-learn; the image model
+# docs/performance.md. Downloads nothing (digits ships with scikit-learn; the image model
 # runs on CIFAR-shaped random tensors) and takes well under 8 minutes on one modern GPU:
 #   1. the CUDA path of the three scripts on digits (GPU-ID 0), each timed, with their GPU log line;
 #   2. python grid.py grids/digits.json --backend local --gpus 0 (the README's main job), timed;

@@ -147,7 +147,7 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     assert str(err.value) == (
         "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 1437 samples "
         "(made for another dataset or split); compute it with python compute_memscore.py -1 config/digits.json "
-        "(README: Mem-scores)")
+        "(docs/defenses.md)")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -178,7 +178,7 @@ def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(MissingError) as err:
         load_memscores(digits_args(), digits_train())
     assert str(err.value) == ("mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
-                              "python compute_memscore.py -1 config/digits.json (README: Mem-scores)")
+                              "python compute_memscore.py -1 config/digits.json (docs/defenses.md)")
     cifar = digits_args(dataset_name="cifar10", model_name="resnet18", config_path="config/cifar10_resnet18.json")
     with pytest.raises(MissingError, match="memscore_cifar10_resnet18.csv not found; put the authors' published CSV"):
         load_memscores(cifar, digits_train())  # the file is looked for before the data

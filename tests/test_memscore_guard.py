@@ -1,5 +1,5 @@
 """Mem-scores must belong to the split they are used with: the fingerprint sidecar written by
-compute_memscore.py and the checks of memscores.load_memscores (README: Mem-scores)."""
+compute_memscore.py and the checks of memscores.load_memscores (docs/defenses.md#mem-scores)."""
 import hashlib
 import json
 import os

@@ -1,4 +1,4 @@
-"""--semantics release vs corrected for the defenses that train differently under it (README:
+"""--semantics release vs corrected for the defenses that train differently under it (docs/differences.md:
 Differences from the paper's release): the RSW/SWMR windows, adv and dp. Each release rule is checked
 against a plain-Python reference written from its description, and corrected against today's rule."""
 import math
@@ -113,7 +113,7 @@ def test_shared_end_on_a_location_like_set():
     assert got_release == [release_window(groups, 1, 15, e) for e in range(21)]
     assert got_corrected == [corrected_window(groups, 1, 15, e) for e in range(21)]
     assert sum(a != b for a, b in zip(got_release, got_corrected)) >= 1
-    # class 15 has 8 samples: the larger classes after it lose samples in every epoch, as in the README
+    # class 15 has 8 samples: the larger classes after it lose samples in every epoch, as in docs/differences.md
     assert sizes[15] == 8 and all(len(a) < len(b) for a, b in zip(got_release, got_corrected))
 
 

@@ -1,4 +1,4 @@
-"""splits.py: the release's victim/shadow split (README: Pipeline), its persistence and reuse checks."""
+"""splits.py: the release's victim/shadow split (docs/pipeline.md#the-split), its persistence and reuse checks."""
 import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
