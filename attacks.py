@@ -310,15 +310,16 @@ def logit_confidence(logits, labels):
     return z[rows, labels] - torch.logsumexp(others, dim=1)
 
 
-def lira_scores(shadow_values, victim_values):
+def lira_scores(shadow_values, victim_values, per_sample: bool = None):
     """Offline LiRA (Carlini et al. 2022). shadow_values (S, N): each shadow's log-odds on the
     victim's samples, all OUT (no shadow trained on them). Fit N(mu_i, var) per sample and score
-    -log P[OUT >= victim value]: higher = member. The variance is pooled over all samples unless there
-    are LIRA_PER_SAMPLE_VAR_MIN shadows (per-sample variances from a few shadows are too noisy);
-    one shadow has no spread around its own mean, so it falls back to the spread over samples."""
+    -log P[OUT >= victim value]: higher = member. The variance is pooled over all samples unless
+    per_sample (by default: from LIRA_PER_SAMPLE_VAR_MIN shadows on; per-sample variances from a few shadows
+    are too noisy); one shadow has no spread around its own mean, so it falls back to the spread over samples."""
     count = shadow_values.shape[0]
     mean = shadow_values.mean(0)
-    if count >= LIRA_PER_SAMPLE_VAR_MIN:
+    per_sample = count >= LIRA_PER_SAMPLE_VAR_MIN if per_sample is None else per_sample
+    if per_sample and count > 1:
         var = shadow_values.var(0)
     elif count > 1:
         var = ((shadow_values - mean) ** 2).sum() / (shadow_values.shape[1] * (count - 1))
