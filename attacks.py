@@ -426,9 +426,11 @@ def rmia_tune(refs: References, gamma: float) -> tuple:
     aucs, runs = [], []
     for a in RMIA_A_GRID:
         scores, member, has_out = rmia_attack_model(refs, target, others, a, gamma)
-        if member[has_out].all() or not member[has_out].any():
-            raise UsageError(f"RMIA cannot tune a: shadow {RMIA_TUNE_SHADOW}'s samples with an OUT reference are "
-                             f"all {'members' if member[has_out].any() else 'non-members'}; use more shadows")
+        kinds = set(member[has_out].tolist())
+        if len(kinds) < 2:
+            what = "none" if not kinds else "only members" if True in kinds else "only non-members"
+            raise UsageError(f"RMIA cannot tune a: shadow {RMIA_TUNE_SHADOW}'s samples with an OUT reference among "
+                             f"the other shadows are {what}; use more shadows (--shadow_num)")
         aucs.append(roc_metrics(scores[has_out], member[has_out])[0])
         runs.append((scores[has_out], member[has_out]))
     best = int(np.argmax(aucs))

@@ -226,3 +226,10 @@ def test_rmia_needs_two_shadows_and_a_positive_gamma():
         mia_modi.get_args(base + ["--shadow_num", "1"])
     with pytest.raises(attacks.UsageError, match="--rmia_gamma must be a finite number > 0"):
         mia_modi.get_args(base + ["--rmia_gamma", "0"])
+
+
+def test_tuning_needs_members_and_non_members_with_an_out_reference():
+    refs = handmade()
+    refs.trained[2:, :5] = True  # the other shadows trained on every training row, all of shadow 0's samples
+    with pytest.raises(attacks.UsageError, match="samples with an OUT reference among the other shadows are none"):
+        attacks.rmia_tune(refs, 1.0)
