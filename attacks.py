@@ -418,9 +418,9 @@ def rmia_attack_model(refs: References, target: int, references: list, a: float,
 
 
 def rmia_tune(refs: References, gamma: float) -> tuple:
-    """(a, AUC per a, number of tuning samples): attack shadow RMIA_TUNE_SHADOW with the other shadows as
-    references for every a in RMIA_A_GRID, over its samples with at least one OUT reference; the best AUC
-    wins (the smallest a on a tie). Also returns the tuning shadow's scores and membership at that a."""
+    """(a, [AUC per a], (scores, member) at that a): attack shadow RMIA_TUNE_SHADOW with the other shadows
+    as references for every a in RMIA_A_GRID, over its samples with at least one OUT reference; the best
+    AUC wins (the smallest a on a tie)."""
     target = 1 + RMIA_TUNE_SHADOW
     others = [m for m in range(1, len(refs.prob)) if m != target]
     aucs, runs = [], []

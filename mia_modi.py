@@ -1,7 +1,7 @@
 """Step 3: membership inference attacks on the pruned victim, calibrated on the shadows.
 
 python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --attacks threshold,samia
-                   [--defend slide_re [--defend_arg 4] --adaptive] [--original]
+                   [--defend slide_re [--defend_arg 4] --adaptive] [--original] [--shadow_num 5] [--rmia_gamma 1]
 """
 import numpy as np
 import torch
