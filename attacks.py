@@ -5,8 +5,9 @@ train on) and the victim's outputs on its members / non-members (to be scored), 
 AttackResult per reported attack: accuracy in percent plus the continuous member score of every
 victim sample (higher = more likely a member).
 """
+import math
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ class Outputs:
     logits: torch.Tensor = None  # (N, C) raw outputs (LiRA's stable log-odds need them)
     shadow_logits: torch.Tensor = None  # (S, N, C) every shadow model's logits on these samples;
     #                                     victim only, only when an attack needs it (LiRA)
+    references: "References" = None  # victim only, only when an attack needs it (RMIA)
 
     @staticmethod
     def cat(parts):
@@ -49,6 +51,7 @@ class AttackResult:
     accuracy: float       # percent
     scores: np.ndarray    # member score of every victim sample
     member: np.ndarray    # victim ground truth
+    notes: list = field(default_factory=list)  # extra log lines after the metric lines (RMIA's a)
 
 
 @torch.inference_mode()
@@ -179,18 +182,42 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 
 # ---------------------------------------------------------------- registry
 
-# fn(shadow, victim, num_cls, progress, semantics) -> [AttackResult], one per name in `reports` (the log
-# names, in order); semantics is --semantics (release or corrected). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity fills `sens` (shadow
-# and victim), needs_shadow_logits fills victim.shadow_logits.
-Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits")
+# fn(shadow, victim, num_cls, progress, semantics, options) -> [AttackResult], one per name in `reports` (the
+# log names, in order); semantics is --semantics (release or corrected), options the parsed command line
+# (an attack's own flags, see add_attack_flags). The flags ask mia_modi.py for optional Outputs fields:
+# needs_sensitivity fills `sens` (shadow and victim), needs_shadow_logits fills victim.shadow_logits,
+# needs_references fills victim.references. min_shadows: the fewest shadows the attack works with.
+Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits needs_references min_shadows")
 ATTACKS = {}   # --attacks name -> Attack, in log order
 
 
-def register(name: str, reports: list, needs_sensitivity: bool = False, needs_shadow_logits: bool = False):
+def register(name: str, reports: list, needs_sensitivity: bool = False, needs_shadow_logits: bool = False,
+             needs_references: bool = False, min_shadows: int = 1):
     def add(fn):
-        ATTACKS[name] = Attack(fn, tuple(reports), needs_sensitivity, needs_shadow_logits)
+        ATTACKS[name] = Attack(fn, tuple(reports), needs_sensitivity, needs_shadow_logits, needs_references,
+                               min_shadows)
         return fn
     return add
+
+
+def add_attack_flags(parser) -> None:
+    """The attacks' own flags (mia_modi.py)."""
+    parser.add_argument("--rmia_gamma", type=float, default=1.0,
+                        help="RMIA: a sample beats a population sample z when ratio(x) / ratio(z) > gamma")
+
+
+def check_attack_flags(args) -> None:
+    """args.attack_names, args.shadow_num and the attacks' own flags fit together."""
+    for name in args.attack_names:
+        if args.shadow_num < ATTACKS[name].min_shadows:
+            raise UsageError(f"attack {name} needs --shadow_num >= {ATTACKS[name].min_shadows}, got {args.shadow_num}")
+    if not (math.isfinite(args.rmia_gamma) and args.rmia_gamma > 0):
+        raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
+
+
+def true_label_prob(logits, labels) -> torch.Tensor:
+    """Softmax probability of the true label, in float64."""
+    return F.softmax(logits.double(), dim=1)[torch.arange(len(labels), device=logits.device), labels]
 
 
 def report_names() -> list:
@@ -230,13 +257,13 @@ def _onehot(o, num_cls):
 
 
 @register("samia", ["SAMIA"], needs_sensitivity=True)
-def samia(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def samia(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
     return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress)
 
 
 @register("threshold", ["Conf", "Entr", "Mentr", "Hconf"])
-def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes. The features
     are computed in float32 as in the release (semantics "release") or in float64 ("corrected"), which
     moves Mentr on very confident outputs."""
@@ -253,24 +280,27 @@ def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release")
 
 
 @register("nn", ["NN"])
-def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress)
 
 
 @register("nn_top3", ["Top3-NN"])
-def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls, progress)
 
 
 @register("nn_cls", ["NNCl"])
-def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
     return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress)
 
 
 # ---------------------------------------------------------------- offline LiRA
 
-LIRA_PER_SAMPLE_VAR_MIN = 64  # shadows needed before per-sample variances beat one pooled variance
+# Shadows before per-sample variances replace the pooled one. On digits (bench/bench_shadows.py) per-sample
+# variances gained nothing at any count from 2 to 64 (AUC within 0.005 of pooled, lower at 64), so they start
+# above the measured range.
+LIRA_PER_SAMPLE_VAR_MIN = 128
 
 
 def logit_confidence(logits, labels):
@@ -283,15 +313,16 @@ def logit_confidence(logits, labels):
     return z[rows, labels] - torch.logsumexp(others, dim=1)
 
 
-def lira_scores(shadow_values, victim_values):
+def lira_scores(shadow_values, victim_values, per_sample: bool = None):
     """Offline LiRA (Carlini et al. 2022). shadow_values (S, N): each shadow's log-odds on the
     victim's samples, all OUT (no shadow trained on them). Fit N(mu_i, var) per sample and score
-    -log P[OUT >= victim value]: higher = member. The variance is pooled over all samples unless there
-    are LIRA_PER_SAMPLE_VAR_MIN shadows (per-sample variances from a few shadows are too noisy);
-    one shadow has no spread around its own mean, so it falls back to the spread over samples."""
+    -log P[OUT >= victim value]: higher = member. The variance is pooled over all samples unless
+    per_sample (by default: from LIRA_PER_SAMPLE_VAR_MIN shadows on; per-sample variances from a few shadows
+    are too noisy); one shadow has no spread around its own mean, so it falls back to the spread over samples."""
     count = shadow_values.shape[0]
     mean = shadow_values.mean(0)
-    if count >= LIRA_PER_SAMPLE_VAR_MIN:
+    per_sample = count >= LIRA_PER_SAMPLE_VAR_MIN if per_sample is None else per_sample
+    if per_sample and count > 1:
         var = shadow_values.var(0)
     elif count > 1:
         var = ((shadow_values - mean) ** 2).sum() / (shadow_values.shape[1] * (count - 1))
@@ -302,10 +333,123 @@ def lira_scores(shadow_values, victim_values):
 
 
 @register("lira", ["LiRA"], needs_shadow_logits=True)
-def lira(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def lira(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     """Offline LiRA. Its accuracy is the best balanced accuracy over thresholds chosen on the victim
     (as the LiRA paper reports it), an upper bound rather than a shadow-calibrated accuracy."""
     shadow_values = torch.stack([logit_confidence(z, victim.labels) for z in victim.shadow_logits])
     scores = lira_scores(shadow_values, logit_confidence(victim.logits, victim.labels)).cpu().numpy()
     member = victim.member.cpu().numpy()
     return [AttackResult("LiRA", best_balanced_accuracy(scores, member), scores, member)]
+
+
+# ---------------------------------------------------------------- offline RMIA
+
+RMIA_A_GRID = tuple(i / 10 for i in range(11))  # a = 0, 0.1, ..., 1
+RMIA_TUNE_SHADOW = 0  # the shadow attacked (with the other shadows as references) to pick a
+
+
+@dataclass
+class References:
+    """What RMIA compares: every model's softmax probability of the true label on a set of rows (model 0 the
+    victim, model 1 + i shadow i), and, from the split, which rows each model trained on and attacks."""
+    rows: np.ndarray      # (R,) rows of the index space: training-set rows, then test-set rows from n_train on
+    n_train: int
+    prob: np.ndarray      # (1 + S, R) float64
+    trained: np.ndarray   # (1 + S, R) bool: the row is among the model's members
+    attacked: list        # per model, positions (into rows) of its attacked samples in attack order
+
+    @staticmethod
+    def all_rows(victim_split, n_rows: int) -> np.ndarray:
+        """Every row of the index space, the victim's attacked rows first (in attack order)."""
+        first = attacked_rows(victim_split).cpu().numpy()
+        rest = np.ones(n_rows, dtype=bool)
+        rest[first] = False
+        return np.concatenate([first, np.flatnonzero(rest)]).astype(np.int64)
+
+    @classmethod
+    def from_split(cls, splits, rows: np.ndarray, n_train: int, prob) -> "References":
+        """splits: the victim's ModelSplit, then shadow i's; prob (1 + S, len(rows)) in the same model order."""
+        position = np.full(int(rows.max()) + 1, -1, dtype=np.int64)
+        position[rows] = np.arange(len(rows))
+        trained = np.zeros((len(splits), len(rows)), dtype=bool)
+        for m, s in enumerate(splits):
+            trained[m, position[s.train.cpu().numpy()]] = True
+        attacked = [position[attacked_rows(s).cpu().numpy()] for s in splits]
+        return cls(rows, n_train, np.asarray(prob, dtype=np.float64), trained, attacked)
+
+    def population(self, target: int) -> np.ndarray:
+        """Positions of the z samples for model `target`: test-set rows no model trained on, outside the
+        target's attacked samples."""
+        free = (self.rows >= self.n_train) & ~self.trained.any(0)
+        free[self.attacked[target]] = False
+        return np.flatnonzero(free)
+
+
+def rmia_ratio(target_prob, reference_prob, reference_out, a):
+    """p(x|target) / p(x), p(x) = (1 + a) / 2 * mean over OUT references of p(x|ref) + (1 - a) / 2; nan where a
+    sample has no OUT reference. target_prob (N,), reference_prob and reference_out (K, N)."""
+    count = reference_out.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out_mean = np.where(reference_out, reference_prob, 0.0).sum(0) / count
+    p = (1 + a) / 2 * out_mean + (1 - a) / 2
+    return np.where(count > 0, target_prob / p, np.nan)
+
+
+def rmia_pairwise(ratio_x, ratio_z, gamma, chunk=1 << 22):
+    """score(x) = the fraction of z with ratio(x) / ratio(z) > gamma, the literal quotient (in row chunks)."""
+    step = max(1, chunk // max(1, len(ratio_z)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        parts = [(ratio_x[i:i + step, None] / ratio_z[None, :] > gamma).mean(1) for i in range(0, len(ratio_x), step)]
+    scores = np.concatenate(parts) if parts else np.zeros(0)
+    return np.where(np.isnan(ratio_x), np.nan, scores)
+
+
+def rmia_attack_model(refs: References, target: int, references: list, a: float, gamma: float) -> tuple:
+    """(scores, member, has_out) of model `target`'s attacked samples with the models `references` as
+    reference models; membership of every reference on every sample from refs.trained."""
+    x, z = refs.attacked[target], refs.population(target)
+    if len(z) == 0:
+        raise UsageError("RMIA has no population samples (test-set rows outside every model's training and "
+                         "the attacked samples); the split leaves none, see docs/attacks.md")
+    ref_prob, ref_out = refs.prob[references], ~refs.trained[references]
+    ratio_x = rmia_ratio(refs.prob[target, x], ref_prob[:, x], ref_out[:, x], a)
+    ratio_z = rmia_ratio(refs.prob[target, z], ref_prob[:, z], ref_out[:, z], a)
+    return rmia_pairwise(ratio_x, ratio_z, gamma), refs.trained[target, x], ref_out[:, x].any(0)
+
+
+def rmia_tune(refs: References, gamma: float) -> tuple:
+    """(a, [AUC per a], (scores, member) at that a): attack shadow RMIA_TUNE_SHADOW with the other shadows
+    as references for every a in RMIA_A_GRID, over its samples with at least one OUT reference; the best
+    AUC wins (the smallest a on a tie)."""
+    target = 1 + RMIA_TUNE_SHADOW
+    others = [m for m in range(1, len(refs.prob)) if m != target]
+    aucs, runs = [], []
+    for a in RMIA_A_GRID:
+        scores, member, has_out = rmia_attack_model(refs, target, others, a, gamma)
+        kinds = set(member[has_out].tolist())
+        if len(kinds) < 2:
+            what = "none" if not kinds else "only members" if True in kinds else "only non-members"
+            raise UsageError(f"RMIA cannot tune a: shadow {RMIA_TUNE_SHADOW}'s samples with an OUT reference among "
+                             f"the other shadows are {what}; use more shadows (--shadow_num)")
+        aucs.append(roc_metrics(scores[has_out], member[has_out])[0])
+        runs.append((scores[has_out], member[has_out]))
+    best = int(np.argmax(aucs))
+    return RMIA_A_GRID[best], aucs, runs[best]
+
+
+@register("rmia", ["RMIA"], needs_references=True, min_shadows=2)
+def rmia(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
+    """Offline RMIA (Zarifzadeh et al. 2024), a tuned on a shadow. Its accuracy is shadow-calibrated: the
+    threshold with the best balanced accuracy on the tuning shadow's scores, applied to the victim's."""
+    refs, gamma = victim.references, getattr(options, "rmia_gamma", 1.0)
+    a, aucs, (tune_scores, tune_member) = rmia_tune(refs, gamma)
+    scores, member, _ = rmia_attack_model(refs, 0, list(range(1, len(refs.prob))), a, gamma)
+    if not np.array_equal(member, victim.member.cpu().numpy()):
+        raise ValueError("RMIA's victim samples are not in the attack's order")
+    cut = best_threshold(tune_scores[tune_member], tune_scores[~tune_member])
+    said = scores >= cut
+    accuracy = 100 * 0.5 * (said[member].mean() + (~said[~member]).mean())
+    notes = [f"RMIA a: {a:g} (AUC {aucs[RMIA_A_GRID.index(a)]:.4f} on shadow {RMIA_TUNE_SHADOW}'s "
+             f"{len(tune_member)} samples with an OUT reference, {int(tune_member.sum())} members), gamma {gamma:g}, "
+             f"{len(refs.population(0))} population samples"]
+    return [AttackResult("RMIA", accuracy, scores, member, notes)]

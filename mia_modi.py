@@ -1,12 +1,13 @@
 """Step 3: membership inference attacks on the pruned victim, calibrated on the shadows.
 
 python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --attacks threshold,samia
-                   [--defend slide_re [--defend_arg 4] --adaptive] [--original]
+                   [--defend slide_re [--defend_arg 4] --adaptive] [--original] [--shadow_num 5] [--rmia_gamma 1]
 """
 import numpy as np
 import torch
 
-from attacks import ATTACKS, METRIC_DIGITS, Outputs, attacked_rows, metric_lines, metric_values, model_outputs, parse_attacks
+from attacks import (ATTACKS, METRIC_DIGITS, Outputs, References, add_attack_flags, attacked_rows, check_attack_flags,
+                     metric_lines, metric_values, model_outputs, parse_attacks, true_label_prob)
 from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
@@ -27,12 +28,14 @@ def get_args(argv=None):
                         help="use shadows pruned with the same defense (else Base-pruned shadows)")
     parser.add_argument("--original", action="store_true", help="attack the unpruned victim with unpruned shadows")
     parser.add_argument("--shadow_num", type=int, default=5)
+    add_attack_flags(parser)
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
     check_config(args)
     check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.shadow_num < 1:
         raise UsageError(f"the attacks need shadows: --shadow_num must be >= 1, got {args.shadow_num}")
+    check_attack_flags(args)
     if args.original and args.adaptive:
         raise UsageError("--original attacks the unpruned models, which have no defense; drop --adaptive")
     if args.original and args.defend not in ("", "base"):
@@ -108,6 +111,7 @@ def main():
     victim_folder, shadow_folders, setting, victim_how, shadow_how = model_folders(args, defense)
     with_sens = any(ATTACKS[name].needs_sensitivity for name in args.attack_names)
     with_shadow_logits = any(ATTACKS[name].needs_shadow_logits for name in args.attack_names)
+    with_references = any(ATTACKS[name].needs_references for name in args.attack_names)
 
     def how(shadow=None):  # the command that makes this model
         return victim_how if shadow is None else shadow_how
@@ -132,16 +136,28 @@ def main():
         return model, model_outputs(model, data, model_split, with_sens, max(args.batch_size, 1000))
 
     victim_rows = attacked_rows(split.indices().to(device))
-    shadow_parts, shadow_logits = [], []
+    model_splits = [split.indices()] + [split.indices(i) for i in range(args.shadow_num)]
+    reference_rows = References.all_rows(model_splits[0], len(data)) if with_references else None
+    shadow_parts, shadow_logits, reference_probs = [], [], []
+
+    def reference_prob(model):  # RMIA: every model on every row, the victim's attacked rows first
+        rows = torch.from_numpy(reference_rows).to(device)
+        return true_label_prob(predict(model, data, rows), data.y[rows]).cpu().numpy()
+
     for i, folder in enumerate(shadow_folders):
         shadow_model, part = outputs(folder, i)
         shadow_parts.append(part)
         if with_shadow_logits:  # LiRA: every shadow on the victim's members and non-members
             shadow_logits.append(predict(shadow_model, data, victim_rows))
+        if with_references:
+            reference_probs.append(reference_prob(shadow_model))
     shadow = Outputs.cat(shadow_parts)
     victim_model, victim = outputs(victim_folder)
     if with_shadow_logits:
         victim.shadow_logits = torch.stack(shadow_logits)
+    if with_references:
+        victim.references = References.from_split(model_splits, reference_rows, int(split.meta["n_train"]),
+                                                  np.stack([reference_prob(victim_model)] + reference_probs))
     log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"
@@ -154,10 +170,10 @@ def main():
     progress = Progress(args.quiet)
     results = []
     for name in args.attack_names:
-        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics):
+        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics, args):
             log.write(f"{result.name} attack accuracy: {result.accuracy:.3f}")
             values = metric_values(result)
-            for line in metric_lines(result, values):
+            for line in metric_lines(result, values) + result.notes:
                 log.write(line)
             numbers = {"accuracy": logged(result.accuracy),
                        **{metric: logged(v, METRIC_DIGITS.get(metric, 3)) for metric, v in values.items()}}

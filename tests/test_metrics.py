@@ -150,6 +150,23 @@ def test_lira_scores_match_a_slow_reference():
     assert far[1] > far[0] > 300  # a survival function in float64 would be 0 here, -log of it inf
 
 
+def test_lira_per_sample_variances_from_the_threshold_on():
+    rng = np.random.default_rng(3)
+    count = attacks.LIRA_PER_SAMPLE_VAR_MIN
+    shadow_values = rng.normal(size=(count, 40)) * rng.uniform(0.5, 3, size=40)
+    victim_values = rng.normal(size=40)
+    mean = shadow_values.mean(0)
+    per_sample = [-norm.logsf(v, loc=m, scale=math.sqrt(sum((row[i] - m) ** 2 for row in shadow_values) / (count - 1)))
+                  for i, (v, m) in enumerate(zip(victim_values, mean))]
+    got = attacks.lira_scores(torch.from_numpy(shadow_values), torch.from_numpy(victim_values)).numpy()
+    assert np.allclose(got, per_sample, rtol=1e-10)
+    fewer = torch.from_numpy(shadow_values[:count - 1])
+    pooled = attacks.lira_scores(fewer, torch.from_numpy(victim_values), per_sample=False).numpy()
+    assert np.array_equal(attacks.lira_scores(fewer, torch.from_numpy(victim_values)).numpy(), pooled)
+    forced = attacks.lira_scores(fewer, torch.from_numpy(victim_values), per_sample=True).numpy()
+    assert not np.allclose(forced, pooled)
+
+
 def test_logit_confidence_is_stable():
     logits = torch.tensor([[2.0, 0.5, -1.0], [80.0, 0.0, 0.0], [0.0, 0.0, -200.0]])
     labels = torch.tensor([0, 0, 2])
