@@ -632,17 +632,23 @@ def run_local(todo, done, gpus, jobs, retries, jobs_per_gpu=1):
             code, record = f"grid.py could not run it ({err})", None
         finished.put((step, code, record))
 
-    while True:
+    def launch():
+        """Start what can start; the steps skipped now. Then a status line counts the steps just started."""
         started, skipped = schedule.next()
-        for step in skipped:
-            tracker.finish(step, "skipped", running=len(schedule.running))
         for step, slot in started:
             threading.Thread(target=work, args=(step, slot), daemon=True).start()
+        return skipped
+
+    skipped = launch()
+    while True:
+        for step in skipped:
+            tracker.finish(step, "skipped", running=len(schedule.running))
         tracker.show(len(schedule.running))
         if not schedule.running:
             break
         step, code, record = finished.get()
         schedule.finish(step, code == 0)
+        skipped = launch()
         tracker.finish(step, "done" if code == 0 else "failed",
                        "" if code == 0 else code if isinstance(code, str) else failure(step, code),
                        seconds=record and record["seconds"], running=len(schedule.running))

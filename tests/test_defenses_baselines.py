@@ -361,6 +361,7 @@ def digits_runs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 @pytest.mark.parametrize("defend, arg", BASELINE_RUNS)
 def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
