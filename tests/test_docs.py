@@ -9,9 +9,11 @@ slugged as GitHub does: markup dropped, lower case, characters other than letter
 
 Commands: lines of fenced code blocks and inline code spans, split at `&&`, `||`, `;` and `|` (with
 spaces around), backslash continuations joined, `# comments` and redirections (`> file`, `2>&1`) dropped;
-a command is `python <script>.py args` (after any VAR=value prefix). Placeholders take a real value:
+a command is a line or span that starts with `python <script>.py` (after any VAR=value, nice or time
+prefix; a quoted error message that mentions a command is not one). Placeholders take a real value:
 GPU-ID -> -1 (the CPU), CONFIG -> config/digits.json, GRID.json -> grids/digits.json. A synopsis (a
-command with `[optional]` parts) is not run: each --flag it names must be one of the script's options.
+command with `[optional]` parts, `...`, a `<placeholder>` or a `$VARIABLE`) is not run: each --flag it
+names must be one of the script's options.
 A command is parsed by the script's get_args(argv) when it has one (the config is loaded and the
 scripts' own cross-flag checks run), else by running the script with --help appended (argparse checks
 the shown values before it prints the help). Either way each --flag must be spelled out in full (argparse
@@ -34,8 +36,10 @@ from conftest import REPO
 
 PLACEHOLDERS = {"GPU-ID": "-1", "CONFIG": "config/digits.json", "GRID.json": "grids/digits.json"}
 SEPARATORS = re.compile(r"\s(?:&&|\|\||;|\|)\s")
-REDIRECT = re.compile(r"^(?:\d?>>?|<|\d?>&\d|&)")
+REDIRECT = re.compile(r"^(?:\d?>>?|<(?![^>]*>$)|\d?>&\d|&$)")  # > f, 2>&1, < f, &; not a <placeholder>
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
+COMMAND = re.compile(r"^(?:(?:\w+=\S*|nice|-n|\d+|time|env)\s+)*python3? \S+\.py\b")  # VAR=1 nice -n 10 python x.py
+SYNOPSIS = re.compile(r"^\[|\]$|^\.\.\.$|<[^>]*>|^\$")  # [--optional], ..., <placeholder>, $VARIABLE
 
 
 def doc_pages():
@@ -147,7 +151,7 @@ def shown_commands(pages):
             pieces += [(number, span) for _, span in re.findall(r"(`+)(.+?)\1", line)]
         for number, text in pieces:
             for part in SEPARATORS.split(re.sub(r"^\s*\$\s+", "", text)):
-                if re.search(r"\bpython3? \S+\.py\b", part):
+                if COMMAND.match(part.strip()):  # not a quoted message that mentions a command
                     yield page, number, part.strip()
 
 
@@ -160,7 +164,7 @@ def command_argv(text):
         if REDIRECT.match(token):
             break
         argv.append(token)
-    synopsis = any(token.startswith("[") or token.endswith("]") or token == "..." for token in argv)
+    synopsis = any(SYNOPSIS.search(token) for token in argv)
     return os.path.normpath(script), [PLACEHOLDERS.get(token, token) for token in argv], synopsis
 
 
@@ -231,3 +235,8 @@ def test_a_wrong_command_is_caught(monkeypatch):
     assert command_argv("OMP_NUM_THREADS=1 python grid.py GRID.json --jobs 2 > out.txt 2>&1  # note") == \
         ("grid.py", ["grids/digits.json", "--jobs", "2"], False)
     assert command_argv("python compute_memscore.py GPU-ID CONFIG [--num_models 100] [--force]")[2]
+    assert command_argv("python prune_modi.py 0 CONFIG --prune_sparsity <s>")[2]
+    pages = {"p.md": ([(1, "run `python grid.py GRID.json --jobs 2`; the error reads `error: ... python x.py`")],
+                      [(3, "error: see python grid.py --help"), (4, "cd x && nice -n 10 python mia_modi.py 0 CONFIG")])}
+    assert [text for _, _, text in shown_commands(pages)] == ["nice -n 10 python mia_modi.py 0 CONFIG",
+                                                              "python grid.py GRID.json --jobs 2"]
