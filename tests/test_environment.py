@@ -1,7 +1,7 @@
 """requirements.txt (what the project needs, as ranges) and constraints.txt (the exact versions the docs' numbers
 and CI use, made by tools/make_constraints.sh) agree: every requirement is pinned with == at a version its
 range admits, and every pin is a requirement or something a requirement pulls in (read from the installed
-packages' metadata, markers of every platform counted, so the pins of Linux-only CUDA wheels stay valid).
+packages' metadata, platform markers ignored, extras followed where asked for).
 pre-commit runs the pinned ruff."""
 import importlib.metadata
 import os
@@ -32,23 +32,26 @@ def constraints():
     return pins
 
 
-def pulled_in(names):
-    """names and every distribution their installed metadata requires, whatever the markers say (but extras)."""
-    seen, stack = set(), list(names)
+def pulled_in(reqs):
+    """The requirements and every distribution their installed metadata requires, whatever the platform
+    markers say; a dependency under an extra only when that extra was asked for (torch asks cuda-toolkit for
+    [cublas, ...])."""
+    seen, stack = set(), [(name, req.extras) for name, req in reqs.items()]
     while stack:
-        name = stack.pop()
-        if name in seen:
+        name, extras = stack.pop()
+        if (name, tuple(sorted(extras))) in seen:
             continue
-        seen.add(name)
+        seen.add((name, tuple(sorted(extras))))
         try:
             requires = importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:  # e.g. a Linux-only CUDA wheel elsewhere: no deps to read
             continue
         for line in requires:
             req = Requirement(line)
-            if req.marker is None or "extra" not in str(req.marker):
-                stack.append(canonicalize_name(req.name))
-    return seen
+            under_extra = req.marker is not None and "extra" in str(req.marker)
+            if not under_extra or any(req.marker.evaluate({"extra": extra}) for extra in extras):
+                stack.append((canonicalize_name(req.name), req.extras))
+    return {name for name, _ in seen}
 
 
 def test_every_requirement_is_pinned_within_its_range():
@@ -68,7 +71,8 @@ def test_every_pin_is_needed():
 
 def test_the_checks_can_fail():
     assert not Requirement("torch<=2.14.1").specifier.contains(Version("2.15.0"))
-    assert "submitit" in pulled_in({"submitit"}) and "cloudpickle" in pulled_in({"submitit"})
+    assert {"submitit", "cloudpickle"} <= pulled_in({"submitit": Requirement("submitit")})
+    assert "pytest" not in pulled_in({"packaging": Requirement("packaging")})
     assert canonicalize_name("Nvidia_ML.py") == "nvidia-ml-py"
 
 
