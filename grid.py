@@ -548,9 +548,8 @@ class Tracker:
         2 running | elapsed 0:00:41 | ETA 0:01:30"""
         counts = f"{self.counts['done']} done, {self.counts['failed']} failed, {self.counts['skipped']} skipped, " \
                  f"{running} running" + (f", {pending} pending (squeue)" if pending is not None else "")
-        clock = lambda seconds: str(datetime.timedelta(seconds=round(seconds)))
         return " | ".join([f"[{sum(self.counts.values())}/{self.total}] {how} {step.name}", counts,
-                           f"elapsed {clock(self.clock() - self.start)}", f"ETA {self.eta(running)}"]
+                           f"elapsed {hms(self.clock() - self.start)}", f"ETA {self.eta(running)}"]
                           + ([why] if why else []))
 
     def eta(self, running):
@@ -562,10 +561,14 @@ class Tracker:
             return "?"
         mean = lambda kind: sum(self.seconds.get(kind, every)) / len(self.seconds.get(kind, every))
         parallel = self.parallel or max(1, running)
-        return str(datetime.timedelta(seconds=round(sum(n * mean(kind) for kind, n in left.items()) / parallel)))
+        return hms(sum(n * mean(kind) for kind, n in left.items()) / parallel)
 
     def close(self):
         self.bar.close()
+
+
+def hms(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def failure(step, code):
