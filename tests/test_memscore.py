@@ -85,6 +85,7 @@ def test_too_few_models_are_refused_with_the_count():
         compute_memscore.check_coverage(masks)
 
 
+@pytest.mark.slow
 def test_flipped_labels_get_high_scores(one_thread):
     flipped = list(range(0, 200, 14))  # 15 samples with a wrong label
     scores = compute_memscore.estimate(recipe(), digits_subset(200, flipped))

@@ -316,6 +316,7 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_damaged_records_are_named_and_skipped(tmp_path):
     synthetic_runs(tmp_path)
     folder = tmp_path / "result" / RUN / "records"
