@@ -38,7 +38,7 @@ PLACEHOLDERS = {"GPU-ID": "-1", "CONFIG": "config/digits.json", "GRID.json": "gr
 SEPARATORS = re.compile(r"\s(?:&&|\|\||;|\|)\s")
 REDIRECT = re.compile(r"^(?:\d?>>?|<(?![^>]*>$)|\d?>&\d|&$)")  # > f, 2>&1, < f, &; not a <placeholder>
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
-COMMAND = re.compile(r"^(?:(?:\w+=\S*|nice|-n|\d+|time|env)\s+)*python3? \S+\.py\b")  # VAR=1 nice -n 10 python x.py
+COMMAND = re.compile(r"^(?:(?:\w+=\S*|nice|-n|\d+|time|env)\s+)*python3? [\w./-]+\.py\b")  # VAR=1 nice -n 10 python x.py
 SYNOPSIS = re.compile(r"^\[|\]$|^\.\.\.$|<[^>]*>|^\$")  # [--optional], ..., <placeholder>, $VARIABLE
 
 
@@ -237,6 +237,7 @@ def test_a_wrong_command_is_caught(monkeypatch):
     assert command_argv("python compute_memscore.py GPU-ID CONFIG [--num_models 100] [--force]")[2]
     assert command_argv("python prune_modi.py 0 CONFIG --prune_sparsity <s>")[2]
     pages = {"p.md": ([(1, "run `python grid.py GRID.json --jobs 2`; the error reads `error: ... python x.py`")],
-                      [(3, "error: see python grid.py --help"), (4, "cd x && nice -n 10 python mia_modi.py 0 CONFIG")])}
+                      [(3, "error: see python grid.py --help"), (4, "cd x && nice -n 10 python mia_modi.py 0 CONFIG"),
+                       (5, "python <script>.py --help")])}
     assert [text for _, _, text in shown_commands(pages)] == ["nice -n 10 python mia_modi.py 0 CONFIG",
                                                               "python grid.py GRID.json --jobs 2"]
