@@ -38,7 +38,8 @@ PLACEHOLDERS = {"GPU-ID": "-1", "CONFIG": "config/digits.json", "GRID.json": "gr
 SEPARATORS = re.compile(r"\s(?:&&|\|\||;|\|)\s")
 REDIRECT = re.compile(r"^(?:\d?>>?|<(?![^>]*>$)|\d?>&\d|&$)")  # > f, 2>&1, < f, &; not a <placeholder>
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
-COMMAND = re.compile(r"^(?:(?:\w+=\S*|nice|-n|\d+|time|env)\s+)*python3? [\w./-]+\.py\b")  # VAR=1 nice -n 10 python x.py
+# a command line or span starts with python x.py, perhaps after VAR=1, nice -n 10, time or env
+COMMAND = re.compile(r"^(?:(?:\w+=\S*|nice|-n|\d+|time|env)\s+)*python3? [\w./-]+\.py\b")
 SYNOPSIS = re.compile(r"^\[|\]$|^\.\.\.$|<[^>]*>|^\$")  # [--optional], ..., <placeholder>, $VARIABLE
 
 
