@@ -1,7 +1,7 @@
 """Run a grid of experiments as a DAG of the scripts' own commands, locally or on Slurm, with resume.
 
-python grid.py GRID.json [--backend local|slurm] [--gpus 0,1,...] [--jobs N] [--retries N] [--dry_run]
-                         [--force] [--only PATTERN] [--no_summary]
+python grid.py GRID.json [--backend local|slurm] [--gpus 0,1,...] [--jobs_per_gpu N] [--jobs N] [--retries N]
+                         [--dry_run] [--force] [--only PATTERN] [--no_summary]
                          [--partition P] [--time MINUTES] [--gpus_per_job N] [--cpus_per_job N] [--mem_gb N]
                          [--slurm_extra k=v,...] [--no_wait]
 
@@ -38,8 +38,10 @@ they need. Output: log/grid/<step name>.out and .err. Exit 1 or 2 of a step (the
 final, other failures are retried --retries times; then its dependents are skipped, the rest of the
 grid still runs, and grid.py exits 1.
 
-local: one step per --gpus GPU (CUDA_VISIBLE_DEVICES=<it>, GPU-ID 0) or --jobs N CPU steps (GPU-ID -1),
-each with OMP_NUM_THREADS = cores // slots. A killed driver takes its running steps with it.
+local: --jobs_per_gpu N steps (default 1) on each --gpus GPU (CUDA_VISIBLE_DEVICES=<it>, GPU-ID 0) or --jobs N
+CPU steps (GPU-ID -1), each with OMP_NUM_THREADS = cores // steps at once. A killed driver takes its running
+steps with it. Each finished step prints a line: done/total, the counts, elapsed time, an ETA (and on Slurm
+the jobs squeue shows pending).
 slurm: one job per step via submitit (its files in log/grid_slurm/<job id>/), afterok on the steps it
 needs (kill-on-invalid-dep: a job whose dependency failed is cancelled) and afterany on the one before
 it in its log file; the job itself runs the command and writes the record. The driver polls squeue and
@@ -511,31 +513,62 @@ def dry_run(path, todo, done, gpu, cuda, warnings):
 # ---------------------------------------------------------------- running
 
 class Tracker:
-    """Counts, a progress bar over the steps to run (on a terminal) and a line per failure (always)."""
+    """Counts, a progress bar over the steps to run (on a terminal) and one status line per finished step:
+    done/total, what ended, the counts, the time since the start and an ETA. The ETA is the steps left of
+    each kind times the mean seconds of that kind's finished steps (of all finished steps for a kind with
+    none yet), over `parallel` (the local slots; on Slurm the jobs running now)."""
 
-    def __init__(self, total):
+    def __init__(self, todo, parallel=None, clock=time.monotonic, out=None):
         from tqdm import tqdm
         self.tqdm, self.counts, self.failed, self.skipped = tqdm, Counter(), [], []
-        self.bar = tqdm(total=total, unit="step", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.total, self.left, self.seconds = len(todo), Counter(step.kind for step in todo), {}
+        self.parallel, self.clock, self.out, self.start = parallel, clock, out, clock()
+        self.bar = tqdm(total=self.total, unit="step", file=sys.stderr, disable=None, dynamic_ncols=True)
         self.show(0)
 
     def show(self, running):
         self.bar.set_postfix_str(f"done {self.counts['done']}, running {running}, failed {self.counts['failed']}, "
                                  f"skipped {self.counts['skipped']}")
 
-    def finish(self, step, how, why=""):
+    def finish(self, step, how, why="", seconds=None, running=0, pending=None):
+        """Count step as `how` (done, failed, skipped; seconds: how long a done step ran) and print its line."""
         self.counts[how] += 1
+        self.left[step.kind] -= 1
         self.bar.update(1)
         if how == "failed":
             self.failed.append((step, why))
         elif how == "skipped":
             self.skipped.append(step.name)
-        if how == "failed" or self.bar.disable:
-            self.tqdm.write(f"[{sum(self.counts.values())}/{self.bar.total}] {how}: {step.name}"
-                            + (f": {why}" if why else ""), file=sys.stderr)
+        if how == "done" and seconds is not None:
+            self.seconds.setdefault(step.kind, []).append(seconds)
+        self.tqdm.write(self.status(step, how, why, running, pending), file=self.out or sys.stderr)
+
+    def status(self, step, how, why="", running=0, pending=None):
+        """e.g. [3/9] done digits_columnfc/prune.iter_prunetxt_0.6_base | 3 done, 0 failed, 0 skipped,
+        2 running | elapsed 0:00:41 | ETA 0:01:30"""
+        counts = f"{self.counts['done']} done, {self.counts['failed']} failed, {self.counts['skipped']} skipped, " \
+                 f"{running} running" + (f", {pending} pending (squeue)" if pending is not None else "")
+        return " | ".join([f"[{sum(self.counts.values())}/{self.total}] {how} {step.name}", counts,
+                           f"elapsed {hms(self.clock() - self.start)}", f"ETA {self.eta(running)}"]
+                          + ([why] if why else []))
+
+    def eta(self, running):
+        left = {kind: n for kind, n in self.left.items() if n > 0}
+        every = [s for seconds in self.seconds.values() for s in seconds]
+        if not left:
+            return "0:00:00"
+        if not every:
+            return "?"
+        mean = lambda kind: sum(self.seconds.get(kind, every)) / len(self.seconds.get(kind, every))
+        parallel = self.parallel or max(1, running)
+        return hms(sum(n * mean(kind) for kind, n in left.items()) / parallel)
 
     def close(self):
         self.bar.close()
+
+
+def hms(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def failure(step, code):
@@ -543,42 +576,85 @@ def failure(step, code):
     return f"{what}: {last_line_of(step.output('err')) or '(no stderr)'}"
 
 
-def run_local(todo, done, gpus, jobs, retries):
-    """Up to one step per GPU (or `jobs` CPU steps) at a time, each as soon as what it needs is done."""
-    slots = list(gpus) or [None] * jobs
-    threads = max(1, len(os.sched_getaffinity(0)) // len(slots))
-    state = dict.fromkeys(done, "done")
-    finished, free, waiting, running = queue.Queue(), list(slots), list(todo), {}
-    tracker = Tracker(len(todo))
+@dataclass(frozen=True)
+class Slot:
+    cuda: str | None  # CUDA_VISIBLE_DEVICES of a GPU slot; None: a CPU slot
+    threads: int      # OMP_NUM_THREADS
+
+    @property
+    def gpu_id(self):
+        return "-1" if self.cuda is None else "0"  # the one GPU a step sees is its cuda:0
+
+
+def local_slots(gpus, jobs, jobs_per_gpu, cores):
+    """One slot per step that may run at once, in the order they are handed out: jobs_per_gpu on each GPU of
+    gpus, round robin (0, 1, 0, 1: the first steps spread over the GPUs), else `jobs` CPU slots; the cores
+    shared evenly (at least one thread each)."""
+    devices = [gpu for _ in range(jobs_per_gpu) for gpu in gpus] or [None] * jobs
+    return [Slot(device, max(1, cores // len(devices))) for device in devices]
+
+
+class Schedule:
+    """Which step runs when, on which slot: in grid order, a step starts on the first free slot once what
+    it needs is done and the step before it in its log has ended; a step whose need failed is skipped."""
+
+    def __init__(self, todo, done, slots):
+        self.state = dict.fromkeys(done, "done")
+        self.free, self.waiting, self.running = list(slots), list(todo), {}
+
+    def next(self):
+        """([(step, slot) to start now], [steps skipped now]), both in grid order."""
+        started, skipped = [], []
+        for step in list(self.waiting):  # in grid order, so a skip reaches the dependents in the same pass
+            if any(self.state.get(need) in ("failed", "skipped") for need in step.needs):
+                self.state[step.name] = "skipped"
+                self.waiting.remove(step)
+                skipped.append(step)
+            elif self.free and all(self.state.get(need) == "done" for need in step.needs) \
+                    and all(self.state.get(name) in ("done", "failed", "skipped") for name in step.after):
+                self.waiting.remove(step)
+                self.running[step.name] = self.free.pop(0)
+                started.append((step, self.running[step.name]))
+        return started, skipped
+
+    def finish(self, step, ok):
+        self.free.append(self.running.pop(step.name))
+        self.state[step.name] = "done" if ok else "failed"
+
+
+def run_local(todo, done, gpus, jobs, retries, jobs_per_gpu=1):
+    """jobs_per_gpu steps at a time on each GPU (or `jobs` CPU steps), each as soon as what it needs is done."""
+    slots = local_slots(gpus, jobs, jobs_per_gpu, len(os.sched_getaffinity(0)))
+    schedule, finished, tracker = Schedule(todo, done, slots), queue.Queue(), Tracker(todo, parallel=len(slots))
 
     def work(step, slot):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="" if slot is None else slot)
+        env = dict(os.environ, OMP_NUM_THREADS=str(slot.threads), CUDA_VISIBLE_DEVICES=slot.cuda or "")
         try:
-            code = run_step(step, "-1" if slot is None else "0", env, retries)[0]
+            code, record = run_step(step, slot.gpu_id, env, retries)
         except Exception as err:  # e.g. a full disk while writing the output: report, don't hang the driver
-            code = f"grid.py could not run it ({err})"
-        finished.put((step, slot, code))
+            code, record = f"grid.py could not run it ({err})", None
+        finished.put((step, code, record))
 
-    while waiting or running:
-        for step in list(waiting):  # in grid order, so a skip reaches the dependents in the same pass
-            if any(state.get(need) in ("failed", "skipped") for need in step.needs):
-                state[step.name] = "skipped"
-                waiting.remove(step)
-                tracker.finish(step, "skipped")
-            elif free and all(state.get(need) == "done" for need in step.needs) \
-                    and all(state.get(name) in ("done", "failed", "skipped") for name in step.after):
-                waiting.remove(step)
-                running[step.name] = step
-                threading.Thread(target=work, args=(step, free.pop(0)), daemon=True).start()
-        tracker.show(len(running))
-        if not running:
+    def launch():
+        """Start what can start; the steps skipped now. Then a status line counts the steps just started."""
+        started, skipped = schedule.next()
+        for step, slot in started:
+            threading.Thread(target=work, args=(step, slot), daemon=True).start()
+        return skipped
+
+    skipped = launch()
+    while True:
+        for step in skipped:
+            tracker.finish(step, "skipped", running=len(schedule.running))
+        tracker.show(len(schedule.running))
+        if not schedule.running:
             break
-        step, slot, code = finished.get()
-        del running[step.name]
-        free.append(slot)
-        state[step.name] = "done" if code == 0 else "failed"
-        tracker.finish(step, state[step.name], "" if code == 0 else
-                       code if isinstance(code, str) else failure(step, code))
+        step, code, record = finished.get()
+        schedule.finish(step, code == 0)
+        skipped = launch()
+        tracker.finish(step, "done" if code == 0 else "failed",
+                       "" if code == 0 else code if isinstance(code, str) else failure(step, code),
+                       seconds=record and record["seconds"], running=len(schedule.running))
     tracker.close()
     return tracker
 
@@ -639,7 +715,7 @@ def submit_slurm(todo, opts, gpus):
 def wait_slurm(todo, done, ids):
     """Poll the records and squeue until every job has ended; a job that left the queue without a record
     (looked at twice, for a shared filesystem's delay) failed, or was cancelled as its dependency failed."""
-    state, tracker = dict.fromkeys(done, "done"), Tracker(len(todo))
+    state, tracker = dict.fromkeys(done, "done"), Tracker(todo)
     waiting, gone, no_answer = list(todo), Counter(), 0
     while waiting:
         lines = squeue("-o", "%i %T")
@@ -650,13 +726,14 @@ def wait_slurm(todo, done, ids):
             time.sleep(POLL_S)
             continue
         active = {job: job_state for job, job_state in (line.split()[:2] for line in lines)}
-        running = 0
+        ours = Counter(active.get(ids[step.name]) for step in waiting)
+        running, pending = ours["RUNNING"], ours["PENDING"]
         for step in list(waiting):
             job = ids[step.name]
-            if (read_record(step.record) or {}).get("sha256") == step.sha256:
+            record = read_record(step.record) or {}
+            if record.get("sha256") == step.sha256:
                 how, why = "done", ""
             elif active.get(job) in ACTIVE:
-                running += active[job] == "RUNNING"
                 if active[job] == "PENDING" and any(state.get(n) in ("failed", "skipped") for n in step.needs):
                     subprocess.run(["scancel", job], capture_output=True)  # if kill-on-invalid-dep did not
                 continue
@@ -673,7 +750,7 @@ def wait_slurm(todo, done, ids):
                     how = "failed"
             state[step.name] = how
             waiting.remove(step)
-            tracker.finish(step, how, why)
+            tracker.finish(step, how, why, seconds=record.get("seconds"), running=running, pending=pending)
         tracker.show(running)
         if waiting:
             time.sleep(POLL_S)
@@ -719,6 +796,8 @@ def get_args(argv=None):
     parser.add_argument("--backend", choices=("local", "slurm"), default="local")
     parser.add_argument("--gpus", default="", help="local: comma list of GPU indices, one step per GPU at a time")
     parser.add_argument("--jobs", type=int, default=None, help="local without --gpus: CPU steps at a time (1)")
+    parser.add_argument("--jobs_per_gpu", type=int, default=None, metavar="N",
+                        help="local with --gpus: steps at a time on each GPU (1); docs/grid.md: choosing N")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a step that failed other than by exit 1/2")
     parser.add_argument("--dry_run", action="store_true", help="print the steps to run as a bash script, run nothing")
     parser.add_argument("--force", action="store_true", help="rerun steps (those --only matches) even when done")
@@ -737,16 +816,19 @@ def get_args(argv=None):
                                            "slurm_extra", "no_wait") if getattr(args, name) not in (None, False)]
     if args.backend == "local" and slurm_only:
         raise UsageError(f"{', '.join(slurm_only)}: for --backend slurm only; add --backend slurm or drop them")
-    if args.backend == "slurm" and (args.gpus or args.jobs is not None):
-        raise UsageError("--gpus and --jobs are --backend local options; Slurm places the jobs")
+    if args.backend == "slurm" and (args.gpus or args.jobs is not None or args.jobs_per_gpu is not None):
+        raise UsageError("--gpus, --jobs and --jobs_per_gpu are --backend local options; Slurm places the jobs")
     if args.gpus and args.jobs is not None:
-        raise UsageError("pass --gpus (one step per GPU) or --jobs (CPU steps), not both")
+        raise UsageError("pass --gpus (steps on GPUs) or --jobs (CPU steps), not both")
+    if args.jobs_per_gpu is not None and not args.gpus:
+        raise UsageError("--jobs_per_gpu needs --gpus (the GPUs to share); for CPU steps use --jobs")
     args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     if not all(g.isdigit() for g in args.gpus):
         raise UsageError(f"--gpus takes GPU indices like 0,1, got {','.join(args.gpus)}")
     args.jobs = 1 if args.jobs is None else args.jobs
+    args.jobs_per_gpu = 1 if args.jobs_per_gpu is None else args.jobs_per_gpu
     args.cpus_per_job = 1 if args.cpus_per_job is None else args.cpus_per_job
-    for name in ("jobs", "cpus_per_job"):
+    for name in ("jobs", "jobs_per_gpu", "cpus_per_job"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
     if args.retries < 0 or (args.gpus_per_job or 0) < 0:
@@ -773,7 +855,7 @@ def main():
         cuda = args.gpus[0] if args.gpus else None
         return dry_run(path, todo, done, "0" if gpus else "-1", cuda, warnings)
     if args.backend == "local":
-        tracker = run_local(todo, done, args.gpus, args.jobs, args.retries)
+        tracker = run_local(todo, done, args.gpus, args.jobs, args.retries, args.jobs_per_gpu)
     else:
         ids = submit_slurm(todo, args, gpus)
         if args.no_wait:

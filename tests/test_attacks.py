@@ -232,6 +232,7 @@ def separable_outputs(rng, n, num_cls, with_sens):
     return Outputs(probs, labels, member, sens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,n_shadow", [("nn", 3000), ("samia", 800)])
 def test_nn_attacks_learn_separable_features(monkeypatch, name, n_shadow):
     monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 8)  # the real 100 epochs are exercised end to end

@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # runs the scripts end to end
 
 
 def bench(*args):

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, run_script
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end
+
 DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = os.path.join("result", "digits_columnfc")
 PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "2", "--no_tensorboard"]

@@ -133,6 +133,7 @@ def overfitted_model(data, split, steps=300):
     return model
 
 
+@pytest.mark.slow
 def test_adv_inference_model_learns_to_spot_members_of_an_overfitted_model():
     data, split = random_task()
     model = overfitted_model(data, split)
@@ -259,6 +260,7 @@ def dp_defense(sigma, model=None, n_train=64, batch_size=16, microbatch=None):
     return Dp(model, data, split, args_for(batch_size=batch_size, defend_arg=sigma, dp_microbatch=microbatch))
 
 
+@pytest.mark.slow
 def test_dp_epsilon_drops_with_sigma_and_rises_with_steps():
     torch.manual_seed(0)
     eps = {}
@@ -361,6 +363,7 @@ def digits_runs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
 @pytest.mark.parametrize("defend, arg", BASELINE_RUNS)
 def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):

@@ -208,6 +208,7 @@ def pretrained(tmp_path_factory, one_thread):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defend", ["slide", "slide_re", "random", "ml2", "slide_ml2", "slide_re_ml2"])
 def test_digits_end_to_end(pretrained, defend):
     window = DEFENSES[defend].window

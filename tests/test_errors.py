@@ -343,6 +343,7 @@ def outcomes(pretrained, fork_server, tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_bad_input_is_one_line_and_changes_nothing(case, outcomes):
     proc, before, after = outcomes[case.name]
@@ -355,6 +356,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case, outcomes):
     assert after == before, "a failed run changed the files of the earlier steps"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["config_invalid_json", "checkpoint_truncated"])
 def test_fork_server_matches_a_real_run(name, outcomes, pretrained, tmp_path):
     """The same case through `python script ...` gives the same status, stderr and files."""
@@ -366,6 +368,7 @@ def test_fork_server_matches_a_real_run(name, outcomes, pretrained, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_every_case_hits_its_own_check(outcomes):
     """No two cases of one script end in the same error line: each exercises a check of its own, and the
     line says what is specific to it."""
@@ -376,6 +379,7 @@ def test_every_case_hits_its_own_check(outcomes):
         seen[case.script, line] = case.name
 
 
+@pytest.mark.slow
 def test_cpu_said_once(pretrained, fork_server, tmp_path):
     shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True)
     proc = fork_server("pretrain_modi.py", ["-1", DIGITS, "--shadow_num", "1", "--skip_existing", "--no_tensorboard"],

@@ -25,6 +25,8 @@ import pytest
 from conftest import REPO, copy_repo
 import results
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end
+
 RUN = "digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 TINY = {"prune_iter": 2, "shadow_num": 1, "attacks": "threshold",

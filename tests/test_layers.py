@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 LAYERS = {
@@ -80,6 +82,7 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.slow
 def test_bottom_modules_import_alone():
     """Importing paths or common loads no other project module (checked in a fresh interpreter)."""
     code = ("import sys, json; import {0}; "

@@ -85,6 +85,7 @@ def test_too_few_models_are_refused_with_the_count():
         compute_memscore.check_coverage(masks)
 
 
+@pytest.mark.slow
 def test_flipped_labels_get_high_scores(one_thread):
     flipped = list(range(0, 200, 14))  # 15 samples with a wrong label
     scores = compute_memscore.estimate(recipe(), digits_subset(200, flipped))
@@ -101,6 +102,7 @@ def test_estimate_is_deterministic_for_a_seed(one_thread):
     assert not torch.equal(first, compute_memscore.estimate(recipe(num_models=14, epochs=2, seed=6), data))
 
 
+@pytest.mark.slow
 def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two contended ones
     repo, work = copy_repo(tmp_path / "repo", memscores=False), tmp_path / "work"  # run from elsewhere

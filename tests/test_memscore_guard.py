@@ -261,6 +261,7 @@ def test_shipped_digits_scores_load_with_their_sidecar(here):
     assert torch.equal(load("digits"), shipped)
 
 
+@pytest.mark.slow
 def test_prune_modi_refuses_before_its_first_log_line(here):
     copy_repo(here, memscores=False)  # the scripts run from here: its memscore/ is theirs
     run_script("pretrain_modi.py", "-1", os.path.join(REPO, "config", "digits.json"), "--epochs", "1",

@@ -3,6 +3,8 @@ directory; result/ and log/ are the working directory's, as in the paper's relea
 import os
 import shutil
 
+import pytest
+
 import paths
 from conftest import REPO, copy_repo, run_script
 
@@ -19,6 +21,7 @@ def test_repo_folders_are_absolute_and_run_folders_relative():
     assert (paths.RESULT_ROOT, paths.LOG_ROOT) == ("result", "log")
 
 
+@pytest.mark.slow
 def test_scripts_run_from_another_folder_find_the_repos_memscores(tmp_path):
     """`cd elsewhere && python <repo>/prune_modi.py ... --defend slide_re` uses the shipped digits mem-scores
     and the repo's data folder, and writes result/ and log/ where it runs."""

@@ -19,6 +19,8 @@ from models import build_model
 from splits import Split
 from train import evaluate, load_checkpoint
 
+pytestmark = pytest.mark.slow  # runs the scripts end to end
+
 CONFIG = os.path.join(REPO, "config", "digits.json")
 RUN = "digits_columnfc"
 STEM = "iter_prunetxt_0.6"

@@ -69,6 +69,7 @@ def scalars_of(run_dir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_bars_and_tensorboard_change_no_number(tmp_path, monkeypatch):
     quiet = run_pipeline(tmp_path / "quiet", monkeypatch, "--quiet", "--no_tensorboard")
     live = run_pipeline(tmp_path / "live", monkeypatch)

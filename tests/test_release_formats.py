@@ -81,6 +81,7 @@ def attack_lines(folder):
             for line in lines[start:]]
 
 
+@pytest.mark.slow
 def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
     """Prune a tiny digits run, attack it, rewrite the pruned victim's and shadow's files in the
     release's formats, attack again: the same numbers."""

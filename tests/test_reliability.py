@@ -66,6 +66,7 @@ def tensors_equal(a, b):
 
 # ---------------------------------------------------------------- determinism
 
+@pytest.mark.slow
 def test_same_seed_same_files_and_numbers(twins):
     a, b = twins
     assert files(a) == files(b)
@@ -90,6 +91,7 @@ def test_same_seed_same_files_and_numbers(twins):
 
 # ---------------------------------------------------------------- reruns
 
+@pytest.mark.slow
 def test_pretrain_rerun_reuses_split_skips_finished_models_and_appends(twins, tmp_path):
     shutil.copytree(twins[0], tmp_path, dirs_exist_ok=True)
     (tmp_path / RUN / "shadow_model_0/best.pth").unlink()  # as if killed while training shadow 0
@@ -109,6 +111,7 @@ def test_pretrain_rerun_reuses_split_skips_finished_models_and_appends(twins, tm
     assert new_log[len(old_log):].decode().splitlines()[1:] == shadow_line
 
 
+@pytest.mark.slow
 def test_prune_rerun_overwrites_checkpoints_and_appends_to_the_log(twins, tmp_path):
     shutil.copytree(twins[0], tmp_path, dirs_exist_ok=True)
     pruned = tmp_path / RUN / "iter_prunetxt_0.6_model/best.pth"
@@ -172,6 +175,7 @@ def test_interrupted_split_save_keeps_the_previous_split(tmp_path, monkeypatch, 
     assert Split.load(path).meta["seed"] == 7
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_pretraining_keeps_the_finished_victim_and_discards_the_shadow(tmp_path):
     """Ctrl-C while shadow 0 trains: the victim (finished, moved into place) loads; the shadow in training
     had written a best.pth only in its staged folder, which is gone, so no unfinished model is left."""

@@ -72,6 +72,7 @@ def all_attack_blocks(run_dir):
 
 # ---------------------------------------------------------------- scores and records of a real run
 
+@pytest.mark.slow
 def test_saved_scores_reproduce_the_logged_metrics(run_dir):
     blocks = all_attack_blocks(run_dir)
     assert len(blocks) == 4
@@ -100,6 +101,7 @@ def test_saved_scores_reproduce_the_logged_metrics(run_dir):
             assert np.array_equal(z["set_index"], np.where(in_train, z["index"], z["index"] - n_train))
 
 
+@pytest.mark.slow
 def test_records_hold_the_log_blocks_numbers(run_dir, collected):
     assert collected.problems == []
     by_kind = {kind: [r for r in collected.records if r["kind"] == kind] for kind in ("prune", "attack")}
@@ -133,6 +135,7 @@ def test_records_hold_the_log_blocks_numbers(run_dir, collected):
                 assert f"{name} attack TPR@0.1%FPR: {attack['TPR@0.1%FPR']:.3f}" in block
 
 
+@pytest.mark.slow
 def test_a_run_is_one_row_from_records_logs_or_both(run_dir, collected, tmp_path):
     from_logs = results.collect(run_dir / "log").table
     both = collected.table
@@ -163,6 +166,7 @@ def panels(fig):
     return {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.get_title()}
 
 
+@pytest.mark.slow
 def test_roc_lines_are_sklearns_curves(run_dir, collected):
     import matplotlib.pyplot as plt
     curves, problems = report.roc_curves(collected.table, run_dir)
@@ -188,6 +192,7 @@ def test_roc_lines_are_sklearns_curves(run_dir, collected):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_every_figure_from_the_digits_run(run_dir, collected):
     import matplotlib.pyplot as plt
     agg = report.aggregate(collected.table)
@@ -235,6 +240,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_report_command(run_dir):
     out = run_dir / "report"
     proc = run_script("summarize.py", "--report", out, cwd=run_dir)
@@ -310,6 +316,7 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_damaged_records_are_named_and_skipped(tmp_path):
     synthetic_runs(tmp_path)
     folder = tmp_path / "result" / RUN / "records"

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 WRITER = """
@@ -16,6 +18,7 @@ log.close()
 """
 
 
+@pytest.mark.slow
 def test_two_writers_at_once_write_whole_blocks(tmp_path):
     path = tmp_path / "log" / "shared.txt"
     path.parent.mkdir()

@@ -324,6 +324,7 @@ def test_repeated_metric_without_victim_line_is_a_new_entry(tmp_path):
     assert row(results.parse_logs(tmp_path / "log"), dataset="location")["SAMIA_acc"] == 61.0
 
 
+@pytest.mark.slow
 def test_cli_csv_and_markdown(log_dir, tmp_path):
     out = tmp_path / "r.csv"
     proc = run_cli(log_dir, "--out", out, "--markdown", cwd=tmp_path)
@@ -346,6 +347,7 @@ def test_cli_csv_and_markdown(log_dir, tmp_path):
     assert proc.returncode == 0 and proc.stdout == "" and len(pd.read_csv(out)) == 7
 
 
+@pytest.mark.slow
 def test_cli_plot(log_dir, tmp_path):
     png = tmp_path / "tradeoff.png"
     proc = run_cli(log_dir, "--out", tmp_path / "r.csv", "--plot", png, cwd=tmp_path)
@@ -377,6 +379,7 @@ def test_tradeoff_plot_data(log_dir):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_cli_missing_or_empty_dir(tmp_path):
     proc = run_cli(tmp_path / "nope", cwd=tmp_path)
     assert proc.returncode == 1 and "not found" in proc.stderr
@@ -386,6 +389,7 @@ def test_cli_missing_or_empty_dir(tmp_path):
     assert not (tmp_path / "results.csv").exists()
 
 
+@pytest.mark.slow
 def test_cli_plot_without_a_file_name_writes_tradeoff_png(log_dir, tmp_path):
     proc = run_cli(log_dir, "--markdown", "--plot", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -629,6 +633,7 @@ def untouched(tmp_path):
         not list(tmp_path.glob("**/.tmp_*"))
 
 
+@pytest.mark.slow
 def test_cli_missing_output_folder(log_dir, tmp_path):
     unchanged = untouched(tmp_path)
     for flag, path in (("--out", "nowhere/x.csv"), ("--plot", "nowhere/x.png"), ("--report", "nowhere/rep")):
@@ -638,6 +643,7 @@ def test_cli_missing_output_folder(log_dir, tmp_path):
     assert unchanged() and not (tmp_path / "nowhere").exists()
 
 
+@pytest.mark.slow
 def test_cli_file_in_place_of_the_output_folder(log_dir, tmp_path):
     unchanged = untouched(tmp_path)
     (tmp_path / "blocker").write_text("not a folder\n")
@@ -648,6 +654,7 @@ def test_cli_file_in_place_of_the_output_folder(log_dir, tmp_path):
     assert unchanged() and (tmp_path / "blocker").read_text() == "not a folder\n"
 
 
+@pytest.mark.slow
 def test_cli_unwritable_output_folder(log_dir, tmp_path):
     """A folder without write permission; as root (who writes anywhere chmod allows) a /proc folder, which
     nobody can create files in."""
@@ -665,6 +672,7 @@ def test_cli_unwritable_output_folder(log_dir, tmp_path):
     assert unchanged() and list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_output_path_of_the_wrong_kind(log_dir, tmp_path):
     unchanged = untouched(tmp_path)
     (tmp_path / "folder").mkdir()
@@ -684,6 +692,7 @@ def test_cli_output_path_of_the_wrong_kind(log_dir, tmp_path):
     assert unchanged() and list((tmp_path / "folder").iterdir()) == list((tmp_path / "figures.png").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_log_dir_that_is_a_file_or_holds_no_results(tmp_path):
     unchanged = untouched(tmp_path)
     (tmp_path / "notes.txt").write_text("not a folder\n")
@@ -703,6 +712,7 @@ def test_cli_log_dir_that_is_a_file_or_holds_no_results(tmp_path):
     assert unchanged()
 
 
+@pytest.mark.slow
 def test_cli_replaces_its_outputs_whole(log_dir, tmp_path):
     """A run that succeeds replaces the earlier files (renamed over them) and leaves no temporary file."""
     untouched(tmp_path)
