@@ -144,6 +144,16 @@ def memorization(correct, masks):
     return in_rate - out_rate
 
 
+def warm_up(args, data, subset):
+    """One batch of training on a throwaway model, leaving the RNGs as they were: the first optimizer step
+    of a process loads code for seconds, which would swamp the first epoch's time."""
+    devices = [data.y.device] if data.y.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
+        optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
+        train_pass(model, data, subset[:args.batch_size], optimizer, args.batch_size)
+
+
 class Plan:
     """The run's size and cost: prints the plan, times the first epoch, picks the budget's models x epochs
     (args.budget_minutes; it sets args.num_models and args.epochs), and says how long the rest will take."""
@@ -204,6 +214,7 @@ def estimate(args, data, progress=Progress(), say=lambda line: None, timer=time.
     smallest = smallest_passing(n, args.subset_ratio, args.seed, args.num_models)
     if smallest is None:  # coverage only grows with the models: --num_models (a budget's cap) is too few
         check_coverage(masks, args.subset_ratio, args.seed)
+    warm_up(args, data, masks[0].nonzero().squeeze(1).to(data.y.device))
     plan = Plan(args, n, smallest, say, timer)
     after_epoch = lambda epoch: plan.first_epoch_done() if plan.epoch_s is None else None
     correct = torch.zeros_like(masks)

@@ -85,6 +85,13 @@ def test_budget_run_equals_the_run_it_picked():
     assert torch.equal(scores, compute_memscore.estimate(tiny_args(num_models=10), tiny_data()))
 
 
+def test_warm_up_leaves_the_rng_as_it_was():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    compute_memscore.warm_up(tiny_args(), tiny_data(), torch.arange(40))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_budget_too_short_for_the_fewest_models_is_refused():
     with pytest.raises(UsageError) as err:
         compute_memscore.estimate(tiny_args(budget_minutes=0.1), tiny_data(), timer=clock())  # 6 epochs < 9
