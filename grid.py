@@ -60,6 +60,7 @@ import json
 import os
 import pwd
 import queue
+import re
 import shlex
 import signal
 import socket
@@ -523,17 +524,23 @@ def missing_memscores(grid, todo):
 
 
 def only_patterns(todo, blocked):
-    """--only patterns (each over step names) that match every step of todo not in blocked and none in it:
-    */pretrain, *.<prefix> for a prefix no blocked step has (any config, seed, prune or attack), else the name."""
+    """--only patterns (each over step names) that match every step of todo not in blocked and none in it,
+    the most general that is safe: */pretrain; *.*<rest> for a setting in every pruner and sparsity (e.g.
+    *.*_random); *.<prefix> for one prefix in every config and seed; else the step's name."""
     patterns = []
     for step in todo:
         if step.name in blocked:
             continue
         rest = step.name.split("/", 1)[1]
-        pattern = "*/pretrain" if rest == "pretrain" else "*." + rest.split(".", 1)[1]
-        if any(fnmatch.fnmatchcase(other.name, pattern) or fnmatch.fnmatchcase(other.command(), pattern)
-               for other in todo if other.name in blocked):
-            pattern = step.name
+        prefix = rest.split(".", 1)[1] if "." in rest else None
+        setting = re.match(r"^.+?_\d*\.?\d+(.*)$", prefix or "")
+        candidates = (["*/pretrain"] if rest == "pretrain" else []) \
+            + (["*.*" + setting.group(1)] if setting and setting.group(1) else []) \
+            + (["*." + prefix] if prefix else []) + [step.name]
+        for pattern in candidates:
+            if not any(fnmatch.fnmatchcase(other.name, pattern) or fnmatch.fnmatchcase(other.command(), pattern)
+                       for other in todo if other.name in blocked):
+                break
         patterns += [pattern] if pattern not in patterns else []
     return patterns
 

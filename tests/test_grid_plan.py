@@ -110,3 +110,17 @@ def test_cli_refuses_before_anything_runs(tmp_path):
     assert lines[0].endswith(f"; the other 3 steps need none: run them first with python grid.py {path} "
                              f"--only '*/pretrain' --only '*.iter_prunetxt_0.6'")
     assert not os.path.exists(os.path.join(copy, "log")) and not os.path.exists(os.path.join(copy, "result"))
+
+
+def test_the_patterns_run_exactly_the_steps_that_need_no_scores(no_scores):
+    window = {"stride": 1, "width": 15}
+    grid, steps = load(no_scores, original=True, sparsities=[0.5, 0.6],
+                       defenses=[{"defend": "base"}, {"defend": "random", **window}, {"defend": "slide", **window},
+                                 {"defend": "ppb", "defend_arg": 4}])
+    todo, _ = grid_module.plan(steps)
+    line = grid_module.missing_memscores(grid, todo)[0]
+    patterns = ["*/pretrain", "*.original", "*.iter_prunetxt_0.5", "*.*_random", "*.*_ppb_4.0", "*.iter_prunetxt_0.6"]
+    assert line.endswith("the other 14 steps need none: run them first with python grid.py g.json "
+                         + " ".join(f"--only '{p}'" for p in patterns))
+    rest, _ = grid_module.plan(steps, patterns)
+    assert [s.name for s in rest] == [s.name for s in todo if "_slide" not in s.name]
