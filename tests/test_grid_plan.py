@@ -11,7 +11,6 @@ import pytest
 from conftest import REPO, as_repo, copy_repo
 import grid as grid_module
 import memscores
-import paths
 
 RUN = "digits_columnfc"
 SCORES = os.path.join("memscore", "memscore_digits_columnfc.csv")
