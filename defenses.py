@@ -107,6 +107,13 @@ class Defense:
         name = model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None)
         return name + "_corrected" if cls.semantics_differ and semantics == "corrected" else name
 
+    @classmethod
+    def header_lines(cls, settings: DefenseSettings, labels: torch.Tensor, scores: torch.Tensor = None,
+                     train_scores: torch.Tensor = None) -> list:
+        """Lines for the log header of a run: what the settings mean on this data. labels: the victim's
+        training labels; scores: their mem-scores, train_scores: the whole training set's (None without)."""
+        return []
+
     def train_epoch(self, epoch: int) -> tuple:
         """Train one epoch; return (train loss, train accuracy %)."""
         raise NotImplementedError
@@ -154,6 +161,18 @@ def window_at(groups, stride, width, epoch, shared_end=False):
     return torch.cat(parts)
 
 
+def window_rule(class_sizes, stride, width, prune_epochs):
+    """The log line that says what a window means on this data: width as a share of the smallest class
+    (rounded to a whole percent) and a full pass, the epochs until the window has reached the end of the
+    largest class (1 when the width covers it, else ceil((largest - width) / stride) + 1), next to the
+    epochs of a pruning iteration (the window restarts every iteration)."""
+    smallest, largest = min(class_sizes), max(class_sizes)
+    full_pass = 1 if width >= largest else math.ceil((largest - width) / stride) + 1
+    return (f"Window: stride {stride}, width {width} = {100 * width / smallest:.0f}% of the smallest class "
+            f"({smallest} samples); a full pass in {full_pass} epochs (largest class {largest} samples; "
+            f"{prune_epochs} epochs per pruning iteration)")
+
+
 class WindowDefense(Defense):
     """RSW: each epoch trains on a window per class over the class's samples ordered by mem-score;
     the window moves by --stride every epoch and restarts every pruning iteration. The windows'
@@ -175,6 +194,12 @@ class WindowDefense(Defense):
             if value is None or value < 1:
                 raise UsageError(f"--defend {cls.name} needs --stride and --width of at least 1 "
                                  f"(got --{flag} {value}); e.g. --stride 1 --width 15")
+
+    @classmethod
+    def header_lines(cls, settings, labels, scores=None, train_scores=None):
+        sizes = labels.unique(return_counts=True)[1].tolist()
+        return super().header_lines(settings, labels, scores, train_scores) + [
+            window_rule(sizes, settings.stride, settings.width, settings.prune_epochs)]
 
     def window_indices(self, epoch):
         """This epoch's window: window_at with a shared end under release, per-class ends under corrected."""
@@ -235,6 +260,20 @@ class RiskMemory(Defense):
         if not low <= settings.mem_thre <= high:
             raise UsageError(f"--mem_thre {settings.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
                              f"({path}); pick a value inside it")
+
+    @classmethod
+    def header_lines(cls, settings, labels, scores=None, train_scores=None):
+        """How many samples --mem_thre puts on the risk side, and a warning when it is more than half of the
+        training set: the risk side is meant to be a tail of high scores (docs/defenses.md)."""
+        risky, n = int((train_scores >= settings.mem_thre).sum()), len(train_scores)
+        lines = [f"Risk side: {risky} of {n} training samples ({100 * risky / n:.1f}%) have a mem-score >= "
+                 f"--mem_thre {settings.mem_thre:g}; the victim's: {int((scores >= settings.mem_thre).sum())} "
+                 f"of {len(scores)}"]
+        if 2 * risky > n:
+            lines.append(f"Warning: --mem_thre {settings.mem_thre:g} puts more than half of the training set on the "
+                         f"risk side; it is meant to mark a tail of high mem-scores: choose it from the scores' "
+                         f"distribution (docs/defenses.md)")
+        return super().header_lines(settings, labels, scores, train_scores) + lines
 
     def risk_split(self, idx):
         """(risk, general): the indices with mem-score >= --mem_thre and the rest, in list order."""

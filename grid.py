@@ -1,7 +1,7 @@
 """Run a grid of experiments as a DAG of the scripts' own commands, locally or on Slurm, with resume.
 
 python grid.py GRID.json [--backend local|slurm] [--gpus 0,1,...] [--jobs_per_gpu N] [--jobs N] [--retries N]
-                         [--dry_run] [--force] [--only PATTERN] [--no_summary]
+                         [--dry_run] [--force] [--only PATTERN ...] [--no_summary]
                          [--partition P] [--time MINUTES] [--gpus_per_job N] [--cpus_per_job N] [--mem_gb N]
                          [--slurm_extra k=v,...] [--no_wait]
 
@@ -19,11 +19,13 @@ A defense entry's settings: stride and width (window defenses: required), mem_th
 slide_re_ml2: required), weight_decay_mem (those three: optional), defend_arg (the baselines: required).
 Each is a value or a list (every combination is one setting); "per_config" replaces settings for one
 config; "defend": "base" takes none. A bad grid is one `error:` line (exit 2) before anything runs; so
-is a missing mem-score file (exit 1), which --dry_run turns into a `# warning:` line.
+is a mem-score file missing for a step selected to run (after --only and resume; exit 1), with the --only
+patterns that run the other steps; --dry_run turns it into a `# warning:` line.
 
 Steps, named <ds>_<model>[_seed<k>]/pretrain, .../prune.<result prefix>, .../attack.<result prefix>:
-`python pretrain_modi.py GPU-ID CONFIG ...` per config and seed, then per sparsity and setting
-`python prune_modi.py ...` and `python mia_modi.py ... --adaptive`, each with --quiet, from the repo root.
+`python pretrain_modi.py GPU-ID CONFIG ...` per config and seed, then (original: true) its unpruned attack,
+then per sparsity and setting `python prune_modi.py ...` and `python mia_modi.py ... --adaptive`, each with
+--quiet, from the repo root.
 Settings of one grid that would share a name (same config, seed, pruner, sparsity, defense and, for the
 baselines, defend_arg) each get --tag spelling what varies between them: s<stride>w<width>, t<mem_thre>,
 wd<weight_decay_mem>, joined by '-' (e.g. s2w10-t0.3); a lone setting gets none, so the release's commands
@@ -33,8 +35,8 @@ Resume: a step that exits 0 writes result/<ds>_<model>/jobs/<kind>.<prefix>.json
 with the GPU-ID left out so that a CPU run resumes on GPUs, exit status, start/end, host, seconds,
 CUDA_VISIBLE_DEVICES); a step removes its record when it starts. A rerun skips the steps whose record
 matches and whose dependencies are not rerun; --force reruns them. --only PATTERN (a shell pattern,
-fnmatch, over a step's whole name or command, e.g. '*slide_re*') keeps the matching steps and what
-they need. Output: log/grid/<step name>.out and .err. Exit 1 or 2 of a step (the scripts' refusals) is
+fnmatch, over a step's whole name or command, e.g. '*slide_re*'; repeated: any of them) keeps the
+matching steps and what they need. Output: log/grid/<step name>.out and .err. Exit 1 or 2 of a step (the scripts' refusals) is
 final, other failures are retried --retries times; then its dependents are skipped, the rest of the
 grid still runs, and grid.py exits 1.
 
@@ -60,6 +62,7 @@ import json
 import os
 import pwd
 import queue
+import re
 import shlex
 import signal
 import socket
@@ -104,6 +107,7 @@ class Step:
     log: str             # the log file it appends to
     needs: list = field(default_factory=list)   # steps whose outputs it reads
     after: list = field(default_factory=list)   # the step before it in its log file
+    memscores: str = None                       # the mem-score CSV it reads (prune under a mem-score defense)
 
     def command(self, gpu=GPU):
         return shlex.join(["python"] + [gpu if a == GPU else a for a in self.argv])
@@ -381,19 +385,15 @@ def flags_of(overrides):
 
 
 def expand(grid):
-    """Every step of the grid, in an order that respects its dependencies; warnings for missing mem-scores."""
-    from memscores import memscore_fix
-    steps, warnings = [], []
+    """Every step of the grid, in an order that respects its dependencies; each config's unpruned attack
+    (original) comes right after its pretraining, so that the reference arrives first."""
+    steps = []
     over = {kind: flags_of(grid["overrides"].get(kind, {})) for kind in SCRIPTS}
     semantics = ["--semantics", grid["semantics"]] if grid["semantics"] != "release" else []
     attacks, shadows = ["--attacks", grid["attacks"]], ["--shadow_num", str(grid["shadow_num"])]
     for config in grid.configs:
         cfg, pruner, tags = grid.loaded[config], grid.pruners[config], grid.tags(config)
-        needing = sorted({cls.name for _, cls, _ in grid.settings[config] if cls.needs_memscore})
         scores = memscore_path(cfg["dataset_name"], cfg["model_name"])
-        if needing and not os.path.isfile(scores):
-            how = memscore_fix(SimpleNamespace(gpu_id=-1, config_path=config, **cfg))
-            warnings.append(f"mem-scores {scores} not found (needed by {', '.join(needing)} on {config}); {how}")
         if not grid["adaptive"] and any(tags):
             grid.check(False, "key 'adaptive'", "false cannot attack tagged settings: mia_modi.py would look for Base "
                                         "shadows under the tag; give one setting per defense")
@@ -405,6 +405,13 @@ def expand(grid):
                             [SCRIPTS["pretrain"], GPU, config, *shadows, *seeded, *over["pretrain"], "--quiet"],
                             os.path.join(log_dir(ns), "pretrain.txt"))
             steps.append(pretrain)
+            if grid["original"]:
+                first = ["--pruner_name", pruner, "--prune_sparsity", str(grid["sparsities"][0])]
+                log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=grid["sparsities"][0],
+                                               defend="", tag=""))
+                steps.append(Step(f"{run}/attack.original", "attack",
+                                  [SCRIPTS["attack"], GPU, config, *first, *attacks, *shadows, "--original",
+                                   *semantics, *seeded, *over["attack"], "--quiet"], log, needs=[pretrain.name]))
             for sparsity in grid["sparsities"]:
                 where = ["--pruner_name", pruner, "--prune_sparsity", str(sparsity)]
                 base_prune, defended = None, []
@@ -418,7 +425,7 @@ def expand(grid):
                                  [SCRIPTS["prune"], GPU, config, *where, "--prune_iter", str(grid["prune_iter"]),
                                   *defend, *flags_of({k: setting[k] for k in SETTINGS if k in setting}),
                                   *semantics, *named, *seeded, *shadows, *over["prune"], "--quiet"],
-                                 log, needs=[pretrain.name])
+                                 log, needs=[pretrain.name], memscores=scores if cls.needs_memscore else None)
                     adaptive = ["--adaptive"] if defend and grid["adaptive"] else []
                     arg = ["--defend_arg", str(setting["defend_arg"])] if cls.arg_in_name else []
                     attack = Step(f"{run}/attack.{prefix}", "attack",
@@ -430,19 +437,12 @@ def expand(grid):
                     defended += [attack] if defend and not grid["adaptive"] else []
                 for attack in defended:  # non-adaptive: the attack also reads the Base-pruned shadows
                     attack.needs.append(base_prune)
-            if grid["original"]:
-                first = ["--pruner_name", pruner, "--prune_sparsity", str(grid["sparsities"][0])]
-                log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=grid["sparsities"][0],
-                                               defend="", tag=""))
-                steps.append(Step(f"{run}/attack.original", "attack",
-                                  [SCRIPTS["attack"], GPU, config, *first, *attacks, *shadows, "--original",
-                                   *semantics, *seeded, *over["attack"], "--quiet"], log, needs=[pretrain.name]))
     last = {}  # log file -> the step that wrote it last, in grid order
     for step in steps:
         if last.get(step.log) and last[step.log] not in step.needs:
             step.after.append(last[step.log])
         last[step.log] = step.name
-    return steps, warnings
+    return steps
 
 
 def check_commands(grid, steps):
@@ -466,14 +466,17 @@ def check_commands(grid, steps):
 
 
 def plan(steps, only=None, force=False):
-    """(steps to run, names of steps already done). --only keeps the matching steps and what they need;
+    """(steps to run, names of steps already done). --only (one pattern or a list: a step matching any of
+    them) keeps the matching steps and what they need;
     a step is done when its record holds its command's hash and nothing it needs reruns; --force reruns
     the matching steps."""
     by_name = {step.name: step for step in steps}
-    matched = {s.name for s in steps if not only or fnmatch.fnmatchcase(s.name, only)
-               or fnmatch.fnmatchcase(s.command(), only)}
+    patterns = [only] if isinstance(only, str) else only or []
+    matched = {s.name for s in steps if not patterns or any(fnmatch.fnmatchcase(s.name, p)
+                                                            or fnmatch.fnmatchcase(s.command(), p) for p in patterns)}
     if not matched:
-        raise UsageError(f"--only {only!r} matches no step; names look like {steps[-1].name} (see --dry_run)")
+        shown = " ".join(f"--only {shlex.quote(p)}" for p in patterns)
+        raise UsageError(f"{shown} matches no step; names look like {steps[-1].name} (see --dry_run)")
     keep, stack = set(), list(matched)
     while stack:
         name = stack.pop()
@@ -494,6 +497,54 @@ def plan(steps, only=None, force=False):
     for step in todo:
         step.after = [name for name in step.after if name in names]
     return todo, done
+
+
+def missing_memscores(grid, todo):
+    """One line per mem-score CSV that a step to run needs and that is missing (what needs it, how to get
+    it); the first also gives the --only patterns that run every other step to run. [] when none is missing."""
+    from memscores import memscore_fix
+    missing = {}  # CSV -> (config, defenses that need it)
+    blocked = set()
+    for step in todo:  # grid order: a step's needs come before it
+        if step.memscores and not os.path.isfile(step.memscores):
+            config, defense = step.argv[2], step.argv[step.argv.index("--defend") + 1]
+            missing.setdefault(step.memscores, (config, []))[1].append(defense)
+            blocked.add(step.name)
+        elif any(need in blocked for need in step.needs):
+            blocked.add(step.name)
+    lines = []
+    for scores, (config, defenses) in missing.items():
+        how = memscore_fix(SimpleNamespace(gpu_id=-1, config_path=config, **grid.loaded[config]))
+        lines.append(f"mem-scores {scores} not found (needed by {', '.join(dict.fromkeys(defenses))} on {config}); "
+                     f"{how}")
+    rest = [step for step in todo if step.name not in blocked]
+    if lines and rest:
+        only = " ".join(f"--only {shlex.quote(pattern)}" for pattern in only_patterns(todo, blocked))
+        others = f"other {len(rest)} steps need none: run them" if len(rest) > 1 else "other step needs none: run it"
+        lines[0] += f"; the {others} first with python grid.py {grid.path} {only}"
+    return lines
+
+
+def only_patterns(todo, blocked):
+    """--only patterns (each over step names) that match every step of todo not in blocked and none in it,
+    the most general that is safe: */pretrain; *.*<rest> for a setting in every pruner and sparsity (e.g.
+    *.*_random); *.<prefix> for one prefix in every config and seed; else the step's name."""
+    patterns = []
+    for step in todo:
+        if step.name in blocked:
+            continue
+        rest = step.name.split("/", 1)[1]
+        prefix = rest.split(".", 1)[1] if "." in rest else None
+        setting = re.match(r"^.+?_\d*\.?\d+(.*)$", prefix or "")
+        candidates = (["*/pretrain"] if rest == "pretrain" else []) \
+            + (["*.*" + setting.group(1)] if setting and setting.group(1) else []) \
+            + (["*." + prefix] if prefix else []) + [step.name]
+        for pattern in candidates:
+            if not any(fnmatch.fnmatchcase(other.name, pattern) or fnmatch.fnmatchcase(other.command(), pattern)
+                       for other in todo if other.name in blocked):
+                break
+        patterns += [pattern] if pattern not in patterns else []
+    return patterns
 
 
 def dry_run(path, todo, done, gpu, cuda, warnings):
@@ -801,7 +852,8 @@ def get_args(argv=None):
     parser.add_argument("--retries", type=int, default=1, help="reruns of a step that failed other than by exit 1/2")
     parser.add_argument("--dry_run", action="store_true", help="print the steps to run as a bash script, run nothing")
     parser.add_argument("--force", action="store_true", help="rerun steps (those --only matches) even when done")
-    parser.add_argument("--only", metavar="PATTERN", help="shell pattern over step names or commands")
+    parser.add_argument("--only", metavar="PATTERN", action="append",
+                        help="shell pattern over step names or commands; repeat it to keep steps matching any")
     parser.add_argument("--no_summary", action="store_true", help="skip summarize.py at the end")
     slurm = parser.add_argument_group("--backend slurm")
     slurm.add_argument("--partition")
@@ -844,11 +896,12 @@ def main():
     args.grid = os.path.abspath(args.grid)
     os.chdir(REPO)  # grids name config/ relative to the repo, and the scripts write result/, log/ there
     grid = Grid(args.grid, path)
-    steps, warnings = expand(grid)
+    steps = expand(grid)
     check_commands(grid, steps)
+    todo, done = plan(steps, args.only, args.force)
+    warnings = missing_memscores(grid, todo)
     if warnings and not args.dry_run:
         raise MissingError(warnings[0])
-    todo, done = plan(steps, args.only, args.force)
     gpus = (slurm_gpus(args.partition) if args.gpus_per_job is None else args.gpus_per_job) \
         if args.backend == "slurm" else len(args.gpus)
     if args.dry_run:

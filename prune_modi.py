@@ -116,6 +116,9 @@ def main():
     log.write(first)
     log_start = block_start(log, first)
     log.write(f"Semantics: {args.semantics}")
+    victim_scores = None if memscores is None else memscores[victim_split.train.cpu()]
+    for line in defense.header_lines(settings, data.y[victim_split.train], victim_scores, memscores):
+        log.write(line)
     progress = Progress.from_args(args, prefix)
     victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
                            run_first("pretrain_modi.py", args))

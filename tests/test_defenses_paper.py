@@ -3,6 +3,7 @@ slide_re_ml2), on a hand-made set, plus an end-to-end digits run of all six."""
 import copy
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -16,7 +17,7 @@ import train
 from common import UsageError
 from conftest import REPO, run_script
 from datasets import TensorData
-from defenses import DEFENSES, DefenseSettings, ML2, RandomWindow, Slide, SlideML2, SlideRe, SlideReML2
+from defenses import DEFENSES, DefenseSettings, ML2, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
 from models import build_model
 from splits import ModelSplit, make_split
 
@@ -227,6 +228,14 @@ def test_digits_end_to_end(pretrained, defend):
     lines = (pretrained / "log" / "digits_columnfc" / f"{stem}.txt").read_text().splitlines()
     assert lines[0] == f"digits_columnfc_{stem}{'_1-15' if window else ''}_0.1"
     assert lines[1] == "Semantics: release"
+    header = [line for line in (  # what the settings mean on this data (window_rule, RiskMemory.header_lines)
+        r"Window: stride 1, width 15 = \d+% of the smallest class \(\d+ samples\); a full pass in \d+ epochs "
+        r"\(largest class \d+ samples; 2 epochs per pruning iteration\)" if window else None,
+        r"Risk side: 35 of 1437 training samples \(2\.4%\) have a mem-score >= --mem_thre 0\.3; the victim's: "
+        r"\d+ of \d+" if issubclass(DEFENSES[defend], RiskMemory) else None) if line]
+    for pattern, line in zip(header, lines[2:]):
+        assert re.fullmatch(pattern, line), line
+    lines = lines[:2] + lines[2 + len(header):]
     assert lines[2].startswith("Pretrained Victim: Accuracy ")
     assert [line.split(":")[0] for line in lines[3:8]] == [
         "victim iter 0 best model", "victim iter 1 best model", f"Total {defend} defend time",
