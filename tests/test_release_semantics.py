@@ -35,14 +35,16 @@ def one_thread():
 # ---------------------------------------------------------------- references, from the descriptions
 
 def release_window(groups, stride, width, epoch):
-    """One end for all classes, lowered to each class's length in class order."""
+    """Per class in class order: skip the class when start >= its length, and only then lower the one
+    shared end to the class's length."""
     start = stride * epoch
     end = start + width
     window = []
     for group in groups:
+        if start >= len(group):
+            continue
         end = min(end, len(group))
-        if start < end:
-            window += group[start:end]
+        window += group[start:end]
     return window
 
 
@@ -56,13 +58,14 @@ def corrected_window(groups, stride, width, epoch):
 
 
 def release_dev_batches(dev, batch_size, steps=7):
-    """The first `steps` batches of an unshuffled loader over dev (the last one may be partial)."""
-    batches = []
-    for k in range(steps):
-        batch = dev[k * batch_size:(k + 1) * batch_size]
-        if not batch:
-            break
-        batches.append(batch)
+    """`steps` batches of an unshuffled loader over dev (the last one may be partial), the loader
+    restarted whenever it runs out."""
+    batches, loader = [], iter(())
+    while len(batches) < steps:
+        try:
+            batches.append(next(loader))
+        except StopIteration:
+            loader = iter([dev[k:k + batch_size] for k in range(0, len(dev), batch_size)])
     return batches
 
 
@@ -95,11 +98,12 @@ def test_shared_end_on_a_short_middle_class():
     epochs = range(6)
     assert [release.window_indices(e).tolist() for e in epochs] == [release_window(groups, 1, 3, e) for e in epochs]
     assert [corrected.window_indices(e).tolist() for e in epochs] == [corrected_window(groups, 1, 3, e) for e in epochs]
-    # by hand: class 1 (2 samples) caps class 2's window, and from epoch 2 on empties it
-    assert [len(release.window_indices(e)) for e in epochs] == [3 + 2 + 2, 3 + 1 + 1, 3, 2, 1, 0]
+    # by hand: class 1 (2 samples) caps class 2's window until the window has passed it (epoch 2 on)
+    assert [len(release.window_indices(e)) for e in epochs] == [3 + 2 + 2, 3 + 1 + 1, 3 + 3, 2 + 2, 1 + 1, 0]
     assert [len(corrected.window_indices(e)) for e in epochs] == [3 + 2 + 3, 3 + 1 + 3, 3 + 3, 2 + 2, 1 + 1, 0]
     plain = [torch.tensor(group) for group in groups]
-    assert window_at(plain, 1, 3, 1, shared_end=True).tolist() == release_window(groups, 1, 3, 1)
+    assert [window_at(plain, 1, 3, e, shared_end=True).tolist() for e in epochs] == \
+        [release_window(groups, 1, 3, e) for e in epochs]
     assert window_at(plain, 1, 3, 1).tolist() == corrected_window(groups, 1, 3, 1)
 
 
@@ -117,44 +121,66 @@ def test_shared_end_on_a_location_like_set():
     assert sizes[15] == 8 and all(len(a) < len(b) for a, b in zip(got_release, got_corrected))
 
 
-def test_rsw_release_epoch_past_the_shared_end_trains_nothing():
-    make, groups = window_task([2, 5, 5])
-    assert release_window(groups, 1, 3, 2) == [] and corrected_window(groups, 1, 3, 2) != []
-    release, corrected = make(Slide, "release"), make(Slide, "corrected")
-    before = {k: v.clone() for k, v in release.model.state_dict().items()}
-    loss, acc = release.train_epoch(2)
-    assert math.isnan(loss) and math.isnan(acc)
-    assert all(torch.equal(before[k], v) for k, v in release.model.state_dict().items())
-    assert not math.isnan(corrected.train_epoch(2)[0])
+def test_windows_of_two_ten_ten_classes():
+    """The issue's smallest case: classes of 2, 10 and 10 samples (global indices 0-1, 2-11, 12-21 in
+    mem-score order), stride 3, width 5."""
+    groups = [list(range(0, 2)), list(range(2, 12)), list(range(12, 22))]
+    by_hand = {0: [0, 1, 2, 3, 12, 13], 1: [5, 6, 7, 8, 9, 15, 16, 17, 18, 19], 2: [8, 9, 10, 11, 18, 19, 20, 21]}
+    plain = [torch.tensor(group) for group in groups]
+    for epoch, expected in by_hand.items():
+        assert release_window(groups, 3, 5, epoch) == expected
+        assert window_at(plain, 3, 5, epoch, shared_end=True).tolist() == expected
+    # class 0 runs out after epoch 0, mid-grid: every epoch of a 5-epoch grid against the reference, then past all
+    assert [window_at(plain, 3, 5, e, shared_end=True).tolist() for e in range(5)] == \
+        [release_window(groups, 3, 5, e) for e in range(5)]
+    assert [len(window_at(plain, 3, 5, e, shared_end=True)) for e in range(5)] == [6, 10, 8, 2, 0]
+    assert [len(window_at(plain, 3, 5, e)) for e in range(5)] == [12, 10, 8, 2, 0]  # corrected: per-class ends
+
+
+@pytest.mark.parametrize("prune_epochs", [1, 3, 4, 7])
+def test_rsw_release_defense_on_two_ten_ten_classes(prune_epochs):
+    make, groups = window_task([2, 10, 10], stride=3, width=5, prune_epochs=prune_epochs)
+    release = make(Slide, "release")
+    assert [release.window_indices(e).tolist() for e in range(prune_epochs)] == \
+        [release_window(groups, 3, 5, e) for e in range(prune_epochs)]
 
 
 @pytest.mark.parametrize("semantics", ["release", "corrected"])
-@pytest.mark.parametrize("prune_epochs", [2, 3, 6])
+def test_rsw_epoch_past_every_class_trains_nothing(semantics):
+    make, groups = window_task([2, 5, 5])
+    assert release_window(groups, 1, 3, 5) == [] == corrected_window(groups, 1, 3, 5)
+    assert len(release_window(groups, 1, 3, 2)) == 6  # class 0 is passed, classes 1 and 2 keep their windows
+    defense = make(Slide, semantics)
+    before = {k: v.clone() for k, v in defense.model.state_dict().items()}
+    loss, acc = defense.train_epoch(5)
+    assert math.isnan(loss) and math.isnan(acc)
+    assert all(torch.equal(before[k], v) for k, v in defense.model.state_dict().items())
+    assert not math.isnan(defense.train_epoch(2)[0])
+
+
+@pytest.mark.parametrize("semantics", ["release", "corrected"])
+@pytest.mark.parametrize("prune_epochs", [2, 3, 5, 6])
 def test_swmr_refuses_by_its_semantics_rule(semantics, prune_epochs):
     make, groups = window_task([2, 5, 5], prune_epochs=prune_epochs)
     rule = release_window if semantics == "release" else corrected_window
     refused = rule(groups, 1, 3, prune_epochs - 1) == []
-    by_hand = {("release", 2): False, ("release", 3): True, ("release", 6): True,
-               ("corrected", 2): False, ("corrected", 3): False, ("corrected", 6): True}
-    assert refused == by_hand[semantics, prune_epochs]
+    assert refused == (prune_epochs == 6)  # both rules: only once the window has passed every class
     if refused:
-        with pytest.raises(UsageError, match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past"):
+        with pytest.raises(UsageError, match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past "
+                                             f"every class \\(the largest has 5 samples\\)"):
             make(SlideML2, semantics)
     else:
         make(SlideML2, semantics)
 
 
-@pytest.mark.parametrize("semantics", ["release", "corrected"])
-def test_swmr_trains_on_its_semantics_window(monkeypatch, semantics):
-    make, groups = window_task([5, 2, 5])
-    defense = make(SlideML2, semantics)
-    seen = []
-    monkeypatch.setattr(defenses, "train_pass",
-                        lambda model, data, idx, opt, bs: seen.extend(idx.tolist()) or (1.0, 50.0))
-    defense.train_epoch(1)
-    rule = release_window if semantics == "release" else corrected_window
-    assert sorted(seen) == sorted(rule(groups, 1, 3, 1))
-    assert len(seen) == {"release": 5, "corrected": 7}[semantics]
+def test_swmr_release_trains_what_the_old_shared_end_refused():
+    """[2, 10, 10], stride 3, width 5, 4 epochs: the end lowered by every class emptied epochs 1-3 and the
+    guard refused the run; the release trains it, class 0 skipped from epoch 1 on."""
+    make, groups = window_task([2, 10, 10], stride=3, width=5, prune_epochs=4)
+    defense = make(SlideML2, "release")
+    assert [defense.window_indices(e).tolist() for e in range(4)] == [release_window(groups, 3, 5, e) for e in range(4)]
+    with pytest.raises(UsageError, match="past every class"):
+        window_task([2, 10, 10], stride=3, width=5, prune_epochs=5)[0](SlideML2, "release")
 
 
 # ---------------------------------------------------------------- adv
