@@ -179,9 +179,10 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 
 # ---------------------------------------------------------------- registry
 
-# fn(shadow, victim, num_cls, progress, semantics) -> [AttackResult], one per name in `reports` (the log
-# names, in order); semantics is --semantics (release or corrected). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity fills `sens` (shadow
-# and victim), needs_shadow_logits fills victim.shadow_logits.
+# fn(shadow, victim, num_cls, progress, semantics, batch_size) -> [AttackResult], one per name in `reports`
+# (the log names, in order); semantics is --semantics (release or corrected), batch_size the attack models'
+# training batch (nn_batch_size). The flags ask mia_modi.py for optional Outputs fields: needs_sensitivity
+# fills `sens` (shadow and victim), needs_shadow_logits fills victim.shadow_logits.
 Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits")
 ATTACKS = {}   # --attacks name -> Attack, in log order
 
@@ -208,8 +209,13 @@ def parse_attacks(text: str) -> list:
     return [a for a in ATTACKS if a in names]
 
 
-def _nn_attack(name, kind, features, shadow, victim, num_cls, progress):
-    """Train an attack model on the shadows' features; report it on the victim's."""
+def nn_batch_size(semantics: str, batch_size: int) -> int:
+    """The attack models' training batch: --batch_size under release (as the release's loaders), else 128."""
+    return batch_size if semantics == "release" else ATTACK_BATCH
+
+
+def _nn_attack(name, kind, features, shadow, victim, num_cls, progress, batch_size=ATTACK_BATCH):
+    """Train an attack model on the shadows' features (batches of batch_size); report it on the victim's."""
     train = TensorData(features(shadow), shadow.member.long())
     test = TensorData(features(victim), victim.member.long())
     model = build_attack_model(kind, train.x.shape[1], num_cls).to(train.x.device)
@@ -217,7 +223,7 @@ def _nn_attack(name, kind, features, shadow, victim, num_cls, progress):
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
     all_rows = torch.arange(len(train), device=train.x.device)
     for _ in progress.bar(range(ATTACK_EPOCHS), desc=f"{name} attack model"):
-        train_pass(model, train, all_rows, optimizer, ATTACK_BATCH)
+        train_pass(model, train, all_rows, optimizer, batch_size)
         schedule.step()
     logits = predict(model, test, torch.arange(len(test), device=test.x.device))
     accuracy = 100 * (logits.argmax(1) == test.y).float().mean().item()
@@ -230,13 +236,13 @@ def _onehot(o, num_cls):
 
 
 @register("samia", ["SAMIA"], needs_sensitivity=True)
-def samia(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def samia(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
     feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
-    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress)
+    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress, batch_size)
 
 
 @register("threshold", ["Conf", "Entr", "Mentr", "Hconf"])
-def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
     """Conf, Entr, Mentr with per-class thresholds; Hconf with one threshold for all classes. The features
     are computed in float32 as in the release (semantics "release") or in float64 ("corrected"), which
     moves Mentr on very confident outputs."""
@@ -253,19 +259,20 @@ def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release")
 
 
 @register("nn", ["NN"])
-def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release"):
-    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress)
+def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
+    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress, batch_size)
 
 
 @register("nn_top3", ["Top3-NN"])
-def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release"):
-    return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls, progress)
+def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
+    top3 = lambda o: o.probs.topk(3, dim=1).values
+    return _nn_attack("Top3-NN", "mia_fc", top3, shadow, victim, num_cls, progress, batch_size)
 
 
 @register("nn_cls", ["NNCl"])
-def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
-    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress)
+    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress, batch_size)
 
 
 # ---------------------------------------------------------------- offline LiRA
@@ -302,7 +309,7 @@ def lira_scores(shadow_values, victim_values):
 
 
 @register("lira", ["LiRA"], needs_shadow_logits=True)
-def lira(shadow, victim, num_cls, progress=Progress(), semantics="release"):
+def lira(shadow, victim, num_cls, progress=Progress(), semantics="release", batch_size=ATTACK_BATCH):
     """Offline LiRA. Its accuracy is the best balanced accuracy over thresholds chosen on the victim
     (as the LiRA paper reports it), an upper bound rather than a shadow-calibrated accuracy."""
     shadow_values = torch.stack([logit_confidence(z, victim.labels) for z in victim.shadow_logits])

@@ -6,7 +6,8 @@ python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6
 import numpy as np
 import torch
 
-from attacks import ATTACKS, METRIC_DIGITS, Outputs, attacked_rows, metric_lines, metric_values, model_outputs, parse_attacks
+from attacks import (ATTACKS, METRIC_DIGITS, Outputs, attacked_rows, metric_lines, metric_values, model_outputs,
+                     nn_batch_size, parse_attacks)
 from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
@@ -154,7 +155,8 @@ def main():
     progress = Progress(args.quiet)
     results = []
     for name in args.attack_names:
-        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics):
+        for result in ATTACKS[name].fn(shadow, victim, args.num_cls, progress, args.semantics,
+                                       nn_batch_size(args.semantics, args.batch_size)):
             log.write(f"{result.name} attack accuracy: {result.accuracy:.3f}")
             values = metric_values(result)
             for line in metric_lines(result, values):

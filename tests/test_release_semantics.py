@@ -222,27 +222,35 @@ def record_adv(monkeypatch, adv):
     return features, passes, step_counter(adv.inference_optimizer), step_counter(adv.optimizer)
 
 
-@pytest.mark.parametrize("n_dev, expected_steps", [(200, 7), (40, 3)], ids=["long dev set", "short dev set"])
-def test_adv_release_epoch(monkeypatch, n_dev, expected_steps):
+@pytest.mark.parametrize("n_dev, dev_order", [(32, [0, 1, 0, 1, 0, 1, 0]), (64, [0, 1, 2, 3, 0, 1, 2]),
+                                              (40, [0, 1, 2, 0, 1, 2, 0]), (200, [0, 1, 2, 3, 4, 5, 6])],
+                         ids=["2 dev batches", "4 dev batches", "3 dev batches, short last", "long dev set"])
+def test_adv_release_epoch(monkeypatch, n_dev, dev_order):
     torch.manual_seed(0)
-    data, split = random_task(n_dev=n_dev)
+    data, split = random_task(n_train=70, n_dev=n_dev)
     adv = Adv(ColumnFC(64, 10), data, split, adv_settings("release"))
     features, passes, inference_steps, classifier_steps = record_adv(monkeypatch, adv)
     train_list, dev = split.train.tolist(), split.dev.tolist()
     expected_others = release_dev_batches(dev, 16)
-    assert len(expected_others) == expected_steps
+    assert expected_others == [dev[16 * k:16 * (k + 1)] for k in dev_order]  # the reference, by hand
+    member_passes = []
     for epoch in range(2):
         for log in (features, passes, inference_steps, classifier_steps):
             log.clear()
         result = adv.train_epoch(epoch)
-        assert len(inference_steps) == expected_steps and len(classifier_steps) == 1
+        assert len(inference_steps) == 7 and len(classifier_steps) == 1
         members, others = features[0::2], features[1::2]
-        assert others == expected_others  # dev[0:16], dev[16:32], ... in the dev list's order, every epoch
-        assert all(len(m) == 16 == len(set(m)) and set(m) <= set(train_list) for m in members)
-        assert len(members) == expected_steps
+        assert others == expected_others  # in the dev list's order, restarted when it runs out, every epoch
+        # members: one shuffled pass over the 70 training samples (16, 16, 16, 16, 6), then a reshuffled one
+        assert [len(m) for m in members] == [16, 16, 16, 16, 6, 16, 16]
+        first_pass = [i for m in members[:5] for i in m]
+        assert sorted(first_pass) == sorted(train_list)
+        assert len(set(members[5] + members[6])) == 32 and set(members[5] + members[6]) <= set(train_list)
+        member_passes.append(first_pass)
         [(batch, pass_result)] = passes
         assert len(batch) == 16 == len(set(batch)) and set(batch) <= set(train_list)
         assert result == pass_result  # that one batch's (loss, accuracy %)
+    assert member_passes[0] != member_passes[1]  # each epoch starts a fresh shuffled pass
 
 
 def test_adv_corrected_runs_full_epochs(monkeypatch):
@@ -393,3 +401,71 @@ def test_dp_steps_per_epoch_for_the_digits_victim(semantics, steps):
     split = ModelSplit(torch.arange(646), torch.arange(646, 700), torch.arange(646, 700))
     dp = Dp(ColumnFC(64, 10), data, split, DefenseSettings.from_args(args))
     assert dp.steps == steps == {"release": 500, "corrected": 5}[semantics]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+@pytest.mark.parametrize("semantics", ["release", "corrected"])
+def test_dp_empty_draw(monkeypatch, semantics):
+    """Batch size 1 of 70 samples: about a third of the Poisson draws sample nobody. The release takes no
+    step on them; corrected steps (noise only). The accountant counts every draw in both."""
+    torch.manual_seed(0)
+    data, split = random_task(n_train=70)
+    dp = Dp(ColumnFC(64, 10), data, split, dp_settings(semantics, batch_size=1, epochs=1))
+    draws, calls = [], []
+    original_rand, original_gradient = torch.rand, defenses.dp_gradient
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1])
+    monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: calls.append(len(y)) or
+                        original_gradient(model, x, y, *rest))
+    steps = step_counter(dp.optimizer)
+    dp.train_epoch(0)
+    sampled = [int((draw < 1 / 70).sum()) for draw in draws]
+    assert len(sampled) == 70 and 0 < sampled.count(0) < 70
+    if semantics == "release":
+        assert calls == [n for n in sampled if n] and len(steps) == 70 - sampled.count(0)
+    else:
+        assert calls == sampled and len(steps) == 70
+    assert dp.accountant.history == [(1.0, 1 / 70, 70)]
+
+
+@pytest.mark.parametrize("semantics, scale", [("release", 0.5), ("corrected", 0.64)])
+def test_dp_scale_with_fewer_samples_than_a_batch(semantics, scale):
+    """25 training samples, batch_size 32: every draw takes all 25 in list order; microbatches of 16. The
+    release divides by its batch size (16/32), corrected by the expected batch of 25 (16/25)."""
+    torch.manual_seed(0)
+    data, split = random_task(n_train=25)
+    model = nn.Linear(64, 10)  # no dropout: train and eval mode are the same function
+    dp = Dp(model, data, split, dp_settings(semantics, batch_size=32, epochs=1, defend_arg=0.0))
+    assert dp.steps == 1
+    x, y = data.batch(split.train)
+    clipped = []
+    for xb, yb in zip(x.split(16), y.split(16)):
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        clipped.append(g * min(1.0, 1.0 / (g.norm().item() + 1e-6)))
+    summed = clipped[0] if semantics == "release" else clipped[0] + clipped[1]  # release drops the 9 left over
+    grads = []
+    dp.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
+    dp.train_epoch(0)
+    assert 16 / dp.divisor == scale
+    assert torch.allclose(grads[0], summed * scale, atol=1e-6)
+
+
+@pytest.mark.parametrize("semantics, flags, used, line", [
+    ("release", ["--prune_iter", "3", "--prune_epochs", "10"], (5, 21),
+     "Flags forced by --defend dp under --semantics release: --prune_iter 3 -> 5, --prune_epochs 10 -> 21"),
+    ("release", ["--prune_epochs", "10"], (5, 21),
+     "Flags forced by --defend dp under --semantics release: --prune_epochs 10 -> 21"),
+    ("release", [], (5, 21), None),
+    ("corrected", ["--prune_iter", "3", "--prune_epochs", "10"], (3, 10), None)])
+def test_dp_release_forces_the_release_pruning_flags(semantics, flags, used, line):
+    import prune_modi
+    digits = os.path.join(REPO, "config", "digits.json")
+    args = prune_modi.get_args(["-1", digits, "--defend", "dp", "--defend_arg", "0.1", "--semantics", semantics,
+                                *flags])
+    assert (args.prune_iter, args.prune_epochs) == used
+    assert prune_modi.forced_line(args, Dp) == line
+    assert DefenseSettings.from_args(args).prune_epochs == used[1]
+    other = prune_modi.get_args(["-1", digits, "--defend", "ppb", "--prune_iter", "3", "--prune_epochs", "10"])
+    assert (other.prune_iter, other.prune_epochs, prune_modi.forced_line(other, defenses.Ppb)) == (3, 10, None)
