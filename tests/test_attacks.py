@@ -286,3 +286,20 @@ def test_nn_attack_training_recipe(monkeypatch):
     assert len(calls) == 80
     assert calls[0] == (torch.optim.SGD, 1e-3, 0.9, 5e-4, 128, 50)
     assert [c[1] for c in calls[49:51]] == [1e-3, 1e-4] and [c[1] for c in calls[74:76]] == [1e-4, 1e-5]
+
+
+@pytest.mark.parametrize("semantics, batch", [("release", 32), ("corrected", 128)])
+def test_nn_attack_batches_follow_the_semantics(monkeypatch, semantics, batch):
+    """The NN attacks' training batches: --batch_size (here 32) under release, 128 under corrected."""
+    torch.manual_seed(0)
+    assert attacks.nn_batch_size(semantics, 32) == batch
+    monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 1)
+    sizes = []
+    original = attacks.train_pass
+    monkeypatch.setattr(attacks, "train_pass", lambda model, data, idx, opt, batch_size: sizes.append(
+        [len(b) for b in idx.split(batch_size)]) or original(model, data, idx, opt, batch_size))
+    n = 300
+    probs = torch.softmax(torch.randn(n, 4), 1)
+    out = Outputs(probs, torch.randint(0, 4, (n,)), torch.arange(n) % 2 == 0)
+    ATTACKS["nn"].fn(out, out, 4, attacks.Progress(True), semantics, attacks.nn_batch_size(semantics, 32))
+    assert sizes == [[batch] * (n // batch) + ([n % batch] if n % batch else [])]
