@@ -413,7 +413,8 @@ def test_dp_empty_draw(monkeypatch, semantics):
     dp = Dp(ColumnFC(64, 10), data, split, dp_settings(semantics, batch_size=1, epochs=1))
     draws, calls = [], []
     original_rand, original_gradient = torch.rand, defenses.dp_gradient
-    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1])
+    monkeypatch.setattr(torch, "rand",
+                        lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1])
     monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: calls.append(len(y)) or
                         original_gradient(model, x, y, *rest))
     steps = step_counter(dp.optimizer)
