@@ -202,6 +202,9 @@ def register(name: str, reports: list, needs_sensitivity: bool = False, needs_sh
 
 def add_attack_flags(parser) -> None:
     """The attacks' own flags (mia_modi.py)."""
+    parser.add_argument("--attack_epochs", type=int, default=ATTACK_EPOCHS,
+                        help="training epochs of the SAMIA and NN attack models (the release's 100; fewer for a "
+                             "quick check)")
     parser.add_argument("--rmia_gamma", type=float, default=1.0,
                         help="RMIA: a sample beats a population sample z when ratio(x) / ratio(z) > gamma")
 
@@ -211,6 +214,8 @@ def check_attack_flags(args) -> None:
     for name in args.attack_names:
         if args.shadow_num < ATTACKS[name].min_shadows:
             raise UsageError(f"attack {name} needs --shadow_num >= {ATTACKS[name].min_shadows}, got {args.shadow_num}")
+    if args.attack_epochs < 1:
+        raise UsageError(f"--attack_epochs must be >= 1, got {args.attack_epochs}")
     if not (math.isfinite(args.rmia_gamma) and args.rmia_gamma > 0):
         raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
 
@@ -235,17 +240,26 @@ def parse_attacks(text: str) -> list:
     return [a for a in ATTACKS if a in names]
 
 
-def _nn_attack(name, kind, features, shadow, victim, num_cls, progress):
-    """Train an attack model on the shadows' features; report it on the victim's."""
+def nn_schedule(semantics: str, options) -> tuple:
+    """(batch size, epochs) of the attack models' training: --batch_size under release (as the release's loaders),
+    else 128; --attack_epochs (100, the release's). Without options (a direct call): 128 and 100."""
+    if options is None:
+        return ATTACK_BATCH, ATTACK_EPOCHS
+    return options.batch_size if semantics == "release" else ATTACK_BATCH, options.attack_epochs
+
+
+def _nn_attack(name, kind, features, shadow, victim, num_cls, progress, schedule=(ATTACK_BATCH, ATTACK_EPOCHS)):
+    """Train an attack model on the shadows' features (schedule: batch size, epochs); report it on the victim's."""
+    batch_size, epochs = schedule
     train = TensorData(features(shadow), shadow.member.long())
     test = TensorData(features(victim), victim.member.long())
     model = build_attack_model(kind, train.x.shape[1], num_cls).to(train.x.device)
     optimizer = make_optimizer(model.parameters(), "sgd", 1e-3, 5e-4)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
+    lr_steps = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
     all_rows = torch.arange(len(train), device=train.x.device)
-    for _ in progress.bar(range(ATTACK_EPOCHS), desc=f"{name} attack model"):
-        train_pass(model, train, all_rows, optimizer, ATTACK_BATCH)
-        schedule.step()
+    for _ in progress.bar(range(epochs), desc=f"{name} attack model"):
+        train_pass(model, train, all_rows, optimizer, batch_size)
+        lr_steps.step()
     logits = predict(model, test, torch.arange(len(test), device=test.x.device))
     accuracy = 100 * (logits.argmax(1) == test.y).float().mean().item()
     scores = F.softmax(logits, 1)[:, 1]
@@ -259,7 +273,7 @@ def _onehot(o, num_cls):
 @register("samia", ["SAMIA"], needs_sensitivity=True)
 def samia(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     feats = lambda o: torch.cat([o.probs, o.sens, _onehot(o, num_cls)], 1)
-    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress)
+    return _nn_attack("SAMIA", "transformer", feats, shadow, victim, num_cls, progress, nn_schedule(semantics, options))
 
 
 @register("threshold", ["Conf", "Entr", "Mentr", "Hconf"])
@@ -281,18 +295,20 @@ def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release",
 
 @register("nn", ["NN"])
 def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
-    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress)
+    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress,
+                      nn_schedule(semantics, options))
 
 
 @register("nn_top3", ["Top3-NN"])
 def nn_top3(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
-    return _nn_attack("Top3-NN", "mia_fc", lambda o: o.probs.topk(3, dim=1).values, shadow, victim, num_cls, progress)
+    top3 = lambda o: o.probs.topk(3, dim=1).values
+    return _nn_attack("Top3-NN", "mia_fc", top3, shadow, victim, num_cls, progress, nn_schedule(semantics, options))
 
 
 @register("nn_cls", ["NNCl"])
 def nn_cls(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     feats = lambda o: torch.cat([o.probs, _onehot(o, num_cls)], 1)
-    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress)
+    return _nn_attack("NNCl", "mia_fc", feats, shadow, victim, num_cls, progress, nn_schedule(semantics, options))
 
 
 # ---------------------------------------------------------------- offline LiRA

@@ -18,7 +18,7 @@ from common import UsageError
 from dp import dp_gradient
 from models import build_attack_model
 from paths import model_prefix
-from train import make_optimizer, train_pass
+from train import make_optimizer, minibatches, train_pass
 
 DEFENSES = {}
 SEMANTICS = ("release", "corrected")
@@ -97,6 +97,12 @@ class Defense:
         """Raise UsageError for flags this defense cannot run with."""
 
     @classmethod
+    def forced_flags(cls, semantics: str) -> dict:
+        """Pruning flags this defense runs with whatever the command line says ({flag: value}); prune_modi.py
+        applies them and logs each one it overrides."""
+        return {}
+
+    @classmethod
     def check_memscores(cls, scores: torch.Tensor, settings: DefenseSettings, path: str) -> None:
         """Raise UsageError when the settings do not fit the mem-scores (loaded from path)."""
 
@@ -150,15 +156,18 @@ def class_orderings(idx, labels, scores=None, descending=True):
 def window_at(groups, stride, width, epoch, shared_end=False):
     """Positions [stride*epoch, stride*epoch + width) of every class, concatenated in class order.
     shared_end=False (corrected): each class is clipped to its own length. shared_end=True (release):
-    one `end` for all classes, lowered to each class's length in class order, so a short class also
-    shortens the windows of the classes after it (a class whose start is past that end gives nothing)."""
+    one `end` for all classes, walked in class order: a class the window has passed (start >= its
+    length) is skipped first, and only a class that is not lowers the shared end to its length, so a
+    short class shortens the windows of the classes after it until the window has passed it."""
     start, end = stride * epoch, stride * epoch + width
     parts = []
     for group in groups:
         if shared_end:
+            if start >= len(group):
+                continue
             end = min(end, len(group))
         parts.append(group[start:end])
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else groups[0][:0]
 
 
 def window_rule(class_sizes, stride, width, prune_epochs):
@@ -309,16 +318,13 @@ class WindowRiskMemory(RiskMemory, WindowDefense):
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
-        # under both rules windows only shrink as they move, so checking the last one covers all epochs
+        # under both rules a class gives nothing exactly when the window has passed it, so the windows
+        # are empty from the epoch whose start passes the largest class on: checking the last covers all
         last = settings.prune_epochs - 1
         if len(self.window_indices(last)) == 0:
-            if settings.semantics == "release":  # the shared end never exceeds the first class's length
-                reach = f"the first class's {len(self.groups[0])} samples (under --semantics release its length " \
-                        f"caps every class's window)"
-            else:
-                reach = f"every class (the largest has {max(len(group) for group in self.groups)} samples)"
             raise UsageError(f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
-                             f"past {reach}; lower --stride or --prune_epochs")
+                             f"past every class (the largest has {max(len(group) for group in self.groups)} "
+                             f"samples); lower --stride or --prune_epochs")
 
     def train_epoch(self, epoch):
         return self.train_risk_then_general(self.window_indices(epoch), epoch)
@@ -432,13 +438,23 @@ def adv_classifier_loss(logits, y, inference, theta):
     return F.cross_entropy(logits, y) - theta * F.cross_entropy(member_logits, members)
 
 
+def cycled_batches(idx, batch_size, shuffle):
+    """Batches of passes over idx, one pass after another without end, as a loader restarted each
+    time it runs out: each pass in list order or reshuffled (global torch RNG, drawn when the pass
+    starts), a short last batch in each."""
+    while True:
+        yield from minibatches(idx, batch_size, shuffle)
+
+
 @register
 class Adv(Defense):
     """Adversarial regularization (Nasr et al., CCS 2018); defend_arg is privacy_theta. The inference
     model and its optimizer live across epochs and pruning iterations. An epoch under release: 7
-    inference steps against the dev set's first 7 batches in order, then one classifier step on one
-    random training batch. Under corrected: a full shuffled epoch with 7 inference steps (random dev
-    batches) before every classifier step."""
+    inference steps, their member batches from a shuffled pass over the training set and their dev
+    batches from the dev set in order, each restarted (reshuffled) when it runs out (a dev set of 2
+    batches gives 0,1,0,1,0,1,0), then one classifier step on one random training batch. Under
+    corrected: a full shuffled epoch with 7 inference steps (random training and dev batches, drawn
+    independently) before every classifier step."""
     name = "adv"
     arg_in_name = True
     semantics_differ = True
@@ -466,10 +482,10 @@ class Adv(Defense):
         self.model.train(was_training)
         return features
 
-    def inference_step(self, others=None):
-        """One step on a random training batch (label 1) against the dev indices `others` (label 0),
-        a random dev batch when None."""
-        members = self.features(self.random_batch(self.split.train))
+    def inference_step(self, members=None, others=None):
+        """One step on the training indices `members` (label 1) against the dev indices `others`
+        (label 0); a random training or dev batch where None."""
+        members = self.features(self.random_batch(self.split.train) if members is None else members)
         others = self.features(self.random_batch(self.split.dev) if others is None else others)
         labels = torch.cat([torch.ones(len(members)), torch.zeros(len(others))]).long().to(members.device)
         self.inference.train()
@@ -489,9 +505,11 @@ class Adv(Defense):
         theta, batch_size = self.settings.defend_arg, self.settings.batch_size
         loss_fn = lambda logits, y: adv_classifier_loss(logits, y, self.inference, theta)
         if self.settings.semantics == "release":
-            # the release zips its training loader with an unshuffled dev loader: a short dev set ends it early
-            for others in self.split.dev.split(batch_size)[:self.inference_steps]:
-                self.inference_step(others)
+            # the release restarts its member and dev loaders whenever they run out, fresh every epoch
+            members = cycled_batches(self.split.train, batch_size, shuffle=True)
+            others = cycled_batches(self.split.dev, batch_size, shuffle=False)
+            for _ in range(self.inference_steps):
+                self.inference_step(next(members), next(others))
             return train_pass(self.model, self.data, self.random_batch(self.split.train), self.optimizer,
                               batch_size, loss_fn=loss_fn)
         return train_pass(self.model, self.data, self.split.train, self.optimizer, batch_size,
@@ -501,17 +519,22 @@ class Adv(Defense):
 @register
 class Dp(Defense):
     """DP-SGD (Abadi et al., CCS 2016) with Poisson sampling and microbatch clipping; defend_arg is
-    the noise multiplier sigma. Privacy spent is tracked with Opacus's RDP accountant, every step.
-    Release (the release's DP pruning script): SGD without momentum at the config's lr and weight
-    decay, len(train)//batch_size * epochs steps per epoch, microbatches of batch_size//2 with the last
-    partial one dropped, and the model's mode left alone (eval after the first evaluation). Corrected:
-    the config's optimizer, len(train)//batch_size steps, --dp_microbatch with partial microbatches
-    kept, train mode every epoch."""
+    the noise multiplier sigma. Privacy spent is tracked with Opacus's RDP accountant, one step per
+    Poisson draw. Release (the release's DP pruning script): SGD without momentum at the config's lr and
+    weight decay, len(train)//batch_size * epochs draws per epoch, a draw that samples nobody skipped (no
+    step), microbatches of batch_size//2 with the last partial one dropped, the summed clipped gradients
+    scaled by microbatch/batch_size, the model's mode left alone (eval after the first evaluation), and
+    always 5 pruning iterations of 21 epochs (forced_flags). Corrected: the config's optimizer,
+    len(train)//batch_size steps, --dp_microbatch with partial microbatches kept, the scale
+    microbatch/expected batch (min(batch_size, len(train)): the same as release's unless the training set
+    is smaller than a batch, where every draw takes all of it), train mode every epoch, the command
+    line's pruning flags."""
     name = "dp"
     arg_in_name = True
     semantics_differ = True
     clip = 1.0
     delta, delta_text = 1e-5, "1e-5"
+    release_pruning = {"prune_iter": 5, "prune_epochs": 21}  # what the release's DP pruning script hard-codes
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
@@ -528,6 +551,13 @@ class Dp(Defense):
             self.steps = max(1, steps)
         self.sample_rate = min(1.0, settings.batch_size / len(split.train))
         self.expected_batch = self.sample_rate * len(split.train)
+        # the gradient's divisor: the release divides by its configured batch size even when the training set
+        # is smaller (then every draw takes all n < batch_size samples, and the step shrinks by n/batch_size)
+        self.divisor = settings.batch_size if self.release else self.expected_batch
+
+    @classmethod
+    def forced_flags(cls, semantics):
+        return dict(cls.release_pruning) if semantics == "release" else {}
 
     @classmethod
     def check_args(cls, settings):
@@ -540,19 +570,22 @@ class Dp(Defense):
                              f"batch_size//2 ({max(1, settings.batch_size // 2)}), as the release does")
 
     def train_epoch(self, epoch):
-        """self.steps Poisson-sampled DP-SGD steps; returns (loss, accuracy %) over the examples used.
-        Corrected puts the model in train mode first; release trains in whatever mode it is in."""
+        """self.steps Poisson draws, a DP-SGD step on each (release: on each that sampled somebody); returns
+        (loss, accuracy %) over the examples used. Corrected puts the model in train mode first; release
+        trains in whatever mode it is in. The accountant counts every draw, skipped or not."""
         if not self.release:
             self.model.train()
         train, sigma = self.split.train, self.settings.defend_arg
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(self.steps):
             batch = train[torch.rand(len(train), device=train.device) < self.sample_rate]
+            self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate)
+            if self.release and len(batch) == 0:
+                continue
             x, y = self.data.batch(batch)
-            batch_loss, batch_correct = dp_gradient(self.model, x, y, self.microbatch, self.expected_batch,
+            batch_loss, batch_correct = dp_gradient(self.model, x, y, self.microbatch, self.divisor,
                                                     self.clip, sigma, self.release)
             self.optimizer.step()
-            self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate)
             used = len(batch) // self.microbatch * self.microbatch if self.release else len(batch)
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + used
         seen = max(seen, 1)

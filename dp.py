@@ -65,6 +65,8 @@ def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
 def dp_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, expected_batch: float,
                 clip: float, sigma: float, drop_partial: bool = False) -> tuple:
     """Set .grad to (sum of clipped microbatch gradients + N(0, (clip*sigma)^2)) * microbatch/expected_batch.
+    expected_batch is the divisor: the expected Poisson batch (corrected) or the configured batch size
+    (release; the two differ only when the training set is smaller than a batch).
     drop_partial: leave out a last partial microbatch (release) instead of clipping it (corrected).
     Returns (summed loss, correct count) of the examples used."""
     total, loss_sum, correct = clipped_gradient_sum(model, x, y, microbatch, clip, drop_partial)

@@ -14,7 +14,9 @@ memscore/memscore_<ds>_<model>.json, holding:
                            together (an interrupted --force, an edited file) do not pass as a pair
 The sidecar is written before the CSV, so that a kill in between leaves a pair that fails csv_sha256,
 never a new CSV without its sidecar. A CSV without a sidecar is taken only as the authors' published
-file (AUTHORS_MEMSCORES), and for location and cinic only while the authors' split file is in use.
+file, recognised by its SHA-256 in memscore/authors-files.sha256 (shipped with the repo, in
+`sha256sum` format: the release's memscore/*.csv and CINIC's train_test_idx.pkl), and for location and
+cinic only while the authors' split file is in use (for cinic: the listed train_test_idx.pkl).
 """
 import hashlib
 import io
@@ -32,6 +34,7 @@ from paths import memscore_path
 
 AUTHORS_MEMSCORES = {(ds, model) for ds in ("cifar10", "cifar100", "cinic")
                      for model in ("resnet18", "densenet121", "vgg16bn")} | {("location", "columnfc")}
+AUTHORS_HASHES = os.path.join(paths.REPO_DIR, "memscore", "authors-files.sha256")  # ships with the code
 SIDECAR_KEYS = {"dataset": str, "model": str, "n_train": int, "split": str, "train_sha256": str, "csv_sha256": str}
 HASH_CHUNK = 64 << 20  # bytes of x moved to the CPU and hashed at a time
 
@@ -131,20 +134,58 @@ def check_fingerprint(args, path: str, csv_bytes: bytes, x: torch.Tensor, y: tor
                            f"this run trains on {_describe(ours)}; {f'{way_back}, or {fix}' if way_back else fix}")
 
 
-def check_unsigned(args, path: str, source: str) -> None:
-    """A CSV without sidecar passes only as the authors' published file on the authors' split."""
+def read_hash_list(path: str = None) -> dict:
+    """{file named relative to the repo: SHA-256 hex} from a `sha256sum` list (AUTHORS_HASHES by default);
+    '#' lines are comments."""
+    path = AUTHORS_HASHES if path is None else path
+    listed = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            digest, _, name = line.rstrip("\n").partition("  ")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or not name:
+                raise MissingError(f"{path} line {number} is not '<sha256>  <file>'; restore it from the repo")
+            listed[name] = digest
+    return listed
+
+
+def authors_file(name: str, content: bytes) -> bool:
+    """Whether content is the authors' file `name` (relative to the repo, e.g. memscore/memscore_cifar10_resnet18.csv)
+    as AUTHORS_HASHES lists it."""
+    listed = read_hash_list().get(name)
+    return listed is not None and hashlib.sha256(content).hexdigest() == listed
+
+
+def check_unsigned(args, path: str, source: str, csv_bytes: bytes) -> None:
+    """A CSV without sidecar passes only as the authors' published file (by its hash) on the authors' split."""
     recompute, sidecar = recompute_hint(args), sidecar_path(path)
     if (args.dataset_name, args.model_name) not in AUTHORS_MEMSCORES:
         raise MissingError(f"mem-scores {path} carry no fingerprint ({sidecar}) and the authors publish none for "
                            f"{args.dataset_name}_{args.model_name}, so nothing says which training set they score; "
                            f"recompute them with {recompute} (it writes the fingerprint)")
+    if not authors_file(f"memscore/{os.path.basename(path)}", csv_bytes):
+        digest = hashlib.sha256(csv_bytes).hexdigest()
+        raise MissingError(f"mem-scores {path} carry no fingerprint ({sidecar}) and are not the authors' published "
+                           f"file (SHA-256 {digest[:12]}... is not the one memscore/authors-files.sha256 lists for "
+                           f"it); put the authors' CSV there, or recompute them with {recompute} (it writes the "
+                           f"fingerprint)")
     if args.dataset_name in ("location", "cinic"):
         folder = os.path.join(paths.DATA_ROOT, FOLDERS[args.dataset_name])
-        authors = os.path.basename(authors_split_file(args.dataset_name, folder))
+        split_file = authors_split_file(args.dataset_name, folder)
+        authors = os.path.basename(split_file)
         if source != f"authors' {authors}":
             raise MissingError(f"mem-scores {path} carry no fingerprint and look like the authors' published file, "
                                f"which scores the authors' split ({authors}); put {authors} into {folder}/ "
                                f"or compute scores for this split with {recompute}")
+        listed_name = f"data/datasets/{FOLDERS[args.dataset_name]}/{authors}"  # cinic's; location.pkl is not listed
+        if listed_name in read_hash_list():
+            with open(split_file, "rb") as f:
+                if not authors_file(listed_name, f.read()):
+                    raise MissingError(f"mem-scores {path} are the authors' published file, which scores the authors' "
+                                       f"split, but {split_file} is not the authors' {authors} (its SHA-256 is not the "
+                                       f"one memscore/authors-files.sha256 lists); put the authors' {authors} there "
+                                       f"or compute scores for this split with {recompute}")
 
 
 def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -> torch.Tensor:
@@ -182,5 +223,5 @@ def load_memscores(args, data, n_train: int = None) -> torch.Tensor:
     if os.path.isfile(sidecar_path(path)):
         check_fingerprint(args, path, csv_bytes, data.x[:n_train], data.y[:n_train], source)
     else:
-        check_unsigned(args, path, source)
+        check_unsigned(args, path, source, csv_bytes)
     return read_memscores(path, n_train, fix, csv_bytes)

@@ -28,6 +28,7 @@ def get_args(argv=None):
     parser.add_argument("--shadow_num", type=int, default=5)
     parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
     args = parse_args(parser, argv)
+    force_defense_flags(args)
     check_config(args)
     check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.prune_iter < 1 or args.prune_epochs < 1:
@@ -36,6 +37,22 @@ def get_args(argv=None):
     get_defense(args.defend).check_args(DefenseSettings.from_args(args))
     prunable_layers(build_model(args.model_name, args.num_cls, args.input_dim), args.pruner_name)  # pruner fits?
     return args
+
+
+def force_defense_flags(args) -> None:
+    """Apply the defense's forced_flags to args; args.forced keeps each flag they changed as (given, used)."""
+    forced = get_defense(args.defend).forced_flags(args.semantics)
+    args.forced = {flag: (getattr(args, flag), value) for flag, value in forced.items() if getattr(args, flag) != value}
+    for flag, value in forced.items():
+        setattr(args, flag, value)
+
+
+def forced_line(args, defense) -> str:
+    """The log line that says which flags the defense overrode, or None."""
+    if not args.forced:
+        return None
+    changes = ", ".join(f"--{flag} {given} -> {used}" for flag, (given, used) in args.forced.items())
+    return f"Flags forced by --defend {defense.name} under --semantics {args.semantics}: {changes}"
 
 
 def header(args, defense, prefix):
@@ -79,7 +96,7 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
             best_acc, last_loss = fit(model, trainer.train_epoch, data, model_split.dev, model_split.test,
                                       args.prune_epochs, args.early_stop,
                                       on_best=lambda epoch, acc, loss: pruner.export(target, epoch, acc, loss),
-                                      on_epoch=on_epoch)
+                                      on_epoch=on_epoch, start_acc=0.0 if args.semantics == "release" else -1.0)
         log.write(f"{tag} iter {iteration} best model: Accuracy {best_acc:.3f}, Loss {last_loss:.3f}")
         progress.add(f"{model_tag}/iteration_sparsity", masked_fraction(pruner.masks.values()), iteration)
         progress.add(f"{model_tag}/iteration_best_dev_acc", best_acc, iteration)
@@ -116,6 +133,8 @@ def main():
     log.write(first)
     log_start = block_start(log, first)
     log.write(f"Semantics: {args.semantics}")
+    if forced_line(args, defense):  # as the release's DP pruning script, which hard-codes them
+        log.write(forced_line(args, defense))
     victim_scores = None if memscores is None else memscores[victim_split.train.cpu()]
     for line in defense.header_lines(settings, data.y[victim_split.train], victim_scores, memscores):
         log.write(line)

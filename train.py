@@ -95,11 +95,14 @@ def save_checkpoint(path: str, model: nn.Module, epoch: int, acc: float, loss: f
 
 
 def fit(model: nn.Module, train_epoch, data: TensorData, dev_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int,
-        early_stop: int, on_best, on_epoch=None) -> tuple:
+        early_stop: int, on_best, on_epoch=None, start_acc: float = -1.0) -> tuple:
     """The fine-tuning loop: train_epoch(epoch) then evaluate dev and test; on_best(epoch, dev_acc,
-    dev_loss) when dev accuracy strictly improves; stop once `early_stop` (>0) epochs pass without
-    improvement. Returns (best dev acc, last dev loss)."""
-    best_acc, stall, dev_loss = -1.0, 0, float("nan")
+    dev_loss) when dev accuracy strictly improves on the best so far, which starts at start_acc; stop once
+    `early_stop` (>0) epochs pass without improvement. Returns (best dev acc, last dev loss). The default
+    -1 makes the first epoch a best one whatever its accuracy, so every call exports a model; the release
+    starts at 0 (prune_modi.py's --semantics release), where epochs of exactly 0% dev accuracy export
+    nothing."""
+    best_acc, stall, dev_loss = start_acc, 0, float("nan")
     for epoch in range(epochs):
         train_loss, train_acc = train_epoch(epoch)
         if math.isfinite(train_acc) and not math.isfinite(train_loss):  # (nan, nan): an epoch that trained nothing

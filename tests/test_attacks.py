@@ -1,5 +1,6 @@
 """attacks.py: threshold attacks against the literal quadratic loop, metric values by hand, the
 sensitivity feature against its closed form on a linear model, the registry, and the NN attacks."""
+from types import SimpleNamespace
 import math
 import warnings
 
@@ -252,7 +253,7 @@ def test_nn_attack_features(monkeypatch):
     """What each NN attack feeds its attack model: captured from the shared training routine."""
     seen = {}
 
-    def capture(log_name, kind, features, shadow, victim, num_cls, progress):
+    def capture(log_name, kind, features, shadow, victim, num_cls, progress, schedule=None):
         seen[log_name] = (kind, features(shadow), features(victim))
         return []
     monkeypatch.setattr(attacks, "_nn_attack", capture)
@@ -287,3 +288,22 @@ def test_nn_attack_training_recipe(monkeypatch):
     assert len(calls) == 80
     assert calls[0] == (torch.optim.SGD, 1e-3, 0.9, 5e-4, 128, 50)
     assert [c[1] for c in calls[49:51]] == [1e-3, 1e-4] and [c[1] for c in calls[74:76]] == [1e-4, 1e-5]
+
+
+@pytest.mark.parametrize("semantics, batch", [("release", 32), ("corrected", 128)])
+def test_nn_attack_batches_follow_the_semantics(monkeypatch, semantics, batch):
+    """The NN attacks' training batches: --batch_size (here 32) under release, 128 under corrected; --attack_epochs
+    epochs (here 1)."""
+    torch.manual_seed(0)
+    options = SimpleNamespace(batch_size=32, attack_epochs=1)
+    assert attacks.nn_schedule(semantics, options) == (batch, 1)
+    assert attacks.nn_schedule(semantics, None) == (128, 100)
+    sizes = []
+    original = attacks.train_pass
+    monkeypatch.setattr(attacks, "train_pass", lambda model, data, idx, opt, batch_size: sizes.append(
+        [len(b) for b in idx.split(batch_size)]) or original(model, data, idx, opt, batch_size))
+    n = 300
+    probs = torch.softmax(torch.randn(n, 4), 1)
+    out = Outputs(probs, torch.randint(0, 4, (n,)), torch.arange(n) % 2 == 0)
+    ATTACKS["nn"].fn(out, out, 4, attacks.Progress(True), semantics, options)
+    assert sizes == [[batch] * (n // batch) + ([n % batch] if n % batch else [])]

@@ -354,7 +354,10 @@ def digits_runs(tmp_path_factory):
     for defend, arg in BASELINE_RUNS:
         common = ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--defend", defend,
                   "--defend_arg", arg, "--shadow_num", "1"]
-        runs.append([script("prune_modi.py"), *common, "--prune_iter", "2", "--prune_epochs", "2"])
+        # dp under release runs 5 iterations of 21 epochs whatever the flags say (and logs that it overrides
+        # them): one config epoch and no early stop keep it at 21 x len(train)//128 steps per iteration
+        quick = ["--epochs", "1", "--early_stop", "0"] if defend == "dp" else []
+        runs.append([script("prune_modi.py"), *common, "--prune_iter", "2", "--prune_epochs", "2", *quick])
         runs.append([script("mia_modi.py"), *common, "--attacks", "threshold", "--adaptive"])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=folder, env=env,
@@ -374,9 +377,15 @@ def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
     lines = (digits_runs / "log" / "digits_columnfc" / f"iter_prunetxt_0.6_{defend}.txt").read_text().splitlines()
     assert lines[0] == f"digits_columnfc_{stem}_0.0005"
     number = r"\d+\.\d{3}"
-    iteration = rf"iter [01] best model: Accuracy {number}, Loss {number}"
-    assert sum(bool(re.fullmatch(rf"victim {iteration}", line)) for line in lines) == 2
-    assert sum(bool(re.fullmatch(rf"shadow 0 {iteration}", line)) for line in lines) == 2
+    iterations = 5 if defend == "dp" else 2
+    iteration = rf"iter \d best model: Accuracy {number}, Loss {number}"
+    assert sum(bool(re.fullmatch(rf"victim {iteration}", line)) for line in lines) == iterations
+    assert sum(bool(re.fullmatch(rf"shadow 0 {iteration}", line)) for line in lines) == iterations
+    forced = [line for line in lines if line.startswith("Flags forced")]
+    assert forced == (["Flags forced by --defend dp under --semantics release: --prune_iter 2 -> 5, "
+                       "--prune_epochs 2 -> 21"] if defend == "dp" else [])
+    if defend == "dp":
+        assert lines[lines.index(forced[0]) - 1] == "Semantics: release"
     assert any(re.fullmatch(rf"Total {defend} defend time: {number}s", line) for line in lines)
     assert f"Shadows: {stem} (adaptive)" in lines
     assert any(re.fullmatch(rf"Victim pruned model test accuracy: {number}", line) for line in lines)
@@ -387,17 +396,17 @@ def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
     if defend != "dp":
         assert epsilons == []
         return
-    # one line right after each iteration: victim iter 0, 1, then shadow 0 iter 0, 1 (2 epochs each)
+    # one line right after each iteration: victim iter 0-4, then shadow 0 iter 0-4 (21 epochs each, forced)
     after = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("DP epsilon")]
-    assert [line.split(" best")[0] for line in after] == ["victim iter 0", "victim iter 1",
-                                                          "shadow 0 iter 0", "shadow 0 iter 1"]
+    assert [line.split(" best")[0] for line in after] == [f"{who} iter {i}" for who in ("victim", "shadow 0")
+                                                          for i in range(5)]
     with np.load(result / "split.npz") as split:
         sizes = len(split["victim_train"]), len(split["shadow_train_0"])
     expected = []
-    for n in sizes:  # --semantics release: len(train)//batch_size * the config's 100 epochs steps per epoch
+    for n in sizes:  # --semantics release: len(train)//batch_size * --epochs 1 draws per epoch, 21 epochs
         accountant = RDPAccountant()
-        for _ in range(2):
-            for _ in range(2 * (n // 128) * 100):
+        for _ in range(5):
+            for _ in range(21 * (n // 128) * 1):
                 accountant.step(noise_multiplier=0.1, sample_rate=128 / n)
             expected.append(round(accountant.get_epsilon(delta=1e-5), 3))
     assert epsilons == pytest.approx(expected, abs=1e-3)

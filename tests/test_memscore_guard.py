@@ -67,6 +67,15 @@ def write_authors_location_pkl(train_idx, test_idx):
         pickle.dump((Subset(full, train_idx), Subset(full, test_idx)), f)
 
 
+def list_as_authors(monkeypatch, *names):
+    """A hash list the test controls, in place of the shipped one: the files `names` (relative to the
+    test's folder, which stands in for the repo) as they are now, and nothing else."""
+    lines = [f"{hashlib.sha256(open(name, 'rb').read()).hexdigest()}  {name.replace(os.sep, '/')}\n" for name in names]
+    with open("authors-files.sha256", "w") as f:
+        f.write("# the test's list\n" + "".join(lines))
+    monkeypatch.setattr(memscores, "AUTHORS_HASHES", os.path.abspath("authors-files.sha256"))
+
+
 def load(dataset, model="columnfc"):
     return load_memscores(args_for(dataset, model), get_dataset(dataset)[0])
 
@@ -211,34 +220,90 @@ def test_an_unreadable_sidecar_is_refused(here):
 
 # ---------------------------------------------------------------- files without a sidecar
 
-def test_authors_location_file_needs_their_split(here):
+def test_authors_location_file_needs_their_split(here, monkeypatch):
     write_location(DATA)
     write_authors_csv(LOCATION_CSV, 16)  # as many rows as our split has
+    list_as_authors(monkeypatch, LOCATION_CSV)
     assert refused("location") == (
         f"mem-scores {LOCATION_CSV} carry no fingerprint and look like the authors' published file, which scores "
         f"the authors' split (location.pkl); put location.pkl into data/datasets/location/ or compute scores for "
         f"this split with {RECOMPUTE.format('location')}")
     write_authors_location_pkl([3, 17, 0, 8, 11, 5], [19, 2, 7])
     write_authors_csv(LOCATION_CSV, 6)
+    list_as_authors(monkeypatch, LOCATION_CSV)
     assert len(load("location")) == 6
 
 
-def test_authors_cinic_file_needs_their_index_file(here):
+def test_authors_cinic_file_needs_their_index_file(here, monkeypatch):
     cinic = memscore_path("cinic", "resnet18")
     write_authors_csv(cinic, 4)
+    list_as_authors(monkeypatch, cinic)
     data = TensorData(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
     message = refused("cinic", "resnet18", data)
     assert "look like the authors' published file, which scores the authors' split (train_test_idx.pkl); put " \
            "train_test_idx.pkl into data/datasets/cinic/ or compute scores" in message
+    index_file = os.path.join(DATA, "cinic", "train_test_idx.pkl")
     os.makedirs(os.path.join(DATA, "cinic"))
-    open(os.path.join(DATA, "cinic", "train_test_idx.pkl"), "wb").close()
+    open(index_file, "wb").close()
+    list_as_authors(monkeypatch, cinic, index_file)
     assert len(load_memscores(args_for("cinic", "resnet18"), data)) == 4
+    with open(index_file, "wb") as f:  # another index file under the authors' name
+        f.write(b"not the authors'")
+    assert refused("cinic", "resnet18", data) == (
+        f"mem-scores {cinic} are the authors' published file, which scores the authors' split, but {index_file} is "
+        f"not the authors' train_test_idx.pkl (its SHA-256 is not the one memscore/authors-files.sha256 lists); put "
+        f"the authors' train_test_idx.pkl there or compute scores for this split with "
+        f"python compute_memscore.py -1 config/cinic.json --force")
 
 
-def test_authors_cifar_file_is_taken_as_is(here):
-    write_authors_csv(memscore_path("cifar10", "resnet18"), 5)
+def test_authors_cifar_file_is_recognised_by_its_hash(here, monkeypatch):
+    path = memscore_path("cifar10", "resnet18")
+    write_authors_csv(path, 5)
     data = TensorData(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64))
+    list_as_authors(monkeypatch, path)
     assert len(load_memscores(args_for("cifar10", "resnet18"), data)) == 5
+    with open(path, "a") as f:  # one more byte: no longer the listed file
+        f.write("\n")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert refused("cifar10", "resnet18", data) == (
+        f"mem-scores {path} carry no fingerprint (memscore/memscore_cifar10_resnet18.json) and are not the authors' "
+        f"published file (SHA-256 {digest[:12]}... is not the one memscore/authors-files.sha256 lists for it); put "
+        f"the authors' CSV there, or recompute them with python compute_memscore.py -1 config/cifar10.json --force "
+        f"(it writes the fingerprint)")
+
+
+def test_an_authors_name_csv_off_the_shipped_list_is_refused(here):
+    """Against the shipped list: a CSV under an authors' name, without sidecar, is refused (today's files
+    were accepted unchecked for CIFAR)."""
+    for dataset, model in (("cifar10", "resnet18"), ("cifar100", "vgg16bn"), ("cinic", "densenet121")):
+        write_authors_csv(memscore_path(dataset, model), 5)
+        data = TensorData(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64))
+        assert "carry no fingerprint" in refused(dataset, model, data)
+        assert "are not the authors' published file" in refused(dataset, model, data)
+
+
+def test_the_shipped_hash_list():
+    """memscore/authors-files.sha256 parses, names every authors' CSV the code knows plus CINIC's index file,
+    and is, byte for byte, the list taken from the release (its own SHA-256 pinned here)."""
+    listed = memscores.read_hash_list()
+    csvs = {name for name in listed if name.startswith("memscore/")}
+    assert csvs == {f"memscore/memscore_{ds}_{model}.csv" for ds, model in memscores.AUTHORS_MEMSCORES}
+    assert set(listed) - csvs == {"data/datasets/cinic/train_test_idx.pkl"}
+    assert listed["memscore/memscore_location_columnfc.csv"] == \
+        "5b39132645fb64d9b127221c7df745dcd25c41b5f7fcd38b7f095048fc5bcf47"
+    with open(memscores.AUTHORS_HASHES, "rb") as f:
+        shipped = hashlib.sha256(f.read()).hexdigest()
+    assert shipped == "e85590aa9581873a646b034facc58c3973699ff69da4832b1505ab971a604d82"
+
+
+@pytest.mark.parametrize("line", ["abc  memscore/x.csv", f"{'0' * 64} memscore/x.csv", f"{'g' * 64}  x.csv"])
+def test_a_broken_hash_list_is_refused(tmp_path, line):
+    path = tmp_path / "list.sha256"
+    path.write_text(f"# comment\n{'1' * 64}  memscore/ok.csv\n{line}\n")
+    with pytest.raises(MissingError, match=f"{path} line 3 is not '<sha256>  <file>'; restore it from the repo"):
+        memscores.read_hash_list(str(path))
+    path.write_text(f"# comment\n\n{'1' * 64}  memscore/ok.csv\n")
+    assert memscores.read_hash_list(str(path)) == {"memscore/ok.csv": "1" * 64}
 
 
 def test_a_file_the_authors_do_not_publish_needs_a_sidecar(here):

@@ -35,14 +35,16 @@ def one_thread():
 # ---------------------------------------------------------------- references, from the descriptions
 
 def release_window(groups, stride, width, epoch):
-    """One end for all classes, lowered to each class's length in class order."""
+    """Per class in class order: skip the class when start >= its length, and only then lower the one
+    shared end to the class's length."""
     start = stride * epoch
     end = start + width
     window = []
     for group in groups:
+        if start >= len(group):
+            continue
         end = min(end, len(group))
-        if start < end:
-            window += group[start:end]
+        window += group[start:end]
     return window
 
 
@@ -56,13 +58,14 @@ def corrected_window(groups, stride, width, epoch):
 
 
 def release_dev_batches(dev, batch_size, steps=7):
-    """The first `steps` batches of an unshuffled loader over dev (the last one may be partial)."""
-    batches = []
-    for k in range(steps):
-        batch = dev[k * batch_size:(k + 1) * batch_size]
-        if not batch:
-            break
-        batches.append(batch)
+    """`steps` batches of an unshuffled loader over dev (the last one may be partial), the loader
+    restarted whenever it runs out."""
+    batches, loader = [], iter(())
+    while len(batches) < steps:
+        try:
+            batches.append(next(loader))
+        except StopIteration:
+            loader = iter([dev[k:k + batch_size] for k in range(0, len(dev), batch_size)])
     return batches
 
 
@@ -95,11 +98,12 @@ def test_shared_end_on_a_short_middle_class():
     epochs = range(6)
     assert [release.window_indices(e).tolist() for e in epochs] == [release_window(groups, 1, 3, e) for e in epochs]
     assert [corrected.window_indices(e).tolist() for e in epochs] == [corrected_window(groups, 1, 3, e) for e in epochs]
-    # by hand: class 1 (2 samples) caps class 2's window, and from epoch 2 on empties it
-    assert [len(release.window_indices(e)) for e in epochs] == [3 + 2 + 2, 3 + 1 + 1, 3, 2, 1, 0]
+    # by hand: class 1 (2 samples) caps class 2's window until the window has passed it (epoch 2 on)
+    assert [len(release.window_indices(e)) for e in epochs] == [3 + 2 + 2, 3 + 1 + 1, 3 + 3, 2 + 2, 1 + 1, 0]
     assert [len(corrected.window_indices(e)) for e in epochs] == [3 + 2 + 3, 3 + 1 + 3, 3 + 3, 2 + 2, 1 + 1, 0]
     plain = [torch.tensor(group) for group in groups]
-    assert window_at(plain, 1, 3, 1, shared_end=True).tolist() == release_window(groups, 1, 3, 1)
+    assert [window_at(plain, 1, 3, e, shared_end=True).tolist() for e in epochs] == \
+        [release_window(groups, 1, 3, e) for e in epochs]
     assert window_at(plain, 1, 3, 1).tolist() == corrected_window(groups, 1, 3, 1)
 
 
@@ -117,44 +121,66 @@ def test_shared_end_on_a_location_like_set():
     assert sizes[15] == 8 and all(len(a) < len(b) for a, b in zip(got_release, got_corrected))
 
 
-def test_rsw_release_epoch_past_the_shared_end_trains_nothing():
-    make, groups = window_task([2, 5, 5])
-    assert release_window(groups, 1, 3, 2) == [] and corrected_window(groups, 1, 3, 2) != []
-    release, corrected = make(Slide, "release"), make(Slide, "corrected")
-    before = {k: v.clone() for k, v in release.model.state_dict().items()}
-    loss, acc = release.train_epoch(2)
-    assert math.isnan(loss) and math.isnan(acc)
-    assert all(torch.equal(before[k], v) for k, v in release.model.state_dict().items())
-    assert not math.isnan(corrected.train_epoch(2)[0])
+def test_windows_of_two_ten_ten_classes():
+    """The issue's smallest case: classes of 2, 10 and 10 samples (global indices 0-1, 2-11, 12-21 in
+    mem-score order), stride 3, width 5."""
+    groups = [list(range(0, 2)), list(range(2, 12)), list(range(12, 22))]
+    by_hand = {0: [0, 1, 2, 3, 12, 13], 1: [5, 6, 7, 8, 9, 15, 16, 17, 18, 19], 2: [8, 9, 10, 11, 18, 19, 20, 21]}
+    plain = [torch.tensor(group) for group in groups]
+    for epoch, expected in by_hand.items():
+        assert release_window(groups, 3, 5, epoch) == expected
+        assert window_at(plain, 3, 5, epoch, shared_end=True).tolist() == expected
+    # class 0 runs out after epoch 0, mid-grid: every epoch of a 5-epoch grid against the reference, then past all
+    assert [window_at(plain, 3, 5, e, shared_end=True).tolist() for e in range(5)] == \
+        [release_window(groups, 3, 5, e) for e in range(5)]
+    assert [len(window_at(plain, 3, 5, e, shared_end=True)) for e in range(5)] == [6, 10, 8, 2, 0]
+    assert [len(window_at(plain, 3, 5, e)) for e in range(5)] == [12, 10, 8, 2, 0]  # corrected: per-class ends
+
+
+@pytest.mark.parametrize("prune_epochs", [1, 3, 4, 7])
+def test_rsw_release_defense_on_two_ten_ten_classes(prune_epochs):
+    make, groups = window_task([2, 10, 10], stride=3, width=5, prune_epochs=prune_epochs)
+    release = make(Slide, "release")
+    assert [release.window_indices(e).tolist() for e in range(prune_epochs)] == \
+        [release_window(groups, 3, 5, e) for e in range(prune_epochs)]
 
 
 @pytest.mark.parametrize("semantics", ["release", "corrected"])
-@pytest.mark.parametrize("prune_epochs", [2, 3, 6])
+def test_rsw_epoch_past_every_class_trains_nothing(semantics):
+    make, groups = window_task([2, 5, 5])
+    assert release_window(groups, 1, 3, 5) == [] == corrected_window(groups, 1, 3, 5)
+    assert len(release_window(groups, 1, 3, 2)) == 6  # class 0 is passed, classes 1 and 2 keep their windows
+    defense = make(Slide, semantics)
+    before = {k: v.clone() for k, v in defense.model.state_dict().items()}
+    loss, acc = defense.train_epoch(5)
+    assert math.isnan(loss) and math.isnan(acc)
+    assert all(torch.equal(before[k], v) for k, v in defense.model.state_dict().items())
+    assert not math.isnan(defense.train_epoch(2)[0])
+
+
+@pytest.mark.parametrize("semantics", ["release", "corrected"])
+@pytest.mark.parametrize("prune_epochs", [2, 3, 5, 6])
 def test_swmr_refuses_by_its_semantics_rule(semantics, prune_epochs):
     make, groups = window_task([2, 5, 5], prune_epochs=prune_epochs)
     rule = release_window if semantics == "release" else corrected_window
     refused = rule(groups, 1, 3, prune_epochs - 1) == []
-    by_hand = {("release", 2): False, ("release", 3): True, ("release", 6): True,
-               ("corrected", 2): False, ("corrected", 3): False, ("corrected", 6): True}
-    assert refused == by_hand[semantics, prune_epochs]
+    assert refused == (prune_epochs == 6)  # both rules: only once the window has passed every class
     if refused:
-        with pytest.raises(UsageError, match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past"):
+        with pytest.raises(UsageError, match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past "
+                                             f"every class \\(the largest has 5 samples\\)"):
             make(SlideML2, semantics)
     else:
         make(SlideML2, semantics)
 
 
-@pytest.mark.parametrize("semantics", ["release", "corrected"])
-def test_swmr_trains_on_its_semantics_window(monkeypatch, semantics):
-    make, groups = window_task([5, 2, 5])
-    defense = make(SlideML2, semantics)
-    seen = []
-    monkeypatch.setattr(defenses, "train_pass",
-                        lambda model, data, idx, opt, bs: seen.extend(idx.tolist()) or (1.0, 50.0))
-    defense.train_epoch(1)
-    rule = release_window if semantics == "release" else corrected_window
-    assert sorted(seen) == sorted(rule(groups, 1, 3, 1))
-    assert len(seen) == {"release": 5, "corrected": 7}[semantics]
+def test_swmr_release_trains_what_the_old_shared_end_refused():
+    """[2, 10, 10], stride 3, width 5, 4 epochs: the end lowered by every class emptied epochs 1-3 and the
+    guard refused the run; the release trains it, class 0 skipped from epoch 1 on."""
+    make, groups = window_task([2, 10, 10], stride=3, width=5, prune_epochs=4)
+    defense = make(SlideML2, "release")
+    assert [defense.window_indices(e).tolist() for e in range(4)] == [release_window(groups, 3, 5, e) for e in range(4)]
+    with pytest.raises(UsageError, match="past every class"):
+        window_task([2, 10, 10], stride=3, width=5, prune_epochs=5)[0](SlideML2, "release")
 
 
 # ---------------------------------------------------------------- adv
@@ -196,27 +222,35 @@ def record_adv(monkeypatch, adv):
     return features, passes, step_counter(adv.inference_optimizer), step_counter(adv.optimizer)
 
 
-@pytest.mark.parametrize("n_dev, expected_steps", [(200, 7), (40, 3)], ids=["long dev set", "short dev set"])
-def test_adv_release_epoch(monkeypatch, n_dev, expected_steps):
+@pytest.mark.parametrize("n_dev, dev_order", [(32, [0, 1, 0, 1, 0, 1, 0]), (64, [0, 1, 2, 3, 0, 1, 2]),
+                                              (40, [0, 1, 2, 0, 1, 2, 0]), (200, [0, 1, 2, 3, 4, 5, 6])],
+                         ids=["2 dev batches", "4 dev batches", "3 dev batches, short last", "long dev set"])
+def test_adv_release_epoch(monkeypatch, n_dev, dev_order):
     torch.manual_seed(0)
-    data, split = random_task(n_dev=n_dev)
+    data, split = random_task(n_train=70, n_dev=n_dev)
     adv = Adv(ColumnFC(64, 10), data, split, adv_settings("release"))
     features, passes, inference_steps, classifier_steps = record_adv(monkeypatch, adv)
     train_list, dev = split.train.tolist(), split.dev.tolist()
     expected_others = release_dev_batches(dev, 16)
-    assert len(expected_others) == expected_steps
+    assert expected_others == [dev[16 * k:16 * (k + 1)] for k in dev_order]  # the reference, by hand
+    member_passes = []
     for epoch in range(2):
         for log in (features, passes, inference_steps, classifier_steps):
             log.clear()
         result = adv.train_epoch(epoch)
-        assert len(inference_steps) == expected_steps and len(classifier_steps) == 1
+        assert len(inference_steps) == 7 and len(classifier_steps) == 1
         members, others = features[0::2], features[1::2]
-        assert others == expected_others  # dev[0:16], dev[16:32], ... in the dev list's order, every epoch
-        assert all(len(m) == 16 == len(set(m)) and set(m) <= set(train_list) for m in members)
-        assert len(members) == expected_steps
+        assert others == expected_others  # in the dev list's order, restarted when it runs out, every epoch
+        # members: one shuffled pass over the 70 training samples (16, 16, 16, 16, 6), then a reshuffled one
+        assert [len(m) for m in members] == [16, 16, 16, 16, 6, 16, 16]
+        first_pass = [i for m in members[:5] for i in m]
+        assert sorted(first_pass) == sorted(train_list)
+        assert len(set(members[5] + members[6])) == 32 and set(members[5] + members[6]) <= set(train_list)
+        member_passes.append(first_pass)
         [(batch, pass_result)] = passes
         assert len(batch) == 16 == len(set(batch)) and set(batch) <= set(train_list)
         assert result == pass_result  # that one batch's (loss, accuracy %)
+    assert member_passes[0] != member_passes[1]  # each epoch starts a fresh shuffled pass
 
 
 def test_adv_corrected_runs_full_epochs(monkeypatch):
@@ -367,3 +401,72 @@ def test_dp_steps_per_epoch_for_the_digits_victim(semantics, steps):
     split = ModelSplit(torch.arange(646), torch.arange(646, 700), torch.arange(646, 700))
     dp = Dp(ColumnFC(64, 10), data, split, DefenseSettings.from_args(args))
     assert dp.steps == steps == {"release": 500, "corrected": 5}[semantics]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+@pytest.mark.parametrize("semantics", ["release", "corrected"])
+def test_dp_empty_draw(monkeypatch, semantics):
+    """Batch size 1 of 70 samples: about a third of the Poisson draws sample nobody. The release takes no
+    step on them; corrected steps (noise only). The accountant counts every draw in both."""
+    torch.manual_seed(0)
+    data, split = random_task(n_train=70)
+    dp = Dp(ColumnFC(64, 10), data, split, dp_settings(semantics, batch_size=1, epochs=1))
+    draws, calls = [], []
+    original_rand, original_gradient = torch.rand, defenses.dp_gradient
+    monkeypatch.setattr(torch, "rand",
+                        lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1])
+    monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: calls.append(len(y)) or
+                        original_gradient(model, x, y, *rest))
+    steps = step_counter(dp.optimizer)
+    dp.train_epoch(0)
+    sampled = [int((draw < 1 / 70).sum()) for draw in draws]
+    assert len(sampled) == 70 and 0 < sampled.count(0) < 70
+    if semantics == "release":
+        assert calls == [n for n in sampled if n] and len(steps) == 70 - sampled.count(0)
+    else:
+        assert calls == sampled and len(steps) == 70
+    assert dp.accountant.history == [(1.0, 1 / 70, 70)]
+
+
+@pytest.mark.parametrize("semantics, scale", [("release", 0.5), ("corrected", 0.64)])
+def test_dp_scale_with_fewer_samples_than_a_batch(semantics, scale):
+    """25 training samples, batch_size 32: every draw takes all 25 in list order; microbatches of 16. The
+    release divides by its batch size (16/32), corrected by the expected batch of 25 (16/25)."""
+    torch.manual_seed(0)
+    data, split = random_task(n_train=25)
+    model = nn.Linear(64, 10)  # no dropout: train and eval mode are the same function
+    dp = Dp(model, data, split, dp_settings(semantics, batch_size=32, epochs=1, defend_arg=0.0))
+    assert dp.steps == 1
+    x, y = data.batch(split.train)
+    clipped = []
+    for xb, yb in zip(x.split(16), y.split(16)):
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        clipped.append(g * min(1.0, 1.0 / (g.norm().item() + 1e-6)))
+    summed = clipped[0] if semantics == "release" else clipped[0] + clipped[1]  # release drops the 9 left over
+    grads = []
+    dp.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
+    dp.train_epoch(0)
+    assert 16 / dp.divisor == scale
+    assert torch.allclose(grads[0], summed * scale, atol=1e-6)
+
+
+@pytest.mark.parametrize("semantics, flags, used, line", [
+    ("release", ["--prune_iter", "3", "--prune_epochs", "10"], (5, 21),
+     "Flags forced by --defend dp under --semantics release: --prune_iter 3 -> 5, --prune_epochs 10 -> 21"),
+    ("release", ["--prune_epochs", "10"], (5, 21),
+     "Flags forced by --defend dp under --semantics release: --prune_epochs 10 -> 21"),
+    ("release", [], (5, 21), None),
+    ("corrected", ["--prune_iter", "3", "--prune_epochs", "10"], (3, 10), None)])
+def test_dp_release_forces_the_release_pruning_flags(semantics, flags, used, line):
+    import prune_modi
+    digits = os.path.join(REPO, "config", "digits.json")
+    args = prune_modi.get_args(["-1", digits, "--defend", "dp", "--defend_arg", "0.1", "--semantics", semantics,
+                                *flags])
+    assert (args.prune_iter, args.prune_epochs) == used
+    assert prune_modi.forced_line(args, Dp) == line
+    assert DefenseSettings.from_args(args).prune_epochs == used[1]
+    other = prune_modi.get_args(["-1", digits, "--defend", "ppb", "--prune_iter", "3", "--prune_epochs", "10"])
+    assert (other.prune_iter, other.prune_epochs, prune_modi.forced_line(other, defenses.Ppb)) == (3, 10, None)

@@ -220,3 +220,14 @@ def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().err == (f"error: cannot read or write {path} (No space left on device); check that "
                                        f"path, its permissions and the free disk space\n")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+@pytest.mark.parametrize("start_acc, exported", [(-1.0, [0]), (0.0, [])], ids=["corrected", "release"])
+def test_fit_epochs_of_zero_dev_accuracy(monkeypatch, tmp_path, start_acc, exported):
+    """An epoch of exactly 0% dev accuracy is a best one from -1 (the default, corrected), not from 0 (the
+    release's start, which then exports nothing)."""
+    monkeypatch.setattr(train, "evaluate", lambda model, data, idx: (0.0, 1.0))
+    calls = []
+    result = fit(nn.Linear(1, 1), lambda epoch: (0.0, 0.0), None, torch.arange(2), torch.arange(2), 3, 0,
+                 on_best=lambda epoch, acc, loss: calls.append(epoch), start_acc=start_acc)
+    assert calls == exported and result == (max(start_acc, 0.0), 1.0)
