@@ -95,8 +95,9 @@ class Sorted:
         return 100 * 0.5 * (c[:, 3] / (c[:, 1] + c[:, 3]) + c[:, 0] / (c[:, 0] + c[:, 2]))
 
 
-def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple:
-    """The (lower, upper) percentile interval of the finite values; (nan, nan) if none."""
+def percentile_interval(draws: list, level: float = LEVEL) -> tuple:
+    """The (lower, upper) percentile interval of the finite values in a list of arrays; (nan, nan) if none."""
+    values = np.concatenate(draws) if draws else np.zeros(0)
     values = values[np.isfinite(values)]
     if not len(values):
         return (np.nan, np.nan)
@@ -113,7 +114,7 @@ def bootstrap(attacked: Attacked, resamples: int = RESAMPLES, seed: int = 0, lev
     for indices in resample_indices(len(s.member), resamples, seed):
         for m, v in s.metrics(indices).items():
             draws[m].append(v)
-    return {m: (point[m], *percentile_interval(np.concatenate(draws[m]), level)) for m in METRICS}
+    return {m: (point[m], *percentile_interval(draws[m], level)) for m in METRICS}
 
 
 def paired_difference(defense: Attacked, base: Attacked, resamples: int = RESAMPLES, seed: int = 0,
@@ -129,7 +130,7 @@ def paired_difference(defense: Attacked, base: Attacked, resamples: int = RESAMP
         ma, mb = a.metrics(indices), b.metrics(indices)
         for m in METRICS:
             draws[m].append(ma[m] - mb[m])
-    return {m: (float(point_a[m][0] - point_b[m][0]), *percentile_interval(np.concatenate(draws[m]), level))
+    return {m: (float(point_a[m][0] - point_b[m][0]), *percentile_interval(draws[m], level))
             for m in METRICS}
 
 
