@@ -448,8 +448,8 @@ def draw_iterations(records):
 
 
 def draw_sensitivity(agg, zoom=False):
-    """Per window defense with several window settings (tags): pruned test accuracy (left axis) and attack
-    accuracy (right axis) per stride-width."""
+    """Per window defense with several window settings (tags): pruned test accuracy (left axis, the unpruned
+    model's as a dashed line) and attack accuracy (right axis, from chance unless zoom) per stride-width."""
     df = agg[agg["setting"].notna() & (agg["setting"] != "original") & agg["window"].notna()]
     df = df.assign(group=df["dataset"] + "_" + df["model"])
     cases = [(case, d) for case, d in df.groupby(["group", "sparsity", "defense", "setting", "semantics"], sort=False)
@@ -466,7 +466,10 @@ def draw_sensitivity(agg, zoom=False):
                         label="pruned test accuracy")
         ax.set_xticks(x, ticks)
         ax.set_xlabel("stride-width")
-        ax.set_ylabel("pruned victim test accuracy (%)")
+        reference = unpruned_reference(agg, group, "pretrained_acc")
+        if not math.isnan(reference):
+            ax.axhline(reference, color="grey", linestyle="--", lw=1, label="unpruned test accuracy")
+        axis_label(ax, "y", "pruned victim test accuracy (%)", 0)
         name = run_label({"defense": defense, "setting": setting, "semantics": semantics})
         ax.set_title(f"{group}, sparsity {sparsity:g}: {name}")
         twin = ax.twinx()

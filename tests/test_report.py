@@ -131,6 +131,9 @@ def test_records_hold_the_log_blocks_numbers(run_dir, collected):
                 assert f"{name} attack accuracy: {attack['accuracy']:.3f}" in block
                 assert f"{name} attack AUC: {attack['AUC']:.4f}" in block
                 assert f"{name} attack TPR@0.1%FPR: {attack['TPR@0.1%FPR']:.3f}" in block
+                low, high = attack["intervals"]["accuracy"]  # LiRA's too: its best balanced accuracy
+                assert set(attack["intervals"]) == {"accuracy", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"}
+                assert low <= attack["accuracy"] <= high and attack["intervals"]["AUC"][0] <= attack["AUC"]
 
 
 def test_a_run_is_one_row_from_records_logs_or_both(run_dir, collected, tmp_path):
@@ -233,6 +236,10 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_title() == f"{RUN}, sparsity 0.6: slide_re" and ax.get_xlabel() == "stride-width"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1-15\n[s1w15]", "2-10\n[s2w10]"]
+    (unpruned,) = [line for line in ax.get_lines() if line.get_label() == "unpruned test accuracy"]
+    assert list(unpruned.get_ydata()) == [agg["pretrained_acc"].iloc[-1]] * 2
+    twin = next(a for a in fig.axes if a is not ax)
+    assert twin.get_ylim()[0] == 50 and twin.get_ylabel() == "attack accuracy (%)"
     plt.close(fig)
 
     fig = report.draw_tradeoff(agg)
