@@ -11,8 +11,8 @@ from attacks import (ATTACKS, METRIC_DIGITS, Outputs, _rankable, attacked_rows, 
 from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
-from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from intervals import LEVEL, RESAMPLES, Attacked, bootstrap
+from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
 from records import Recorder, block_start, logged, number, run_fields
 from pruning import add_pruning_flags, check_pruned, check_pruning_flags

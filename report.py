@@ -11,8 +11,8 @@ from sklearn.metrics import roc_curve
 
 from attacks import _rankable
 from common import atomic_write
-from intervals import FPR_TARGETS, RESAMPLES, align, measurable, paired_difference, read_attacked
 import paths
+from intervals import FPR_TARGETS, RESAMPLES, align, measurable, paired_difference, read_attacked
 from records import record_time
 from results import KEY, METRICS, TEXT_COLUMNS, value
 

@@ -8,8 +8,8 @@ import argparse
 import time
 
 import numpy as np
-
 from common_bench import table
+
 from intervals import METRICS, Attacked, bootstrap, paired_difference, resample_indices
 
 
@@ -58,10 +58,10 @@ def main():
         runs = {kind: Attacked(scores, member, kind, said if kind != "best_balanced" else None)
                 for kind in ("balanced", "plain", "best_balanced")}
         for kind, run in runs.items():
-            wall, cpu = best_times(lambda: bootstrap(run, resamples, seed=1))
+            wall, cpu = best_times(lambda run=run: bootstrap(run, resamples, seed=1))
             rows.append([n, resamples, kind, f"{wall:.3f}", f"{cpu:.3f}"])
         other = Attacked(np.roll(scores, 1), member, "balanced", np.roll(said, 1))
-        wall, cpu = best_times(lambda: paired_difference(other, runs["balanced"], resamples, seed=1))
+        wall, cpu = best_times(lambda a=other, b=runs["balanced"]: paired_difference(a, b, resamples, seed=1))
         rows.append([n, resamples, "paired (balanced)", f"{wall:.3f}", f"{cpu:.3f}"])
     table("bootstrap per attack", ["samples", "resamples", "accuracy", "wall s", "CPU s"], rows)
     member, scores, said = example(300, rng)

@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import intervals
 from attacks import _rankable
-from intervals import Attacked, bootstrap, measurable, paired_difference, read_attacked, align
+from intervals import Attacked, align, bootstrap, measurable, paired_difference, read_attacked
 
 
 def literal_metrics(scores, member, kind, decisions):
@@ -131,6 +131,6 @@ def test_scores_files_old_and_new_and_aligned(tmp_path):
     # the same samples in another order line up; other samples do not
     shuffle = np.random.default_rng(1).permutation(50)
     moved = Attacked(scores[shuffle], member[shuffle], "balanced", said[shuffle])
-    a, b = align(index, runs["Conf"], index[shuffle], moved)
+    _, b = align(index, runs["Conf"], index[shuffle], moved)
     assert (b.scores == scores).all() and (b.member == member).all() and (b.decisions == said).all()
     assert align(index, runs["Conf"], index + 1, moved) is None
