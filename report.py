@@ -536,12 +536,10 @@ def paired_table(df, root=".", resamples=RESAMPLES):
                 problems.append(f"{row['scores']}: other samples than Base's {base['scores']}; not paired")
                 break
             found = paired_difference(*pair, resamples=resamples, seed=int(row["seed"]))
-            nonmembers = int((~pair[0].member).sum())
-            short_of = {metric: short for metric, short in METRICS.items()}
-            out["nonmembers"] = nonmembers
+            out["nonmembers"] = int((~pair[0].member).sum())
             for metric in PAIRED_METRICS:
                 diff, low, high = found[metric]
-                col = f"{attack}_{short_of[metric]}_diff"
+                col = f"{attack}_{METRICS[metric]}_diff"
                 out.update({col: diff, f"{col}_lo": low, f"{col}_hi": high})
         rows.append(out)
     return pd.DataFrame(rows, columns=list(dict.fromkeys(KEY + [k for r in rows for k in r]))), problems
