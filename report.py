@@ -46,7 +46,8 @@ def attack_axis(ax, text: str = "attack accuracy (%)", zoom: bool = False, which
     """An attack-accuracy axis: from chance (50 %, lower if a value lies below) unless zoom, then labelled."""
     if not zoom:
         low, high = ax.get_xlim() if which == "x" else ax.get_ylim()
-        limits = (min(low, CHANCE), max(high, CHANCE + 1))
+        data_low = ax.dataLim.x0 if which == "x" else ax.dataLim.y0
+        limits = (CHANCE if data_low >= CHANCE else low, max(high, CHANCE + 1))  # below chance: the autoscale
         (ax.set_xlim if which == "x" else ax.set_ylim)(*limits)
     axis_label(ax, which, text, CHANCE)
 
@@ -166,9 +167,9 @@ def aggregate(df):
     keys = [k for k in KEY if k != "seed"]
     numbers = [c for c in df.columns if c not in TEXT_COLUMNS and c not in keys]
     groups = df.groupby(keys, dropna=False, sort=False)
-    out = groups[numbers].mean().join(groups[numbers].std().add_suffix("_std"))
-    out = out.join(groups[numbers].min().add_suffix("_min")).join(groups[numbers].max().add_suffix("_max"))
-    out["seeds"] = groups["seed"].agg(lambda seeds: ",".join(str(s) for s in sorted(seeds)))
+    seeds = groups["seed"].agg(lambda seeds: ",".join(str(s) for s in sorted(seeds))).rename("seeds")
+    out = pd.concat([groups[numbers].mean(), groups[numbers].std().add_suffix("_std"),
+                     groups[numbers].min().add_suffix("_min"), groups[numbers].max().add_suffix("_max"), seeds], axis=1)
     return out.reset_index()
 
 

@@ -218,7 +218,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert [bar.get_height() for bar in ax.patches] == [row["pretrained_acc"].iloc[-1]] + list(row["pruned_acc"])
     twin = next(a for a in fig.axes if a is not ax and a.get_position().bounds == ax.get_position().bounds
                 and a.get_ylabel() == "attack accuracy (%)")
-    assert [line.get_label() for line in twin.get_lines()] == ["Conf attack"]  # no SAMIA in this run
+    assert list(lines_of(twin)) == ["Conf attack"]  # no SAMIA in this run
     assert list(twin.get_lines()[0].get_ydata())[1:] == list(row["Conf_acc"])  # the unpruned model: not attacked
     assert twin.get_ylim()[0] == 50
     plt.close(fig)
