@@ -575,9 +575,10 @@ def paired_markdown(paired):
 
 MECHANISM_ATTACKS = ("RMIA", "LiRA")  # the per-sample member score the bins show: the first one present
 BINS = 10
-MECHANISM_CAPTION = ("The victim's members binned by mem-score (deciles by rank, ties broken by sample index; 1 = "
-                     "lowest), per bin the mean member score of the attack named in the title on the unpruned "
-                     "model, the pruned Base model and under each defense (one seed: the lowest).")
+MECHANISM_CAPTION = ("The victim's members binned by mem-score deciles (1 = lowest; decile k holds the scores above "
+                     "the (k-1)-th and up to the k-th decile edge, so tied scores share a bin and a decile without "
+                     "members is left out), per bin the mean member score of the attack named in the title on the "
+                     "unpruned model, the pruned Base model and under each defense (one seed: the lowest).")
 
 
 def read_memscores_csv(dataset, model):
@@ -649,11 +650,13 @@ def mechanism_panel(runs, memscores, root):
         where = np.argsort(data[label]["index"])[np.searchsorted(np.sort(data[label]["index"]), index)]
         score_of[label] = data[label][attack][where]
     mem = memscores[index]
-    order = np.lexsort((index, mem))  # by mem-score, ties by sample index
+    edges = np.quantile(mem, np.arange(1, BINS) / BINS)
+    which = np.searchsorted(edges, mem, side="left")  # decile k holds (edge k-1, edge k]: ties share one
     bins = []
-    for k, part in enumerate(np.array_split(order, BINS), start=1):
+    for k in range(BINS):
+        part = np.flatnonzero(which == k)
         if len(part):
-            bins.append({"bin": k, "low": float(mem[part].min()), "high": float(mem[part].max()),
+            bins.append({"bin": k + 1, "low": float(mem[part].min()), "high": float(mem[part].max()),
                          "count": len(part), "means": {label: float(score_of[label][part].mean()) for label in labels}})
     return {"attack": attack, "labels": labels, "bins": bins}
 
@@ -681,6 +684,7 @@ def draw_mechanism(panels):
         ax.set_xticks([b["bin"] for b in p["bins"]])
         ax.set_title(f"{p['group']}, sparsity {p['sparsity']:g}: {p['attack']}")
         ax.set_xlabel("mem-score decile (1 = lowest)")
+        ax.set_xlim(0.5, BINS + 0.5)
         ax.set_ylabel(f"mean {p['attack']} member score")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -77,7 +77,8 @@ RUNS = {  # name: (shift, seed, setting, defense)
 def synthetic(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "MEMSCORE_ROOT", str(tmp_path / "memscore"))
     (tmp_path / "memscore").mkdir()
-    memscores = np.round(np.random.default_rng(5).random(N_MEMBERS + 10), 1)  # ties across decile edges
+    rng = np.random.default_rng(5)  # like digits' mem-scores: many zeros, so ties span several deciles
+    memscores = np.where(rng.random(N_MEMBERS + 10) < 0.45, 0.0, np.round(rng.random(N_MEMBERS + 10), 1))
     pd.DataFrame({"0": memscores}).to_csv(tmp_path / "memscore" / "memscore_digits_columnfc.csv")
     data = {}
     for i, (name, (shift, seed, setting, defense)) in enumerate(RUNS.items()):
@@ -157,14 +158,17 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
     root, collected, data, memscores = synthetic
     (panel,) = report.mechanism_table(collected.table, root)
     assert panel["attack"] == "LiRA" and panel["labels"] == ["unpruned", "Base", "ml2"]
-    # literal: members sorted by (mem-score, training index), cut into ten equal parts
-    members = sorted(range(N_MEMBERS), key=lambda i: (memscores[i], i))
-    size, extra = divmod(N_MEMBERS, 10)
-    cuts = np.cumsum([0] + [size + (k < extra) for k in range(10)])
-    for k, b in enumerate(panel["bins"]):
-        part = members[cuts[k]:cuts[k + 1]]
-        assert (b["bin"], b["count"], b["low"], b["high"]) == (k + 1, len(part), memscores[part].min(),
-                                                                memscores[part].max())
+    # literal: the decile edges of the members' mem-scores; a member goes to the first decile whose upper
+    # edge is at or above its score (tied scores share a decile); deciles without members are left out
+    edges = [np.quantile(memscores[:N_MEMBERS], k / 10) for k in range(1, 10)]
+    deciles = {}
+    for i in range(N_MEMBERS):
+        k = next((j for j, edge in enumerate(edges) if memscores[i] <= edge), 9)
+        deciles.setdefault(k + 1, []).append(i)
+    assert [b["bin"] for b in panel["bins"]] == sorted(deciles) and len(deciles) < 10  # ties: fewer bins
+    for b in panel["bins"]:
+        part = deciles[b["bin"]]
+        assert (b["count"], b["low"], b["high"]) == (len(part), memscores[part].min(), memscores[part].max())
         for label, name in (("unpruned", "unpruned"), ("Base", "base"), ("ml2", "ml2")):
             d = data[name]
             lira_of = {int(i): s for i, s, m in zip(d["index"], d["lira"], d["member"]) if m}
@@ -174,7 +178,7 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines) == ["unpruned", "Base", "ml2"]
     assert list(lines["Base"].get_ydata()) == [b["means"]["Base"] for b in panel["bins"]]
-    assert list(lines["Base"].get_xdata()) == list(range(1, 11))
+    assert list(lines["Base"].get_xdata()) == [b["bin"] for b in panel["bins"]]
     assert ax.get_ylabel() == "mean LiRA member score" and ax.get_xlabel() == "mem-score decile (1 = lowest)"
     plt.close(fig)
     md = report.mechanism_markdown([panel])
