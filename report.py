@@ -47,7 +47,8 @@ def attack_axis(ax, text: str = "attack accuracy (%)", zoom: bool = False, which
     if not zoom:
         low, high = ax.get_xlim() if which == "x" else ax.get_ylim()
         data_low = ax.dataLim.x0 if which == "x" else ax.dataLim.y0
-        limits = (CHANCE if data_low >= CHANCE else low, max(high, CHANCE + 1))  # below chance: the autoscale
+        low = CHANCE if data_low >= CHANCE else low  # below chance: the autoscale's
+        limits = (low, max(high + 0.03 * (high - low), CHANCE + 1))  # headroom for markers at the top
         (ax.set_xlim if which == "x" else ax.set_ylim)(*limits)
     axis_label(ax, which, text, CHANCE)
 
