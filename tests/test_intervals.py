@@ -134,3 +134,21 @@ def test_scores_files_old_and_new_and_aligned(tmp_path):
     _, b = align(index, runs["Conf"], index[shuffle], moved)
     assert (b.scores == scores).all() and (b.member == member).all() and (b.decisions == said).all()
     assert align(index, runs["Conf"], index + 1, moved) is None
+
+
+def test_bootstrap_flags():
+    import os
+
+    import mia_modi
+    import summarize
+    from common import UsageError
+    from conftest import REPO
+    config = os.path.join(REPO, "config", "digits.json")
+    flags = ["-1", config, "--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6"]
+    assert mia_modi.get_args(flags).bootstrap == intervals.RESAMPLES == 1000
+    assert mia_modi.get_args(flags + ["--bootstrap", "0"]).bootstrap == 0
+    with pytest.raises(UsageError, match="--bootstrap is a number of resamples"):
+        mia_modi.get_args(flags + ["--bootstrap", "-1"])
+    assert summarize.get_args([]).bootstrap == 1000 and summarize.get_args(["--zoom"]).zoom
+    with pytest.raises(UsageError, match="--bootstrap is a number of resamples"):
+        summarize.get_args(["--bootstrap", "0"])
