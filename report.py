@@ -171,7 +171,7 @@ def aggregate(df):
     seeds = groups["seed"].agg(lambda seeds: ",".join(str(s) for s in sorted(seeds))).rename("seeds")
     out = pd.concat([groups[numbers].mean(), groups[numbers].std().add_suffix("_std"),
                      groups[numbers].min().add_suffix("_min"), groups[numbers].max().add_suffix("_max"), seeds], axis=1)
-    return out.reset_index()
+    return out.copy().reset_index()  # copy: one block, not one per column, before the key columns go in
 
 
 DERIVED = ("_std", "_min", "_max", "_lo", "_hi")  # columns shown inside another column's cell
