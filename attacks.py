@@ -52,6 +52,8 @@ class AttackResult:
     scores: np.ndarray    # member score of every victim sample
     member: np.ndarray    # victim ground truth
     notes: list = field(default_factory=list)  # extra log lines after the metric lines (RMIA's a)
+    decisions: np.ndarray = None  # the member decision behind `accuracy`, per victim sample (None: none)
+    accuracy_kind: str = "best_balanced"  # how `accuracy` follows from decisions or scores (intervals.py)
 
 
 @torch.inference_mode()
@@ -168,16 +170,27 @@ def best_threshold(member_values: np.ndarray, nonmember_values: np.ndarray) -> f
     return float(candidates[best]) if acc[best] > 0 else 0.0
 
 
-def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
-                       victim_member, num_groups):
-    """Per-group thresholds fitted on the shadows, applied to the victim; balanced accuracy in %."""
+def threshold_decisions(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups, num_groups):
+    """Per-group thresholds fitted on the shadows, applied to the victim: its member decisions."""
     thresholds = np.zeros(num_groups)
     for g in range(num_groups):
         in_group = shadow_groups == g
         thresholds[g] = best_threshold(shadow_values[in_group & shadow_member],
                                        shadow_values[in_group & ~shadow_member])
-    said_member = victim_values >= thresholds[victim_groups]
-    return 100 * 0.5 * (said_member[victim_member].mean() + (~said_member[~victim_member]).mean())
+    return victim_values >= thresholds[victim_groups]
+
+
+def balanced_accuracy(said_member, member) -> float:
+    """0.5 * (TPR + TNR) of member decisions, in %."""
+    return 100 * 0.5 * (said_member[member].mean() + (~said_member[~member]).mean())
+
+
+def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
+                       victim_member, num_groups):
+    """Per-group thresholds fitted on the shadows, applied to the victim; balanced accuracy in %."""
+    said_member = threshold_decisions(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
+                                      num_groups)
+    return balanced_accuracy(said_member, victim_member)
 
 
 # ---------------------------------------------------------------- registry
@@ -261,9 +274,11 @@ def _nn_attack(name, kind, features, shadow, victim, num_cls, progress, schedule
         train_pass(model, train, all_rows, optimizer, batch_size)
         lr_steps.step()
     logits = predict(model, test, torch.arange(len(test), device=test.x.device))
-    accuracy = 100 * (logits.argmax(1) == test.y).float().mean().item()
+    said = logits.argmax(1)
+    accuracy = 100 * (said == test.y).float().mean().item()
     scores = F.softmax(logits, 1)[:, 1]
-    return [AttackResult(name, accuracy, scores.cpu().numpy(), victim.member.cpu().numpy())]
+    return [AttackResult(name, accuracy, scores.cpu().numpy(), victim.member.cpu().numpy(),
+                         decisions=(said == 1).cpu().numpy(), accuracy_kind="plain")]
 
 
 def _onehot(o, num_cls):
@@ -289,7 +304,8 @@ def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release",
                                  ("Mentr", mentr_values, num_cls), ("Hconf", conf_values, 1)):
         sv, vv = values(sp, sy), values(vp, vy)
         sg, vg = (sy, vy) if groups > 1 else (np.zeros_like(sy), np.zeros_like(vy))
-        results.append(AttackResult(name, threshold_accuracy(sv, sg, sm, vv, vg, vm, groups), vv, vm))
+        said = threshold_decisions(sv, sg, sm, vv, vg, groups)
+        results.append(AttackResult(name, balanced_accuracy(said, vm), vv, vm, decisions=said, accuracy_kind="balanced"))
     return results
 
 
@@ -464,8 +480,8 @@ def rmia(shadow, victim, num_cls, progress=Progress(), semantics="release", opti
         raise ValueError("RMIA's victim samples are not in the attack's order")
     cut = best_threshold(tune_scores[tune_member], tune_scores[~tune_member])
     said = scores >= cut
-    accuracy = 100 * 0.5 * (said[member].mean() + (~said[~member]).mean())
+    accuracy = balanced_accuracy(said, member)
     notes = [f"RMIA a: {a:g} (AUC {aucs[RMIA_A_GRID.index(a)]:.4f} on shadow {RMIA_TUNE_SHADOW}'s "
              f"{len(tune_member)} samples with an OUT reference, {int(tune_member.sum())} members), gamma {gamma:g}, "
              f"{len(refs.population(0))} population samples"]
-    return [AttackResult("RMIA", accuracy, scores, member, notes)]
+    return [AttackResult("RMIA", accuracy, scores, member, notes, decisions=said, accuracy_kind="balanced")]

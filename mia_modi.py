@@ -6,14 +6,15 @@ python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6
 import numpy as np
 import torch
 
-from attacks import (ATTACKS, METRIC_DIGITS, Outputs, References, add_attack_flags, attacked_rows, check_attack_flags,
-                     metric_lines, metric_values, model_outputs, parse_attacks, true_label_prob)
+from attacks import (ATTACKS, METRIC_DIGITS, Outputs, References, _rankable, add_attack_flags, attacked_rows,
+                     check_attack_flags, metric_lines, metric_values, model_outputs, parse_attacks, true_label_prob)
 from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
                     run_first, seed_everything)
 from defenses import add_defense_flags, get_defense
+from intervals import LEVEL, RESAMPLES, Attacked, bootstrap
 from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
-from records import Recorder, block_start, logged, run_fields
+from records import Recorder, block_start, logged, number, run_fields
 from pruning import add_pruning_flags, check_pruned, check_pruning_flags
 from splits import check_config, open_run
 from train import evaluate, load_model, predict, warn_release_format
@@ -29,6 +30,8 @@ def get_args(argv=None):
     parser.add_argument("--original", action="store_true", help="attack the unpruned victim with unpruned shadows")
     parser.add_argument("--shadow_num", type=int, default=5)
     add_attack_flags(parser)
+    parser.add_argument("--bootstrap", type=int, default=RESAMPLES, metavar="N",
+                        help="resamples of the 95%% intervals in the run record (0: none)")
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
     check_config(args)
@@ -36,6 +39,8 @@ def get_args(argv=None):
     if args.shadow_num < 1:
         raise UsageError(f"the attacks need shadows: --shadow_num must be >= 1, got {args.shadow_num}")
     check_attack_flags(args)
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap is a number of resamples (0: no intervals), got {args.bootstrap}")
     if args.original and args.adaptive:
         raise UsageError("--original attacks the unpruned models, which have no defense; drop --adaptive")
     if args.original and args.defend not in ("", "base"):
@@ -96,7 +101,23 @@ def score_arrays(victim_rows, victim, n_train, results):
               "label": victim.labels.cpu().numpy().astype(np.int64), "member": victim.member.cpu().numpy(),
               "attacks": np.array([r.name for r in results])}
     arrays.update({f"score_{r.name}": np.asarray(r.scores, dtype=np.float64) for r in results})
+    arrays["accuracy_kind"] = np.array([r.accuracy_kind or "" for r in results])  # intervals.ACCURACY_KINDS
+    arrays.update({f"decision_{r.name}": np.asarray(r.decisions, dtype=bool) for r in results
+                   if r.decisions is not None})
     return arrays
+
+
+def result_intervals(result, resamples, seed) -> dict:
+    """{metric: [lower, upper]} of the 95 % bootstrap intervals over the attacked samples. The accuracy's
+    only where its value on all samples is the logged accuracy (an attack whose accuracy is computed
+    otherwise gets none)."""
+    attacked = Attacked(_rankable(result.scores), np.asarray(result.member, bool), result.accuracy_kind,
+                        result.decisions)
+    found = bootstrap(attacked, resamples, seed)
+    if not abs(found["accuracy"][0] - result.accuracy) < 1e-4:
+        result.accuracy_kind = None
+        found.pop("accuracy")
+    return {metric: [number(lo), number(hi)] for metric, (_, lo, hi) in found.items()}
 
 
 def main():
@@ -166,7 +187,10 @@ def main():
     start = block_start(log, first)
     log.write(f"Shadows: {setting}")
     log.write(f"Semantics: {args.semantics}")
-    recorder.results.update(victim=kind, victim_test_acc=logged(test_acc), shadows=setting, attacks=[])
+    recorder.results.update(victim=kind, victim_test_acc=logged(test_acc), shadows=setting, attacks=[],
+                            members=len(split.indices().train), nonmembers=len(split.indices().test))
+    if args.bootstrap:
+        recorder.results["bootstrap"] = {"resamples": args.bootstrap, "seed": args.seed, "level": LEVEL}
     progress = Progress(args.quiet)
     results = []
     for name in args.attack_names:
@@ -177,6 +201,8 @@ def main():
                 log.write(line)
             numbers = {"accuracy": logged(result.accuracy),
                        **{metric: logged(v, METRIC_DIGITS.get(metric, 3)) for metric, v in values.items()}}
+            if args.bootstrap:
+                numbers["intervals"] = result_intervals(result, args.bootstrap, args.seed)
             recorder.results["attacks"].append({"name": result.name, **numbers})
             results.append(result)
     name = f"{prefix}_{setting_word}_{args.semantics}"

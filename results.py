@@ -23,6 +23,8 @@ from records import find_records, record_time
 
 ATTACKS = report_names()  # the attacks' log names, in log order
 METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
+BOUNDS = ("lo", "hi")  # <attack>_<metric>_lo / _hi: the 95 % bootstrap interval from the run record
+EXTRA = ("nonmembers", "scores")  # the columns after the attacks' (as far as any row has them)
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
        "weight_decay_mem", "setting", "semantics", "tag", "seed"]
@@ -276,10 +278,14 @@ def attack_fields(record):
            "victim_acc": value(results["victim_test_acc"])}
     if record.get("scores"):
         out["scores"] = record["scores"]
+    if "nonmembers" in results:
+        out["nonmembers"] = value(results["nonmembers"])
     for attack in results["attacks"]:
         for metric, short in METRICS.items():
             if metric in attack:
                 out[f"{attack['name']}_{short}"] = value(attack[metric])
+            for bound, x in zip(BOUNDS, attack.get("intervals", {}).get(metric, ())):
+                out[f"{attack['name']}_{short}_{bound}"] = value(x)
     return out
 
 
@@ -356,12 +362,18 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
     return Collected(table(rows, newest_only), records, problems)
 
 
+def attack_name(col):
+    """The attack of a column <attack>_<metric>[_lo|_hi]."""
+    stem = col.rsplit("_", 1)[0]
+    return stem.rsplit("_", 1)[0] if col.rsplit("_", 1)[-1] in BOUNDS else stem
+
+
 def attack_columns(columns):
     """{attack name: its metric columns} among a table's columns."""
     groups = {}
     for col in columns[len(COLUMNS):]:
-        if col != "scores":
-            groups.setdefault(col.rsplit("_", 1)[0], []).append(col)
+        if col not in EXTRA:
+            groups.setdefault(attack_name(col), []).append(col)
     return groups
 
 
@@ -397,10 +409,10 @@ def table(rows, newest_only):
         df = merge_runs(df)
     seen = set(attack_columns(df.columns))
     names = [a for a in ATTACKS if a in seen] + sorted(seen - set(ATTACKS))
-    attack_cols = [f"{a}_{m}" for a in names for m in METRICS.values()
-                   if f"{a}_{m}" in df.columns and df[f"{a}_{m}"].notna().any()]
-    scores = ["scores"] if "scores" in df.columns and df["scores"].notna().any() else []
-    df = df[COLUMNS + attack_cols + scores]
+    attack_cols = [f"{a}_{m}{bound}" for a in names for m in METRICS.values() for bound in ("", "_lo", "_hi")
+                   if f"{a}_{m}{bound}" in df.columns and df[f"{a}_{m}{bound}"].notna().any()]
+    extra = [c for c in EXTRA if c in df.columns and df[c].notna().any()]
+    df = df[COLUMNS + attack_cols + extra]
     order = lambda col: col.where(col != "base", "") if col.name == "defense" else col  # Base first
     return df.sort_values(KEY, key=order, kind="stable", na_position="first").reset_index(drop=True)
 

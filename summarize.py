@@ -16,6 +16,7 @@ import sys
 import time
 
 from common import MissingError, UsageError, atomic_write, main_guard
+from intervals import RESAMPLES
 from paths import RESULT_ROOT
 from report import plot, write_report
 from results import collect, to_markdown
@@ -37,7 +38,14 @@ def get_args(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="keep every run as its own row, not one row per configuration")
     parser.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.csv and the figures")
+    parser.add_argument("--zoom", action="store_true",
+                        help="let attack-accuracy axes start at the data instead of 50%% (chance); labelled "
+                             "'axis zoomed'")
+    parser.add_argument("--bootstrap", type=int, default=RESAMPLES, metavar="N",
+                        help="resamples of the report's paired intervals against Base (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.bootstrap < 1:
+        raise UsageError(f"--bootstrap is a number of resamples (at least 1), got {args.bootstrap}")
     if args.plot is not None and not os.path.splitext(args.plot)[1]:
         args.plot += ".png"  # matplotlib's own default for a name without extension
     return args
@@ -111,7 +119,8 @@ def main(argv=None):
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"
-        for line in write_report(args.report, collected, os.path.dirname(result_dir), sources):
+        for line in write_report(args.report, collected, os.path.dirname(result_dir), sources, args.zoom,
+                                 args.bootstrap):
             print(line, file=sys.stderr)
         print(f"wrote {os.path.join(args.report, 'report.md')} ({time.time() - started:.1f}s)", file=sys.stderr)
         return
@@ -122,7 +131,7 @@ def main(argv=None):
     if args.markdown:
         print(to_markdown(df))
     if args.plot:
-        plot(df, args.plot)
+        plot(df, args.plot, args.zoom)
         print(f"wrote plot to {args.plot}", file=sys.stderr)
 
 

@@ -23,6 +23,13 @@ def test_threshold_bench_checks_identity():
     assert [r[0] for r in rows] == ["50", "200"] and all(r[-1] == "True" for r in rows)
 
 
+def test_bootstrap_bench_times_every_kind_and_checks_the_loop():
+    out = bench("bench/bench_bootstrap.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("500 ")]
+    assert [r[2] for r in rows] == ["balanced", "plain", "best_balanced", "paired"]
+    assert "one resample at a time (300 samples, 40 resamples): True" in out
+
+
 def test_train_bench_ratios_are_its_measured_times():
     """Each ratio column is the quotient of the two times it names, as printed (rounding aside), and the
     scaling table's us/row is seconds / rows."""

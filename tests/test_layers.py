@@ -18,7 +18,7 @@ from conftest import REPO
 LAYERS = {
     "paths": 0, "common": 0,
     "datasets": 1, "models": 1, "train": 1, "progress": 1,
-    "splits": 2, "pruning": 2, "memscores": 2, "dp": 2, "defenses": 2, "attacks": 2, "records": 2,
+    "splits": 2, "pruning": 2, "memscores": 2, "dp": 2, "defenses": 2, "attacks": 2, "records": 2, "intervals": 2,
     "results": 2, "report": 2,
     "pretrain_modi": 3, "prune_modi": 3, "mia_modi": 3, "compute_memscore": 3, "summarize": 3, "grid": 3,
 }

@@ -179,3 +179,34 @@ def test_split_is_byte_identical_across_runs(run_dir, tmp_path, monkeypatch):
     run_main("pretrain_modi", [-1, CONFIG, "--epochs", 1, "--shadow_num", 2], tmp_path, monkeypatch)
     first = (run_dir / "result" / RUN / "split.npz").read_bytes()
     assert (tmp_path / "result" / RUN / "split.npz").read_bytes() == first
+
+
+def test_attack_record_holds_bootstrap_intervals_of_the_logged_numbers(run_dir, monkeypatch):
+    """Each attack's record entry holds 95 % intervals that the saved per-sample data reproduce, and the
+    accuracy's interval is around the logged accuracy (balanced for thresholds, plain for NN)."""
+    import glob
+    import json
+
+    import numpy as np
+
+    from intervals import Attacked, bootstrap, read_attacked
+    monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 3)
+    run_main("mia_modi", [-1, CONFIG, *PRUNE, "--attacks", "threshold,nn", "--shadow_num", 2, "--bootstrap", 200],
+             run_dir, monkeypatch)
+    path = max(glob.glob(str(run_dir / "result" / RUN / "records" / "attack_*.json")), key=os.path.getmtime)
+    with open(path) as f:
+        record = json.load(f)
+    assert record["results"]["bootstrap"] == {"resamples": 200, "seed": 7, "level": 0.95}
+    index, runs = read_attacked(record["scores"], attacks._rankable)
+    with np.load(record["scores"]) as z:
+        member = z["member"]
+    assert record["results"]["members"] == member.sum() and record["results"]["nonmembers"] == (~member).sum()
+    kinds = {"Conf": "balanced", "Entr": "balanced", "Mentr": "balanced", "Hconf": "balanced", "NN": "plain"}
+    for entry in record["results"]["attacks"]:
+        run = runs[entry["name"]]
+        assert run.accuracy_kind == kinds[entry["name"]] and len(run.decisions) == len(member)
+        again = bootstrap(Attacked(run.scores, run.member, run.accuracy_kind, run.decisions), 200, 7)
+        assert round(again["accuracy"][0], 3) == entry["accuracy"]
+        for metric, (low, high) in entry["intervals"].items():
+            assert [low, high] == [again[metric][1], again[metric][2]]
+        assert entry["intervals"]["accuracy"][0] <= entry["accuracy"] <= entry["intervals"]["accuracy"][1]

@@ -133,6 +133,9 @@ def test_records_hold_the_log_blocks_numbers(run_dir, collected):
                 assert f"{name} attack accuracy: {attack['accuracy']:.3f}" in block
                 assert f"{name} attack AUC: {attack['AUC']:.4f}" in block
                 assert f"{name} attack TPR@0.1%FPR: {attack['TPR@0.1%FPR']:.3f}" in block
+                low, high = attack["intervals"]["accuracy"]  # LiRA's too: its best balanced accuracy
+                assert set(attack["intervals"]) == {"accuracy", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"}
+                assert low <= attack["accuracy"] <= high and attack["intervals"]["AUC"][0] <= attack["AUC"]
 
 
 @pytest.mark.slow
@@ -140,7 +143,11 @@ def test_a_run_is_one_row_from_records_logs_or_both(run_dir, collected, tmp_path
     from_logs = results.collect(run_dir / "log").table
     both = collected.table
     assert len(both) == 4 and len(results.collect(run_dir / "log", run_dir / "result", False).table) == 4
-    pd.testing.assert_frame_equal(both, from_logs)  # the Scores lines give the log rows their scores too
+    # the Scores lines give the log rows their scores too; the records add the intervals and non-members
+    pd.testing.assert_frame_equal(both[from_logs.columns], from_logs)
+    extra = set(both.columns) - set(from_logs.columns)
+    assert extra == {f"{a}_{m}_{b}" for a in ("Conf", "Entr", "Mentr", "Hconf", "LiRA")
+                     for m in ("acc", "auc", "tpr1", "tpr01") for b in ("lo", "hi")} | {"nonmembers"}
     assert both["scores"].notna().all()
     # records alone (the logs gone) give the same table
     pd.testing.assert_frame_equal(results.collect(tmp_path / "no_logs", run_dir / "result").table, both)
@@ -192,6 +199,11 @@ def test_roc_lines_are_sklearns_curves(run_dir, collected):
     plt.close(fig)
 
 
+def from_chance(ax):
+    """An attack-accuracy axis starts at 50 %, or below it where a value or error bar lies below."""
+    return ax.get_ylim()[0] == 50 if ax.dataLim.y0 >= 50 else ax.get_ylim()[0] < ax.dataLim.y0
+
+
 @pytest.mark.slow
 def test_every_figure_from_the_digits_run(run_dir, collected):
     import matplotlib.pyplot as plt
@@ -210,13 +222,15 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
 
     fig = report.draw_bars(agg)
     ax = panels(fig)[f"{RUN}, sparsity 0.6"]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["Base", "slide_re [s1w15]", "slide_re [s2w10]"]
+    labels = ["unpruned", "Base", "slide_re [s1w15]", "slide_re [s2w10]"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels
     row = agg[agg["sparsity"] == 0.6]
-    assert [bar.get_height() for bar in ax.patches] == list(row["pruned_acc"])
+    assert [bar.get_height() for bar in ax.patches] == [row["pretrained_acc"].iloc[-1]] + list(row["pruned_acc"])
     twin = next(a for a in fig.axes if a is not ax and a.get_position().bounds == ax.get_position().bounds
                 and a.get_ylabel() == "attack accuracy (%)")
-    assert [line.get_label() for line in twin.get_lines()] == ["Conf attack"]  # no SAMIA in this run
-    assert list(twin.get_lines()[0].get_ydata()) == list(row["Conf_acc"])
+    assert list(lines_of(twin)) == ["Conf attack"]  # no SAMIA in this run
+    assert list(twin.get_lines()[0].get_ydata())[1:] == list(row["Conf_acc"])  # the unpruned model: not attacked
+    assert from_chance(twin)
     plt.close(fig)
 
     fig = report.draw_iterations(collected.records)
@@ -232,6 +246,10 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_title() == f"{RUN}, sparsity 0.6: slide_re" and ax.get_xlabel() == "stride-width"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1-15\n[s1w15]", "2-10\n[s2w10]"]
+    (unpruned,) = [line for line in ax.get_lines() if line.get_label() == "unpruned test accuracy"]
+    assert list(unpruned.get_ydata()) == [agg["pretrained_acc"].iloc[-1]] * 2
+    twin = next(a for a in fig.axes if a is not ax)
+    assert from_chance(twin) and twin.get_ylabel() == "attack accuracy (%)"
     plt.close(fig)
 
     fig = report.draw_tradeoff(agg)
@@ -246,7 +264,7 @@ def test_report_command(run_dir):
     proc = run_script("summarize.py", "--report", out, cwd=run_dir)
     assert re.search(r"wrote \S+report.md \(\d+\.\ds\)", proc.stderr)
     text = (out / "report.md").read_text()
-    for name in ("roc", "sparsity", "bars", "iterations", "sensitivity", "tradeoff"):
+    for name in ("roc", "sparsity", "bars", "iterations", "sensitivity", "tradeoff", "mechanism"):
         assert f"![{name}]({name}.png)" in text
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
@@ -300,7 +318,8 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     assert first["Conf_auc"] == pytest.approx(0.63) and first["defend_time_s_std"] == pytest.approx(math.sqrt(0.5))
     assert "Conf_tpr01" not in agg and agg.iloc[1]["pruned_acc_std"] == 0.0  # all nan: no column
     table = report.report_table(agg)
-    assert "| 81.000 ± 1.414 |" in table and "| 0.6300 ± 0.0283 |" in table and "| 7,8 |" in table
+    assert "| 81.000 ± 1.414 (80.000–82.000) |" in table and "| 0.6300 ± 0.0283 (0.6100–0.6500) |" in table
+    assert "| 7,8 |" in table
 
     fig = report.draw_sparsity(agg)
     ax = panels(fig)[f"{RUN}: Conf accuracy"]
@@ -335,7 +354,7 @@ def test_damaged_records_are_named_and_skipped(tmp_path):
     for name in damaged:
         assert f"skipped {folder / name}" in proc.stderr or f"skipped result/{RUN}/records/{name}" in proc.stderr
     text = (tmp_path / "out" / "report.md").read_text()
-    assert text.count("- skipped ") == 4 and "| 81.000 ± 1.414 |" in text
+    assert text.count("- skipped ") == 4 and "| 81.000 ± 1.414 (80.000–82.000) |" in text
     # figures without data say why, once, in the report and on stderr
     for why in ("no roc figure: no run in the table has a scores file",
                 "no sensitivity figure: the runs hold one window setting per defense"):
