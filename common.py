@@ -253,11 +253,27 @@ class RunLog:
 
 
 def log_gpu_usage(device: torch.device, log: RunLog = None) -> None:
-    """On CUDA, once at the end of a run: the GPU's name and the run's peak allocated memory."""
+    """On CUDA, once at the end of a run: the GPU's name, the run's peak allocated memory and, through NVML
+    (nvidia-ml-py), the memory the whole GPU has in use out of its total and the driver: how much room is left
+    for more steps per GPU (grid.py --jobs_per_gpu)."""
     if device.type != "cuda":
         return
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     line = f"GPU: {torch.cuda.get_device_name(device)}, peak memory allocated {peak:.3f} GiB"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            props = torch.cuda.get_device_properties(device)  # by PCI address: CUDA_VISIBLE_DEVICES renumbers
+            bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            line += (f"; GPU memory in use {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB, "
+                     f"driver {pynvml.nvmlSystemGetDriverVersion()}")
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML missing or refused (a container without it): the line without it
+        pass
     if log:
         log.write(line)
     else:
