@@ -16,7 +16,7 @@ from records import Recorder, block_start, logged, run_fields
 from pruning import (Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, masked_fraction,
                      prunable_layers)
 from splits import check_config, open_run
-from train import Staging, evaluate, fit, load_model, mark_finished, warn_release_format
+from train import Staging, check_writable, evaluate, fit, load_model, mark_finished, warn_release_format
 
 
 def get_args(argv=None):
@@ -112,11 +112,15 @@ def main():
     check_prerequisites(args, defense, settings, data, [victim_split] + shadows, memscores)
     seed_everything(args.seed)  # after the checks, which build models
 
+    targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
+    for target in targets:  # before the log's first line: a run that cannot publish its models writes nothing
+        check_writable(target)
+    progress = Progress.from_args(args, prefix)  # so is a TensorBoard path that cannot be written
+
     first = header(args, defense, prefix)
     log.write(first)
     log_start = block_start(log, first)
     log.write(f"Semantics: {args.semantics}")
-    progress = Progress.from_args(args, prefix)
     victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
                            run_first("pretrain_modi.py", args))
     acc, loss = evaluate(victim, data, victim_split.test)
@@ -124,7 +128,6 @@ def main():
     iterations = {}
     recorder.results.update(pretrained={"accuracy": logged(acc), "loss": logged(loss)}, iterations=iterations)
 
-    targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
     with Staging(targets) as staging:  # the folders keep the last finished run's models until all of these are
         victim_target, *shadow_targets = staging.staged
         start = time.time()

@@ -18,7 +18,7 @@ import time
 from common import MissingError, UsageError, atomic_write, main_guard
 from paths import RESULT_ROOT
 from report import plot, write_report
-from results import collect, to_markdown
+from results import collect, log_files, to_markdown
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,6 +37,9 @@ def get_args(argv=None):
     parser.add_argument("--all", action="store_true",
                         help="keep every run as its own row, not one row per configuration")
     parser.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.csv and the figures")
+    parser.add_argument("--allow_empty", action="store_true",
+                        help="go on when LOG_DIR holds no results logs (the table then comes from the records alone, "
+                             "and may be empty)")
     args = parser.parse_args(argv)
     if args.plot is not None and not os.path.splitext(args.plot)[1]:
         args.plot += ".png"  # matplotlib's own default for a name without extension
@@ -99,15 +102,27 @@ def main(argv=None):
         check_not_a_file(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
                                                        "(default: result/ beside LOG_DIR)")
     check_outputs(args)
-    if not os.path.isdir(args.log_dir) and not os.path.isdir(result_dir):
-        raise MissingError(f"log directory {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py "
-                           f"log to")
+    if not os.path.isdir(args.log_dir):
+        raise MissingError(f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
+                           f"(default: log)")
+    # Names that are not UTF-8 (os.listdir's surrogate escapes) go out as the bytes they were.
+    sys.stdout.reconfigure(errors="surrogateescape")
+    sys.stderr.reconfigure(errors="surrogateescape")
+    unusable = []
+    if not log_files(args.log_dir, unusable) and not args.allow_empty:
+        for problem in unusable:
+            print(f"skipped {problem}", file=sys.stderr)
+        raise MissingError(f"LOG_DIR {args.log_dir} holds no results logs (<ds>_<model>/<pruner>_<sparsity>_"
+                           f"<defend>.txt); pass the folder prune_modi.py/mia_modi.py log to, or --allow_empty to "
+                           f"summarize the run records under {result_dir} alone")
     collected = collect(args.log_dir, result_dir, newest_only=not args.all)
     df = collected.table
-    if df.empty:
-        raise MissingError(f"no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt) under "
-                           f"{args.log_dir} and no run records under {result_dir}; run prune_modi.py and "
-                           f"mia_modi.py first, or pass the folder they log to")
+    if not args.report or df.empty:  # (the report lists them itself)
+        for problem in collected.problems:
+            print(f"skipped {problem}", file=sys.stderr)
+    if df.empty and (not args.allow_empty or args.report):
+        raise MissingError(f"no results under {args.log_dir} and no run records under {result_dir}; run "
+                           f"prune_modi.py and mia_modi.py first, or pass the folder they log to")
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"
@@ -115,13 +130,13 @@ def main(argv=None):
             print(line, file=sys.stderr)
         print(f"wrote {os.path.join(args.report, 'report.md')} ({time.time() - started:.1f}s)", file=sys.stderr)
         return
-    for problem in collected.problems:
-        print(f"skipped {problem}", file=sys.stderr)
-    atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode(errors="surrogateescape")))
     print(f"wrote {len(df)} rows to {args.out}", file=sys.stderr)
     if args.markdown:
         print(to_markdown(df))
-    if args.plot:
+    if args.plot and df.empty:
+        print(f"no rows: no plot written to {args.plot}", file=sys.stderr)
+    elif args.plot:
         plot(df, args.plot)
         print(f"wrote plot to {args.plot}", file=sys.stderr)
 

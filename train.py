@@ -1,5 +1,6 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
+import errno
 import glob
 import hashlib
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -190,6 +192,8 @@ class Staging:
         self.staged = [staging_dir(folder) for folder in self.folders]
 
     def __enter__(self) -> "Staging":
+        for folder in self.folders:  # all of them before any is written: publish() must not stop half-way
+            check_writable(folder)
         for folder, staged in zip(self.folders, self.staged):
             remove_dead_staging(folder)
             shutil.rmtree(staged, ignore_errors=True)
@@ -211,6 +215,21 @@ class Staging:
         for staged in self.staged:
             shutil.rmtree(staged, ignore_errors=True)
         return False
+
+
+def check_writable(folder: str) -> None:
+    """An OSError naming folder (main_guard's one line) unless publish() can move files into it: a folder we
+    can create files in, or nothing yet. Tried, not os.access: root passes os.access on a read-only mount."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp_probe")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, folder)
+    os.close(fd)
+    os.remove(probe)
 
 
 def remove_dead_staging(folder: str) -> None:
