@@ -1,7 +1,6 @@
 """Faults that must not leave half-built results or guesses: grids that name one step twice, seeds whose
 derived seeds overflow, failures after the first byte, log blocks that end early, summarize.py on
 missing, empty or oddly named inputs, mem-scores that are no mem-scores. Real subprocesses, no mocks."""
-import json
 import os
 import shutil
 import signal
