@@ -28,6 +28,9 @@ Settings of one grid that would share a name (same config, seed, pruner, sparsit
 baselines, defend_arg) each get --tag spelling what varies between them: s<stride>w<width>, t<mem_thre>,
 wd<weight_decay_mem>, joined by '-' (e.g. s2w10-t0.3); a lone setting gets none, so the release's commands
 keep the release's names. Steps that append to one log file run one after the other, in grid order.
+A config written two ways (config/digits.json, ./config/digits.json, its absolute path), a sparsity or a
+setting given twice each run once; two steps that would still share a name (two config files of one
+dataset and model) are refused.
 
 Resume: a step that exits 0 writes result/<ds>_<model>/jobs/<kind>.<prefix>.json (command, its sha256
 with the GPU-ID left out so that a CPU run resumes on GPUs, exit status, start/end, host, seconds,
@@ -39,11 +42,12 @@ final, other failures are retried --retries times; then its dependents are skipp
 grid still runs, and grid.py exits 1.
 
 local: one step per --gpus GPU (CUDA_VISIBLE_DEVICES=<it>, GPU-ID 0) or --jobs N CPU steps (GPU-ID -1),
-each with OMP_NUM_THREADS = cores // slots. A killed driver takes its running steps with it.
+each with OMP_NUM_THREADS = cores // slots. A killed driver takes its running steps with it (SIGTERM).
 slurm: one job per step via submitit (its files in log/grid_slurm/<job id>/), afterok on the steps it
 needs (kill-on-invalid-dep: a job whose dependency failed is cancelled) and afterany on the one before
 it in its log file; the job itself runs the command and writes the record. The driver polls squeue and
-the records; --no_wait returns after submitting. A rerun adopts this grid's jobs still queued.
+the records; --no_wait returns after submitting. A rerun adopts this grid's jobs still queued; an
+interrupted driver leaves its jobs running and lists their ids.
 At the end: `python summarize.py log --markdown --plot` (results.csv, log/grid/results.md, tradeoff.png).
 """
 import argparse
@@ -435,7 +439,8 @@ def expand(grid):
                 where = ["--pruner_name", pruner, "--prune_sparsity", str(sparsity)]
                 base_prune, defended = None, []
                 for (i, cls, setting), tag in zip(grid.settings[config], tags):
-                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}] {setting or ''}"
+                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}]" + \
+                        (f" {setting}" if setting else "")
                     prefix = tagged(cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"]), tag)
                     log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=sparsity,
                                                    defend=cls.name, tag=tag))

@@ -106,8 +106,9 @@ def main(argv=None):
         raise MissingError(f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
                            f"(default: log)")
     # Names that are not UTF-8 (os.listdir's surrogate escapes) go out as the bytes they were.
-    sys.stdout.reconfigure(errors="surrogateescape")
-    sys.stderr.reconfigure(errors="surrogateescape")
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     unusable = []
     if not log_files(args.log_dir, unusable) and not args.allow_empty:
         for problem in unusable:
