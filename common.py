@@ -215,6 +215,21 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def check_writable(folder: str) -> None:
+    """An OSError naming folder (main_guard's one line) unless a run can put files into it: a folder we
+    can create files in, or nothing yet. Tried, not os.access: root passes os.access on a read-only mount."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp_probe")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, folder)
+    os.close(fd)
+    os.remove(probe)
+
+
 def save_torch(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 

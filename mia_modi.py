@@ -142,6 +142,7 @@ def main():
     victim_model, victim = outputs(victim_folder)
     if with_shadow_logits:
         victim.shadow_logits = torch.stack(shadow_logits)
+    recorder.check_writable()  # before the log's first line
     log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"

@@ -5,8 +5,8 @@ python prune_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0
 """
 import time
 
-from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
-                    run_first, seed_everything)
+from common import (RunLog, UsageError, base_parser, check_writable, log_gpu_usage, main_guard, parse_args,
+                    pick_device, run_first, seed_everything)
 from defenses import DefenseSettings, add_defense_flags, get_defense
 from memscores import load_memscores
 from models import build_model
@@ -16,7 +16,7 @@ from records import Recorder, block_start, logged, run_fields
 from pruning import (Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, masked_fraction,
                      prunable_layers)
 from splits import check_config, open_run
-from train import Staging, check_writable, evaluate, fit, load_model, mark_finished, warn_release_format
+from train import Staging, evaluate, fit, load_model, mark_finished, warn_release_format
 
 
 def get_args(argv=None):
@@ -115,6 +115,7 @@ def main():
     targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
     for target in targets:  # before the log's first line: a run that cannot publish its models writes nothing
         check_writable(target)
+    recorder.check_writable()
     progress = Progress.from_args(args, prefix)  # so is a TensorBoard path that cannot be written
 
     first = header(args, defense, prefix)

@@ -136,7 +136,8 @@ class LogReader:
         return self.blocks[-1]
 
     def feed(self, line):
-        for pattern, handle in ((ENDED_RE, self.on_ended), (ATTACK_RE, self.on_attack_metric), (RELEASE_ACC_RE, self.on_release_accuracy),
+        for pattern, handle in ((ENDED_RE, self.on_ended), (ATTACK_RE, self.on_attack_metric),
+                                (RELEASE_ACC_RE, self.on_release_accuracy),
                                 (VICTIM_RE, self.on_victim), (SHADOWS_RE, self.on_shadows), (SCORES_RE, self.on_scores),
                                 (SEMANTICS_RE, self.on_semantics), (PRETRAINED_RE, self.on_pretrained),
                                 (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),

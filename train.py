@@ -1,6 +1,5 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
-import errno
 import glob
 import hashlib
 import json
@@ -8,14 +7,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DivergedError, MissingError, UsageError, atomic_write, load_torch, save_torch
+from common import DivergedError, MissingError, UsageError, atomic_write, check_writable, load_torch, save_torch
 from datasets import TensorData
 from models import build_model
 from paths import checkpoint, completion_file, split_of, staging_dir
@@ -215,21 +213,6 @@ class Staging:
         for staged in self.staged:
             shutil.rmtree(staged, ignore_errors=True)
         return False
-
-
-def check_writable(folder: str) -> None:
-    """An OSError naming folder (main_guard's one line) unless publish() can move files into it: a folder we
-    can create files in, or nothing yet. Tried, not os.access: root passes os.access on a read-only mount."""
-    if not os.path.lexists(folder):
-        return
-    if not os.path.isdir(folder):
-        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp_probe")
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, folder)
-    os.close(fd)
-    os.remove(probe)
 
 
 def remove_dead_staging(folder: str) -> None:
