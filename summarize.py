@@ -18,7 +18,7 @@ import time
 from common import MissingError, UsageError, atomic_write, main_guard
 from paths import RESULT_ROOT
 from report import plot, write_report
-from results import collect, log_files, to_markdown
+from results import TEXT_COLUMNS, collect, log_files, to_markdown
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,6 +93,12 @@ def check_outputs(args):
         check_plot_format(args.plot)
 
 
+def displayable(df):
+    """df with names that are not UTF-8 (surrogate escapes) shown with U+FFFD: fonts cannot draw the escapes."""
+    fix = lambda v: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
+    return df.assign(**{col: df[col].map(fix) for col in df.columns if col in TEXT_COLUMNS})
+
+
 def main(argv=None):
     args = get_args(argv)
     result_dir = args.result_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), RESULT_ROOT)
@@ -127,7 +133,8 @@ def main(argv=None):
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"
-        for line in write_report(args.report, collected, os.path.dirname(result_dir), sources):
+        shown = collected._replace(table=displayable(df))
+        for line in write_report(args.report, shown, os.path.dirname(result_dir), sources):
             print(line, file=sys.stderr)
         print(f"wrote {os.path.join(args.report, 'report.md')} ({time.time() - started:.1f}s)", file=sys.stderr)
         return
@@ -138,7 +145,7 @@ def main(argv=None):
     if args.plot and df.empty:
         print(f"no rows: no plot written to {args.plot}", file=sys.stderr)
     elif args.plot:
-        plot(df, args.plot)
+        plot(displayable(df), args.plot)
         print(f"wrote plot to {args.plot}", file=sys.stderr)
 
 

@@ -245,13 +245,16 @@ def test_summarize_lists_every_skipped_log_and_keeps_undecodable_names(tmp_path)
     os.symlink("nowhere", folder / "iter_prunetxt_0.8_base.txt")
     (folder / "iter_prunetxt_0.9_base.txt").mkdir()
     (folder / "notes.txt").write_text("x\n")
-    proc = summarize("log", "--markdown", cwd=tmp_path)
+    proc = summarize("log", "--markdown", "--plot", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode(errors="surrogateescape").splitlines() == [
         "skipped log/digits_columnfc/iter_prunetxt_0.8_base.txt: a broken link, not a log file",
         "skipped log/digits_columnfc/iter_prunetxt_0.9_base.txt: a folder, not a log file",
         "skipped log/digits_columnfc/notes.txt: name is not <pruner>_<sparsity>_<defend>.txt",
-        "wrote 2 rows to results.csv"]
+        "wrote 2 rows to results.csv", "wrote plot to tradeoff.png"]
+    report = summarize("log", "--report", "report", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert "b\ufffdse" in (tmp_path / "report/report.md").read_text()  # the figures' names as they can be drawn
     assert b"b\xffse" in (tmp_path / "results.csv").read_bytes() and b"| b\xffse |" in proc.stdout
     df = pd.read_csv(tmp_path / "results.csv", encoding_errors="surrogateescape")
     assert sorted(df["Conf_acc"]) == [55.0, 56.0] and list(df["status"]) == ["ok", "ok"]
