@@ -21,7 +21,7 @@ DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = "result/digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard"]
-PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "1", "--prune_epochs", "1",
+PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "1",
          "--shadow_num", "1"]
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 UNWRITABLE = "/proc/1"  # a folder nobody, root included, can create files in
@@ -94,15 +94,15 @@ def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, t
 def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tmp_path):
     """Ctrl-C while shadow 0 trains: the victim had finished, but a pretrain publishes all its models (and a
     new split) or none, so the run folder holds nothing; the log block ends with `Run ended early`."""
-    cmd = [sys.executable, os.path.join(REPO, "pretrain_modi.py"), "-1", DIGITS, "--epochs", "500", "--early_stop",
+    cmd = [sys.executable, os.path.join(REPO, "pretrain_modi.py"), "-1", DIGITS, "--epochs", "100", "--early_stop",
            "0", "--shadow_num", "1", "--no_tensorboard"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    staged_shadow = lambda: list((tmp_path / RUN).glob("shadow_model_0.partial-*/best.pth"))
-    deadline = time.time() + 300
-    while not staged_shadow() and proc.poll() is None and time.time() < deadline:
+    victim_done = lambda: list((tmp_path / RUN).glob("victim_model.partial-*/complete.json"))
+    deadline = time.time() + 900
+    while not victim_done() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert staged_shadow() and list((tmp_path / RUN).glob("victim_model.partial-*/complete.json"))
+    assert victim_done() and proc.poll() is None  # the shadow's 100 epochs have just begun
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -163,10 +163,10 @@ def test_main_guard_closes_an_open_log_block_with_its_reason(tmp_path):
 def interrupted_prune(folder, sig):
     """Start a long prune, wait for its first iteration line, send sig; (exit status, stderr)."""
     cmd = [sys.executable, os.path.join(REPO, "prune_modi.py"), *PRUNE[1:], "--no_tensorboard", "--prune_epochs",
-           "500"]
+           "500", "--early_stop", "0"]
     proc = subprocess.Popen(cmd, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = folder / PRUNE_LOG
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not (log.exists() and "Pretrained Victim" in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
