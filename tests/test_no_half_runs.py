@@ -161,13 +161,15 @@ def test_main_guard_closes_an_open_log_block_with_its_reason(tmp_path):
 
 
 def interrupted_prune(folder, sig):
-    """Start a long prune, wait for its first iteration line, send sig; (exit status, stderr)."""
+    """Start a long prune, wait for its block's "Pretrained Victim" line, send sig; (exit status, stderr)."""
     cmd = [sys.executable, os.path.join(REPO, "prune_modi.py"), *PRUNE[1:], "--no_tensorboard", "--prune_epochs",
            "500", "--early_stop", "0"]
-    proc = subprocess.Popen(cmd, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = folder / PRUNE_LOG
+    blocks = lambda: log.read_text().count("Pretrained Victim") if log.exists() else 0
+    before = blocks()
+    proc = subprocess.Popen(cmd, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 900
-    while not (log.exists() and "Pretrained Victim" in log.read_text()) and time.time() < deadline:
+    while blocks() == before and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
