@@ -7,6 +7,8 @@ log file and the byte offset where its block starts, the logs are parsed with th
 that a record names takes the record's values; a record whose block is in no log under LOG_DIR gives a
 row of its own, and a block without a record is read from the log alone. The table holds one row per
 configuration (KEY), merged from all its runs: each attack's newest result, the newest of everything else.
+Each row has a status (run_status): ok, "failed: <why>" for a block closed by `Run ended early: <why>`, or
+unfinished; a configuration's failed and unfinished runs are shown only while it has no run that is ok.
 """
 import math
 import os

@@ -2,13 +2,16 @@
 and a report with figures.
 
     python summarize.py [LOG_DIR] [--result_dir DIR] [--out results.csv] [--markdown] [--plot FILE.png] [--all]
+                        [--allow_empty]
     python summarize.py [LOG_DIR] [--result_dir DIR] --report OUT_DIR
 
 The table comes from results.py (records first, then the logs, the release's own too), the figures and
 report.md from report.py. Every output file is written whole or not at all (common.atomic_write), and the
 output paths are checked before anything is read or written: a refused command changes no file. Errors
 are one line, `error: <what is wrong>; <what to do>`, exit status 2 for the command line, 1 for a missing
-or unusable folder or no results (common.main_guard).
+or unusable folder or no results (common.main_guard): LOG_DIR must exist and hold results logs (--allow_empty
+goes on with the records alone). Every file left out is named on stderr as `skipped <file>: <why>`; names that
+are not UTF-8 reach the CSV and the Markdown as the bytes they were.
 """
 import argparse
 import os
