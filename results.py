@@ -355,7 +355,6 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
     records = usable_records(result_dir, problems)
     by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
     rows, used = [], set()
-    recorded_logs = {key for _, key, _ in by_block}
     for path, ds, model, seed in log_files(log_dir, problems):
         key = log_key(path)
         try:
@@ -372,8 +371,7 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
                     row.update(record["fields"])
                     used.add(record["file"])
             own = found["attack" if attack_at is not None else "prune"]  # the record of the row's own run
-            row["status"] = run_status(ended, own is not None,
-                                       ours and (key in recorded_logs or not has_results(row, attack_at)))
+            row["status"] = run_status(ended, own is not None, ours and not has_results(row, attack_at))
             prune = by_block.get(("prune", key, prune_at))
             row["_model"] = f"run {prune['run_id']}" if prune else f"log {'/'.join(key)}@{prune_at}"
             rows.append((mtime, row))
@@ -390,16 +388,16 @@ def has_results(row, attack_at):
                if k not in ("victim_acc", "pretrained_acc", "pruned_acc") and not k.startswith("_"))
 
 
-def run_status(ended, recorded, unrecorded):
+def run_status(ended, recorded, empty):
     """"ok"; "failed: <why>" for a run whose log block ends in "Run ended early: <why>"; "unfinished" for a
-    block of ours with neither that line nor the record it should have (killed with SIGKILL, or still running):
-    unrecorded says it should have one (other blocks of its log have records), or is a block of ours without
-    any result (logs written before records were, or copied without result/, keep their finished blocks)."""
+    block of ours (it has a "Semantics:" line) with neither that line, nor a record, nor any result: killed
+    with SIGKILL, or still running. A block without a record that holds results (an older version's, or one
+    killed after its results) is read as it is."""
     if recorded:
         return "ok"
     if ended is not None:
         return f"failed: {ended}"
-    return "unfinished" if unrecorded else "ok"
+    return "unfinished" if empty else "ok"
 
 
 def attack_columns(columns):

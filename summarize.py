@@ -41,8 +41,8 @@ def get_args(argv=None):
                         help="keep every run as its own row, not one row per configuration")
     parser.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.csv and the figures")
     parser.add_argument("--allow_empty", action="store_true",
-                        help="go on when LOG_DIR holds no results logs (the table then comes from the records alone, "
-                             "and may be empty)")
+                        help="go on when LOG_DIR is missing or holds no results logs (the table then comes from the "
+                             "records alone, and may be empty)")
     args = parser.parse_args(argv)
     if args.plot is not None and not os.path.splitext(args.plot)[1]:
         args.plot += ".png"  # matplotlib's own default for a name without extension
@@ -111,9 +111,9 @@ def main(argv=None):
         check_not_a_file(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
                                                        "(default: result/ beside LOG_DIR)")
     check_outputs(args)
-    if not os.path.isdir(args.log_dir):
+    if not os.path.isdir(args.log_dir) and not args.allow_empty:
         raise MissingError(f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
-                           f"(default: log)")
+                           f"(default: log), or --allow_empty to summarize the run records under {result_dir} alone")
     # Names that are not UTF-8 (os.listdir's surrogate escapes) go out as the bytes they were.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):

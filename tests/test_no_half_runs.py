@@ -229,7 +229,9 @@ def test_summarize_refuses_a_missing_or_empty_log_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = summarize("nolog", cwd=tmp_path)
     assert (proc.returncode, proc.stderr.decode()) == (1, "error: LOG_DIR nolog not found; pass the folder "
-                                                          "prune_modi.py/mia_modi.py log to (default: log)\n")
+                                                          "prune_modi.py/mia_modi.py log to (default: log), or "
+                                                          f"--allow_empty to summarize the run records under "
+                                                          f"{tmp_path / 'result'} alone\n")
     proc = summarize("empty", cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.decode().startswith("error: LOG_DIR empty holds no results logs")
     assert len(proc.stderr.decode().splitlines()) == 1 and not (tmp_path / "results.csv").exists()

@@ -703,7 +703,8 @@ def test_cli_log_dir_that_is_a_file_or_holds_no_results(tmp_path):
             f"no results under empty and no run records under {tmp_path / 'result'}; run prune_modi.py and "
             f"mia_modi.py first, or pass the folder they log to")
     refused(run_cli("nope", cwd=tmp_path), 1,
-            "LOG_DIR nope not found; pass the folder prune_modi.py/mia_modi.py log to (default: log)")
+            f"LOG_DIR nope not found; pass the folder prune_modi.py/mia_modi.py log to (default: log), or --allow_empty "
+            f"to summarize the run records under {tmp_path / 'result'} alone")
     assert unchanged()
 
 
