@@ -49,26 +49,34 @@ def _raise_terminated(signum, frame):
 
 
 def main_guard(main):
-    """Run main(); turn our errors into one readable line on stderr and a non-zero exit."""
+    """Run main(); turn our errors into one readable line on stderr and a non-zero exit. A log block the run
+    left open (it ended before its last line) is closed with `Run ended early: <why>` (RunLog.end_open)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
     except (UsageError, MissingError, DivergedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+        fail(f"{err}", err.exit_code)
     except (KeyboardInterrupt, Terminated) as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
-        print(f"error: interrupted ({name}); every checkpoint in result/ is still a finished one (this run's "
-              f"unfinished models were discarded); rerun the command to redo this step", file=sys.stderr)
-        sys.exit(code)
+        fail(f"interrupted ({name}); every checkpoint in result/ is still a finished one (this run's "
+             f"unfinished models were discarded); rerun the command to redo this step", code, f"interrupted ({name})")
     except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch_size or pass another GPU-ID", file=sys.stderr)
-        sys.exit(1)
+        fail("out of GPU memory; lower --batch_size or pass another GPU-ID", 1)
     except OSError as err:  # disk full, permission denied, a file where a folder should be...
         where = f" {err.filename}" if err.filename else ""
-        print(f"error: cannot read or write{where} ({err.strerror or type(err).__name__}); "
-              f"check that path, its permissions and the free disk space", file=sys.stderr)
-        sys.exit(1)
+        fail(f"cannot read or write{where} ({err.strerror or type(err).__name__}); "
+             f"check that path, its permissions and the free disk space", 1)
+    except BaseException as err:  # a bug or sys.exit: the traceback (or exit status) as it is, the block closed
+        RunLog.end_open(f"{type(err).__name__}: {err}" if not isinstance(err, SystemExit) else f"exit {err.code}")
+        raise
+    RunLog.end_open("the run returned before its last log line")
+
+
+def fail(message: str, code: int, why: str = None) -> None:
+    """`error: message` on stderr, the open log blocks closed with why (default: the message), exit code."""
+    RunLog.end_open(why or message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def seed_everything(seed: int) -> None:
@@ -162,8 +170,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     for key, value in vars(args).items():  # inf/nan learning rates, decays, thresholds train NaN models
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{key} must be a finite number, got {value}")
-    if not 0 <= args.seed < 2**32:
-        raise UsageError(f"--seed must be in 0..{2**32 - 1} (numpy's seed range), got {args.seed}")
+    top = 2**32 - 1 - max(getattr(args, "shadow_num", 0), 0)  # shadows and their splits use seed + k, k <= shadow_num
+    if not 0 <= args.seed <= top:
+        within = "numpy's seed range" if top == 2**32 - 1 else \
+            f"numpy's seed range 0..{2**32 - 1} less --shadow_num {args.shadow_num}: shadow k uses seed + k + 1"
+        raise UsageError(f"--seed must be in 0..{top} ({within}), got {args.seed}")
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise UsageError(f"--batch_size must be in 1..{MAX_BATCH}, got {args.batch_size}")
     if getattr(args, "shadow_num", 0) < 0:
@@ -204,6 +215,21 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def check_writable(folder: str) -> None:
+    """An OSError naming folder (main_guard's one line) unless a run can put files into it: a folder we
+    can create files in, or nothing yet. Tried, not os.access: root passes os.access on a read-only mount."""
+    if not os.path.lexists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp_probe")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, folder)
+    os.close(fd)
+    os.remove(probe)
+
+
 def save_torch(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -226,7 +252,11 @@ class RunLog:
     """One run's block of lines in a text log that other runs may append to as well. The log is only
     appended to (never truncated); from its first line to close() the run holds an exclusive lock on
     the file (fcntl.flock), so two runs writing the same log at once write whole blocks, one after the
-    other. Every line is flushed at once and echoed to stdout."""
+    other. Every line is flushed at once and echoed to stdout. A block still open when the script ends
+    (main_guard) gets a last line `Run ended early: <why>`, which summarize.py shows as a failed run."""
+
+    ENDED_EARLY = "Run ended early: "
+    _open = []  # the logs whose block is open, oldest first
 
     def __init__(self, path: str):
         self.path, self.file = path, None
@@ -236,6 +266,7 @@ class RunLog:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self.file = open(self.path, "a")
             fcntl.flock(self.file, fcntl.LOCK_EX)  # waits while another run writes its block
+            RunLog._open.append(self)
         self.file.write(line + "\n")
         self.file.flush()
         tqdm.write(line)  # print without breaking a live progress bar
@@ -244,6 +275,22 @@ class RunLog:
         if self.file is not None:
             self.file.close()  # releases the lock
             self.file = None
+            RunLog._open.remove(self)
+
+    @classmethod
+    def end_open(cls, why: str) -> None:
+        """Close every open block with `Run ended early: <why>` (one line; in the log file only)."""
+        for log in list(cls._open):
+            try:
+                log.file.write(cls.ENDED_EARLY + " ".join(str(why).split()) + "\n")
+                log.file.flush()
+            except OSError:  # the disk that failed the run may refuse this line too
+                pass
+            try:
+                log.close()
+            except OSError:
+                log.file = None
+                cls._open.remove(log)
 
     def __enter__(self):
         return self

@@ -30,6 +30,9 @@ Settings of one grid that would share a name (same config, seed, pruner, sparsit
 baselines, defend_arg) each get --tag spelling what varies between them: s<stride>w<width>, t<mem_thre>,
 wd<weight_decay_mem>, joined by '-' (e.g. s2w10-t0.3); a lone setting gets none, so the release's commands
 keep the release's names. Steps that append to one log file run one after the other, in grid order.
+A config written two ways (config/digits.json, ./config/digits.json, its absolute path), a sparsity or a
+setting given twice each run once; two steps that would still share a name (two config files of one
+dataset and model) are refused.
 
 Resume: a step that exits 0 writes result/<ds>_<model>/jobs/<kind>.<prefix>.json (command, its sha256
 with the GPU-ID left out so that a CPU run resumes on GPUs, exit status, start/end, host, seconds,
@@ -42,12 +45,13 @@ grid still runs, and grid.py exits 1.
 
 local: --jobs_per_gpu N steps (default 1) on each --gpus GPU (CUDA_VISIBLE_DEVICES=<it>, GPU-ID 0) or --jobs N
 CPU steps (GPU-ID -1), each with OMP_NUM_THREADS = cores // steps at once. A killed driver takes its running
-steps with it. Each finished step prints a line: done/total, the counts, elapsed time, an ETA (and on Slurm
-the jobs squeue shows pending).
+steps with it (SIGTERM). Each finished step prints a line: done/total, the counts, elapsed time, an ETA (and on
+Slurm the jobs squeue shows pending).
 slurm: one job per step via submitit (its files in log/grid_slurm/<job id>/), afterok on the steps it
 needs (kill-on-invalid-dep: a job whose dependency failed is cancelled) and afterany on the one before
 it in its log file; the job itself runs the command and writes the record. The driver polls squeue and
-the records; --no_wait returns after submitting. A rerun adopts this grid's jobs still queued.
+the records; --no_wait returns after submitting. A rerun adopts this grid's jobs still queued; an
+interrupted driver leaves its jobs running and lists their ids.
 At the end: `python summarize.py log --markdown --plot` (results.csv, log/grid/results.md, tradeoff.png).
 """
 import argparse
@@ -64,6 +68,7 @@ import pwd
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,7 +80,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from common import MissingError, UsageError, load_config, main_guard
+from common import MissingError, Terminated, UsageError, load_config, main_guard
 from paths import DEFAULT_SEED, LOG_ROOT, RESULT_ROOT, log_dir, log_path, memscore_path, run_name, tagged
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -108,6 +113,7 @@ class Step:
     needs: list = field(default_factory=list)   # steps whose outputs it reads
     after: list = field(default_factory=list)   # the step before it in its log file
     memscores: str = None                       # the mem-score CSV it reads (prune under a mem-score defense)
+    origin: str = ""     # the grid entries it comes from, for error messages
 
     def command(self, gpu=GPU):
         return shlex.join(["python"] + [gpu if a == GPU else a for a in self.argv])
@@ -245,8 +251,11 @@ class Grid:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except OSError:
-            raise UsageError(f"grid file {shown} not found; pass a JSON grid such as grids/digits.json")
+        except IsADirectoryError:
+            raise UsageError(f"grid file {shown} is a folder; pass a JSON grid file, e.g. grids/digits.json")
+        except OSError as err:
+            raise UsageError(f"grid file {shown} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}"
+                             f" ({err.strerror}); pass a JSON grid such as grids/digits.json")
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"grid {shown} is not valid JSON ({err}); fix the file")
         self.check(isinstance(data, dict), "top level", "must be a JSON object (see grids/digits.json)")
@@ -275,16 +284,30 @@ class Grid:
         return self.keys[key]
 
     def check_configs(self):
+        """Configs as one spelling each (config_name): one file written two ways is one config."""
         from pruning import PRUNERS
-        self.configs, self.loaded = self.keys["configs"], {}
-        for config in self.configs:
-            self.check(isinstance(config, str) and config not in self.loaded, "configs",
-                       f"{config!r} is not a path or repeats an earlier one")
+        self.configs, self.loaded, written = [], {}, {}
+        for config in self.keys["configs"]:
+            self.check(isinstance(config, str), "configs", f"{config!r} is not a path")
+            name = config_name(config)
+            if name in written:
+                continue  # the same file again, e.g. ./config/digits.json after config/digits.json
+            written[name] = config
             try:
-                self.loaded[config] = load_config(config)
+                self.loaded[name] = load_config(name)
             except UsageError as err:
                 self.check(False, "configs", f"{err} (paths are relative to the repo)")
+            self.configs.append(name)
         pruners = self.keys["pruners"]
+        if isinstance(pruners, dict):
+            self.check(all(isinstance(v, str) for v in pruners.values()), "pruners", "each pruner must be a string")
+            named = {}
+            for config, pruner in pruners.items():
+                name = config_name(config)
+                self.check(named.get(name, pruner) == pruner, "pruners",
+                           f"'{config}' and '{written.get(name, name)}' are one config with two pruners; keep one")
+                named[name] = pruner
+            pruners = named
         self.pruners = dict.fromkeys(self.configs, pruners) if isinstance(pruners, str) else pruners
         for config in set(self.pruners) ^ set(self.configs):
             self.check(False, "pruners", f"'{config}' is {'not in configs' if config in self.pruners else 'missing'}"
@@ -300,6 +323,7 @@ class Grid:
         for sparsity in self.keys["sparsities"]:
             self.check(is_a(sparsity, float), "sparsities", f"{sparsity!r} is not a number")
             self.refused(lambda: check_pruning_flags(self.pruners[self.configs[0]], sparsity), "sparsities")
+        self.sparsities = list(dict.fromkeys(float(s) for s in self.keys["sparsities"]))  # 0.6 twice is one run
         seeds = self.keys["seeds"]
         self.check(all(is_a(s, int) for s in seeds) and len(set(seeds)) == len(seeds), "seeds",
                    f"must be distinct integers, got {seeds!r}")
@@ -333,10 +357,12 @@ class Grid:
         for key in set(entry) - {"defend", "per_config"}:
             self.check(key in allowed, where,
                        f"{cls.name} takes no '{key}'; it takes {', '.join(sorted(allowed)) or 'no setting'}")
-        self.check(isinstance(per_config, dict) and all(c in self.configs and isinstance(v, dict) and set(v) <= allowed
+        self.check(isinstance(per_config, dict) and all(isinstance(c, str) and config_name(c) in self.configs
+                                                         and isinstance(v, dict) and set(v) <= allowed
                                                          for c, v in per_config.items()),
                    where, f"per_config must map configs of the grid to {{setting: value}} with settings in "
                           f"{', '.join(sorted(allowed)) or 'nothing'}")
+        per_config = {config_name(c): v for c, v in per_config.items()}
         for config in self.configs:
             values = {**{k: entry[k] for k in allowed if k in entry}, **per_config.get(config, {})}
             missing = required - set(values)
@@ -351,10 +377,9 @@ class Grid:
                 setting = dict(zip(choices, combo))
                 settings = DefenseSettings(**setting, semantics=self.keys["semantics"])
                 self.refused(lambda: cls.check_args(settings), where)  # e.g. stride 0, a negative ppb weight
-                for j, other_cls, other in self.settings[config]:
-                    self.check(other_cls is not cls or filled(cls, other) != filled(cls, setting), where,
-                               f"setting {setting} repeats one of defenses[{j}]; drop one of them")
-                self.settings[config].append((i, cls, setting))
+                if not any(other_cls is cls and filled(cls, other) == filled(cls, setting)
+                           for _, other_cls, other in self.settings[config]):  # a repeated setting is one run
+                    self.settings[config].append((i, cls, setting))
 
     def tags(self, config):
         """The --tag of each setting of config: '' unless another setting shares its name (defense and, for
@@ -371,6 +396,13 @@ class Grid:
                 tags[n] = "-".join(p for p in (spell(("stride", "width")), spell(("mem_thre",)),
                                                spell(("weight_decay_mem",))) if p)
         return tags
+
+
+def config_name(config):
+    """A config path as one spelling: resolved (., .., links), relative to the repo when inside it."""
+    path = os.path.realpath(os.path.join(REPO, config))
+    inside = os.path.commonpath([path, os.path.realpath(REPO)]) == os.path.realpath(REPO)
+    return os.path.relpath(path, os.path.realpath(REPO)) if inside else path
 
 
 # ---------------------------------------------------------------- grid -> steps
@@ -403,19 +435,22 @@ def expand(grid):
             seeded = ["--seed", str(seed)] if seed != DEFAULT_SEED else []
             pretrain = Step(f"{run}/pretrain", "pretrain",
                             [SCRIPTS["pretrain"], GPU, config, *shadows, *seeded, *over["pretrain"], "--quiet"],
-                            os.path.join(log_dir(ns), "pretrain.txt"))
+                            os.path.join(log_dir(ns), "pretrain.txt"), origin=f"config {config}, seed {seed}")
             steps.append(pretrain)
             if grid["original"]:
-                first = ["--pruner_name", pruner, "--prune_sparsity", str(grid["sparsities"][0])]
-                log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=grid["sparsities"][0],
+                first = ["--pruner_name", pruner, "--prune_sparsity", str(grid.sparsities[0])]
+                log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=grid.sparsities[0],
                                                defend="", tag=""))
                 steps.append(Step(f"{run}/attack.original", "attack",
                                   [SCRIPTS["attack"], GPU, config, *first, *attacks, *shadows, "--original",
-                                   *semantics, *seeded, *over["attack"], "--quiet"], log, needs=[pretrain.name]))
-            for sparsity in grid["sparsities"]:
+                                   *semantics, *seeded, *over["attack"], "--quiet"], log, needs=[pretrain.name],
+                                  origin=f"config {config}, seed {seed}, original"))
+            for sparsity in grid.sparsities:
                 where = ["--pruner_name", pruner, "--prune_sparsity", str(sparsity)]
                 base_prune, defended = None, []
-                for (_, cls, setting), tag in zip(grid.settings[config], tags):
+                for (i, cls, setting), tag in zip(grid.settings[config], tags):
+                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}]" + \
+                        (f" {setting}" if setting else "")
                     prefix = tagged(cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"]), tag)
                     log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=sparsity,
                                                    defend=cls.name, tag=tag))
@@ -425,24 +460,36 @@ def expand(grid):
                                  [SCRIPTS["prune"], GPU, config, *where, "--prune_iter", str(grid["prune_iter"]),
                                   *defend, *flags_of({k: setting[k] for k in SETTINGS if k in setting}),
                                   *semantics, *named, *seeded, *shadows, *over["prune"], "--quiet"],
-                                 log, needs=[pretrain.name], memscores=scores if cls.needs_memscore else None)
+                                 log, needs=[pretrain.name], memscores=scores if cls.needs_memscore else None,
+                                 origin=origin)
                     adaptive = ["--adaptive"] if defend and grid["adaptive"] else []
                     arg = ["--defend_arg", str(setting["defend_arg"])] if cls.arg_in_name else []
                     attack = Step(f"{run}/attack.{prefix}", "attack",
                                   [SCRIPTS["attack"], GPU, config, *where, *attacks, *shadows, *defend, *arg,
                                    *adaptive, *semantics, *named, *seeded, *over["attack"], "--quiet"],
-                                  log, needs=[prune.name])
+                                  log, needs=[prune.name], origin=origin)
                     steps += [prune, attack]
                     base_prune = prune.name if not defend else base_prune
                     defended += [attack] if defend and not grid["adaptive"] else []
                 for attack in defended:  # non-adaptive: the attack also reads the Base-pruned shadows
                     attack.needs.append(base_prune)
+    check_unique(grid, steps)
     last = {}  # log file -> the step that wrote it last, in grid order
     for step in steps:
         if last.get(step.log) and last[step.log] not in step.needs:
             step.after.append(last[step.log])
         last[step.log] = step.name
     return steps
+
+
+def check_unique(grid, steps):
+    """No two steps share a name, and so a record, an output file or a model folder (result/<run>/<prefix>_model):
+    two config files of one dataset and model would."""
+    first = {}
+    for step in steps:
+        other = first.setdefault(step.name, step)
+        grid.check(other is step, "configs", f"step {step.name} comes twice, from {other.origin} and from "
+                                             f"{step.origin}; each config file needs its own dataset and model")
 
 
 def check_commands(grid, steps):
@@ -693,19 +740,26 @@ def run_local(todo, done, gpus, jobs, retries, jobs_per_gpu=1):
             threading.Thread(target=work, args=(step, slot), daemon=True).start()
         return skipped
 
-    skipped = launch()
-    while True:
-        for step in skipped:
-            tracker.finish(step, "skipped", running=len(schedule.running))
-        tracker.show(len(schedule.running))
-        if not schedule.running:
-            break
-        step, code, record = finished.get()
-        schedule.finish(step, code == 0)
+    try:
         skipped = launch()
-        tracker.finish(step, "done" if code == 0 else "failed",
-                       "" if code == 0 else code if isinstance(code, str) else failure(step, code),
-                       seconds=record and record["seconds"], running=len(schedule.running))
+        while True:
+            for step in skipped:
+                tracker.finish(step, "skipped", running=len(schedule.running))
+            tracker.show(len(schedule.running))
+            if not schedule.running:
+                break
+            step, code, record = finished.get()
+            schedule.finish(step, code == 0)
+            skipped = launch()
+            tracker.finish(step, "done" if code == 0 else "failed",
+                           "" if code == 0 else code if isinstance(code, str) else failure(step, code),
+                           seconds=record and record["seconds"], running=len(schedule.running))
+    except (KeyboardInterrupt, Terminated) as err:
+        tracker.close()
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        print(f"error: interrupted ({name}); the {len(schedule.running)} running steps were ended (each keeps only "
+              f"finished models); rerun this command to run the rest: finished steps are skipped", file=sys.stderr)
+        sys.exit(code)  # the steps get SIGTERM as their threads end (die_with_parent)
     tracker.close()
     return tracker
 
@@ -716,8 +770,15 @@ def squeue(*args):
     return proc.stdout.splitlines() if proc.returncode == 0 else None
 
 
+def require_slurm(*tools):
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise MissingError(f"{tool} not found: install Slurm or use --backend local")
+
+
 def slurm_gpus(partition):
     """1 when the partition (or any, without --partition) has GPU gres, else 0."""
+    require_slurm("sinfo")
     proc = subprocess.run(["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -910,6 +971,7 @@ def main():
     if args.backend == "local":
         tracker = run_local(todo, done, args.gpus, args.jobs, args.retries, args.jobs_per_gpu)
     else:
+        require_slurm("sinfo", "sbatch", "squeue")
         ids = submit_slurm(todo, args, gpus)
         if args.no_wait:
             print(f"not waiting (--no_wait): follow them with squeue --me; rerun this command "
@@ -917,10 +979,14 @@ def main():
             return
         try:
             tracker = wait_slurm(todo, done, ids)
-        except KeyboardInterrupt:
-            print("interrupted: the jobs go on in Slurm; rerun this command to wait for them (scancel to stop "
-                  "them)", file=sys.stderr)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as err:
+            name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+            queued = {job for job in ids.values()}
+            active = squeue("-o", "%i")
+            left = sorted(queued & set(active) if active is not None else queued, key=lambda j: (len(j), j))
+            print(f"error: interrupted ({name}); {len(left)} jobs are still queued or running on Slurm; rerun this "
+                  f"command to follow them, or scancel {' '.join(left)}", file=sys.stderr)
+            sys.exit(code)
     report(path, tracker, done)
     if not args.no_summary and (tracker.counts["done"] or done):
         summarize()

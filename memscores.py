@@ -195,7 +195,8 @@ def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -
         frame = pd.read_csv(path if csv_bytes is None else io.BytesIO(csv_bytes), index_col=0)
     except Exception as err:  # missing, empty, not a CSV
         raise MissingError(f"mem-scores {path} is not a readable CSV ({type(err).__name__}); {fix}")
-    if list(frame.columns) != ["0"] or not pd.api.types.is_numeric_dtype(frame["0"]):
+    if list(frame.columns) != ["0"] or not pd.api.types.is_numeric_dtype(frame["0"]) \
+            or pd.api.types.is_bool_dtype(frame["0"]):  # True/False would read as 1/0
         raise MissingError(f"mem-scores {path} must hold an index column and one numeric column named 0; {fix}")
     if len(frame) != n_train:
         raise MissingError(f"mem-scores {path} has {len(frame)} rows but the training set has {n_train} samples "
@@ -205,6 +206,10 @@ def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -
     scores = frame["0"].to_numpy(np.float64)
     if not np.isfinite(scores).all():
         raise MissingError(f"mem-scores {path}: row {int(np.argmin(np.isfinite(scores)))} is not a number; {fix}")
+    outside = np.flatnonzero(np.abs(scores) > 1)  # P(correct | in) - P(correct | out) lies in [-1, 1]
+    if len(outside):
+        raise MissingError(f"mem-scores {path}: row {outside[0]} holds {scores[outside[0]]:g}, outside [-1, 1] "
+                           f"(a mem-score is a difference of two probabilities; scaled or other scores?); {fix}")
     return torch.tensor(scores)
 
 

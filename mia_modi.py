@@ -179,6 +179,7 @@ def main():
     if with_references:
         victim.references = References.from_split(model_splits, reference_rows, int(split.meta["n_train"]),
                                                   np.stack([reference_prob(victim_model)] + reference_probs))
+    recorder.check_writable()  # before the log's first line
     log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"

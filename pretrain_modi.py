@@ -8,7 +8,7 @@ from common import (MissingError, RunLog, UsageError, base_parser, log_gpu_usage
                     pick_device, seed_everything)
 from datasets import TensorData, get_dataset
 from models import build_model
-from paths import checkpoint, log_dir, pretrained_dir, run_name, split_path
+from paths import SPLIT_FILE, checkpoint, log_dir, pretrained_dir, run_name, split_path
 from progress import Progress
 from splits import Split, check_config
 from train import (Staging, evaluate, fit, is_finished, load_checkpoint, make_optimizer, mark_finished, save_checkpoint,
@@ -29,7 +29,8 @@ def get_args(argv=None):
 
 
 def prepare_split(args, n_train, n_test):
-    """Reuse the persisted split when it matches this run; build it when absent or --force."""
+    """(split, whether it is new): the persisted split when it matches this run; a new one when absent or
+    --force, saved by the caller together with the models trained on it."""
     path = split_path(args)
     if os.path.exists(path) and not args.force:
         split = Split.load(path)
@@ -38,10 +39,8 @@ def prepare_split(args, n_train, n_test):
             raise MissingError(f"existing data split {path} cannot be reused: {why}; pass --force to "
                                f"rebuild it (models trained on the old split become stale)")
         print(f"Reusing data split {path}")
-        return split
-    split = Split.create(args.dataset_name, n_train, n_test, args.seed, args.shadow_num)
-    split.save(path)
-    return split
+        return split, False
+    return Split.create(args.dataset_name, n_train, n_test, args.seed, args.shadow_num), True
 
 
 def pretrain(args, data, model_split, folder, progress, tag="victim"):
@@ -64,27 +63,37 @@ def main():
     seed_everything(args.seed)
     device = pick_device(args.gpu_id)
     train, test = get_dataset(args.dataset_name)
-    split = prepare_split(args, len(train), len(test))
+    split, new_split = prepare_split(args, len(train), len(test))
     data = TensorData.concat(train, test).to(device, amp=args.amp)
-    log = RunLog(os.path.join(log_dir(args), "pretrain.txt"))
-    log.write(f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
-    progress = Progress.from_args(args, "pretrain")
+    todo = []
     for who in [None] + list(range(args.shadow_num)):
-        name = "victim" if who is None else f"shadow {who}"
         folder = pretrained_dir(args, who)
         if args.skip_existing and is_finished(folder):
-            print(f"Skipping {name}: {checkpoint(folder)} exists (--skip_existing)")
-            continue
-        seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
-        with Staging([folder]) as staging:  # the folder keeps its last finished model until this one is
-            staged = staging.staged[0]
+            print(f"Skipping {'victim' if who is None else f'shadow {who}'}: {checkpoint(folder)} exists "
+                  f"(--skip_existing)")
+        else:
+            todo.append((who, folder))
+    # All of this run's models (and a new split) are staged and published together: a run that fails leaves
+    # the run folder as it was. Staging checks that every folder can be written before anything is.
+    with Staging([folder for _, folder in todo]) as staging:
+        split_file = split_path(args)
+        if new_split:  # in the first staged folder until publish (a kill -9 leaves it there, with the folder)
+            split_file = os.path.join(staging.staged[0], SPLIT_FILE) if todo else split_file
+            split.save(split_file)
+        progress = Progress.from_args(args, "pretrain")  # before the log: a bad TensorBoard path writes nothing
+        log = RunLog(os.path.join(log_dir(args), "pretrain.txt"))
+        log.write(f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
+        for (who, folder), staged in zip(todo, staging.staged):
+            name = "victim" if who is None else f"shadow {who}"
+            seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
             best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), staged,
                                                    progress, name.replace(" ", "_"))
-            mark_finished(staged, split_path(args), script="pretrain_modi.py", epoch=best["epoch"],
-                          dev_acc=best["acc"])
-            staging.publish()
-        log.write(f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
-                        f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
+            mark_finished(staged, split_file, script="pretrain_modi.py", epoch=best["epoch"], dev_acc=best["acc"])
+            log.write(f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
+                      f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
+        if split_file != split_path(args):
+            os.replace(split_file, split_path(args))
+        staging.publish()
     progress.close()
     log_gpu_usage(device, log)
     log.close()

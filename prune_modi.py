@@ -5,8 +5,8 @@ python prune_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0
 """
 import time
 
-from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
-                    run_first, seed_everything)
+from common import (RunLog, UsageError, base_parser, check_writable, log_gpu_usage, main_guard, parse_args,
+                    pick_device, run_first, seed_everything)
 from defenses import DefenseSettings, add_defense_flags, get_defense
 from memscores import load_memscores
 from models import build_model
@@ -129,6 +129,12 @@ def main():
     check_prerequisites(args, defense, settings, data, [victim_split] + shadows, memscores)
     seed_everything(args.seed)  # after the checks, which build models
 
+    targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
+    for target in targets:  # before the log's first line: a run that cannot publish its models writes nothing
+        check_writable(target)
+    recorder.check_writable()
+    progress = Progress.from_args(args, prefix)  # so is a TensorBoard path that cannot be written
+
     first = header(args, defense, prefix)
     log.write(first)
     log_start = block_start(log, first)
@@ -138,7 +144,6 @@ def main():
     victim_scores = None if memscores is None else memscores[victim_split.train.cpu()]
     for line in defense.header_lines(settings, data.y[victim_split.train], victim_scores, memscores):
         log.write(line)
-    progress = Progress.from_args(args, prefix)
     victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
                            run_first("pretrain_modi.py", args))
     acc, loss = evaluate(victim, data, victim_split.test)
@@ -146,7 +151,6 @@ def main():
     iterations = {}
     recorder.results.update(pretrained={"accuracy": logged(acc), "loss": logged(loss)}, iterations=iterations)
 
-    targets = [pruned_dir(args, prefix)] + [pruned_dir(args, prefix, i) for i in range(args.shadow_num)]
     with Staging(targets) as staging:  # the folders keep the last finished run's models until all of these are
         victim_target, *shadow_targets = staging.staged
         start = time.time()

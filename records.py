@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from common import atomic_write
+from common import atomic_write, check_writable
 from paths import REPO_DIR, result_dir, run_name
 
 FORMAT = 1  # the record layout below; bump it when a field changes meaning
@@ -104,6 +104,11 @@ class Recorder:
     @property
     def results(self) -> dict:
         return self.record["results"]
+
+    def check_writable(self) -> None:
+        """Before the run's first log line: the folders its record and scores go to can be written."""
+        for sub in ("records", "scores"):
+            check_writable(os.path.join(self.folder, sub))
 
     def file_name(self, name: str, ext: str) -> str:
         return f"{name}_{self.run_id}.{ext}"

@@ -7,11 +7,12 @@ log file and the byte offset where its block starts, the logs are parsed with th
 that a record names takes the record's values; a record whose block is in no log under LOG_DIR gives a
 row of its own, and a block without a record is read from the log alone. The table holds one row per
 configuration (KEY), merged from all its runs: each attack's newest result, the newest of everything else.
+Each row has a status (run_status): ok, "failed: <why>" for a block closed by `Run ended early: <why>`, or
+unfinished; a configuration's failed and unfinished runs are shown only while it has no run that is ok.
 """
 import math
 import os
 import re
-import sys
 from collections import namedtuple
 
 import pandas as pd
@@ -28,9 +29,9 @@ EXTRA = ("nonmembers", "scores")  # the columns after the attacks' (as far as an
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
        "weight_decay_mem", "setting", "semantics", "tag", "seed"]
-COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]
+COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon", "status"]
 TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics", "tag", "seed",
-                "scores")  # not floats
+                "scores", "status")  # not floats
 
 NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*?))?(?:_tag-([A-Za-z0-9.-]+))?$")
@@ -47,6 +48,7 @@ DEFEND_TIME_RE = re.compile(r"Total \S+ defend time: " + NUM + "s")
 EPSILON_RE = re.compile(r"DP epsilon: " + NUM)
 SCORES_RE = re.compile(r"Scores: (\S+\.npz)\s*$")
 SHADOW_ITER_RE = re.compile(r"shadow \d+ iter \d+ best model")
+ENDED_RE = re.compile(r"Run ended early: (.*?)\s*$")  # common.RunLog's last line of a run that failed
 
 
 def header_re(pruner):
@@ -109,9 +111,9 @@ class Block:
             info["dp_epsilon"] = self.late_eps
         attacks = list(self.attacks)
         if not attacks or (info and all(unpruned_under_defense(a["setting"], config["defense"]) for a in attacks)):
-            attacks.insert(0, {"setting": None, "_attack_at": None})
-        for attack in attacks:
-            yield {**config, **info, **attack, "_prune_at": self.offset}
+            attacks.insert(0, {"setting": None, "_attack_at": None, **{k: info.get(k) for k in ("_ended", "_ours")}})
+        for attack in attacks:  # a row's _ended and _ours are its own run's: the attack's, or the prune's alone
+            yield {**config, **info, "_ended": None, "_ours": None, **attack, "_prune_at": self.offset}
 
 
 def finish_row(row):
@@ -138,7 +140,8 @@ class LogReader:
         return self.blocks[-1]
 
     def feed(self, line):
-        for pattern, handle in ((ATTACK_RE, self.on_attack_metric), (RELEASE_ACC_RE, self.on_release_accuracy),
+        for pattern, handle in ((ENDED_RE, self.on_ended), (ATTACK_RE, self.on_attack_metric),
+                                (RELEASE_ACC_RE, self.on_release_accuracy),
                                 (VICTIM_RE, self.on_victim), (SHADOWS_RE, self.on_shadows), (SCORES_RE, self.on_scores),
                                 (SEMANTICS_RE, self.on_semantics), (PRETRAINED_RE, self.on_pretrained),
                                 (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),
@@ -175,6 +178,13 @@ class LogReader:
         # It follows the prune header (no attack open: the block's) or the "Shadows:" line (that attack's).
         target = self.block().info if self.attack is None else self.attack
         target["semantics"] = m.group(1)
+        target["_ours"] = True  # written by this code, which also writes a record or "Run ended early" at the end
+
+    def on_ended(self, m):
+        # The run that ended early is the attack open (its block starts at "Victim ..."), else the prune run.
+        target = self.block().info if self.attack is None else self.attack
+        target["_ended"] = m.group(1)
+        self.attack = None
 
     def on_pretrained(self, m):
         block = self.blocks[-1] if self.blocks else None
@@ -221,9 +231,10 @@ def parse_file(path: str, dataset: str, model: str, seed: int = DEFAULT_SEED) ->
     return [row for block in reader.blocks for row in block.rows(config)]
 
 
-def log_files(log_dir: str) -> list:
-    """(path, dataset, model, seed) of every results log, oldest modification first."""
-    found = []
+def log_files(log_dir: str, problems: list = None) -> list:
+    """(path, dataset, model, seed) of every results log, oldest modification first; each .txt file left out
+    (but pretrain.txt) is named in problems as "<file>: <why>"."""
+    found, problems = [], [] if problems is None else problems
     for folder in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
         sub = os.path.join(log_dir, folder)
         if folder == "tb" or not os.path.isdir(sub):
@@ -232,10 +243,13 @@ def log_files(log_dir: str) -> list:
         seed = int(seed) if seed else DEFAULT_SEED
         for name in sorted(os.listdir(sub)):
             path = os.path.join(sub, name)
-            if not name.endswith(".txt") or name == "pretrain.txt" or not os.path.isfile(path):
+            if not name.endswith(".txt") or name == "pretrain.txt":
+                continue
+            if not os.path.isfile(path):
+                problems.append(f"{path}: {'a folder' if os.path.isdir(path) else 'a broken link'}, not a log file")
                 continue
             if not FILE_RE.match(name[:-4]):
-                print(f"skipping {path}: name is not <pruner>_<sparsity>_<defend>.txt", file=sys.stderr)
+                problems.append(f"{path}: name is not <pruner>_<sparsity>_<defend>.txt")
                 continue
             found.append((path, dataset, model, seed))
     return sorted(found, key=lambda item: os.path.getmtime(item[0]))  # stable: ties keep name order
@@ -330,6 +344,8 @@ def record_rows(records, used):
                                            **attack["fields"], "_model": f"run {prune['run_id']}" if prune else ""}))
     rows += [(record_time(p), {**p["fields"], "setting": None, "_model": f"run {p['run_id']}"}) for p in prunes
              if p["file"] not in used]
+    for _, row in rows:
+        row["status"] = "ok"
     return rows
 
 
@@ -345,15 +361,23 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
     records = usable_records(result_dir, problems)
     by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
     rows, used = [], set()
-    for path, ds, model, seed in log_files(log_dir):
-        key, mtime = log_key(path), os.path.getmtime(path)
-        for row in parse_file(path, ds, model, seed):
-            prune_at = row["_prune_at"]
+    for path, ds, model, seed in log_files(log_dir, problems):
+        key = log_key(path)
+        try:
+            mtime, parsed = os.path.getmtime(path), parse_file(path, ds, model, seed)
+        except OSError as err:
+            problems.append(f"{path}: cannot be read ({err.strerror or type(err).__name__})")
+            continue
+        for row in parsed:
+            prune_at, attack_at, ended, ours = row["_prune_at"], row["_attack_at"], row.pop("_ended"), row.pop("_ours")
+            found = {}
             for kind, at in (("prune", row.pop("_prune_at")), ("attack", row.pop("_attack_at"))):
-                record = by_block.get((kind, key, at)) if at is not None else None
+                record = found[kind] = by_block.get((kind, key, at)) if at is not None else None
                 if record is not None:  # the same run: the record's values win
                     row.update(record["fields"])
                     used.add(record["file"])
+            own = found["attack" if attack_at is not None else "prune"]  # the record of the row's own run
+            row["status"] = run_status(ended, own is not None, ours and not has_results(row, attack_at))
             prune = by_block.get(("prune", key, prune_at))
             row["_model"] = f"run {prune['run_id']}" if prune else f"log {'/'.join(key)}@{prune_at}"
             rows.append((mtime, row))
@@ -366,6 +390,26 @@ def attack_name(col):
     """The attack of a column <attack>_<metric>[_lo|_hi]."""
     stem = col.rsplit("_", 1)[0]
     return stem.rsplit("_", 1)[0] if col.rsplit("_", 1)[-1] in BOUNDS else stem
+
+
+def has_results(row, attack_at):
+    """An attack row with an attack's metric, or a prune-only row with its defend time."""
+    if attack_at is None and row.get("setting") is None:
+        return "defend_time_s" in row
+    return any(k.rsplit("_", 1)[-1] in METRICS.values() for k in row
+               if k not in ("victim_acc", "pretrained_acc", "pruned_acc") and not k.startswith("_"))
+
+
+def run_status(ended, recorded, empty):
+    """"ok"; "failed: <why>" for a run whose log block ends in "Run ended early: <why>"; "unfinished" for a
+    block of ours (it has a "Semantics:" line) with neither that line, nor a record, nor any result: killed
+    with SIGKILL, or still running. A block without a record that holds results (an older version's, or one
+    killed after its results) is read as it is."""
+    if recorded:
+        return "ok"
+    if ended is not None:
+        return f"failed: {ended}"
+    return "unfinished" if empty else "ok"
 
 
 def attack_columns(columns):
@@ -402,7 +446,9 @@ def newest_models_only(df):
 def table(rows, newest_only):
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + [k for r in rows for k in r] + ["_model"])))
     df = df.astype({c: float for c in df.columns if c not in TEXT_COLUMNS and c != "_model"})
-    if newest_only and len(df):
+    if newest_only and len(df):  # a configuration's failed runs show only while it has no run that is ok
+        ok, config = df["status"] == "ok", [key for key in KEY if key != "setting"]
+        df = df[ok | ~ok.groupby(df.groupby(config, dropna=False, sort=False).ngroup()).transform("any")]
         df = newest_models_only(df)
     df = df.drop(columns="_model")
     if newest_only and len(df):

@@ -2,13 +2,16 @@
 and a report with figures.
 
     python summarize.py [LOG_DIR] [--result_dir DIR] [--out results.csv] [--markdown] [--plot FILE.png] [--all]
+                        [--allow_empty]
     python summarize.py [LOG_DIR] [--result_dir DIR] --report OUT_DIR
 
 The table comes from results.py (records first, then the logs, the release's own too), the figures and
 report.md from report.py. Every output file is written whole or not at all (common.atomic_write), and the
 output paths are checked before anything is read or written: a refused command changes no file. Errors
 are one line, `error: <what is wrong>; <what to do>`, exit status 2 for the command line, 1 for a missing
-or unusable folder or no results (common.main_guard).
+or unusable folder or no results (common.main_guard): LOG_DIR must exist and hold results logs (--allow_empty
+goes on with the records alone). Every file left out is named on stderr as `skipped <file>: <why>`; names that
+are not UTF-8 reach the CSV and the Markdown as the bytes they were.
 """
 import argparse
 import os
@@ -19,7 +22,7 @@ from common import MissingError, UsageError, atomic_write, main_guard
 from intervals import RESAMPLES
 from paths import RESULT_ROOT
 from report import plot, write_report
-from results import collect, to_markdown
+from results import TEXT_COLUMNS, collect, log_files, to_markdown
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,6 +46,9 @@ def get_args(argv=None):
                              "'axis zoomed'")
     parser.add_argument("--bootstrap", type=int, default=RESAMPLES, metavar="N",
                         help="resamples of the report's paired intervals against Base (default: %(default)s)")
+    parser.add_argument("--allow_empty", action="store_true",
+                        help="go on when LOG_DIR is missing or holds no results logs (the table then comes from the "
+                             "records alone, and may be empty)")
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap is a number of resamples (at least 1), got {args.bootstrap}")
@@ -98,6 +104,12 @@ def check_outputs(args):
         check_plot_format(args.plot)
 
 
+def displayable(df):
+    """df with names that are not UTF-8 (surrogate escapes) shown with U+FFFD: fonts cannot draw the escapes."""
+    fix = lambda v: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
+    return df.assign(**{col: df[col].map(fix) for col in df.columns if col in TEXT_COLUMNS})
+
+
 def main(argv=None):
     args = get_args(argv)
     result_dir = args.result_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), RESULT_ROOT)
@@ -107,31 +119,44 @@ def main(argv=None):
         check_not_a_file(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
                                                        "(default: result/ beside LOG_DIR)")
     check_outputs(args)
-    if not os.path.isdir(args.log_dir) and not os.path.isdir(result_dir):
-        raise MissingError(f"log directory {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py "
-                           f"log to")
+    if not os.path.isdir(args.log_dir) and not args.allow_empty:
+        raise MissingError(f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
+                           f"(default: log), or --allow_empty to summarize the run records under {result_dir} alone")
+    # Names that are not UTF-8 (os.listdir's surrogate escapes) go out as the bytes they were.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+    unusable = []
+    if not log_files(args.log_dir, unusable) and not args.allow_empty:
+        for problem in unusable:
+            print(f"skipped {problem}", file=sys.stderr)
+        raise MissingError(f"LOG_DIR {args.log_dir} holds no results logs (<ds>_<model>/<pruner>_<sparsity>_"
+                           f"<defend>.txt); pass the folder prune_modi.py/mia_modi.py log to, or --allow_empty to "
+                           f"summarize the run records under {result_dir} alone")
     collected = collect(args.log_dir, result_dir, newest_only=not args.all)
     df = collected.table
-    if df.empty:
-        raise MissingError(f"no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt) under "
-                           f"{args.log_dir} and no run records under {result_dir}; run prune_modi.py and "
-                           f"mia_modi.py first, or pass the folder they log to")
+    if not args.report or df.empty:  # (the report lists them itself)
+        for problem in collected.problems:
+            print(f"skipped {problem}", file=sys.stderr)
+    if df.empty and (not args.allow_empty or args.report):
+        raise MissingError(f"no results under {args.log_dir} and no run records under {result_dir}; run "
+                           f"prune_modi.py and mia_modi.py first, or pass the folder they log to")
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"
-        for line in write_report(args.report, collected, os.path.dirname(result_dir), sources, args.zoom,
-                                 args.bootstrap):
+        shown = collected._replace(table=displayable(df))
+        for line in write_report(args.report, shown, os.path.dirname(result_dir), sources, args.zoom, args.bootstrap):
             print(line, file=sys.stderr)
         print(f"wrote {os.path.join(args.report, 'report.md')} ({time.time() - started:.1f}s)", file=sys.stderr)
         return
-    for problem in collected.problems:
-        print(f"skipped {problem}", file=sys.stderr)
-    atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write(args.out, lambda f: f.write(df.to_csv(index=False).encode(errors="surrogateescape")))
     print(f"wrote {len(df)} rows to {args.out}", file=sys.stderr)
     if args.markdown:
         print(to_markdown(df))
-    if args.plot:
-        plot(df, args.plot, args.zoom)
+    if args.plot and df.empty:
+        print(f"no rows: no plot written to {args.plot}", file=sys.stderr)
+    elif args.plot:
+        plot(displayable(df), args.plot, args.zoom)
         print(f"wrote plot to {args.plot}", file=sys.stderr)
 
 

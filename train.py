@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DivergedError, MissingError, UsageError, atomic_write, load_torch, save_torch
+from common import DivergedError, MissingError, UsageError, atomic_write, check_writable, load_torch, save_torch
 from datasets import TensorData
 from models import build_model
 from paths import checkpoint, completion_file, split_of, staging_dir
@@ -193,6 +193,8 @@ class Staging:
         self.staged = [staging_dir(folder) for folder in self.folders]
 
     def __enter__(self) -> "Staging":
+        for folder in self.folders:  # all of them before any is written: publish() must not stop half-way
+            check_writable(folder)
         for folder, staged in zip(self.folders, self.staged):
             remove_dead_staging(folder)
             shutil.rmtree(staged, ignore_errors=True)

@@ -705,10 +705,15 @@ def test_cli_log_dir_that_is_a_file_or_holds_no_results(tmp_path):
     (tmp_path / "empty").mkdir()
     for extra in ([], ["--report", "report"]):
         refused(run_cli("empty", *extra, cwd=tmp_path), 1,
-                f"no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt) under empty and no run records "
-                f"under {tmp_path / 'result'}; run prune_modi.py and mia_modi.py first, or pass the folder they log to")
+                f"LOG_DIR empty holds no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt); pass the "
+                f"folder prune_modi.py/mia_modi.py log to, or --allow_empty to summarize the run records under "
+                f"{tmp_path / 'result'} alone")
+    refused(run_cli("empty", "--allow_empty", "--report", "report", cwd=tmp_path), 1,  # a report of nothing
+            f"no results under empty and no run records under {tmp_path / 'result'}; run prune_modi.py and "
+            f"mia_modi.py first, or pass the folder they log to")
     refused(run_cli("nope", cwd=tmp_path), 1,
-            "log directory nope not found; pass the folder prune_modi.py/mia_modi.py log to")
+            f"LOG_DIR nope not found; pass the folder prune_modi.py/mia_modi.py log to (default: log), or --allow_empty "
+            f"to summarize the run records under {tmp_path / 'result'} alone")
     assert unchanged()
 
 
