@@ -5,6 +5,7 @@ train on) and the victim's outputs on its members / non-members (to be scored), 
 AttackResult per reported attack: accuracy in percent plus the continuous member score of every
 victim sample (higher = more likely a member).
 """
+
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -27,10 +28,11 @@ ATTACK_EPOCHS, ATTACK_BATCH = 100, 128
 @dataclass
 class Outputs:
     """One or more models' outputs on their members (member=True) and non-members."""
-    probs: torch.Tensor          # (N, C) softmax
-    labels: torch.Tensor         # (N,)
-    member: torch.Tensor         # (N,) bool
-    sens: torch.Tensor = None    # (N, C) sensitivity, only when an attack needs it
+
+    probs: torch.Tensor  # (N, C) softmax
+    labels: torch.Tensor  # (N,)
+    member: torch.Tensor  # (N,) bool
+    sens: torch.Tensor = None  # (N, C) sensitivity, only when an attack needs it
     logits: torch.Tensor = None  # (N, C) raw outputs (LiRA's stable log-odds need them)
     shadow_logits: torch.Tensor = None  # (S, N, C) every shadow model's logits on these samples;
     #                                     victim only, only when an attack needs it (LiRA)
@@ -39,18 +41,21 @@ class Outputs:
     @staticmethod
     def cat(parts):
         """Stack several models' outputs on their own samples (shadow_logits does not stack)."""
+
         def cat_field(name):
             return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
-        return Outputs(cat_field("probs"), cat_field("labels"), cat_field("member"), cat_field("sens"),
-                       cat_field("logits"))
+
+        return Outputs(
+            cat_field("probs"), cat_field("labels"), cat_field("member"), cat_field("sens"), cat_field("logits")
+        )
 
 
 @dataclass
 class AttackResult:
-    name: str             # as in the log line "<name> attack accuracy: x"
-    accuracy: float       # percent
-    scores: np.ndarray    # member score of every victim sample
-    member: np.ndarray    # victim ground truth
+    name: str  # as in the log line "<name> attack accuracy: x"
+    accuracy: float  # percent
+    scores: np.ndarray  # member score of every victim sample
+    member: np.ndarray  # victim ground truth
     notes: list = field(default_factory=list)  # extra log lines after the metric lines (RMIA's a)
     decisions: np.ndarray = None  # the member decision behind `accuracy`, per victim sample (None: none)
     accuracy_kind: str = "best_balanced"  # how `accuracy` follows from decisions or scores (intervals.py)
@@ -74,8 +79,9 @@ def attacked_rows(split) -> torch.Tensor:
 def model_outputs(model, data: TensorData, split, with_sens: bool, batch_size: int = 1024) -> Outputs:
     """The model's outputs on split.train (members) then split.test (non-members)."""
     idx = attacked_rows(split)
-    member = torch.cat([torch.ones(len(split.train), dtype=torch.bool),
-                        torch.zeros(len(split.test), dtype=torch.bool)]).to(idx.device)
+    member = torch.cat(
+        [torch.ones(len(split.train), dtype=torch.bool), torch.zeros(len(split.test), dtype=torch.bool)]
+    ).to(idx.device)
     logits = predict(model, data, idx, batch_size)
     probs = F.softmax(logits, dim=1)
     sens = None
@@ -126,11 +132,13 @@ def metric_values(result: AttackResult) -> dict:
 def metric_lines(result: AttackResult, values: dict = None) -> list:
     """The log lines of metric_values(result) (or of `values`, computed from it before)."""
     values = metric_values(result) if values is None else values
-    return [f"{result.name} attack {metric}: {value:.{METRIC_DIGITS.get(metric, 3)}f}"
-            for metric, value in values.items()]
+    return [
+        f"{result.name} attack {metric}: {value:.{METRIC_DIGITS.get(metric, 3)}f}" for metric, value in values.items()
+    ]
 
 
 # ---------------------------------------------------------------- metric (threshold) attacks
+
 
 def _log(x):
     return np.log(np.maximum(x, 1e-20))
@@ -175,8 +183,9 @@ def threshold_decisions(shadow_values, shadow_groups, shadow_member, victim_valu
     thresholds = np.zeros(num_groups)
     for g in range(num_groups):
         in_group = shadow_groups == g
-        thresholds[g] = best_threshold(shadow_values[in_group & shadow_member],
-                                       shadow_values[in_group & ~shadow_member])
+        thresholds[g] = best_threshold(
+            shadow_values[in_group & shadow_member], shadow_values[in_group & ~shadow_member]
+        )
     return victim_values >= thresholds[victim_groups]
 
 
@@ -185,11 +194,13 @@ def balanced_accuracy(said_member, member) -> float:
     return 100 * 0.5 * (said_member[member].mean() + (~said_member[~member]).mean())
 
 
-def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
-                       victim_member, num_groups):
+def threshold_accuracy(
+    shadow_values, shadow_groups, shadow_member, victim_values, victim_groups, victim_member, num_groups
+):
     """Per-group thresholds fitted on the shadows, applied to the victim; balanced accuracy in %."""
-    said_member = threshold_decisions(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups,
-                                      num_groups)
+    said_member = threshold_decisions(
+        shadow_values, shadow_groups, shadow_member, victim_values, victim_groups, num_groups
+    )
     return balanced_accuracy(said_member, victim_member)
 
 
@@ -201,25 +212,40 @@ def threshold_accuracy(shadow_values, shadow_groups, shadow_member, victim_value
 # needs_sensitivity fills `sens` (shadow and victim), needs_shadow_logits fills victim.shadow_logits,
 # needs_references fills victim.references. min_shadows: the fewest shadows the attack works with.
 Attack = namedtuple("Attack", "fn reports needs_sensitivity needs_shadow_logits needs_references min_shadows")
-ATTACKS = {}   # --attacks name -> Attack, in log order
+ATTACKS = {}  # --attacks name -> Attack, in log order
 
 
-def register(name: str, reports: list, needs_sensitivity: bool = False, needs_shadow_logits: bool = False,
-             needs_references: bool = False, min_shadows: int = 1):
+def register(
+    name: str,
+    reports: list,
+    needs_sensitivity: bool = False,
+    needs_shadow_logits: bool = False,
+    needs_references: bool = False,
+    min_shadows: int = 1,
+):
     def add(fn):
-        ATTACKS[name] = Attack(fn, tuple(reports), needs_sensitivity, needs_shadow_logits, needs_references,
-                               min_shadows)
+        ATTACKS[name] = Attack(
+            fn, tuple(reports), needs_sensitivity, needs_shadow_logits, needs_references, min_shadows
+        )
         return fn
+
     return add
 
 
 def add_attack_flags(parser) -> None:
     """The attacks' own flags (mia_modi.py)."""
-    parser.add_argument("--attack_epochs", type=int, default=ATTACK_EPOCHS,
-                        help="training epochs of the SAMIA and NN attack models (the release's 100; fewer for a "
-                             "quick check)")
-    parser.add_argument("--rmia_gamma", type=float, default=1.0,
-                        help="RMIA: a sample beats a population sample z when ratio(x) / ratio(z) > gamma")
+    parser.add_argument(
+        "--attack_epochs",
+        type=int,
+        default=ATTACK_EPOCHS,
+        help="training epochs of the SAMIA and NN attack models (the release's 100; fewer for a quick check)",
+    )
+    parser.add_argument(
+        "--rmia_gamma",
+        type=float,
+        default=1.0,
+        help="RMIA: a sample beats a population sample z when ratio(x) / ratio(z) > gamma",
+    )
 
 
 def check_attack_flags(args) -> None:
@@ -248,8 +274,7 @@ def parse_attacks(text: str) -> list:
     names = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in names if a not in ATTACKS]
     if unknown or not names:
-        raise UsageError(f"unknown attack '{','.join(unknown) or text}'; valid: {', '.join(ATTACKS)} "
-                         f"(comma separated)")
+        raise UsageError(f"unknown attack '{','.join(unknown) or text}'; valid: {', '.join(ATTACKS)} (comma separated)")
     return [a for a in ATTACKS if a in names]
 
 
@@ -277,8 +302,16 @@ def _nn_attack(name, kind, features, shadow, victim, num_cls, progress, schedule
     said = logits.argmax(1)
     accuracy = 100 * (said == test.y).float().mean().item()
     scores = F.softmax(logits, 1)[:, 1]
-    return [AttackResult(name, accuracy, scores.cpu().numpy(), victim.member.cpu().numpy(),
-                         decisions=(said == 1).cpu().numpy(), accuracy_kind="plain")]
+    return [
+        AttackResult(
+            name,
+            accuracy,
+            scores.cpu().numpy(),
+            victim.member.cpu().numpy(),
+            decisions=(said == 1).cpu().numpy(),
+            accuracy_kind="plain",
+        )
+    ]
 
 
 def _onehot(o, num_cls):
@@ -300,19 +333,26 @@ def threshold(shadow, victim, num_cls, progress=Progress(), semantics="release",
     sp, sy, sm = (t.cpu().numpy() for t in (shadow.probs.to(dtype), shadow.labels, shadow.member))
     vp, vy, vm = (t.cpu().numpy() for t in (victim.probs.to(dtype), victim.labels, victim.member))
     results = []
-    for name, values, groups in (("Conf", conf_values, num_cls), ("Entr", entr_values, num_cls),
-                                 ("Mentr", mentr_values, num_cls), ("Hconf", conf_values, 1)):
+    for name, values, groups in (
+        ("Conf", conf_values, num_cls),
+        ("Entr", entr_values, num_cls),
+        ("Mentr", mentr_values, num_cls),
+        ("Hconf", conf_values, 1),
+    ):
         sv, vv = values(sp, sy), values(vp, vy)
         sg, vg = (sy, vy) if groups > 1 else (np.zeros_like(sy), np.zeros_like(vy))
         said = threshold_decisions(sv, sg, sm, vv, vg, groups)
-        results.append(AttackResult(name, balanced_accuracy(said, vm), vv, vm, decisions=said, accuracy_kind="balanced"))
+        results.append(
+            AttackResult(name, balanced_accuracy(said, vm), vv, vm, decisions=said, accuracy_kind="balanced")
+        )
     return results
 
 
 @register("nn", ["NN"])
 def nn_probs(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
-    return _nn_attack("NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress,
-                      nn_schedule(semantics, options))
+    return _nn_attack(
+        "NN", "mia_fc", lambda o: o.probs, shadow, victim, num_cls, progress, nn_schedule(semantics, options)
+    )
 
 
 @register("nn_top3", ["Top3-NN"])
@@ -384,11 +424,12 @@ RMIA_TUNE_SHADOW = 0  # the shadow attacked (with the other shadows as reference
 class References:
     """What RMIA compares: every model's softmax probability of the true label on a set of rows (model 0 the
     victim, model 1 + i shadow i), and, from the split, which rows each model trained on and attacks."""
-    rows: np.ndarray      # (R,) rows of the index space: training-set rows, then test-set rows from n_train on
+
+    rows: np.ndarray  # (R,) rows of the index space: training-set rows, then test-set rows from n_train on
     n_train: int
-    prob: np.ndarray      # (1 + S, R) float64
-    trained: np.ndarray   # (1 + S, R) bool: the row is among the model's members
-    attacked: list        # per model, positions (into rows) of its attacked samples in attack order
+    prob: np.ndarray  # (1 + S, R) float64
+    trained: np.ndarray  # (1 + S, R) bool: the row is among the model's members
+    attacked: list  # per model, positions (into rows) of its attacked samples in attack order
 
     @staticmethod
     def all_rows(victim_split, n_rows: int) -> np.ndarray:
@@ -431,7 +472,7 @@ def rmia_pairwise(ratio_x, ratio_z, gamma, chunk=1 << 22):
     """score(x) = the fraction of z with ratio(x) / ratio(z) > gamma, the literal quotient (in row chunks)."""
     step = max(1, chunk // max(1, len(ratio_z)))
     with np.errstate(invalid="ignore", divide="ignore"):
-        parts = [(ratio_x[i:i + step, None] / ratio_z[None, :] > gamma).mean(1) for i in range(0, len(ratio_x), step)]
+        parts = [(ratio_x[i : i + step, None] / ratio_z[None, :] > gamma).mean(1) for i in range(0, len(ratio_x), step)]
     scores = np.concatenate(parts) if parts else np.zeros(0)
     return np.where(np.isnan(ratio_x), np.nan, scores)
 
@@ -441,8 +482,10 @@ def rmia_attack_model(refs: References, target: int, references: list, a: float,
     reference models; membership of every reference on every sample from refs.trained."""
     x, z = refs.attacked[target], refs.population(target)
     if len(z) == 0:
-        raise UsageError("RMIA has no population samples (test-set rows outside every model's training and "
-                         "the attacked samples); the split leaves none, see docs/attacks.md")
+        raise UsageError(
+            "RMIA has no population samples (test-set rows outside every model's training and "
+            "the attacked samples); the split leaves none, see docs/attacks.md"
+        )
     ref_prob, ref_out = refs.prob[references], ~refs.trained[references]
     ratio_x = rmia_ratio(refs.prob[target, x], ref_prob[:, x], ref_out[:, x], a)
     ratio_z = rmia_ratio(refs.prob[target, z], ref_prob[:, z], ref_out[:, z], a)
@@ -461,8 +504,10 @@ def rmia_tune(refs: References, gamma: float) -> tuple:
         kinds = set(member[has_out].tolist())
         if len(kinds) < 2:
             what = "none" if not kinds else "only members" if True in kinds else "only non-members"
-            raise UsageError(f"RMIA cannot tune a: shadow {RMIA_TUNE_SHADOW}'s samples with an OUT reference among "
-                             f"the other shadows are {what}; use more shadows (--shadow_num)")
+            raise UsageError(
+                f"RMIA cannot tune a: shadow {RMIA_TUNE_SHADOW}'s samples with an OUT reference among "
+                f"the other shadows are {what}; use more shadows (--shadow_num)"
+            )
         aucs.append(roc_metrics(scores[has_out], member[has_out])[0])
         runs.append((scores[has_out], member[has_out]))
     best = int(np.argmax(aucs))
@@ -481,7 +526,9 @@ def rmia(shadow, victim, num_cls, progress=Progress(), semantics="release", opti
     cut = best_threshold(tune_scores[tune_member], tune_scores[~tune_member])
     said = scores >= cut
     accuracy = balanced_accuracy(said, member)
-    notes = [f"RMIA a: {a:g} (AUC {aucs[RMIA_A_GRID.index(a)]:.4f} on shadow {RMIA_TUNE_SHADOW}'s "
-             f"{len(tune_member)} samples with an OUT reference, {int(tune_member.sum())} members), gamma {gamma:g}, "
-             f"{len(refs.population(0))} population samples"]
+    notes = [
+        f"RMIA a: {a:g} (AUC {aucs[RMIA_A_GRID.index(a)]:.4f} on shadow {RMIA_TUNE_SHADOW}'s "
+        f"{len(tune_member)} samples with an OUT reference, {int(tune_member.sum())} members), gamma {gamma:g}, "
+        f"{len(refs.population(0))} population samples"
+    ]
     return [AttackResult("RMIA", accuracy, scores, member, notes, decisions=said, accuracy_kind="balanced")]

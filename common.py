@@ -2,6 +2,7 @@
 
 The bottom layer with paths.py: it imports nothing of the project.
 """
+
 import argparse
 import errno
 import fcntl
@@ -21,16 +22,19 @@ from tqdm import tqdm
 
 class UsageError(Exception):
     """Bad command line or config (exit status 2)."""
+
     exit_code = 2
 
 
 class MissingError(Exception):
     """A prerequisite file is missing or unusable (exit status 1)."""
+
     exit_code = 1
 
 
 class DivergedError(Exception):
     """Training produced a non-finite loss (exit status 1)."""
+
     exit_code = 1
 
 
@@ -58,14 +62,21 @@ def main_guard(main):
         fail(f"{err}", err.exit_code)
     except (KeyboardInterrupt, Terminated) as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
-        fail(f"interrupted ({name}); every checkpoint in result/ is still a finished one (this run's "
-             f"unfinished models were discarded); rerun the command to redo this step", code, f"interrupted ({name})")
+        fail(
+            f"interrupted ({name}); every checkpoint in result/ is still a finished one (this run's "
+            f"unfinished models were discarded); rerun the command to redo this step",
+            code,
+            f"interrupted ({name})",
+        )
     except torch.cuda.OutOfMemoryError:
         fail("out of GPU memory; lower --batch_size or pass another GPU-ID", 1)
     except OSError as err:  # disk full, permission denied, a file where a folder should be...
         where = f" {err.filename}" if err.filename else ""
-        fail(f"cannot read or write{where} ({err.strerror or type(err).__name__}); "
-             f"check that path, its permissions and the free disk space", 1)
+        fail(
+            f"cannot read or write{where} ({err.strerror or type(err).__name__}); "
+            f"check that path, its permissions and the free disk space",
+            1,
+        )
     except BaseException as err:  # a bug or sys.exit: the traceback (or exit status) as it is, the block closed
         RunLog.end_open(f"{type(err).__name__}: {err}" if not isinstance(err, SystemExit) else f"exit {err.code}")
         raise
@@ -95,16 +106,25 @@ def pick_device(gpu_id: int) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if gpu_id >= count:
-        raise UsageError(f"GPU-ID {gpu_id} does not exist ({count} CUDA device(s) visible); "
-                         f"pass 0..{count - 1}, or -1 for the CPU")
+        raise UsageError(
+            f"GPU-ID {gpu_id} does not exist ({count} CUDA device(s) visible); pass 0..{count - 1}, or -1 for the CPU"
+        )
     return torch.device(f"cuda:{gpu_id}")
 
 
 # ---------------------------------------------------------------- config + flags
 
 MAX_BATCH = 2**31 - 1  # torch splits index tensors with a 32-bit-safe size; larger ones overflow
-CONFIG_KEYS = {"dataset_name": str, "model_name": str, "epochs": int, "num_cls": int,
-               "input_dim": int, "optimizer": str, "lr": float, "weight_decay": float}
+CONFIG_KEYS = {
+    "dataset_name": str,
+    "model_name": str,
+    "epochs": int,
+    "num_cls": int,
+    "input_dim": int,
+    "optimizer": str,
+    "lr": float,
+    "weight_decay": float,
+}
 
 
 def load_config(path: str) -> dict:
@@ -148,15 +168,21 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("config_path", help="config JSON, e.g. config/digits.json")
     for key, typ in CONFIG_KEYS.items():
         parser.add_argument(f"--{key}", type=typ, default=None, help="overrides the config")
-    parser.add_argument("--seed", type=int, default=7,
-                        help="a seed other than 7 keeps its results in result/<ds>_<model>_seed<k>/")
+    parser.add_argument(
+        "--seed", type=int, default=7, help="a seed other than 7 keeps its results in result/<ds>_<model>_seed<k>/"
+    )
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--amp", action="store_true",
-                        help="CUDA only: bfloat16 autocast for forward passes (faster; off = the paper's float32)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (they are also off when stdout is not a terminal)")
-    parser.add_argument("--no_tensorboard", action="store_true",
-                        help="write no TensorBoard scalars under log/<ds>_<model>/tb/")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="CUDA only: bfloat16 autocast for forward passes (faster; off = the paper's float32)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (they are also off when stdout is not a terminal)"
+    )
+    parser.add_argument(
+        "--no_tensorboard", action="store_true", help="write no TensorBoard scalars under log/<ds>_<model>/tb/"
+    )
     return parser
 
 
@@ -172,8 +198,11 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
             raise UsageError(f"--{key} must be a finite number, got {value}")
     top = 2**32 - 1 - max(getattr(args, "shadow_num", 0), 0)  # shadows and their splits use seed + k, k <= shadow_num
     if not 0 <= args.seed <= top:
-        within = "numpy's seed range" if top == 2**32 - 1 else \
-            f"numpy's seed range 0..{2**32 - 1} less --shadow_num {args.shadow_num}: shadow k uses seed + k + 1"
+        within = (
+            "numpy's seed range"
+            if top == 2**32 - 1
+            else f"numpy's seed range 0..{2**32 - 1} less --shadow_num {args.shadow_num}: shadow k uses seed + k + 1"
+        )
         raise UsageError(f"--seed must be in 0..{top} ({within}), got {args.seed}")
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise UsageError(f"--batch_size must be in 1..{MAX_BATCH}, got {args.batch_size}")
@@ -183,6 +212,7 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 
 # ---------------------------------------------------------------- safe files
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -241,11 +271,11 @@ def load_torch(path: str, what: str, fix: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:  # unreadable (permissions, I/O): the file itself may be fine, so do not delete it
-        raise MissingError(f"{what} {path} cannot be read ({err.strerror or type(err).__name__}); "
-                           f"check its permissions and the disk")
+        raise MissingError(
+            f"{what} {path} cannot be read ({err.strerror or type(err).__name__}); check its permissions and the disk"
+        )
     except Exception as err:  # truncated zip, not a checkpoint, unsafe pickle...
-        raise MissingError(f"{what} {path} is corrupt or not a checkpoint ({type(err).__name__}); "
-                           f"delete it and {fix}")
+        raise MissingError(f"{what} {path} is corrupt or not a checkpoint ({type(err).__name__}); delete it and {fix}")
 
 
 class RunLog:
@@ -309,14 +339,17 @@ def log_gpu_usage(device: torch.device, log: RunLog = None) -> None:
     line = f"GPU: {torch.cuda.get_device_name(device)}, peak memory allocated {peak:.3f} GiB"
     try:
         import pynvml
+
         pynvml.nvmlInit()
         try:
             props = torch.cuda.get_device_properties(device)  # by PCI address: CUDA_VISIBLE_DEVICES renumbers
             bus_id = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
             handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            line += (f"; GPU memory in use {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB, "
-                     f"driver {pynvml.nvmlSystemGetDriverVersion()}")
+            line += (
+                f"; GPU memory in use {memory.used / 2**30:.1f} of {memory.total / 2**30:.1f} GiB, "
+                f"driver {pynvml.nvmlSystemGetDriverVersion()}"
+            )
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # NVML missing or refused (a container without it): the line without it

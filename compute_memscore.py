@@ -18,6 +18,7 @@ instead picks the largest models x epochs (at most --num_models x --epochs) that
 measured epoch time, for a first look: the scores equal those of a run with the picked --num_models and
 --epochs (docs/defenses.md: mem-scores on a budget says what fewer models or epochs cost).
 """
+
 import datetime
 import itertools
 import math
@@ -42,8 +43,12 @@ def get_args(argv=None):
     parser.add_argument("--num_models", type=int, default=100, help="models to train (K)")
     parser.add_argument("--subset_ratio", type=float, default=0.7, help="fraction of the training set each model sees")
     parser.add_argument("--force", action="store_true", help="overwrite an existing mem-score file")
-    parser.add_argument("--budget_minutes", type=float, default=None,
-                        help="pick the largest models x epochs (up to --num_models x --epochs) that fit in this time")
+    parser.add_argument(
+        "--budget_minutes",
+        type=float,
+        default=None,
+        help="pick the largest models x epochs (up to --num_models x --epochs) that fit in this time",
+    )
     args = parse_args(parser, argv)
     if not 0 < args.subset_ratio < 1:
         raise UsageError(f"--subset_ratio must be in (0, 1), got {args.subset_ratio}")
@@ -95,11 +100,15 @@ def check_coverage(masks, ratio=None, seed=None):
         fix = "raise --num_models"
         if ratio is not None:
             smallest = smallest_passing(n, ratio, seed)
-            fix = (f"the smallest --num_models that passes with --subset_ratio {ratio} and --seed {seed} is "
-                   + (f"{smallest}" if smallest else f"above {MAX_MODELS}")
-                   + ("" if ratio == 0.5 else ", fewer with a --subset_ratio nearer 0.5"))
-        raise UsageError(f"--num_models {num_models} leaves {lacking} of {n} samples without both an in and an "
-                         f"out model; {fix} (a sample lacks one with probability r^K + (1-r)^K)")
+            fix = (
+                f"the smallest --num_models that passes with --subset_ratio {ratio} and --seed {seed} is "
+                + (f"{smallest}" if smallest else f"above {MAX_MODELS}")
+                + ("" if ratio == 0.5 else ", fewer with a --subset_ratio nearer 0.5")
+            )
+        raise UsageError(
+            f"--num_models {num_models} leaves {lacking} of {n} samples without both an in and an "
+            f"out model; {fix} (a sample lacks one with probability r^K + (1-r)^K)"
+        )
 
 
 def pick_budget(epochs_in_budget, min_models, max_models, max_epochs):
@@ -128,8 +137,9 @@ def correct_after_training(args, data, subset, after_epoch=lambda epoch: None):
     while epoch < args.epochs:
         loss, _ = train_pass(model, data, subset, optimizer, args.batch_size)
         if not math.isfinite(loss):  # a diverged model gets nothing right: its scores would be noise
-            raise DivergedError(f"training diverged: the loss of epoch {epoch} is {loss}; nothing was written; "
-                                f"lower --lr")
+            raise DivergedError(
+                f"training diverged: the loss of epoch {epoch} is {loss}; nothing was written; lower --lr"
+            )
         after_epoch(epoch)
         epoch += 1
     everyone = torch.arange(len(data), device=data.y.device)
@@ -151,7 +161,7 @@ def warm_up(args, data, subset):
     with torch.random.fork_rng(devices=devices):
         model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
         optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
-        train_pass(model, data, subset[:args.batch_size], optimizer, args.batch_size)
+        train_pass(model, data, subset[: args.batch_size], optimizer, args.batch_size)
 
 
 class Plan:
@@ -165,9 +175,11 @@ class Plan:
         self.epoch_s = None
         size = int(args.subset_ratio * n)
         up_to = "up to " if self.budget else ""
-        self.say(f"Plan: {up_to}{args.num_models} models x {up_to}{args.epochs} epochs, each on {size} of {n} "
-                 f"training samples (--subset_ratio {args.subset_ratio}): {up_to}{args.num_models * args.epochs} "
-                 f"training epochs" + (f", within {self.budget:g} min" if self.budget else ""))
+        self.say(
+            f"Plan: {up_to}{args.num_models} models x {up_to}{args.epochs} epochs, each on {size} of {n} "
+            f"training samples (--subset_ratio {args.subset_ratio}): {up_to}{args.num_models * args.epochs} "
+            f"training epochs" + (f", within {self.budget:g} min" if self.budget else "")
+        )
 
     def first_epoch_done(self):
         """Called after model 0's first epoch."""
@@ -177,19 +189,25 @@ class Plan:
             full = args.num_models * args.epochs
             picked = pick_budget(self.budget * 60 / self.epoch_s, self.min_models, args.num_models, args.epochs)
             if picked is None:
-                raise UsageError(f"--budget_minutes {self.budget:g} is too short: an epoch takes "
-                                 f"{self.epoch_s:.3f}s and the smallest run that passes the coverage check "
-                                 f"({self.min_models} models x 1 epoch) needs "
-                                 f"{minutes(self.min_models * self.epoch_s)}; nothing was written")
+                raise UsageError(
+                    f"--budget_minutes {self.budget:g} is too short: an epoch takes "
+                    f"{self.epoch_s:.3f}s and the smallest run that passes the coverage check "
+                    f"({self.min_models} models x 1 epoch) needs "
+                    f"{minutes(self.min_models * self.epoch_s)}; nothing was written"
+                )
             args.num_models, args.epochs = picked
-            self.say(f"Budget {self.budget:g} min at {self.epoch_s:.3f}s per epoch: picked --num_models "
-                     f"{args.num_models} --epochs {args.epochs} ({args.num_models * args.epochs} epochs, about "
-                     f"{minutes(args.num_models * args.epochs * self.epoch_s)}; the full {full} epochs would "
-                     f"take about {minutes(full * self.epoch_s)})")
+            self.say(
+                f"Budget {self.budget:g} min at {self.epoch_s:.3f}s per epoch: picked --num_models "
+                f"{args.num_models} --epochs {args.epochs} ({args.num_models * args.epochs} epochs, about "
+                f"{minutes(args.num_models * args.epochs * self.epoch_s)}; the full {full} epochs would "
+                f"take about {minutes(full * self.epoch_s)})"
+            )
         else:
             total = args.num_models * args.epochs
-            self.say(f"First epoch: {self.epoch_s:.3f}s, so {total} epochs take about {minutes(total * self.epoch_s)} "
-                     f"(ETA {self.eta(total * self.epoch_s)})")
+            self.say(
+                f"First epoch: {self.epoch_s:.3f}s, so {total} epochs take about {minutes(total * self.epoch_s)} "
+                f"(ETA {self.eta(total * self.epoch_s)})"
+            )
 
     def eta(self, seconds):
         return (datetime.datetime.now() + datetime.timedelta(seconds=seconds)).strftime("%H:%M")
@@ -228,7 +246,7 @@ def estimate(args, data, progress=Progress(), say=lambda line: None, timer=time.
         plan.model_done(k)
         k += 1
     bar.close()
-    masks, correct = masks[:args.num_models], correct[:args.num_models]
+    masks, correct = masks[: args.num_models], correct[: args.num_models]
     check_coverage(masks, args.subset_ratio, args.seed)  # holds by construction; a cheap guard on the budget
     return memorization(correct, masks)
 
@@ -252,9 +270,11 @@ def main():
     start = time.time()
     scores = estimate(args, data, Progress(args.quiet), say=print)
     write_memscores(path, scores, fields)
-    print(f"Wrote {path} and its fingerprint {sidecar_path(path)}: {len(scores)} scores from {args.num_models} "
-          f"models x {args.epochs} epochs in {time.time() - start:.1f}s (mean {scores.mean():.3f}, "
-          f"{int((scores >= 0.5).sum())} samples >= 0.5)")
+    print(
+        f"Wrote {path} and its fingerprint {sidecar_path(path)}: {len(scores)} scores from {args.num_models} "
+        f"models x {args.epochs} epochs in {time.time() - start:.1f}s (mean {scores.mean():.3f}, "
+        f"{int((scores >= 0.5).sum())} samples >= 0.5)"
+    )
 
 
 if __name__ == "__main__":

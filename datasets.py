@@ -4,6 +4,7 @@ Images stay uint8 and are normalised per batch; tabular features are float32. Ev
 derived from the raw files (tabular splits, the CINIC subset, decoded CINIC images) is cached
 next to the data in non-pickle .npz/.npy files.
 """
+
 import os
 import pickle
 import zipfile
@@ -13,11 +14,18 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from common import MissingError, UsageError, atomic_write
 import paths
+from common import MissingError, UsageError, atomic_write
 
-DATASETS = {"cifar10": (10, 3), "cifar100": (100, 3), "cinic": (10, 3), "location": (30, 446),
-            "texas100": (100, 6169), "purchase100": (100, 600), "digits": (10, 64)}  # name -> (num_cls, input_dim)
+DATASETS = {
+    "cifar10": (10, 3),
+    "cifar100": (100, 3),
+    "cinic": (10, 3),
+    "location": (30, 446),
+    "texas100": (100, 6169),
+    "purchase100": (100, 600),
+    "digits": (10, 64),
+}  # name -> (num_cls, input_dim)
 TABULAR_SPLIT_SEED = 0  # random_state of the tabular 80/20 split (the release left it unseeded)
 CINIC_SUBSET_SEED = 0  # only used when the authors' train_test_idx.pkl is absent
 CINIC_SUBSET_SIZES = (90000, 31499)
@@ -27,19 +35,26 @@ MEAN_STD = {
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "cinic": ((0.47889522, 0.47227842, 0.43047404), (0.24205776, 0.23828046, 0.25874835)),
 }
-FOLDERS = {"cifar10": "cifar10-data", "cifar100": "cifar100-data", "cinic": "cinic", "location": "location",
-           "texas100": "texas", "purchase100": "purchase100", "digits": "digits"}
+FOLDERS = {
+    "cifar10": "cifar10-data",
+    "cifar100": "cifar100-data",
+    "cinic": "cinic",
+    "location": "location",
+    "texas100": "texas",
+    "purchase100": "purchase100",
+    "digits": "digits",
+}
 SOURCES = {  # how to get each download-only dataset into its folder (links from the release README)
     "cifar10": "extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into {folder}",
     "cifar100": "extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into {folder}",
     "cinic": "download https://datashare.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz, "
-             "unpack it and put its train/ and test/ folders into {folder}",
+    "unpack it and put its train/ and test/ folders into {folder}",
     "location": "download data_complete.npz from https://github.com/jjy1994/MemGuard/tree/master/data/location "
-                "into {folder}",
+    "into {folder}",
     "texas100": "unpack texas/100/feats and texas/100/labels of "
-                "https://www.comp.nus.edu.sg/~reza/files/dataset_texas.tgz into {folder} as feats.txt and labels.txt",
+    "https://www.comp.nus.edu.sg/~reza/files/dataset_texas.tgz into {folder} as feats.txt and labels.txt",
     "purchase100": "unpack dataset_purchase of https://www.comp.nus.edu.sg/~reza/files/dataset_purchase.tgz "
-                   "into {folder} as purchase100.txt",
+    "into {folder} as purchase100.txt",
 }
 
 
@@ -73,8 +88,11 @@ class TensorData:
     @staticmethod
     def concat(first: "TensorData", second: "TensorData") -> "TensorData":
         same_norm = (first.mean is None and second.mean is None) or (
-            first.mean is not None and second.mean is not None
-            and torch.equal(first.mean, second.mean) and torch.equal(first.std, second.std))
+            first.mean is not None
+            and second.mean is not None
+            and torch.equal(first.mean, second.mean)
+            and torch.equal(first.std, second.std)
+        )
         if not same_norm or first.x.dtype != second.x.dtype or first.x.shape[1:] != second.x.shape[1:]:
             raise ValueError("cannot concatenate datasets of different kinds")
         return TensorData(torch.cat([first.x, second.x]), torch.cat([first.y, second.y]), first.mean, first.std)
@@ -126,8 +144,23 @@ def _one_line(err):
 # ---------------------------------------------------------------- trusted pickles from the release
 
 _SAFE_GLOBALS = {
-    "builtins": {"list", "dict", "set", "frozenset", "tuple", "int", "float", "complex", "bool", "str",
-                 "bytes", "bytearray", "range", "slice", "object"},
+    "builtins": {
+        "list",
+        "dict",
+        "set",
+        "frozenset",
+        "tuple",
+        "int",
+        "float",
+        "complex",
+        "bool",
+        "str",
+        "bytes",
+        "bytearray",
+        "range",
+        "slice",
+        "object",
+    },
     "collections": {"OrderedDict", "defaultdict", "deque"},
     "_codecs": {"encode"},  # how protocol-2 pickles store bytes
 }
@@ -185,8 +218,10 @@ def _unpickle_pair(path):
     try:
         objects = _unpickle(path)
     except Exception as err:
-        raise MissingError(f"{path} could not be unpickled ({type(err).__name__}: {_one_line(err)}); "
-                           f"delete it or replace it with the authors' file")
+        raise MissingError(
+            f"{path} could not be unpickled ({type(err).__name__}: {_one_line(err)}); "
+            f"delete it or replace it with the authors' file"
+        )
     if len(objects) == 1 and isinstance(objects[0], (tuple, list)) and len(objects[0]) == 2:
         return objects[0]
     if len(objects) == 2:
@@ -205,8 +240,9 @@ def read_authors_tabular_split(path: str, n: int) -> tuple:
     for subset in (train, test):
         if not hasattr(subset, "indices"):
             found = getattr(subset, "origin", type(subset).__name__)
-            raise MissingError(f"{path} should hold two torch Subset objects, found {found}; "
-                               f"delete it to use our own split")
+            raise MissingError(
+                f"{path} should hold two torch Subset objects, found {found}; delete it to use our own split"
+            )
     return _indices(train.indices, n, path), _indices(test.indices, n, path)
 
 
@@ -226,20 +262,23 @@ def _indices(values, n, path):
     if array is None or array.ndim != 1 or array.dtype.kind not in "iu":
         raise MissingError(f"{path} should hold lists of integer indices; delete it")
     if len(array) and (array.min() < 0 or array.max() >= n):
-        raise MissingError(f"{path} has indices outside 0..{n - 1}, so it does not fit the data next to it; "
-                           f"delete it or fix the data")
+        raise MissingError(
+            f"{path} has indices outside 0..{n - 1}, so it does not fit the data next to it; delete it or fix the data"
+        )
     return array.astype(np.int64)
 
 
 # ---------------------------------------------------------------- cached index files
+
 
 def _load_npz(path, keys):
     try:
         with np.load(path, allow_pickle=False) as f:
             return [f[k] for k in keys]
     except Exception as err:
-        raise MissingError(f"cached file {path} is unreadable ({type(err).__name__}: {_one_line(err)}); "
-                           f"delete it and rerun")
+        raise MissingError(
+            f"cached file {path} is unreadable ({type(err).__name__}: {_one_line(err)}); delete it and rerun"
+        )
 
 
 def _save_npz(path, **arrays):
@@ -255,8 +294,10 @@ def tabular_split(n: int, folder: str, name: str) -> tuple:
     if os.path.isfile(path):
         train, test, cached_n = _load_npz(path, ("train", "test", "n"))
         if int(cached_n) != n:
-            raise MissingError(f"cached split {path} was made for {int(cached_n)} rows but the data has {n}; "
-                               f"delete it to make a new split")
+            raise MissingError(
+                f"cached split {path} was made for {int(cached_n)} rows but the data has {n}; "
+                f"delete it to make a new split"
+            )
         return _indices(train, n, path), _indices(test, n, path)
     train, test = train_test_split(range(n), test_size=0.2, random_state=TABULAR_SPLIT_SEED)
     train, test = np.asarray(train, dtype=np.int64), np.asarray(test, dtype=np.int64)
@@ -265,6 +306,7 @@ def tabular_split(n: int, folder: str, name: str) -> tuple:
 
 
 # ---------------------------------------------------------------- tabular readers
+
 
 def _require(path, name):
     if not os.path.isfile(path):
@@ -315,8 +357,9 @@ def _location(folder):
         raise MissingError(f"{path} is not an npz with arrays x and y ({_one_line(err)}); {fix}")
     dim = DATASETS["location"][1]
     if x.ndim != 2 or x.shape[1] != dim or x.dtype.kind not in "biuf" or np.isnan(x).any():
-        raise MissingError(f"{path}: x should be a numeric ({len(x)}, {dim}) array without NaN, "
-                           f"got {x.dtype} {x.shape}; {fix}")
+        raise MissingError(
+            f"{path}: x should be a numeric ({len(x)}, {dim}) array without NaN, got {x.dtype} {x.shape}; {fix}"
+        )
     return torch.from_numpy(x.astype(np.float32)), _labels(y, len(x), path, "location")
 
 
@@ -335,6 +378,7 @@ def _purchase(folder):
 
 def _digits(folder):
     from sklearn.datasets import load_digits
+
     data = load_digits()
     return torch.from_numpy((data.data / 16).astype(np.float32)), torch.from_numpy(data.target.astype(np.int64))
 
@@ -343,6 +387,7 @@ TABULAR_READERS = {"location": _location, "texas100": _texas, "purchase100": _pu
 
 
 # ---------------------------------------------------------------- CIFAR
+
 
 def _cifar(name, folder):
     inner, train_files, test_files, label_key = {
@@ -362,12 +407,14 @@ def _cifar(name, folder):
 
 def _download_cifar(name, folder):
     import torchvision
+
     dataset = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     try:
         dataset(root=folder, train=True, download=True)  # fetches and extracts the whole archive
     except Exception as err:  # no network, a bad archive
-        raise MissingError(f"could not download {name} into {folder} ({type(err).__name__}: {_one_line(err)}); "
-                           f"{_how(name, folder)}")
+        raise MissingError(
+            f"could not download {name} into {folder} ({type(err).__name__}: {_one_line(err)}); {_how(name, folder)}"
+        )
 
 
 def _read_cifar_batches(files, label_key, name):
@@ -382,11 +429,15 @@ def _read_cifar_batches(files, label_key, name):
             [batch] = _unpickle(path, encoding="bytes")
             data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
         except Exception as err:
-            raise MissingError(f"CIFAR batch file {path} is not a pickled dict with b'data' and {label_key!r} "
-                               f"({type(err).__name__}); {fix}")
+            raise MissingError(
+                f"CIFAR batch file {path} is not a pickled dict with b'data' and {label_key!r} "
+                f"({type(err).__name__}); {fix}"
+            )
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
-            raise MissingError(f"CIFAR batch file {path} has data {data.dtype} {data.shape} and {labels.shape} labels, "
-                               f"expected uint8 (N, 3072) and N labels; {fix}")
+            raise MissingError(
+                f"CIFAR batch file {path} has data {data.dtype} {data.shape} and {labels.shape} labels, "
+                f"expected uint8 (N, 3072) and N labels; {fix}"
+            )
         if labels.dtype.kind not in "iu" or labels.min(initial=0) < 0 or labels.max(initial=0) >= DATASETS[name][0]:
             raise MissingError(f"CIFAR batch file {path} has labels outside 0..{DATASETS[name][0] - 1}; {fix}")
         xs.append(data.reshape(-1, 3, 32, 32))
@@ -395,6 +446,7 @@ def _read_cifar_batches(files, label_key, name):
 
 
 # ---------------------------------------------------------------- CINIC
+
 
 def _cinic(folder):
     train_x, train_y = _image_folder(os.path.join(folder, "train"))
@@ -413,13 +465,17 @@ def _cinic_subset(folder, n_train, n_test):
     elif os.path.isfile(path):
         train, test, sizes = _load_npz(path, ("train", "test", "folder_sizes"))
         if tuple(sizes.tolist()) != (n_train, n_test):
-            raise MissingError(f"cached subset {path} was drawn from {tuple(sizes.tolist())} train/test images "
-                               f"but the folders now hold {(n_train, n_test)}; delete it to draw a new subset")
+            raise MissingError(
+                f"cached subset {path} was drawn from {tuple(sizes.tolist())} train/test images "
+                f"but the folders now hold {(n_train, n_test)}; delete it to draw a new subset"
+            )
         train, test = _indices(train, n_train, path), _indices(test, n_test, path)
     else:
         rng = np.random.default_rng(CINIC_SUBSET_SEED)
-        train, test = (np.sort(rng.choice(n, min(n, size), replace=False)).astype(np.int64)
-                       for n, size in zip((n_train, n_test), CINIC_SUBSET_SIZES))
+        train, test = (
+            np.sort(rng.choice(n, min(n, size), replace=False)).astype(np.int64)
+            for n, size in zip((n_train, n_test), CINIC_SUBSET_SIZES)
+        )
         _save_npz(path, train=train, test=test, folder_sizes=np.array([n_train, n_test], dtype=np.int64))
     return torch.from_numpy(train), torch.from_numpy(test)
 
@@ -427,6 +483,7 @@ def _cinic_subset(folder, n_train, n_test):
 def _image_folder(directory):
     """All images of an ImageFolder-style directory, in ImageFolder order, decoded once and cached as .npy."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     fix = _how("cinic", os.path.dirname(directory))
     if not os.path.isdir(directory):
         raise MissingError(f"CINIC folder {directory} not found; {fix}")
@@ -461,6 +518,7 @@ def _load_decoded(x_path, y_path, count):
 
 def _decode_image(path):
     from PIL import Image
+
     try:
         with Image.open(path) as img:
             rgb = np.asarray(img.convert("RGB"))  # what ImageFolder's default loader does

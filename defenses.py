@@ -6,6 +6,7 @@ iteration, so its optimizers keep their state. To add one, subclass Defense, set
 mia_modi.py, and summarize.py and the grids read the registry. `epoch` restarts at 0 every pruning
 iteration. What a defense may read from the command line is DefenseSettings, nothing else.
 """
+
 import argparse
 import math
 import warnings
@@ -42,21 +43,29 @@ def add_defense_flags(parser: argparse.ArgumentParser) -> None:
     pruned models and to say how to make them)."""
     parser.add_argument("--defend", default="", help=f"'' (Base) or one of: {', '.join(DEFENSES)}")
     parser.add_argument("--defend_arg", type=float, default=4, help="the baselines' argument (docs/defenses.md)")
-    parser.add_argument("--dp_microbatch", type=int, default=None,
-                        help="dp: examples per clipped microbatch (default batch_size//2; 1 = per-example)")
+    parser.add_argument(
+        "--dp_microbatch",
+        type=int,
+        default=None,
+        help="dp: examples per clipped microbatch (default batch_size//2; 1 = per-example)",
+    )
     parser.add_argument("--stride", type=int, default=None, help="window step (slide defenses)")
     parser.add_argument("--width", type=int, default=None, help="window width (slide defenses)")
     parser.add_argument("--weight_decay_mem", type=float, default=5e-4, help="risk-side weight decay (ml2)")
     parser.add_argument("--mem_thre", type=float, default=0.6, help="mem-score threshold (ml2)")
-    parser.add_argument("--semantics", choices=SEMANTICS, default="release",
-                        help="release: the paper's code as released (default); corrected: our fixes "
-                             "(docs/differences.md)")
+    parser.add_argument(
+        "--semantics",
+        choices=SEMANTICS,
+        default="release",
+        help="release: the paper's code as released (default); corrected: our fixes (docs/differences.md)",
+    )
 
 
 @dataclass(frozen=True)
 class DefenseSettings:
     """What a defense reads from the command line and the config (defaults: the scripts' flag defaults;
     the config's values have none that fits every dataset, so these are digits')."""
+
     defend_arg: float = 4.0
     stride: int = None
     width: int = None
@@ -69,21 +78,34 @@ class DefenseSettings:
     batch_size: int = 128
     num_cls: int = 10
     prune_epochs: int = 21
-    epochs: int = 100            # the config's training epochs (the release's DP steps per epoch scale with it)
+    epochs: int = 100  # the config's training epochs (the release's DP steps per epoch scale with it)
     semantics: str = "corrected"  # the scripts default to "release"
 
     @classmethod
     def from_args(cls, args) -> "DefenseSettings":
-        return cls(args.defend_arg, args.stride, args.width, args.weight_decay_mem, args.mem_thre, args.dp_microbatch,
-                   args.optimizer, args.lr, args.weight_decay, args.batch_size, args.num_cls, args.prune_epochs,
-                   args.epochs, args.semantics)
+        return cls(
+            args.defend_arg,
+            args.stride,
+            args.width,
+            args.weight_decay_mem,
+            args.mem_thre,
+            args.dp_microbatch,
+            args.optimizer,
+            args.lr,
+            args.weight_decay,
+            args.batch_size,
+            args.num_cls,
+            args.prune_epochs,
+            args.epochs,
+            args.semantics,
+        )
 
 
 class Defense:
     name = None
-    label = None              # the name in "Total <label> defend time"; defaults to `name`
-    arg_in_name = False       # --defend_arg is part of the result-folder and log names
-    window = False            # uses --stride/--width (written into the log header)
+    label = None  # the name in "Total <label> defend time"; defaults to `name`
+    arg_in_name = False  # --defend_arg is part of the result-folder and log names
+    window = False  # uses --stride/--width (written into the log header)
     needs_memscore = False
     semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
 
@@ -114,8 +136,13 @@ class Defense:
         return name + "_corrected" if cls.semantics_differ and semantics == "corrected" else name
 
     @classmethod
-    def header_lines(cls, settings: DefenseSettings, labels: torch.Tensor, scores: torch.Tensor = None,
-                     train_scores: torch.Tensor = None) -> list:
+    def header_lines(
+        cls,
+        settings: DefenseSettings,
+        labels: torch.Tensor,
+        scores: torch.Tensor = None,
+        train_scores: torch.Tensor = None,
+    ) -> list:
         """Lines for the log header of a run: what the settings mean on this data. labels: the victim's
         training labels; scores: their mem-scores, train_scores: the whole training set's (None without)."""
         return []
@@ -132,6 +159,7 @@ class Defense:
 @register
 class Base(Defense):
     """No defense: one plain shuffled epoch of cross-entropy."""
+
     name = "base"
     label = "Base"
 
@@ -140,6 +168,7 @@ class Base(Defense):
 
 
 # ---------------------------------------------------------------- the paper's defenses (mem-scores)
+
 
 def class_orderings(idx, labels, scores=None, descending=True):
     """idx grouped by class (ascending label; labels[j] is idx[j]'s). Within a class: sorted by scores[idx]
@@ -177,15 +206,18 @@ def window_rule(class_sizes, stride, width, prune_epochs):
     epochs of a pruning iteration (the window restarts every iteration)."""
     smallest, largest = min(class_sizes), max(class_sizes)
     full_pass = 1 if width >= largest else math.ceil((largest - width) / stride) + 1
-    return (f"Window: stride {stride}, width {width} = {100 * width / smallest:.0f}% of the smallest class "
-            f"({smallest} samples); a full pass in {full_pass} epochs (largest class {largest} samples; "
-            f"{prune_epochs} epochs per pruning iteration)")
+    return (
+        f"Window: stride {stride}, width {width} = {100 * width / smallest:.0f}% of the smallest class "
+        f"({smallest} samples); a full pass in {full_pass} epochs (largest class {largest} samples; "
+        f"{prune_epochs} epochs per pruning iteration)"
+    )
 
 
 class WindowDefense(Defense):
     """RSW: each epoch trains on a window per class over the class's samples ordered by mem-score;
     the window moves by --stride every epoch and restarts every pruning iteration. The windows'
     ends follow window_at: one end shared by all classes under release, per class under corrected."""
+
     window = True
     needs_memscore = True
     semantics_differ = True
@@ -201,19 +233,27 @@ class WindowDefense(Defense):
         super().check_args(settings)
         for flag, value in (("stride", settings.stride), ("width", settings.width)):
             if value is None or value < 1:
-                raise UsageError(f"--defend {cls.name} needs --stride and --width of at least 1 "
-                                 f"(got --{flag} {value}); e.g. --stride 1 --width 15")
+                raise UsageError(
+                    f"--defend {cls.name} needs --stride and --width of at least 1 "
+                    f"(got --{flag} {value}); e.g. --stride 1 --width 15"
+                )
 
     @classmethod
     def header_lines(cls, settings, labels, scores=None, train_scores=None):
         sizes = labels.unique(return_counts=True)[1].tolist()
         return super().header_lines(settings, labels, scores, train_scores) + [
-            window_rule(sizes, settings.stride, settings.width, settings.prune_epochs)]
+            window_rule(sizes, settings.stride, settings.width, settings.prune_epochs)
+        ]
 
     def window_indices(self, epoch):
         """This epoch's window: window_at with a shared end under release, per-class ends under corrected."""
-        return window_at(self.groups, self.settings.stride, self.settings.width, epoch,
-                         shared_end=self.settings.semantics == "release")
+        return window_at(
+            self.groups,
+            self.settings.stride,
+            self.settings.width,
+            epoch,
+            shared_end=self.settings.semantics == "release",
+        )
 
     def train_epoch(self, epoch):
         idx = self.window_indices(epoch)
@@ -225,12 +265,14 @@ class WindowDefense(Defense):
 @register
 class Slide(WindowDefense):
     """RSW(H->L)."""
+
     name = "slide"
 
 
 @register
 class SlideRe(WindowDefense):
     """RSW(L->H)."""
+
     name = "slide_re"
     descending = False
 
@@ -238,6 +280,7 @@ class SlideRe(WindowDefense):
 @register
 class RandomWindow(WindowDefense):
     """Ablation: the same windows over each class in its training-list order, no mem-scores."""
+
     name = "random"
     descending = None
     needs_memscore = False
@@ -246,13 +289,15 @@ class RandomWindow(WindowDefense):
 class RiskMemory(Defense):
     """RMR: risk samples (mem-score >= --mem_thre) get one pass with their own optimizer, whose weight
     decay is --weight_decay_mem; then the general samples get one pass with the normal optimizer."""
+
     needs_memscore = True
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
         self.scores = memscores.to(split.train.device)
-        self.risk_optimizer = make_optimizer(model.parameters(), settings.optimizer, settings.lr,
-                                             settings.weight_decay_mem)
+        self.risk_optimizer = make_optimizer(
+            model.parameters(), settings.optimizer, settings.lr, settings.weight_decay_mem
+        )
 
     @classmethod
     def check_args(cls, settings):
@@ -267,21 +312,27 @@ class RiskMemory(Defense):
         super().check_memscores(scores, settings, path)
         low, high = scores.min().item(), scores.max().item()
         if not low <= settings.mem_thre <= high:
-            raise UsageError(f"--mem_thre {settings.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
-                             f"({path}); pick a value inside it")
+            raise UsageError(
+                f"--mem_thre {settings.mem_thre} is outside the mem-scores' range [{low:.3f}, {high:.3f}] "
+                f"({path}); pick a value inside it"
+            )
 
     @classmethod
     def header_lines(cls, settings, labels, scores=None, train_scores=None):
         """How many samples --mem_thre puts on the risk side, and a warning when it is more than half of the
         training set: the risk side is meant to be a tail of high scores (docs/defenses.md)."""
         risky, n = int((train_scores >= settings.mem_thre).sum()), len(train_scores)
-        lines = [f"Risk side: {risky} of {n} training samples ({100 * risky / n:.1f}%) have a mem-score >= "
-                 f"--mem_thre {settings.mem_thre:g}; the victim's: {int((scores >= settings.mem_thre).sum())} "
-                 f"of {len(scores)}"]
+        lines = [
+            f"Risk side: {risky} of {n} training samples ({100 * risky / n:.1f}%) have a mem-score >= "
+            f"--mem_thre {settings.mem_thre:g}; the victim's: {int((scores >= settings.mem_thre).sum())} "
+            f"of {len(scores)}"
+        ]
         if 2 * risky > n:
-            lines.append(f"Warning: --mem_thre {settings.mem_thre:g} puts more than half of the training set on the "
-                         f"risk side; it is meant to mark a tail of high mem-scores: choose it from the scores' "
-                         f"distribution (docs/defenses.md)")
+            lines.append(
+                f"Warning: --mem_thre {settings.mem_thre:g} puts more than half of the training set on the "
+                f"risk side; it is meant to mark a tail of high mem-scores: choose it from the scores' "
+                f"distribution (docs/defenses.md)"
+            )
         return super().header_lines(settings, labels, scores, train_scores) + lines
 
     def risk_split(self, idx):
@@ -292,13 +343,17 @@ class RiskMemory(Defense):
     def train_risk_then_general(self, idx, epoch):
         """One pass over the risk side (risk optimizer), then one over the general side; an empty side is
         skipped. Returns the sample-weighted (loss, accuracy %) of the passes."""
-        sides = [(part, opt) for part, opt in zip(self.risk_split(idx), (self.risk_optimizer, self.optimizer))
-                 if len(part)]
+        sides = [
+            (part, opt) for part, opt in zip(self.risk_split(idx), (self.risk_optimizer, self.optimizer)) if len(part)
+        ]
         if not sides:
-            raise UsageError(f"--defend {self.name}: epoch {epoch} has no sample on either side of --mem_thre "
-                             f"(the window is past every class); lower --stride or --prune_epochs")
-        results = [(len(part), *train_pass(self.model, self.data, part, opt, self.settings.batch_size))
-                   for part, opt in sides]
+            raise UsageError(
+                f"--defend {self.name}: epoch {epoch} has no sample on either side of --mem_thre "
+                f"(the window is past every class); lower --stride or --prune_epochs"
+            )
+        results = [
+            (len(part), *train_pass(self.model, self.data, part, opt, self.settings.batch_size)) for part, opt in sides
+        ]
         total = sum(n for n, _, _ in results)
         return (sum(n * loss for n, loss, _ in results) / total, sum(n * acc for n, _, acc in results) / total)
 
@@ -306,6 +361,7 @@ class RiskMemory(Defense):
 @register
 class ML2(RiskMemory):
     """RMR over the whole training set."""
+
     name = "ml2"
 
     def train_epoch(self, epoch):
@@ -322,9 +378,11 @@ class WindowRiskMemory(RiskMemory, WindowDefense):
         # are empty from the epoch whose start passes the largest class on: checking the last covers all
         last = settings.prune_epochs - 1
         if len(self.window_indices(last)) == 0:
-            raise UsageError(f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
-                             f"past every class (the largest has {max(len(group) for group in self.groups)} "
-                             f"samples); lower --stride or --prune_epochs")
+            raise UsageError(
+                f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
+                f"past every class (the largest has {max(len(group) for group in self.groups)} "
+                f"samples); lower --stride or --prune_epochs"
+            )
 
     def train_epoch(self, epoch):
         return self.train_risk_then_general(self.window_indices(epoch), epoch)
@@ -333,17 +391,20 @@ class WindowRiskMemory(RiskMemory, WindowDefense):
 @register
 class SlideML2(WindowRiskMemory):
     """SWMR(H->L)."""
+
     name = "slide_ml2"
 
 
 @register
 class SlideReML2(WindowRiskMemory):
     """SWMR(L->H)."""
+
     name = "slide_re_ml2"
     descending = False
 
 
 # ---------------------------------------------------------------- baselines the paper compares against
+
 
 def check_defend_arg(cls, settings, minimum, strict, meaning):
     """One-line UsageError unless minimum < defend_arg (strict) or minimum <= defend_arg, and finite."""
@@ -361,7 +422,7 @@ def ppb_kl(logits):
     if half == 0:
         return logits.sum() * 0
     ranked = logits.sort(dim=1, descending=True).values
-    return F.kl_div(F.log_softmax(ranked[:half], 1), F.softmax(ranked[half:2 * half], 1), reduction="batchmean")
+    return F.kl_div(F.log_softmax(ranked[:half], 1), F.softmax(ranked[half : 2 * half], 1), reduction="batchmean")
 
 
 def ppb_loss(logits, y, weight):
@@ -370,19 +431,27 @@ def ppb_loss(logits, y, weight):
 
 class LossDefense(Defense):
     """A plain epoch over the training set with its own loss(logits, y, epoch)."""
+
     arg_in_name = True
 
     def loss(self, logits, y, epoch):
         raise NotImplementedError
 
     def train_epoch(self, epoch):
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, self.settings.batch_size,
-                          loss_fn=lambda logits, y: self.loss(logits, y, epoch))
+        return train_pass(
+            self.model,
+            self.data,
+            self.split.train,
+            self.optimizer,
+            self.settings.batch_size,
+            loss_fn=lambda logits, y: self.loss(logits, y, epoch),
+        )
 
 
 @register
 class Ppb(LossDefense):
     """Pair-wise posterior balancing (Yuan & Zhang, USENIX Security 2022); defend_arg weighs the KL term."""
+
     name = "ppb"
 
     @classmethod
@@ -414,6 +483,7 @@ def relaxloss_loss(logits, y, alpha, epoch):
 @register
 class RelaxLoss(LossDefense):
     """RelaxLoss (Chen et al., ICLR 2022); defend_arg is the target loss level alpha."""
+
     name = "relaxloss"
 
     @classmethod
@@ -455,10 +525,11 @@ class Adv(Defense):
     batches gives 0,1,0,1,0,1,0), then one classifier step on one random training batch. Under
     corrected: a full shuffled epoch with 7 inference steps (random training and dev batches, drawn
     independently) before every classifier step."""
+
     name = "adv"
     arg_in_name = True
     semantics_differ = True
-    inference_steps = 7   # per classifier step (corrected) or per epoch (release)
+    inference_steps = 7  # per classifier step (corrected) or per epoch (release)
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
@@ -470,7 +541,7 @@ class Adv(Defense):
         check_defend_arg(cls, settings, 0, True, "privacy_theta, the weight of the inference game")
 
     def random_batch(self, idx):
-        return idx[torch.randperm(len(idx), device=idx.device)[:self.settings.batch_size]]
+        return idx[torch.randperm(len(idx), device=idx.device)[: self.settings.batch_size]]
 
     @torch.no_grad()
     def features(self, idx):
@@ -510,10 +581,18 @@ class Adv(Defense):
             others = cycled_batches(self.split.dev, batch_size, shuffle=False)
             for _ in range(self.inference_steps):
                 self.inference_step(next(members), next(others))
-            return train_pass(self.model, self.data, self.random_batch(self.split.train), self.optimizer,
-                              batch_size, loss_fn=loss_fn)
-        return train_pass(self.model, self.data, self.split.train, self.optimizer, batch_size,
-                          loss_fn=loss_fn, before_step=self.train_inference_model)
+            return train_pass(
+                self.model, self.data, self.random_batch(self.split.train), self.optimizer, batch_size, loss_fn=loss_fn
+            )
+        return train_pass(
+            self.model,
+            self.data,
+            self.split.train,
+            self.optimizer,
+            batch_size,
+            loss_fn=loss_fn,
+            before_step=self.train_inference_model,
+        )
 
 
 @register
@@ -529,6 +608,7 @@ class Dp(Defense):
     microbatch/expected batch (min(batch_size, len(train)): the same as release's unless the training set
     is smaller than a batch, where every draw takes all of it), train mode every epoch, the command
     line's pruning flags."""
+
     name = "dp"
     arg_in_name = True
     semantics_differ = True
@@ -539,6 +619,7 @@ class Dp(Defense):
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
         from opacus.accountants import RDPAccountant  # imported here: opacus is slow to import
+
         self.accountant = RDPAccountant()
         self.release = settings.semantics == "release"
         steps = len(split.train) // settings.batch_size
@@ -566,8 +647,10 @@ class Dp(Defense):
         if microbatch is not None and not 1 <= microbatch <= settings.batch_size:
             raise UsageError(f"--dp_microbatch must be in 1..--batch_size ({settings.batch_size}), got {microbatch}")
         if microbatch is not None and settings.semantics == "release":
-            raise UsageError(f"--dp_microbatch is a --semantics corrected flag; --semantics release always uses "
-                             f"batch_size//2 ({max(1, settings.batch_size // 2)}), as the release does")
+            raise UsageError(
+                f"--dp_microbatch is a --semantics corrected flag; --semantics release always uses "
+                f"batch_size//2 ({max(1, settings.batch_size // 2)}), as the release does"
+            )
 
     def train_epoch(self, epoch):
         """self.steps Poisson draws, a DP-SGD step on each (release: on each that sampled somebody); returns
@@ -583,8 +666,9 @@ class Dp(Defense):
             if self.release and len(batch) == 0:
                 continue
             x, y = self.data.batch(batch)
-            batch_loss, batch_correct = dp_gradient(self.model, x, y, self.microbatch, self.divisor,
-                                                    self.clip, sigma, self.release)
+            batch_loss, batch_correct = dp_gradient(
+                self.model, x, y, self.microbatch, self.divisor, self.clip, sigma, self.release
+            )
             self.optimizer.step()
             used = len(batch) // self.microbatch * self.microbatch if self.release else len(batch)
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + used

@@ -3,6 +3,7 @@
 Microbatch gradients come all at once through torch.func (vmap) for models without buffers, and one
 microbatch at a time for models with BatchNorm (whose running statistics then update per microbatch).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ def _microbatch_grads_vmap(model, x, y, microbatch):
     """Yield (grads with a leading microbatch dim, logits, labels) for equal-size microbatches,
     all at once with torch.func. Only for models without buffers (no BatchNorm running stats)."""
     from torch.func import functional_call, grad, vmap
+
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss(params, xb, yb):
@@ -33,12 +35,16 @@ def _microbatch_grads_loop(model, x, y, microbatch):
     for xb, yb in zip(x.split(microbatch), y.split(microbatch)):
         logits = model(xb)
         grads = torch.autograd.grad(F.cross_entropy(logits, yb), list(params.values()), allow_unused=True)
-        yield ({name: (torch.zeros_like(p) if g is None else g)[None] for (name, p), g in zip(params.items(), grads)},
-               logits.detach(), yb)
+        yield (
+            {name: (torch.zeros_like(p) if g is None else g)[None] for (name, p), g in zip(params.items(), grads)},
+            logits.detach(),
+            yb,
+        )
 
 
-def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, clip: float,
-                         drop_partial: bool = False) -> tuple:
+def clipped_gradient_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, clip: float, drop_partial: bool = False
+) -> tuple:
     """Sum over microbatches of each microbatch's mean-loss gradient, clipped to L2 norm <= clip.
     drop_partial (release): the examples that do not fill a last whole microbatch are left out, of the
     gradient and of the loss and count; otherwise (corrected) they form a smaller last microbatch.
@@ -62,8 +68,16 @@ def clipped_gradient_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
     return total, loss_sum, correct
 
 
-def dp_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, microbatch: int, expected_batch: float,
-                clip: float, sigma: float, drop_partial: bool = False) -> tuple:
+def dp_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    microbatch: int,
+    expected_batch: float,
+    clip: float,
+    sigma: float,
+    drop_partial: bool = False,
+) -> tuple:
     """Set .grad to (sum of clipped microbatch gradients + N(0, (clip*sigma)^2)) * microbatch/expected_batch.
     expected_batch is the divisor: the expected Poisson batch (corrected) or the configured batch size
     (release; the two differ only when the training set is smaller than a batch).

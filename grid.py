@@ -39,9 +39,9 @@ with the GPU-ID left out so that a CPU run resumes on GPUs, exit status, start/e
 CUDA_VISIBLE_DEVICES); a step removes its record when it starts. A rerun skips the steps whose record
 matches and whose dependencies are not rerun; --force reruns them. --only PATTERN (a shell pattern,
 fnmatch, over a step's whole name or command, e.g. '*slide_re*'; repeated: any of them) keeps the
-matching steps and what they need. Output: log/grid/<step name>.out and .err. Exit 1 or 2 of a step (the scripts' refusals) is
-final, other failures are retried --retries times; then its dependents are skipped, the rest of the
-grid still runs, and grid.py exits 1.
+matching steps and what they need. Output: log/grid/<step name>.out and .err. Exit 1 or 2 of a step (the
+scripts' refusals) is final, other failures are retried --retries times; then its dependents are skipped, the rest
+of the grid still runs, and grid.py exits 1.
 
 local: --jobs_per_gpu N steps (default 1) on each --gpus GPU (CUDA_VISIBLE_DEVICES=<it>, GPU-ID 0) or --jobs N
 CPU steps (GPU-ID -1), each with OMP_NUM_THREADS = cores // steps at once. A killed driver takes its running
@@ -54,6 +54,7 @@ the records; --no_wait returns after submitting. A rerun adopts this grid's jobs
 interrupted driver leaves its jobs running and lists their ids.
 At the end: `python summarize.py log --markdown --plot` (results.csv, log/grid/results.md, tradeoff.png).
 """
+
 import argparse
 import ctypes
 import datetime
@@ -86,34 +87,79 @@ from paths import DEFAULT_SEED, LOG_ROOT, RESULT_ROOT, log_dir, log_path, memsco
 REPO = os.path.dirname(os.path.abspath(__file__))
 GPU = "GPU-ID"  # stands for the GPU-ID in a step's argv until it runs
 SCRIPTS = {"pretrain": "pretrain_modi.py", "prune": "prune_modi.py", "attack": "mia_modi.py"}
-GRID_KEYS = {"configs": list, "pruners": (str, dict), "sparsities": list, "defenses": list, "prune_iter": int,
-             "seeds": list, "shadow_num": int, "attacks": str, "semantics": str, "original": bool,
-             "adaptive": bool, "overrides": dict}
-DEFAULTS = {"prune_iter": 5, "seeds": [DEFAULT_SEED], "shadow_num": 5, "attacks": "threshold,samia",
-            "semantics": "release", "original": False, "adaptive": True, "overrides": {}}
+GRID_KEYS = {
+    "configs": list,
+    "pruners": (str, dict),
+    "sparsities": list,
+    "defenses": list,
+    "prune_iter": int,
+    "seeds": list,
+    "shadow_num": int,
+    "attacks": str,
+    "semantics": str,
+    "original": bool,
+    "adaptive": bool,
+    "overrides": dict,
+}
+DEFAULTS = {
+    "prune_iter": 5,
+    "seeds": [DEFAULT_SEED],
+    "shadow_num": 5,
+    "attacks": "threshold,samia",
+    "semantics": "release",
+    "original": False,
+    "adaptive": True,
+    "overrides": {},
+}
 SETTINGS = {"stride": int, "width": int, "mem_thre": float, "weight_decay_mem": float, "defend_arg": float}
 EXAMPLES = {"stride": 1, "width": 15, "mem_thre": 0.6, "defend_arg": 4}
 TAG_LETTERS = {"stride": "s", "width": "w", "mem_thre": "t", "weight_decay_mem": "wd"}
-RESERVED = {"seed", "shadow_num", "quiet", "help", "pruner_name", "prune_sparsity", "prune_iter", "attacks",
-            "defend", "adaptive", "original", "semantics", "tag", *SETTINGS}  # grid.py sets these itself
+RESERVED = {
+    "seed",
+    "shadow_num",
+    "quiet",
+    "help",
+    "pruner_name",
+    "prune_sparsity",
+    "prune_iter",
+    "attacks",
+    "defend",
+    "adaptive",
+    "original",
+    "semantics",
+    "tag",
+    *SETTINGS,
+}  # grid.py sets these itself
 FINAL_EXITS = (1, 2)  # the scripts' refusals (usage, missing prerequisite): a retry would be refused again
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
-          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"}  # squeue states of a job that has not ended
+ACTIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}  # squeue states of a job that has not ended
 POLL_S = 3.0
 
 
 # ---------------------------------------------------------------- steps (also run inside Slurm jobs)
 
+
 @dataclass
 class Step:
-    name: str            # <run>/pretrain, <run>/prune.<prefix>, <run>/attack.<prefix>, <run>/attack.original
-    kind: str            # pretrain | prune | attack
-    argv: list           # after "python"; GPU stands for the GPU-ID
-    log: str             # the log file it appends to
-    needs: list = field(default_factory=list)   # steps whose outputs it reads
-    after: list = field(default_factory=list)   # the step before it in its log file
-    memscores: str = None                       # the mem-score CSV it reads (prune under a mem-score defense)
-    origin: str = ""     # the grid entries it comes from, for error messages
+    name: str  # <run>/pretrain, <run>/prune.<prefix>, <run>/attack.<prefix>, <run>/attack.original
+    kind: str  # pretrain | prune | attack
+    argv: list  # after "python"; GPU stands for the GPU-ID
+    log: str  # the log file it appends to
+    needs: list = field(default_factory=list)  # steps whose outputs it reads
+    after: list = field(default_factory=list)  # the step before it in its log file
+    memscores: str = None  # the mem-score CSV it reads (prune under a mem-score defense)
+    origin: str = ""  # the grid entries it comes from, for error messages
 
     def command(self, gpu=GPU):
         return shlex.join(["python"] + [gpu if a == GPU else a for a in self.argv])
@@ -190,15 +236,30 @@ def run_step(step, gpu, env, retries):
             if attempt:
                 err.write(f"=== grid.py: attempt {attempt + 1}; the last one ended with {code}\n")
                 err.flush()
-            code = subprocess.run(argv, stdout=out, stderr=err, env=env, start_new_session=True,
-                                  preexec_fn=functools.partial(die_with_parent, prctl, os.getpid())).returncode
+            code = subprocess.run(
+                argv,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, prctl, os.getpid()),
+            ).returncode
         if code == 0:
             end = time.time()
             iso = lambda t: datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds")
-            record = {"step": step.name, "command": step.command(gpu), "sha256": step.sha256, "exit_status": 0,
-                      "start": iso(start), "end": iso(end), "seconds": round(end - start, 3),
-                      "host": socket.gethostname(), "attempt": attempt + 1,
-                      "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"), "slurm_job_id": env.get("SLURM_JOB_ID")}
+            record = {
+                "step": step.name,
+                "command": step.command(gpu),
+                "sha256": step.sha256,
+                "exit_status": 0,
+                "start": iso(start),
+                "end": iso(end),
+                "seconds": round(end - start, 3),
+                "host": socket.gethostname(),
+                "attempt": attempt + 1,
+                "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
+                "slurm_job_id": env.get("SLURM_JOB_ID"),
+            }
             write_record(step.record, record)
             return 0, record
         if code in FINAL_EXITS:
@@ -210,8 +271,10 @@ def slurm_job(repo, step, gpu, retries):
     """The body of a step's Slurm job. grid.py runs as __main__, so cloudpickle sends this by value: the
     node needs the repo only for the command itself."""
     if not os.path.isdir(repo):
-        raise RuntimeError(f"error: the repo {repo} does not exist on {socket.gethostname()}; grid.py's jobs run "
-                           f"in it, so it must be on a filesystem shared with the compute nodes")
+        raise RuntimeError(
+            f"error: the repo {repo} does not exist on {socket.gethostname()}; grid.py's jobs run "
+            f"in it, so it must be on a filesystem shared with the compute nodes"
+        )
     os.chdir(repo)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     code, record = run_step(step, gpu, env, retries)
@@ -221,6 +284,7 @@ def slurm_job(repo, step, gpu, retries):
 
 
 # ---------------------------------------------------------------- the grid file
+
 
 def is_a(value, want):
     """JSON types: a bool is not a number, an int is a float."""
@@ -232,6 +296,7 @@ def is_a(value, want):
 def setting_keys(cls):
     """(required, optional) settings of a defense class."""
     from defenses import RiskMemory
+
     required = ({"stride", "width"} if cls.window else set()) | ({"defend_arg"} if cls.arg_in_name else set())
     return (required | {"mem_thre"}, {"weight_decay_mem"}) if issubclass(cls, RiskMemory) else (required, set())
 
@@ -239,6 +304,7 @@ def setting_keys(cls):
 def filled(cls, setting):
     """A setting with the scripts' defaults for its optional keys, as floats (to compare settings)."""
     from defenses import DefenseSettings
+
     defaults = {key: getattr(DefenseSettings(), key) for key in setting_keys(cls)[1]}
     return {key: float(value) for key, value in {**defaults, **setting}.items()}
 
@@ -254,8 +320,10 @@ class Grid:
         except IsADirectoryError:
             raise UsageError(f"grid file {shown} is a folder; pass a JSON grid file, e.g. grids/digits.json")
         except OSError as err:
-            raise UsageError(f"grid file {shown} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}"
-                             f" ({err.strerror}); pass a JSON grid such as grids/digits.json")
+            raise UsageError(
+                f"grid file {shown} {'not found' if isinstance(err, FileNotFoundError) else 'unreadable'}"
+                f" ({err.strerror}); pass a JSON grid such as grids/digits.json"
+            )
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"grid {shown} is not valid JSON ({err}); fix the file")
         self.check(isinstance(data, dict), "top level", "must be a JSON object (see grids/digits.json)")
@@ -266,15 +334,21 @@ class Grid:
         self.keys = {**DEFAULTS, **data}
         for key, want in GRID_KEYS.items():
             kind = "a non-empty list" if want is list else getattr(want, "__name__", "a string or an object")
-            self.check(is_a(self.keys[key], want) and (self.keys[key] or want is not list), f"key '{key}'",
-                       f"must be {kind}, got {self.keys[key]!r}")
+            self.check(
+                is_a(self.keys[key], want) and (self.keys[key] or want is not list),
+                f"key '{key}'",
+                f"must be {kind}, got {self.keys[key]!r}",
+            )
         self.check_configs()
         self.check_values()
         self.settings = {config: [] for config in self.configs}
         for i, entry in enumerate(self.keys["defenses"]):
             self.add_entry(i, entry)
-        self.check(self.keys["adaptive"] or any(c.name == "base" for _, c, _ in self.settings[self.configs[0]]),
-                   "key 'adaptive'", 'false attacks the defenses with Base-pruned shadows: add {"defend": "base"}')
+        self.check(
+            self.keys["adaptive"] or any(c.name == "base" for _, c, _ in self.settings[self.configs[0]]),
+            "key 'adaptive'",
+            'false attacks the defenses with Base-pruned shadows: add {"defend": "base"}',
+        )
 
     def check(self, ok, where, what):
         if not ok:
@@ -286,6 +360,7 @@ class Grid:
     def check_configs(self):
         """Configs as one spelling each (config_name): one file written two ways is one config."""
         from pruning import PRUNERS
+
         self.configs, self.loaded, written = [], {}, {}
         for config in self.keys["configs"]:
             self.check(isinstance(config, str), "configs", f"{config!r} is not a path")
@@ -304,40 +379,59 @@ class Grid:
             named = {}
             for config, pruner in pruners.items():
                 name = config_name(config)
-                self.check(named.get(name, pruner) == pruner, "pruners",
-                           f"'{config}' and '{written.get(name, name)}' are one config with two pruners; keep one")
+                self.check(
+                    named.get(name, pruner) == pruner,
+                    "pruners",
+                    f"'{config}' and '{written.get(name, name)}' are one config with two pruners; keep one",
+                )
                 named[name] = pruner
             pruners = named
         self.pruners = dict.fromkeys(self.configs, pruners) if isinstance(pruners, str) else pruners
         for config in set(self.pruners) ^ set(self.configs):
-            self.check(False, "pruners", f"'{config}' is {'not in configs' if config in self.pruners else 'missing'}"
-                                         f"; give one pruner per config, or one string for all")
+            self.check(
+                False,
+                "pruners",
+                f"'{config}' is {'not in configs' if config in self.pruners else 'missing'}"
+                f"; give one pruner per config, or one string for all",
+            )
         for config, pruner in self.pruners.items():
-            self.check(pruner in PRUNERS, f"pruners ({config})",
-                       f"unknown pruner {pruner!r}; valid: {', '.join(PRUNERS)}")
+            self.check(
+                pruner in PRUNERS, f"pruners ({config})", f"unknown pruner {pruner!r}; valid: {', '.join(PRUNERS)}"
+            )
 
     def check_values(self):
         from attacks import parse_attacks
         from defenses import SEMANTICS
         from pruning import check_pruning_flags
+
         for sparsity in self.keys["sparsities"]:
             self.check(is_a(sparsity, float), "sparsities", f"{sparsity!r} is not a number")
-            self.refused(lambda: check_pruning_flags(self.pruners[self.configs[0]], sparsity), "sparsities")
+            self.refused(lambda: check_pruning_flags(self.pruners[self.configs[0]], sparsity), "sparsities")  # noqa: B023
         self.sparsities = list(dict.fromkeys(float(s) for s in self.keys["sparsities"]))  # 0.6 twice is one run
         seeds = self.keys["seeds"]
-        self.check(all(is_a(s, int) for s in seeds) and len(set(seeds)) == len(seeds), "seeds",
-                   f"must be distinct integers, got {seeds!r}")
+        self.check(
+            all(is_a(s, int) for s in seeds) and len(set(seeds)) == len(seeds),
+            "seeds",
+            f"must be distinct integers, got {seeds!r}",
+        )
         self.refused(lambda: parse_attacks(self.keys["attacks"]), "attacks")
         self.check(self.keys["semantics"] in SEMANTICS, "semantics", f"must be one of {', '.join(SEMANTICS)}")
         for kind, flags in self.keys["overrides"].items():
-            self.check(kind in SCRIPTS and isinstance(flags, dict), "overrides",
-                       f"'{kind}' must be one of {', '.join(SCRIPTS)}, each {{flag: value}}, e.g. "
-                       f'{{"pretrain": {{"epochs": 2}}}}')
+            self.check(
+                kind in SCRIPTS and isinstance(flags, dict),
+                "overrides",
+                f"'{kind}' must be one of {', '.join(SCRIPTS)}, each {{flag: value}}, e.g. "
+                f'{{"pretrain": {{"epochs": 2}}}}',
+            )
             for flag, value in flags.items():
-                self.check(flag not in RESERVED, f"overrides.{kind}",
-                           f"--{flag} is set by grid.py from the grid's own keys")
-                self.check(isinstance(value, (str, int, float, bool)), f"overrides.{kind}",
-                           f"--{flag} must be a string, a number or true/false")
+                self.check(
+                    flag not in RESERVED, f"overrides.{kind}", f"--{flag} is set by grid.py from the grid's own keys"
+                )
+                self.check(
+                    isinstance(value, (str, int, float, bool)),
+                    f"overrides.{kind}",
+                    f"--{flag} must be a string, a number or true/false",
+                )
 
     def refused(self, call, where):
         """call(); a UsageError it raises becomes one naming `where` in this grid."""
@@ -348,37 +442,59 @@ class Grid:
 
     def add_entry(self, i, entry):
         from defenses import DEFENSES, DefenseSettings
-        self.check(isinstance(entry, dict) and isinstance(entry.get("defend"), str), f"defenses[{i}]",
-                   'must be an object with "defend": name, e.g. {"defend": "base"}')
+
+        self.check(
+            isinstance(entry, dict) and isinstance(entry.get("defend"), str),
+            f"defenses[{i}]",
+            'must be an object with "defend": name, e.g. {"defend": "base"}',
+        )
         cls = DEFENSES.get(entry["defend"])
         self.check(cls, f"defenses[{i}]", f"unknown defense {entry['defend']!r}; valid: {', '.join(DEFENSES)}")
         where, (required, optional) = f"defenses[{i}] ({cls.name})", setting_keys(cls)
         allowed, per_config = required | optional, entry.get("per_config", {})
         for key in set(entry) - {"defend", "per_config"}:
-            self.check(key in allowed, where,
-                       f"{cls.name} takes no '{key}'; it takes {', '.join(sorted(allowed)) or 'no setting'}")
-        self.check(isinstance(per_config, dict) and all(isinstance(c, str) and config_name(c) in self.configs
-                                                         and isinstance(v, dict) and set(v) <= allowed
-                                                         for c, v in per_config.items()),
-                   where, f"per_config must map configs of the grid to {{setting: value}} with settings in "
-                          f"{', '.join(sorted(allowed)) or 'nothing'}")
+            self.check(
+                key in allowed,
+                where,
+                f"{cls.name} takes no '{key}'; it takes {', '.join(sorted(allowed)) or 'no setting'}",
+            )
+        self.check(
+            isinstance(per_config, dict)
+            and all(
+                isinstance(c, str) and config_name(c) in self.configs and isinstance(v, dict) and set(v) <= allowed
+                for c, v in per_config.items()
+            ),
+            where,
+            f"per_config must map configs of the grid to {{setting: value}} with settings in "
+            f"{', '.join(sorted(allowed)) or 'nothing'}",
+        )
         per_config = {config_name(c): v for c, v in per_config.items()}
         for config in self.configs:
             values = {**{k: entry[k] for k in allowed if k in entry}, **per_config.get(config, {})}
             missing = required - set(values)
             example = ", ".join(f'"{key}": {EXAMPLES[key]}' for key in sorted(missing))
-            self.check(not missing, where, f"needs {' and '.join(sorted(missing))}"
-                       + (f" for {config}" if per_config else "") + f"; add them, e.g. {example}")
+            self.check(
+                not missing,
+                where,
+                f"needs {' and '.join(sorted(missing))}"
+                + (f" for {config}" if per_config else "")
+                + f"; add them, e.g. {example}",
+            )
             choices = {k: v if isinstance(v, list) else [v] for k, v in values.items()}
             for key, options in choices.items():
-                self.check(options and all(is_a(v, SETTINGS[key]) for v in options), where,
-                           f"{key} must be {SETTINGS[key].__name__} or a non-empty list of them, got {values[key]!r}")
+                self.check(
+                    options and all(is_a(v, SETTINGS[key]) for v in options),
+                    where,
+                    f"{key} must be {SETTINGS[key].__name__} or a non-empty list of them, got {values[key]!r}",
+                )
             for combo in itertools.product(*choices.values()):
                 setting = dict(zip(choices, combo))
                 settings = DefenseSettings(**setting, semantics=self.keys["semantics"])
-                self.refused(lambda: cls.check_args(settings), where)  # e.g. stride 0, a negative ppb weight
-                if not any(other_cls is cls and filled(cls, other) == filled(cls, setting)
-                           for _, other_cls, other in self.settings[config]):  # a repeated setting is one run
+                self.refused(lambda: cls.check_args(settings), where)  # e.g. stride 0, a negative ppb weight  # noqa: B023
+                if not any(
+                    other_cls is cls and filled(cls, other) == filled(cls, setting)
+                    for _, other_cls, other in self.settings[config]
+                ):  # a repeated setting is one run
                     self.settings[config].append((i, cls, setting))
 
     def tags(self, config):
@@ -392,9 +508,10 @@ class Grid:
             vary = [key for key in TAG_LETTERS if len({full[n].get(key) for n in members}) > 1]
             for n in members:
                 value = {**full[n], **settings[n][2]}  # as the grid writes it: 15, not 15.0
-                spell = lambda keys: "".join(f"{TAG_LETTERS[k]}{value[k]}" for k in keys if k in vary)
-                tags[n] = "-".join(p for p in (spell(("stride", "width")), spell(("mem_thre",)),
-                                               spell(("weight_decay_mem",))) if p)
+                spell = lambda keys: "".join(f"{TAG_LETTERS[k]}{value[k]}" for k in keys if k in vary)  # noqa: B023
+                tags[n] = "-".join(
+                    p for p in (spell(("stride", "width")), spell(("mem_thre",)), spell(("weight_decay_mem",))) if p
+                )
         return tags
 
 
@@ -406,6 +523,7 @@ def config_name(config):
 
 
 # ---------------------------------------------------------------- grid -> steps
+
 
 def flags_of(overrides):
     """{flag: value} -> ['--flag', 'value', ...]; true is the bare flag, false leaves it out."""
@@ -427,47 +545,117 @@ def expand(grid):
         cfg, pruner, tags = grid.loaded[config], grid.pruners[config], grid.tags(config)
         scores = memscore_path(cfg["dataset_name"], cfg["model_name"])
         if not grid["adaptive"] and any(tags):
-            grid.check(False, "key 'adaptive'", "false cannot attack tagged settings: mia_modi.py would look for Base "
-                                        "shadows under the tag; give one setting per defense")
+            grid.check(
+                False,
+                "key 'adaptive'",
+                "false cannot attack tagged settings: mia_modi.py would look for Base "
+                "shadows under the tag; give one setting per defense",
+            )
         for seed in grid["seeds"]:
             ns = SimpleNamespace(dataset_name=cfg["dataset_name"], model_name=cfg["model_name"], seed=seed)
             run = run_name(ns)
             seeded = ["--seed", str(seed)] if seed != DEFAULT_SEED else []
-            pretrain = Step(f"{run}/pretrain", "pretrain",
-                            [SCRIPTS["pretrain"], GPU, config, *shadows, *seeded, *over["pretrain"], "--quiet"],
-                            os.path.join(log_dir(ns), "pretrain.txt"), origin=f"config {config}, seed {seed}")
+            pretrain = Step(
+                f"{run}/pretrain",
+                "pretrain",
+                [SCRIPTS["pretrain"], GPU, config, *shadows, *seeded, *over["pretrain"], "--quiet"],
+                os.path.join(log_dir(ns), "pretrain.txt"),
+                origin=f"config {config}, seed {seed}",
+            )
             steps.append(pretrain)
             if grid["original"]:
                 first = ["--pruner_name", pruner, "--prune_sparsity", str(grid.sparsities[0])]
-                log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=grid.sparsities[0],
-                                               defend="", tag=""))
-                steps.append(Step(f"{run}/attack.original", "attack",
-                                  [SCRIPTS["attack"], GPU, config, *first, *attacks, *shadows, "--original",
-                                   *semantics, *seeded, *over["attack"], "--quiet"], log, needs=[pretrain.name],
-                                  origin=f"config {config}, seed {seed}, original"))
+                log = log_path(
+                    SimpleNamespace(
+                        **vars(ns), pruner_name=pruner, prune_sparsity=grid.sparsities[0], defend="", tag=""
+                    )
+                )
+                steps.append(
+                    Step(
+                        f"{run}/attack.original",
+                        "attack",
+                        [
+                            SCRIPTS["attack"],
+                            GPU,
+                            config,
+                            *first,
+                            *attacks,
+                            *shadows,
+                            "--original",
+                            *semantics,
+                            *seeded,
+                            *over["attack"],
+                            "--quiet",
+                        ],
+                        log,
+                        needs=[pretrain.name],
+                        origin=f"config {config}, seed {seed}, original",
+                    )
+                )
             for sparsity in grid.sparsities:
                 where = ["--pruner_name", pruner, "--prune_sparsity", str(sparsity)]
                 base_prune, defended = None, []
                 for (i, cls, setting), tag in zip(grid.settings[config], tags):
-                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}]" + \
-                        (f" {setting}" if setting else "")
+                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}]" + (
+                        f" {setting}" if setting else ""
+                    )
                     prefix = tagged(cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"]), tag)
-                    log = log_path(SimpleNamespace(**vars(ns), pruner_name=pruner, prune_sparsity=sparsity,
-                                                   defend=cls.name, tag=tag))
+                    log = log_path(
+                        SimpleNamespace(
+                            **vars(ns), pruner_name=pruner, prune_sparsity=sparsity, defend=cls.name, tag=tag
+                        )
+                    )
                     named = ["--tag", tag] if tag else []
                     defend = ["--defend", cls.name] if cls.name != "base" else []
-                    prune = Step(f"{run}/prune.{prefix}", "prune",
-                                 [SCRIPTS["prune"], GPU, config, *where, "--prune_iter", str(grid["prune_iter"]),
-                                  *defend, *flags_of({k: setting[k] for k in SETTINGS if k in setting}),
-                                  *semantics, *named, *seeded, *shadows, *over["prune"], "--quiet"],
-                                 log, needs=[pretrain.name], memscores=scores if cls.needs_memscore else None,
-                                 origin=origin)
+                    prune = Step(
+                        f"{run}/prune.{prefix}",
+                        "prune",
+                        [
+                            SCRIPTS["prune"],
+                            GPU,
+                            config,
+                            *where,
+                            "--prune_iter",
+                            str(grid["prune_iter"]),
+                            *defend,
+                            *flags_of({k: setting[k] for k in SETTINGS if k in setting}),
+                            *semantics,
+                            *named,
+                            *seeded,
+                            *shadows,
+                            *over["prune"],
+                            "--quiet",
+                        ],
+                        log,
+                        needs=[pretrain.name],
+                        memscores=scores if cls.needs_memscore else None,
+                        origin=origin,
+                    )
                     adaptive = ["--adaptive"] if defend and grid["adaptive"] else []
                     arg = ["--defend_arg", str(setting["defend_arg"])] if cls.arg_in_name else []
-                    attack = Step(f"{run}/attack.{prefix}", "attack",
-                                  [SCRIPTS["attack"], GPU, config, *where, *attacks, *shadows, *defend, *arg,
-                                   *adaptive, *semantics, *named, *seeded, *over["attack"], "--quiet"],
-                                  log, needs=[prune.name], origin=origin)
+                    attack = Step(
+                        f"{run}/attack.{prefix}",
+                        "attack",
+                        [
+                            SCRIPTS["attack"],
+                            GPU,
+                            config,
+                            *where,
+                            *attacks,
+                            *shadows,
+                            *defend,
+                            *arg,
+                            *adaptive,
+                            *semantics,
+                            *named,
+                            *seeded,
+                            *over["attack"],
+                            "--quiet",
+                        ],
+                        log,
+                        needs=[prune.name],
+                        origin=origin,
+                    )
                     steps += [prune, attack]
                     base_prune = prune.name if not defend else base_prune
                     defended += [attack] if defend and not grid["adaptive"] else []
@@ -488,8 +676,12 @@ def check_unique(grid, steps):
     first = {}
     for step in steps:
         other = first.setdefault(step.name, step)
-        grid.check(other is step, "configs", f"step {step.name} comes twice, from {other.origin} and from "
-                                             f"{step.origin}; each config file needs its own dataset and model")
+        grid.check(
+            other is step,
+            "configs",
+            f"step {step.name} comes twice, from {other.origin} and from "
+            f"{step.origin}; each config file needs its own dataset and model",
+        )
 
 
 def check_commands(grid, steps):
@@ -519,8 +711,11 @@ def plan(steps, only=None, force=False):
     the matching steps."""
     by_name = {step.name: step for step in steps}
     patterns = [only] if isinstance(only, str) else only or []
-    matched = {s.name for s in steps if not patterns or any(fnmatch.fnmatchcase(s.name, p)
-                                                            or fnmatch.fnmatchcase(s.command(), p) for p in patterns)}
+    matched = {
+        s.name
+        for s in steps
+        if not patterns or any(fnmatch.fnmatchcase(s.name, p) or fnmatch.fnmatchcase(s.command(), p) for p in patterns)
+    }
     if not matched:
         shown = " ".join(f"--only {shlex.quote(p)}" for p in patterns)
         raise UsageError(f"{shown} matches no step; names look like {steps[-1].name} (see --dry_run)")
@@ -550,6 +745,7 @@ def missing_memscores(grid, todo):
     """One line per mem-score CSV that a step to run needs and that is missing (what needs it, how to get
     it); the first also gives the --only patterns that run every other step to run. [] when none is missing."""
     from memscores import memscore_fix
+
     missing = {}  # CSV -> (config, defenses that need it)
     blocked = set()
     for step in todo:  # grid order: a step's needs come before it
@@ -562,8 +758,9 @@ def missing_memscores(grid, todo):
     lines = []
     for scores, (config, defenses) in missing.items():
         how = memscore_fix(SimpleNamespace(gpu_id=-1, config_path=config, **grid.loaded[config]))
-        lines.append(f"mem-scores {scores} not found (needed by {', '.join(dict.fromkeys(defenses))} on {config}); "
-                     f"{how}")
+        lines.append(
+            f"mem-scores {scores} not found (needed by {', '.join(dict.fromkeys(defenses))} on {config}); {how}"
+        )
     rest = [step for step in todo if step.name not in blocked]
     if lines and rest:
         only = " ".join(f"--only {shlex.quote(pattern)}" for pattern in only_patterns(todo, blocked))
@@ -583,12 +780,18 @@ def only_patterns(todo, blocked):
         rest = step.name.split("/", 1)[1]
         prefix = rest.split(".", 1)[1] if "." in rest else None
         setting = re.match(r"^.+?_\d*\.?\d+(.*)$", prefix or "")
-        candidates = (["*/pretrain"] if rest == "pretrain" else []) \
-            + (["*.*" + setting.group(1)] if setting and setting.group(1) else []) \
-            + (["*." + prefix] if prefix else []) + [step.name]
+        candidates = (
+            (["*/pretrain"] if rest == "pretrain" else [])
+            + (["*.*" + setting.group(1)] if setting and setting.group(1) else [])
+            + (["*." + prefix] if prefix else [])
+            + [step.name]
+        )
         for pattern in candidates:
-            if not any(fnmatch.fnmatchcase(other.name, pattern) or fnmatch.fnmatchcase(other.command(), pattern)
-                       for other in todo if other.name in blocked):
+            if not any(
+                fnmatch.fnmatchcase(other.name, pattern) or fnmatch.fnmatchcase(other.command(), pattern)
+                for other in todo
+                if other.name in blocked
+            ):
                 break
         patterns += [pattern] if pattern not in patterns else []
     return patterns
@@ -598,9 +801,13 @@ def dry_run(path, todo, done, gpu, cuda, warnings):
     """Print the steps as a bash script, in dependency order."""
     counts = Counter(step.kind for step in todo)
     kinds = ", ".join(f"{kind} {counts[kind]}" for kind in SCRIPTS)
-    lines = ["#!/usr/bin/env bash", f"# {path}: {len(todo)} steps ({kinds}), in dependency order"
-             + (f"; {len(done)} done before are left out (--force reruns them)" if done else ""),
-             "set -euo pipefail", f"cd {shlex.quote(REPO)}"]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {path}: {len(todo)} steps ({kinds}), in dependency order"
+        + (f"; {len(done)} done before are left out (--force reruns them)" if done else ""),
+        "set -euo pipefail",
+        f"cd {shlex.quote(REPO)}",
+    ]
     lines += [f"# warning: {warning}" for warning in warnings]
     lines += [f"export CUDA_VISIBLE_DEVICES={cuda}"] if cuda is not None else []
     for step in todo:
@@ -610,6 +817,7 @@ def dry_run(path, todo, done, gpu, cuda, warnings):
 
 # ---------------------------------------------------------------- running
 
+
 class Tracker:
     """Counts, a progress bar over the steps to run (on a terminal) and one status line per finished step:
     done/total, what ended, the counts, the time since the start and an ETA. The ETA is the steps left of
@@ -618,6 +826,7 @@ class Tracker:
 
     def __init__(self, todo, parallel=None, clock=time.monotonic, out=None):
         from tqdm import tqdm
+
         self.tqdm, self.counts, self.failed, self.skipped = tqdm, Counter(), [], []
         self.total, self.left, self.seconds = len(todo), Counter(step.kind for step in todo), {}
         self.parallel, self.clock, self.out, self.start = parallel, clock, out, clock()
@@ -625,8 +834,10 @@ class Tracker:
         self.show(0)
 
     def show(self, running):
-        self.bar.set_postfix_str(f"done {self.counts['done']}, running {running}, failed {self.counts['failed']}, "
-                                 f"skipped {self.counts['skipped']}")
+        self.bar.set_postfix_str(
+            f"done {self.counts['done']}, running {running}, failed {self.counts['failed']}, "
+            f"skipped {self.counts['skipped']}"
+        )
 
     def finish(self, step, how, why="", seconds=None, running=0, pending=None):
         """Count step as `how` (done, failed, skipped; seconds: how long a done step ran) and print its line."""
@@ -644,11 +855,19 @@ class Tracker:
     def status(self, step, how, why="", running=0, pending=None):
         """e.g. [3/9] done digits_columnfc/prune.iter_prunetxt_0.6_base | 3 done, 0 failed, 0 skipped,
         2 running | elapsed 0:00:41 | ETA 0:01:30"""
-        counts = f"{self.counts['done']} done, {self.counts['failed']} failed, {self.counts['skipped']} skipped, " \
-                 f"{running} running" + (f", {pending} pending (squeue)" if pending is not None else "")
-        return " | ".join([f"[{sum(self.counts.values())}/{self.total}] {how} {step.name}", counts,
-                           f"elapsed {hms(self.clock() - self.start)}", f"ETA {self.eta(running)}"]
-                          + ([why] if why else []))
+        counts = (
+            f"{self.counts['done']} done, {self.counts['failed']} failed, {self.counts['skipped']} skipped, "
+            f"{running} running" + (f", {pending} pending (squeue)" if pending is not None else "")
+        )
+        return " | ".join(
+            [
+                f"[{sum(self.counts.values())}/{self.total}] {how} {step.name}",
+                counts,
+                f"elapsed {hms(self.clock() - self.start)}",
+                f"ETA {self.eta(running)}",
+            ]
+            + ([why] if why else [])
+        )
 
     def eta(self, running):
         left = {kind: n for kind, n in self.left.items() if n > 0}
@@ -677,7 +896,7 @@ def failure(step, code):
 @dataclass(frozen=True)
 class Slot:
     cuda: str | None  # CUDA_VISIBLE_DEVICES of a GPU slot; None: a CPU slot
-    threads: int      # OMP_NUM_THREADS
+    threads: int  # OMP_NUM_THREADS
 
     @property
     def gpu_id(self):
@@ -708,8 +927,11 @@ class Schedule:
                 self.state[step.name] = "skipped"
                 self.waiting.remove(step)
                 skipped.append(step)
-            elif self.free and all(self.state.get(need) == "done" for need in step.needs) \
-                    and all(self.state.get(name) in ("done", "failed", "skipped") for name in step.after):
+            elif (
+                self.free
+                and all(self.state.get(need) == "done" for need in step.needs)
+                and all(self.state.get(name) in ("done", "failed", "skipped") for name in step.after)
+            ):
                 self.waiting.remove(step)
                 self.running[step.name] = self.free.pop(0)
                 started.append((step, self.running[step.name]))
@@ -751,22 +973,30 @@ def run_local(todo, done, gpus, jobs, retries, jobs_per_gpu=1):
             step, code, record = finished.get()
             schedule.finish(step, code == 0)
             skipped = launch()
-            tracker.finish(step, "done" if code == 0 else "failed",
-                           "" if code == 0 else code if isinstance(code, str) else failure(step, code),
-                           seconds=record and record["seconds"], running=len(schedule.running))
+            tracker.finish(
+                step,
+                "done" if code == 0 else "failed",
+                "" if code == 0 else code if isinstance(code, str) else failure(step, code),
+                seconds=record and record["seconds"],
+                running=len(schedule.running),
+            )
     except (KeyboardInterrupt, Terminated) as err:
         tracker.close()
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
-        print(f"error: interrupted ({name}); the {len(schedule.running)} running steps were ended (each keeps only "
-              f"finished models); rerun this command to run the rest: finished steps are skipped", file=sys.stderr)
+        print(
+            f"error: interrupted ({name}); the {len(schedule.running)} running steps were ended (each keeps only "
+            f"finished models); rerun this command to run the rest: finished steps are skipped",
+            file=sys.stderr,
+        )
         sys.exit(code)  # the steps get SIGTERM as their threads end (die_with_parent)
     tracker.close()
     return tracker
 
 
 def squeue(*args):
-    proc = subprocess.run(["squeue", "-h", "-u", pwd.getpwuid(os.getuid()).pw_name, *args], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["squeue", "-h", "-u", pwd.getpwuid(os.getuid()).pw_name, *args], capture_output=True, text=True
+    )
     return proc.stdout.splitlines() if proc.returncode == 0 else None
 
 
@@ -779,11 +1009,14 @@ def require_slurm(*tools):
 def slurm_gpus(partition):
     """1 when the partition (or any, without --partition) has GPU gres, else 0."""
     require_slurm("sinfo")
-    proc = subprocess.run(["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sinfo", "-h", "-o", "%G", *(["-p", partition] if partition else [])], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise MissingError(f"Slurm does not answer (sinfo: {proc.stderr.strip() or proc.returncode}); start it or "
-                           f"set SLURM_CONF, or use --backend local")
+        raise MissingError(
+            f"Slurm does not answer (sinfo: {proc.stderr.strip() or proc.returncode}); start it or "
+            f"set SLURM_CONF, or use --backend local"
+        )
     return int("gpu" in proc.stdout)
 
 
@@ -791,6 +1024,7 @@ def submit_slurm(todo, opts, gpus):
     """One job per step, in grid order, depending on the jobs of the steps it needs (afterok) and of the
     step before it in its log (afterany). Jobs of this grid still queued from an earlier driver are adopted."""
     import submitit
+
     extra = dict(item.split("=", 1) for item in opts.slurm_extra.split(",") if item) if opts.slurm_extra else {}
     queued = {line.split("|", 1)[1]: line.split("|", 1)[0] for line in squeue("-o", "%i|%k") or []}
     executor = submitit.SlurmExecutor(folder=os.path.join(LOG_ROOT, "grid_slurm", "%j"), max_num_timeout=0)
@@ -804,23 +1038,38 @@ def submit_slurm(todo, opts, gpus):
             os.remove(step.record)
         ok = [ids[name] for name in step.needs if name in ids]
         any_ = [ids[name] for name in step.after if name in ids]
-        dependency = ",".join(f"{kind}:{':'.join(jobs)}" for kind, jobs in (("afterok", ok), ("afterany", any_))
-                              if jobs)
+        dependency = ",".join(
+            f"{kind}:{':'.join(jobs)}" for kind, jobs in (("afterok", ok), ("afterany", any_)) if jobs
+        )
         executor.update_parameters(
-            job_name=step.name, partition=opts.partition, time=opts.time, cpus_per_task=opts.cpus_per_job,
-            gres=f"gpu:{gpus}" if gpus else None, mem=f"{opts.mem_gb}GB" if opts.mem_gb else None, comment=key,
-            additional_parameters={**extra, **({"dependency": dependency, "kill_on_invalid_dep": "yes"}
-                                               if dependency else {})})
+            job_name=step.name,
+            partition=opts.partition,
+            time=opts.time,
+            cpus_per_task=opts.cpus_per_job,
+            gres=f"gpu:{gpus}" if gpus else None,
+            mem=f"{opts.mem_gb}GB" if opts.mem_gb else None,
+            comment=key,
+            additional_parameters={
+                **extra,
+                **({"dependency": dependency, "kill_on_invalid_dep": "yes"} if dependency else {}),
+            },
+        )
         try:
             ids[step.name] = executor.submit(slurm_job, REPO, step, "0" if gpus else "-1", opts.retries).job_id
         except Exception as err:  # sbatch refused: a bad --partition, --time or --slurm_extra
             mine = [job for name, job in ids.items() if job not in queued.values()]
             if mine:
                 subprocess.run(["scancel", *mine], capture_output=True)
-            raise UsageError(f"sbatch refused {step.name} ({last_line(str(err))}); the {len(mine)} jobs "
-                             f"submitted before it were cancelled; check --partition, --time, --slurm_extra")
-    print(f"submitted {len(todo) - adopted} Slurm jobs" + (f", adopted {adopted} still queued" if adopted else "")
-          + f"; their files are in {LOG_ROOT}/grid_slurm/<job id>/", file=sys.stderr)
+            raise UsageError(
+                f"sbatch refused {step.name} ({last_line(str(err))}); the {len(mine)} jobs "
+                f"submitted before it were cancelled; check --partition, --time, --slurm_extra"
+            )
+    print(
+        f"submitted {len(todo) - adopted} Slurm jobs"
+        + (f", adopted {adopted} still queued" if adopted else "")
+        + f"; their files are in {LOG_ROOT}/grid_slurm/<job id>/",
+        file=sys.stderr,
+    )
     return ids
 
 
@@ -857,8 +1106,11 @@ def wait_slurm(todo, done, ids):
                     how, why = "skipped", ""
                 else:
                     submitit_err = os.path.join(LOG_ROOT, "grid_slurm", job, f"{job}_0_log.err")
-                    why = f"Slurm job {job}: " + (last_line_of(step.output("err")) or last_line_of(submitit_err)
-                                                  or "left the queue without a result (cancelled, timed out?)")
+                    why = f"Slurm job {job}: " + (
+                        last_line_of(step.output("err"))
+                        or last_line_of(submitit_err)
+                        or "left the queue without a result (cancelled, timed out?)"
+                    )
                     how = "failed"
             state[step.name] = how
             waiting.remove(step)
@@ -872,14 +1124,19 @@ def wait_slurm(todo, done, ids):
 
 # ---------------------------------------------------------------- the end
 
+
 def report(path, tracker, done):
     counts = tracker.counts
-    print(f"{path}: {sum(counts.values())} steps to run: {counts['done']} done, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped" + (f"; {len(done)} done before were not rerun" if done else ""),
-          file=sys.stderr)
+    print(
+        f"{path}: {sum(counts.values())} steps to run: {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped" + (f"; {len(done)} done before were not rerun" if done else ""),
+        file=sys.stderr,
+    )
     for step, why in tracker.failed:
-        print(f"  failed: {step.name}: {why}\n          output: {step.output('out')}, {step.output('err')}",
-              file=sys.stderr)
+        print(
+            f"  failed: {step.name}: {why}\n          output: {step.output('out')}, {step.output('err')}",
+            file=sys.stderr,
+        )
     if tracker.skipped:
         print("  skipped, as a step they need failed: " + ", ".join(tracker.skipped), file=sys.stderr)
 
@@ -889,8 +1146,12 @@ def summarize():
     table = os.path.join(LOG_ROOT, "grid", "results.md")
     os.makedirs(os.path.dirname(table), exist_ok=True)
     with open(table, "w") as out:
-        proc = subprocess.run([sys.executable, "summarize.py", LOG_ROOT, "--markdown", "--plot"], stdout=out,
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [sys.executable, "summarize.py", LOG_ROOT, "--markdown", "--plot"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     if proc.returncode == 0:
         print(f"results: table in results.csv and {table} (Markdown), plot in tradeoff.png", file=sys.stderr)
     else:
@@ -908,13 +1169,22 @@ def get_args(argv=None):
     parser.add_argument("--backend", choices=("local", "slurm"), default="local")
     parser.add_argument("--gpus", default="", help="local: comma list of GPU indices, one step per GPU at a time")
     parser.add_argument("--jobs", type=int, default=None, help="local without --gpus: CPU steps at a time (1)")
-    parser.add_argument("--jobs_per_gpu", type=int, default=None, metavar="N",
-                        help="local with --gpus: steps at a time on each GPU (1); docs/grid.md: choosing N")
+    parser.add_argument(
+        "--jobs_per_gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local with --gpus: steps at a time on each GPU (1); docs/grid.md: choosing N",
+    )
     parser.add_argument("--retries", type=int, default=1, help="reruns of a step that failed other than by exit 1/2")
     parser.add_argument("--dry_run", action="store_true", help="print the steps to run as a bash script, run nothing")
     parser.add_argument("--force", action="store_true", help="rerun steps (those --only matches) even when done")
-    parser.add_argument("--only", metavar="PATTERN", action="append",
-                        help="shell pattern over step names or commands; repeat it to keep steps matching any")
+    parser.add_argument(
+        "--only",
+        metavar="PATTERN",
+        action="append",
+        help="shell pattern over step names or commands; repeat it to keep steps matching any",
+    )
     parser.add_argument("--no_summary", action="store_true", help="skip summarize.py at the end")
     slurm = parser.add_argument_group("--backend slurm")
     slurm.add_argument("--partition")
@@ -925,8 +1195,11 @@ def get_args(argv=None):
     slurm.add_argument("--slurm_extra", metavar="k=v,...", help="more sbatch parameters, e.g. account=abc,qos=high")
     slurm.add_argument("--no_wait", action="store_true", help="exit once the jobs are submitted")
     args = parser.parse_args(argv)
-    slurm_only = [f"--{name}" for name in ("partition", "time", "gpus_per_job", "cpus_per_job", "mem_gb",
-                                           "slurm_extra", "no_wait") if getattr(args, name) not in (None, False)]
+    slurm_only = [
+        f"--{name}"
+        for name in ("partition", "time", "gpus_per_job", "cpus_per_job", "mem_gb", "slurm_extra", "no_wait")
+        if getattr(args, name) not in (None, False)
+    ]
     if args.backend == "local" and slurm_only:
         raise UsageError(f"{', '.join(slurm_only)}: for --backend slurm only; add --backend slurm or drop them")
     if args.backend == "slurm" and (args.gpus or args.jobs is not None or args.jobs_per_gpu is not None):
@@ -963,8 +1236,11 @@ def main():
     warnings = missing_memscores(grid, todo)
     if warnings and not args.dry_run:
         raise MissingError(warnings[0])
-    gpus = (slurm_gpus(args.partition) if args.gpus_per_job is None else args.gpus_per_job) \
-        if args.backend == "slurm" else len(args.gpus)
+    gpus = (
+        (slurm_gpus(args.partition) if args.gpus_per_job is None else args.gpus_per_job)
+        if args.backend == "slurm"
+        else len(args.gpus)
+    )
     if args.dry_run:
         cuda = args.gpus[0] if args.gpus else None
         return dry_run(path, todo, done, "0" if gpus else "-1", cuda, warnings)
@@ -974,8 +1250,11 @@ def main():
         require_slurm("sinfo", "sbatch", "squeue")
         ids = submit_slurm(todo, args, gpus)
         if args.no_wait:
-            print(f"not waiting (--no_wait): follow them with squeue --me; rerun this command "
-                  f"to wait for them and summarize (it adopts the queued jobs)", file=sys.stderr)
+            print(
+                "not waiting (--no_wait): follow them with squeue --me; rerun this command "
+                "to wait for them and summarize (it adopts the queued jobs)",
+                file=sys.stderr,
+            )
             return
         try:
             tracker = wait_slurm(todo, done, ids)
@@ -984,8 +1263,11 @@ def main():
             queued = {job for job in ids.values()}
             active = squeue("-o", "%i")
             left = sorted(queued & set(active) if active is not None else queued, key=lambda j: (len(j), j))
-            print(f"error: interrupted ({name}); {len(left)} jobs are still queued or running on Slurm; rerun this "
-                  f"command to follow them, or scancel {' '.join(left)}", file=sys.stderr)
+            print(
+                f"error: interrupted ({name}); {len(left)} jobs are still queued or running on Slurm; rerun this "
+                f"command to follow them, or scancel {' '.join(left)}",
+                file=sys.stderr,
+            )
             sys.exit(code)
     report(path, tracker, done)
     if not args.no_summary and (tracker.counts["done"] or done):

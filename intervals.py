@@ -7,6 +7,7 @@ the per-sample counts of that resample, sorted once by score, so 1000 resamples 
 fraction of a second; the metrics are exactly those of the log lines: AUC, TPR@x = the highest TPR among
 ROC points with FPR <= x, and the attack's own accuracy (ACCURACY_KINDS).
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +26,11 @@ CHUNK = 100  # resamples per vectorised step: CHUNK x n arrays
 @dataclass
 class Attacked:
     """One attack's per-sample data on the attacked samples."""
-    scores: np.ndarray             # member score, higher = member, finite (attacks._rankable)
-    member: np.ndarray             # ground truth
-    accuracy_kind: str = None      # a key of ACCURACY_KINDS, or None: no accuracy interval
-    decisions: np.ndarray = None   # member decisions (kinds "balanced" and "plain")
+
+    scores: np.ndarray  # member score, higher = member, finite (attacks._rankable)
+    member: np.ndarray  # ground truth
+    accuracy_kind: str = None  # a key of ACCURACY_KINDS, or None: no accuracy interval
+    decisions: np.ndarray = None  # member decisions (kinds "balanced" and "plain")
 
 
 def measurable(metric: str, nonmembers: int) -> bool:
@@ -60,9 +62,9 @@ class Sorted:
         self.member = np.asarray(attacked.member, dtype=bool)
         distinct, group = np.unique(-scores, return_inverse=True)  # group 0: the highest score
         self.groups = len(distinct)
-        self.cell = 2 * group.ravel() + self.member       # (group, member) of every sample
+        self.cell = 2 * group.ravel() + self.member  # (group, member) of every sample
         said = np.zeros(len(scores), bool) if attacked.decisions is None else np.asarray(attacked.decisions, bool)
-        self.outcome = 2 * said + self.member              # (decision, member) of every sample
+        self.outcome = 2 * said + self.member  # (decision, member) of every sample
 
     def all_samples(self) -> np.ndarray:
         return np.arange(len(self.member))[None, :]
@@ -117,8 +119,9 @@ def bootstrap(attacked: Attacked, resamples: int = RESAMPLES, seed: int = 0, lev
     return {m: (point[m], *percentile_interval(draws[m], level)) for m in METRICS}
 
 
-def paired_difference(defense: Attacked, base: Attacked, resamples: int = RESAMPLES, seed: int = 0,
-                      level: float = LEVEL) -> dict:
+def paired_difference(
+    defense: Attacked, base: Attacked, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> dict:
     """{metric: (defense - base on all samples, lower, upper)}: both runs resampled with the same draws of
     the same samples (same order, same ground truth)."""
     if not np.array_equal(np.asarray(defense.member, bool), np.asarray(base.member, bool)):
@@ -130,11 +133,11 @@ def paired_difference(defense: Attacked, base: Attacked, resamples: int = RESAMP
         ma, mb = a.metrics(indices), b.metrics(indices)
         for m in METRICS:
             draws[m].append(ma[m] - mb[m])
-    return {m: (float(point_a[m][0] - point_b[m][0]), *percentile_interval(draws[m], level))
-            for m in METRICS}
+    return {m: (float(point_a[m][0] - point_b[m][0]), *percentile_interval(draws[m], level)) for m in METRICS}
 
 
 # ---------------------------------------------------------------- scores files
+
 
 def read_attacked(path: str, rankable) -> tuple:
     """(sample index, {attack: Attacked}) of a scores file; files written before decisions were saved

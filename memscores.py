@@ -18,6 +18,7 @@ file, recognised by its SHA-256 in memscore/authors-files.sha256 (shipped with t
 `sha256sum` format: the release's memscore/*.csv and CINIC's train_test_idx.pkl), and for location and
 cinic only while the authors' split file is in use (for cinic: the listed train_test_idx.pkl).
 """
+
 import hashlib
 import io
 import json
@@ -27,13 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+import paths
 from common import MissingError, atomic_write
 from datasets import FOLDERS, authors_split_file, split_source
-import paths
 from paths import memscore_path
 
-AUTHORS_MEMSCORES = {(ds, model) for ds in ("cifar10", "cifar100", "cinic")
-                     for model in ("resnet18", "densenet121", "vgg16bn")} | {("location", "columnfc")}
+AUTHORS_MEMSCORES = {
+    (ds, model) for ds in ("cifar10", "cifar100", "cinic") for model in ("resnet18", "densenet121", "vgg16bn")
+} | {("location", "columnfc")}
 AUTHORS_HASHES = os.path.join(paths.REPO_DIR, "memscore", "authors-files.sha256")  # ships with the code
 SIDECAR_KEYS = {"dataset": str, "model": str, "n_train": int, "split": str, "train_sha256": str, "csv_sha256": str}
 HASH_CHUNK = 64 << 20  # bytes of x moved to the CPU and hashed at a time
@@ -65,14 +67,19 @@ def train_sha256(x: torch.Tensor, y: torch.Tensor) -> str:
     digest.update(y.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes())
     rows = max(1, HASH_CHUNK // max(1, x[0].numel() * x.element_size())) if len(x) else 1
     for start in range(0, len(x), rows):
-        digest.update(np.ascontiguousarray(x[start:start + rows].cpu().numpy()).view(np.uint8))
+        digest.update(np.ascontiguousarray(x[start : start + rows].cpu().numpy()).view(np.uint8))
     return digest.hexdigest()
 
 
 def fingerprint(dataset_name: str, model_name: str, x: torch.Tensor, y: torch.Tensor, source: str) -> dict:
     """What a sidecar says about the training set (x, y) whose scores it describes (csv_sha256 aside)."""
-    return {"dataset": dataset_name, "model": model_name, "n_train": len(y), "split": source,
-            "train_sha256": train_sha256(x, y)}
+    return {
+        "dataset": dataset_name,
+        "model": model_name,
+        "n_train": len(y),
+        "split": source,
+        "train_sha256": train_sha256(x, y),
+    }
 
 
 def write_sidecar(path: str, csv_bytes: bytes, fields: dict) -> None:
@@ -96,14 +103,18 @@ def read_sidecar(path: str, recompute: str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
-        raise MissingError(f"mem-score fingerprint {path} is unreadable or lacks one of {', '.join(SIDECAR_KEYS)}; "
-                           f"recompute the scores with {recompute}")
+        raise MissingError(
+            f"mem-score fingerprint {path} is unreadable or lacks one of {', '.join(SIDECAR_KEYS)}; "
+            f"recompute the scores with {recompute}"
+        )
     return record
 
 
 def _describe(record: dict) -> str:
-    return (f"{record['dataset']} [{record['split']}, {record['n_train']} samples, "
-            f"train_sha256 {record['train_sha256'][:12]}]")
+    return (
+        f"{record['dataset']} [{record['split']}, {record['n_train']} samples, "
+        f"train_sha256 {record['train_sha256'][:12]}]"
+    )
 
 
 def _way_back(record: dict, dataset_name: str, source: str) -> str:
@@ -124,14 +135,18 @@ def check_fingerprint(args, path: str, csv_bytes: bytes, x: torch.Tensor, y: tor
     recompute, sidecar = recompute_hint(args), sidecar_path(path)
     record = read_sidecar(sidecar, recompute)
     if record["csv_sha256"] != hashlib.sha256(csv_bytes).hexdigest():
-        raise MissingError(f"mem-scores {path} and their fingerprint {sidecar} were not written together "
-                           f"(an interrupted compute_memscore.py or an edited file); recompute them with {recompute}")
+        raise MissingError(
+            f"mem-scores {path} and their fingerprint {sidecar} were not written together "
+            f"(an interrupted compute_memscore.py or an edited file); recompute them with {recompute}"
+        )
     ours = fingerprint(args.dataset_name, args.model_name, x, y, source)
     if any(record[k] != ours[k] for k in ("dataset", "n_train", "train_sha256")):
         fix = f"recompute them for this split with {recompute}"
         way_back = _way_back(record, args.dataset_name, source)
-        raise MissingError(f"mem-scores {path} score another training set: they were made for {_describe(record)}, "
-                           f"this run trains on {_describe(ours)}; {f'{way_back}, or {fix}' if way_back else fix}")
+        raise MissingError(
+            f"mem-scores {path} score another training set: they were made for {_describe(record)}, "
+            f"this run trains on {_describe(ours)}; {f'{way_back}, or {fix}' if way_back else fix}"
+        )
 
 
 def read_hash_list(path: str = None) -> dict:
@@ -161,31 +176,39 @@ def check_unsigned(args, path: str, source: str, csv_bytes: bytes) -> None:
     """A CSV without sidecar passes only as the authors' published file (by its hash) on the authors' split."""
     recompute, sidecar = recompute_hint(args), sidecar_path(path)
     if (args.dataset_name, args.model_name) not in AUTHORS_MEMSCORES:
-        raise MissingError(f"mem-scores {path} carry no fingerprint ({sidecar}) and the authors publish none for "
-                           f"{args.dataset_name}_{args.model_name}, so nothing says which training set they score; "
-                           f"recompute them with {recompute} (it writes the fingerprint)")
+        raise MissingError(
+            f"mem-scores {path} carry no fingerprint ({sidecar}) and the authors publish none for "
+            f"{args.dataset_name}_{args.model_name}, so nothing says which training set they score; "
+            f"recompute them with {recompute} (it writes the fingerprint)"
+        )
     if not authors_file(f"memscore/{os.path.basename(path)}", csv_bytes):
         digest = hashlib.sha256(csv_bytes).hexdigest()
-        raise MissingError(f"mem-scores {path} carry no fingerprint ({sidecar}) and are not the authors' published "
-                           f"file (SHA-256 {digest[:12]}... is not the one memscore/authors-files.sha256 lists for "
-                           f"it); put the authors' CSV there, or recompute them with {recompute} (it writes the "
-                           f"fingerprint)")
+        raise MissingError(
+            f"mem-scores {path} carry no fingerprint ({sidecar}) and are not the authors' published "
+            f"file (SHA-256 {digest[:12]}... is not the one memscore/authors-files.sha256 lists for "
+            f"it); put the authors' CSV there, or recompute them with {recompute} (it writes the "
+            f"fingerprint)"
+        )
     if args.dataset_name in ("location", "cinic"):
         folder = os.path.join(paths.DATA_ROOT, FOLDERS[args.dataset_name])
         split_file = authors_split_file(args.dataset_name, folder)
         authors = os.path.basename(split_file)
         if source != f"authors' {authors}":
-            raise MissingError(f"mem-scores {path} carry no fingerprint and look like the authors' published file, "
-                               f"which scores the authors' split ({authors}); put {authors} into {folder}/ "
-                               f"or compute scores for this split with {recompute}")
+            raise MissingError(
+                f"mem-scores {path} carry no fingerprint and look like the authors' published file, "
+                f"which scores the authors' split ({authors}); put {authors} into {folder}/ "
+                f"or compute scores for this split with {recompute}"
+            )
         listed_name = f"data/datasets/{FOLDERS[args.dataset_name]}/{authors}"  # cinic's; location.pkl is not listed
         if listed_name in read_hash_list():
             with open(split_file, "rb") as f:
                 if not authors_file(listed_name, f.read()):
-                    raise MissingError(f"mem-scores {path} are the authors' published file, which scores the authors' "
-                                       f"split, but {split_file} is not the authors' {authors} (its SHA-256 is not the "
-                                       f"one memscore/authors-files.sha256 lists); put the authors' {authors} there "
-                                       f"or compute scores for this split with {recompute}")
+                    raise MissingError(
+                        f"mem-scores {path} are the authors' published file, which scores the authors' "
+                        f"split, but {split_file} is not the authors' {authors} (its SHA-256 is not the "
+                        f"one memscore/authors-files.sha256 lists); put the authors' {authors} there "
+                        f"or compute scores for this split with {recompute}"
+                    )
 
 
 def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -> torch.Tensor:
@@ -195,12 +218,17 @@ def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -
         frame = pd.read_csv(path if csv_bytes is None else io.BytesIO(csv_bytes), index_col=0)
     except Exception as err:  # missing, empty, not a CSV
         raise MissingError(f"mem-scores {path} is not a readable CSV ({type(err).__name__}); {fix}")
-    if list(frame.columns) != ["0"] or not pd.api.types.is_numeric_dtype(frame["0"]) \
-            or pd.api.types.is_bool_dtype(frame["0"]):  # True/False would read as 1/0
+    if (
+        list(frame.columns) != ["0"]
+        or not pd.api.types.is_numeric_dtype(frame["0"])
+        or pd.api.types.is_bool_dtype(frame["0"])
+    ):  # True/False would read as 1/0
         raise MissingError(f"mem-scores {path} must hold an index column and one numeric column named 0; {fix}")
     if len(frame) != n_train:
-        raise MissingError(f"mem-scores {path} has {len(frame)} rows but the training set has {n_train} samples "
-                           f"(made for another dataset or split); {fix}")
+        raise MissingError(
+            f"mem-scores {path} has {len(frame)} rows but the training set has {n_train} samples "
+            f"(made for another dataset or split); {fix}"
+        )
     if not np.array_equal(frame.index.to_numpy(), np.arange(n_train)):
         raise MissingError(f"mem-scores {path}: the index column must count 0..{n_train - 1} in order; {fix}")
     scores = frame["0"].to_numpy(np.float64)
@@ -208,8 +236,10 @@ def read_memscores(path: str, n_train: int, fix: str, csv_bytes: bytes = None) -
         raise MissingError(f"mem-scores {path}: row {int(np.argmin(np.isfinite(scores)))} is not a number; {fix}")
     outside = np.flatnonzero(np.abs(scores) > 1)  # P(correct | in) - P(correct | out) lies in [-1, 1]
     if len(outside):
-        raise MissingError(f"mem-scores {path}: row {outside[0]} holds {scores[outside[0]]:g}, outside [-1, 1] "
-                           f"(a mem-score is a difference of two probabilities; scaled or other scores?); {fix}")
+        raise MissingError(
+            f"mem-scores {path}: row {outside[0]} holds {scores[outside[0]]:g}, outside [-1, 1] "
+            f"(a mem-score is a difference of two probabilities; scaled or other scores?); {fix}"
+        )
     return torch.tensor(scores)
 
 

@@ -3,19 +3,42 @@
 python mia_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --attacks threshold,samia
                    [--defend slide_re [--defend_arg 4] --adaptive] [--original] [--shadow_num 5] [--rmia_gamma 1]
 """
+
 import numpy as np
 import torch
 
-from attacks import (ATTACKS, METRIC_DIGITS, Outputs, References, _rankable, add_attack_flags, attacked_rows,
-                     check_attack_flags, metric_lines, metric_values, model_outputs, parse_attacks, true_label_prob)
-from common import (RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args, pick_device,
-                    run_first, seed_everything)
+from attacks import (
+    ATTACKS,
+    METRIC_DIGITS,
+    Outputs,
+    References,
+    _rankable,
+    add_attack_flags,
+    attacked_rows,
+    check_attack_flags,
+    metric_lines,
+    metric_values,
+    model_outputs,
+    parse_attacks,
+    true_label_prob,
+)
+from common import (
+    RunLog,
+    UsageError,
+    base_parser,
+    log_gpu_usage,
+    main_guard,
+    parse_args,
+    pick_device,
+    run_first,
+    seed_everything,
+)
 from defenses import add_defense_flags, get_defense
 from intervals import LEVEL, RESAMPLES, Attacked, bootstrap
 from paths import DEFAULT_SEED, checkpoint, log_path, pretrained_dir, pruned_dir, tagged
 from progress import Progress
-from records import Recorder, block_start, logged, number, run_fields
 from pruning import add_pruning_flags, check_pruned, check_pruning_flags
+from records import Recorder, block_start, logged, number, run_fields
 from splits import check_config, open_run
 from train import evaluate, load_model, predict, warn_release_format
 
@@ -25,13 +48,19 @@ def get_args(argv=None):
     add_pruning_flags(parser)
     parser.add_argument("--attacks", default="samia", help=f"comma list of: {', '.join(ATTACKS)}")
     add_defense_flags(parser)
-    parser.add_argument("--adaptive", action="store_true",
-                        help="use shadows pruned with the same defense (else Base-pruned shadows)")
+    parser.add_argument(
+        "--adaptive", action="store_true", help="use shadows pruned with the same defense (else Base-pruned shadows)"
+    )
     parser.add_argument("--original", action="store_true", help="attack the unpruned victim with unpruned shadows")
     parser.add_argument("--shadow_num", type=int, default=5)
     add_attack_flags(parser)
-    parser.add_argument("--bootstrap", type=int, default=RESAMPLES, metavar="N",
-                        help="resamples of the 95%% intervals in the run record (0: none)")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=RESAMPLES,
+        metavar="N",
+        help="resamples of the 95%% intervals in the run record (0: none)",
+    )
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
     check_config(args)
@@ -46,15 +75,23 @@ def get_args(argv=None):
     if args.original and args.defend not in ("", "base"):
         raise UsageError(f"--original attacks the unpruned models, which have no defense; drop --defend {args.defend}")
     if args.adaptive and args.defend in ("", "base"):
-        raise UsageError("--adaptive uses shadows pruned with the victim's defense, and there is none; add "
-                         "--defend NAME, or drop --adaptive for Base")
+        raise UsageError(
+            "--adaptive uses shadows pruned with the victim's defense, and there is none; add "
+            "--defend NAME, or drop --adaptive for Base"
+        )
     return args
 
 
 def prune_command(args, defense):
     """What creates the pruned models of `defense` that this attack reads."""
-    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity),
-             "--shadow_num", str(args.shadow_num)]
+    flags = [
+        "--pruner_name",
+        args.pruner_name,
+        "--prune_sparsity",
+        str(args.prune_sparsity),
+        "--shadow_num",
+        str(args.shadow_num),
+    ]
     if defense.name != "base":
         flags += ["--defend", defense.name]
         if defense.arg_in_name:
@@ -79,15 +116,20 @@ def model_folders(args, defense):
     """(victim folder, shadow folders, description for the log, how to create the victim, the shadows)."""
     if args.original:
         how = run_first("pretrain_modi.py", args, "--shadow_num", str(args.shadow_num))
-        return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)],
-                "original", how, how)
+        return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)], "original", how, how)
     shadow_defense = defense if args.adaptive else get_defense("base")
-    shadow_prefix = tagged(shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg,
-                                                 args.semantics), args.tag if args.adaptive else "")  # Base: untagged
+    shadow_prefix = tagged(
+        shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics),
+        args.tag if args.adaptive else "",
+    )  # Base: untagged
     setting = "adaptive" if args.adaptive else "base"
-    return (pruned_dir(args, victim_prefix(args, defense)), [pruned_dir(args, shadow_prefix, i) for i in
-            range(args.shadow_num)], f"{shadow_prefix} ({setting})", prune_command(args, defense),
-            prune_command(args, shadow_defense))
+    return (
+        pruned_dir(args, victim_prefix(args, defense)),
+        [pruned_dir(args, shadow_prefix, i) for i in range(args.shadow_num)],
+        f"{shadow_prefix} ({setting})",
+        prune_command(args, defense),
+        prune_command(args, shadow_defense),
+    )
 
 
 def score_arrays(victim_rows, victim, n_train, results):
@@ -96,14 +138,19 @@ def score_arrays(victim_rows, victim, n_train, results):
     label and membership, and each attack's member score (the values its AUC is computed from)."""
     index = victim_rows.cpu().numpy().astype(np.int64)
     in_train = index < n_train
-    arrays = {"index": index, "set": np.where(in_train, "train", "test"),
-              "set_index": np.where(in_train, index, index - n_train),
-              "label": victim.labels.cpu().numpy().astype(np.int64), "member": victim.member.cpu().numpy(),
-              "attacks": np.array([r.name for r in results])}
+    arrays = {
+        "index": index,
+        "set": np.where(in_train, "train", "test"),
+        "set_index": np.where(in_train, index, index - n_train),
+        "label": victim.labels.cpu().numpy().astype(np.int64),
+        "member": victim.member.cpu().numpy(),
+        "attacks": np.array([r.name for r in results]),
+    }
     arrays.update({f"score_{r.name}": np.asarray(r.scores, dtype=np.float64) for r in results})
     arrays["accuracy_kind"] = np.array([r.accuracy_kind or "" for r in results])  # intervals.ACCURACY_KINDS
-    arrays.update({f"decision_{r.name}": np.asarray(r.decisions, dtype=bool) for r in results
-                   if r.decisions is not None})
+    arrays.update(
+        {f"decision_{r.name}": np.asarray(r.decisions, dtype=bool) for r in results if r.decisions is not None}
+    )
     return arrays
 
 
@@ -111,8 +158,9 @@ def result_intervals(result, resamples, seed) -> dict:
     """{metric: [lower, upper]} of the 95 % bootstrap intervals over the attacked samples. The accuracy's
     only where its value on all samples is the logged accuracy (an attack whose accuracy is computed
     otherwise gets none)."""
-    attacked = Attacked(_rankable(result.scores), np.asarray(result.member, bool), result.accuracy_kind,
-                        result.decisions)
+    attacked = Attacked(
+        _rankable(result.scores), np.asarray(result.member, bool), result.accuracy_kind, result.decisions
+    )
     found = bootstrap(attacked, resamples, seed)
     if not abs(found["accuracy"][0] - result.accuracy) < 1e-4:
         result.accuracy_kind = None
@@ -177,8 +225,12 @@ def main():
     if with_shadow_logits:
         victim.shadow_logits = torch.stack(shadow_logits)
     if with_references:
-        victim.references = References.from_split(model_splits, reference_rows, int(split.meta["n_train"]),
-                                                  np.stack([reference_prob(victim_model)] + reference_probs))
+        victim.references = References.from_split(
+            model_splits,
+            reference_rows,
+            int(split.meta["n_train"]),
+            np.stack([reference_prob(victim_model)] + reference_probs),
+        )
     recorder.check_writable()  # before the log's first line
     log = RunLog(log_path(args))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
@@ -188,8 +240,14 @@ def main():
     start = block_start(log, first)
     log.write(f"Shadows: {setting}")
     log.write(f"Semantics: {args.semantics}")
-    recorder.results.update(victim=kind, victim_test_acc=logged(test_acc), shadows=setting, attacks=[],
-                            members=len(split.indices().train), nonmembers=len(split.indices().test))
+    recorder.results.update(
+        victim=kind,
+        victim_test_acc=logged(test_acc),
+        shadows=setting,
+        attacks=[],
+        members=len(split.indices().train),
+        nonmembers=len(split.indices().test),
+    )
     if args.bootstrap:
         recorder.results["bootstrap"] = {"resamples": args.bootstrap, "seed": args.seed, "level": LEVEL}
     progress = Progress(args.quiet)
@@ -200,8 +258,10 @@ def main():
             values = metric_values(result)
             for line in metric_lines(result, values) + result.notes:
                 log.write(line)
-            numbers = {"accuracy": logged(result.accuracy),
-                       **{metric: logged(v, METRIC_DIGITS.get(metric, 3)) for metric, v in values.items()}}
+            numbers = {
+                "accuracy": logged(result.accuracy),
+                **{metric: logged(v, METRIC_DIGITS.get(metric, 3)) for metric, v in values.items()},
+            }
             if args.bootstrap:
                 numbers["intervals"] = result_intervals(result, args.bootstrap, args.seed)
             recorder.results["attacks"].append({"name": result.name, **numbers})

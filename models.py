@@ -1,4 +1,5 @@
 """Target models (resnet18, vgg16bn, densenet121, columnfc) and attack models (mia_fc, transformer)."""
+
 import torch
 import torch.nn as nn
 
@@ -23,6 +24,7 @@ def release_init(model: nn.Module) -> nn.Module:
 
 def resnet18(num_cls: int) -> nn.Module:
     import torchvision.models as tvm  # here, not at the top: slow to import and the tabular runs never need it
+
     model = tvm.resnet18(weights=None, num_classes=num_cls)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # 32x32 input; max-pool kept
     return model
@@ -31,6 +33,7 @@ def resnet18(num_cls: int) -> nn.Module:
 def vgg16bn(num_cls: int) -> nn.Module:
     """VGG-16 (config D) with BatchNorm, 1x1 adaptive pool, 512-4096-4096-C classifier."""
     import torchvision.models as tvm
+
     model = tvm.vgg16_bn(weights=None, num_classes=num_cls)
     model.avgpool = nn.AdaptiveAvgPool2d(1)
     model.classifier[0] = nn.Linear(512, 4096)
@@ -39,6 +42,7 @@ def vgg16bn(num_cls: int) -> nn.Module:
 
 def densenet121(num_cls: int) -> nn.Module:
     import torchvision.models as tvm
+
     model = tvm.densenet121(weights=None, num_classes=num_cls)
     model.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     return model
@@ -62,10 +66,16 @@ class ColumnFC(nn.Module):
 
 def mia_fc(input_dim: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(input_dim, 512), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),
-        nn.Linear(256, 128), nn.ReLU(),
-        nn.Linear(128, 2))
+        nn.Linear(input_dim, 512),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, 2),
+    )
 
 
 class SamiaTransformer(nn.Module):
@@ -77,8 +87,9 @@ class SamiaTransformer(nn.Module):
         self.num_cls = num_cls
         self.norm = nn.BatchNorm1d(3 * num_cls)
         self.embed = nn.Sequential(nn.Linear(3, d_model), nn.GELU())
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=128, dropout=0.2,
-                                           activation="gelu", batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead=4, dim_feedforward=128, dropout=0.2, activation="gelu", batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(num_cls * d_model, 64), nn.ReLU(), nn.Linear(64, 2))
 

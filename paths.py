@@ -11,14 +11,15 @@ commands keep the release's names.
 The bottom layer with common.py: it imports nothing of the project; what a defense decides about its
 names (whether its argument is part of them) reaches it as plain values.
 """
+
 import os
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_ROOT = os.path.join(REPO_DIR, "data", "datasets")  # absolute: follows the repo
-RESULT_ROOT = "result"                                  # relative: follows the working directory
-LOG_ROOT = "log"                                        # relative: follows the working directory
-MEMSCORE_ROOT = os.path.join(REPO_DIR, "memscore")      # absolute: follows the repo
-DEFAULT_SEED = 7      # the scripts' --seed default: runs with it keep the release's folder names
+RESULT_ROOT = "result"  # relative: follows the working directory
+LOG_ROOT = "log"  # relative: follows the working directory
+MEMSCORE_ROOT = os.path.join(REPO_DIR, "memscore")  # absolute: follows the repo
+DEFAULT_SEED = 7  # the scripts' --seed default: runs with it keep the release's folder names
 
 
 def run_name(args) -> str:

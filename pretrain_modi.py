@@ -2,17 +2,36 @@
 
 python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 7] [--force | --skip_existing]
 """
+
 import os
 
-from common import (MissingError, RunLog, UsageError, base_parser, log_gpu_usage, main_guard, parse_args,
-                    pick_device, seed_everything)
+from common import (
+    MissingError,
+    RunLog,
+    UsageError,
+    base_parser,
+    log_gpu_usage,
+    main_guard,
+    parse_args,
+    pick_device,
+    seed_everything,
+)
 from datasets import TensorData, get_dataset
 from models import build_model
 from paths import SPLIT_FILE, checkpoint, log_dir, pretrained_dir, run_name, split_path
 from progress import Progress
 from splits import Split, check_config
-from train import (Staging, evaluate, fit, is_finished, load_checkpoint, make_optimizer, mark_finished, save_checkpoint,
-                   train_pass)
+from train import (
+    Staging,
+    evaluate,
+    fit,
+    is_finished,
+    load_checkpoint,
+    make_optimizer,
+    mark_finished,
+    save_checkpoint,
+    train_pass,
+)
 
 
 def get_args(argv=None):
@@ -20,8 +39,11 @@ def get_args(argv=None):
     parser.add_argument("--shadow_num", type=int, default=5)
     parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
     parser.add_argument("--force", action="store_true", help="rebuild a split that does not match this run")
-    parser.add_argument("--skip_existing", action="store_true",
-                        help="keep models that finished training (best.pth and its completion record)")
+    parser.add_argument(
+        "--skip_existing",
+        action="store_true",
+        help="keep models that finished training (best.pth and its completion record)",
+    )
     args = parse_args(parser, argv)
     if args.force and args.skip_existing:
         raise UsageError("--force rebuilds the split, so existing models would be stale; drop --skip_existing")
@@ -36,8 +58,10 @@ def prepare_split(args, n_train, n_test):
         split = Split.load(path)
         why = split.mismatch(args.dataset_name, n_train, n_test, args.seed, args.shadow_num)
         if why:
-            raise MissingError(f"existing data split {path} cannot be reused: {why}; pass --force to "
-                               f"rebuild it (models trained on the old split become stale)")
+            raise MissingError(
+                f"existing data split {path} cannot be reused: {why}; pass --force to "
+                f"rebuild it (models trained on the old split become stale)"
+            )
         print(f"Reusing data split {path}")
         return split, False
     return Split.create(args.dataset_name, n_train, n_test, args.seed, args.shadow_num), True
@@ -50,9 +74,17 @@ def pretrain(args, data, model_split, folder, progress, tag="victim"):
     optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     path = checkpoint(folder)
     with progress.epochs(tag, args.epochs) as on_epoch:
-        fit(model, lambda epoch: train_pass(model, data, model_split.train, optimizer, args.batch_size), data,
-            model_split.dev, model_split.test, args.epochs, args.early_stop,
-            on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss), on_epoch=on_epoch)
+        fit(
+            model,
+            lambda epoch: train_pass(model, data, model_split.train, optimizer, args.batch_size),
+            data,
+            model_split.dev,
+            model_split.test,
+            args.epochs,
+            args.early_stop,
+            on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss),
+            on_epoch=on_epoch,
+        )
     best = load_checkpoint(model, path, "checkpoint", "rerun pretrain_modi.py")
     return best, evaluate(model, data, model_split.test)
 
@@ -69,8 +101,10 @@ def main():
     for who in [None] + list(range(args.shadow_num)):
         folder = pretrained_dir(args, who)
         if args.skip_existing and is_finished(folder):
-            print(f"Skipping {'victim' if who is None else f'shadow {who}'}: {checkpoint(folder)} exists "
-                  f"(--skip_existing)")
+            print(
+                f"Skipping {'victim' if who is None else f'shadow {who}'}: {checkpoint(folder)} exists "
+                f"(--skip_existing)"
+            )
         else:
             todo.append((who, folder))
     # All of this run's models (and a new split) are staged and published together: a run that fails leaves
@@ -83,14 +117,17 @@ def main():
         progress = Progress.from_args(args, "pretrain")  # before the log: a bad TensorBoard path writes nothing
         log = RunLog(os.path.join(log_dir(args), "pretrain.txt"))
         log.write(f"{run_name(args)} pretrain seed {args.seed} epochs {args.epochs}")
-        for (who, folder), staged in zip(todo, staging.staged):
+        for (who, _folder), staged in zip(todo, staging.staged):
             name = "victim" if who is None else f"shadow {who}"
             seed_everything(args.seed + (0 if who is None else who + 1))  # a model does not depend on those before it
-            best, (test_acc, test_loss) = pretrain(args, data, split.indices(who).to(device), staged,
-                                                   progress, name.replace(" ", "_"))
+            best, (test_acc, test_loss) = pretrain(
+                args, data, split.indices(who).to(device), staged, progress, name.replace(" ", "_")
+            )
             mark_finished(staged, split_file, script="pretrain_modi.py", epoch=best["epoch"], dev_acc=best["acc"])
-            log.write(f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
-                      f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}")
+            log.write(
+                f"Pretrained {name}: epoch {best['epoch']}, dev Accuracy {best['acc']:.3f}, "
+                f"test Accuracy {test_acc:.3f}, Loss {test_loss:.3f}"
+            )
         if split_file != split_path(args):
             os.replace(split_file, split_path(args))
         staging.publish()

@@ -5,6 +5,7 @@ A script makes one Progress from its --quiet / --no_tensorboard flags and passes
 trains. Bars are off with --quiet or when stdout is not a terminal (a log file, a batch job). Scalars
 go to log/<ds>_<model>/tb/<run>_<time>/; tensorboard is imported only when they are on.
 """
+
 import os
 import sys
 import time

@@ -3,18 +3,28 @@
 python prune_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --prune_iter 5
                      [--defend slide_re --stride 50 --width 500] [--defend ppb --defend_arg 4] ...
 """
+
 import time
 
-from common import (RunLog, UsageError, base_parser, check_writable, log_gpu_usage, main_guard, parse_args,
-                    pick_device, run_first, seed_everything)
+from common import (
+    RunLog,
+    UsageError,
+    base_parser,
+    check_writable,
+    log_gpu_usage,
+    main_guard,
+    parse_args,
+    pick_device,
+    run_first,
+    seed_everything,
+)
 from defenses import DefenseSettings, add_defense_flags, get_defense
 from memscores import load_memscores
 from models import build_model
 from paths import checkpoint, log_path, memscore_path, pretrained_dir, pruned_dir, run_name, split_path, tagged
 from progress import Progress
+from pruning import Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, masked_fraction, prunable_layers
 from records import Recorder, block_start, logged, run_fields
-from pruning import (Pruner, add_pruning_flags, check_prune_iter, check_pruning_flags, masked_fraction,
-                     prunable_layers)
 from splits import check_config, open_run
 from train import Staging, evaluate, fit, load_model, mark_finished, warn_release_format
 
@@ -72,8 +82,9 @@ def check_prerequisites(args, defense, settings, data, model_splits, memscores):
     release_format = []
     for who, model_split in zip([None] + list(range(args.shadow_num)), model_splits):
         path = checkpoint(pretrained_dir(args, who))
-        model, ckpt = load_model(args, path, data.y.device, "pretrained checkpoint", pretrained_fix(args),
-                                 finished=True)
+        model, ckpt = load_model(
+            args, path, data.y.device, "pretrained checkpoint", pretrained_fix(args), finished=True
+        )
         if "state" not in ckpt:
             release_format.append(path)
         defense(model, data, model_split, settings, memscores)
@@ -91,12 +102,21 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
     model_tag = tag.replace(" ", "_")
     for iteration in progress.bar(range(len(pruner.schedule)), desc=f"{tag} pruning"):
         pruner.prune(iteration)
-        with progress.epochs(model_tag, args.prune_epochs, iteration * args.prune_epochs,
-                             desc=f"{tag} iter {iteration}") as on_epoch:
-            best_acc, last_loss = fit(model, trainer.train_epoch, data, model_split.dev, model_split.test,
-                                      args.prune_epochs, args.early_stop,
-                                      on_best=lambda epoch, acc, loss: pruner.export(target, epoch, acc, loss),
-                                      on_epoch=on_epoch, start_acc=0.0 if args.semantics == "release" else -1.0)
+        with progress.epochs(
+            model_tag, args.prune_epochs, iteration * args.prune_epochs, desc=f"{tag} iter {iteration}"
+        ) as on_epoch:
+            best_acc, last_loss = fit(
+                model,
+                trainer.train_epoch,
+                data,
+                model_split.dev,
+                model_split.test,
+                args.prune_epochs,
+                args.early_stop,
+                on_best=lambda epoch, acc, loss: pruner.export(target, epoch, acc, loss),
+                on_epoch=on_epoch,
+                start_acc=0.0 if args.semantics == "release" else -1.0,
+            )
         log.write(f"{tag} iter {iteration} best model: Accuracy {best_acc:.3f}, Loss {last_loss:.3f}")
         progress.add(f"{model_tag}/iteration_sparsity", masked_fraction(pruner.masks.values()), iteration)
         progress.add(f"{model_tag}/iteration_best_dev_acc", best_acc, iteration)
@@ -106,8 +126,13 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
         history.append({"accuracy": logged(best_acc), "loss": logged(last_loss)})
         if callable(getattr(trainer, "epsilon", None)):  # dp: the total so far, as its log line says
             history[-1]["dp_epsilon"] = logged(trainer.epsilon())
-    mark_finished(target, split_path(args), script="prune_modi.py", target_sparsity=args.prune_sparsity,
-                  sparsity=masked_fraction(pruner.masks.values()))
+    mark_finished(
+        target,
+        split_path(args),
+        script="prune_modi.py",
+        target_sparsity=args.prune_sparsity,
+        sparsity=masked_fraction(pruner.masks.values()),
+    )
     return model
 
 
@@ -121,8 +146,16 @@ def main():
         memscores = load_memscores(args, data, int(split.meta["n_train"]))  # data: training rows first
         defense.check_memscores(memscores, settings, memscore_path(args.dataset_name, args.model_name))
     prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
-    recorder = Recorder("prune", args, run_fields(args, prefix, args.defend_arg if defense.arg_in_name else None,
-                                                  f"{args.stride}-{args.width}" if defense.window else None))
+    recorder = Recorder(
+        "prune",
+        args,
+        run_fields(
+            args,
+            prefix,
+            args.defend_arg if defense.arg_in_name else None,
+            f"{args.stride}-{args.width}" if defense.window else None,
+        ),
+    )
     log = RunLog(log_path(args))
     shadows = [split.indices(i).to(device) for i in range(args.shadow_num)]  # checks shadow_num early
     victim_split = split.indices().to(device)
@@ -144,8 +177,13 @@ def main():
     victim_scores = None if memscores is None else memscores[victim_split.train.cpu()]
     for line in defense.header_lines(settings, data.y[victim_split.train], victim_scores, memscores):
         log.write(line)
-    victim, _ = load_model(args, checkpoint(pretrained_dir(args)), device, "pretrained victim checkpoint",
-                           run_first("pretrain_modi.py", args))
+    victim, _ = load_model(
+        args,
+        checkpoint(pretrained_dir(args)),
+        device,
+        "pretrained victim checkpoint",
+        run_first("pretrain_modi.py", args),
+    )
     acc, loss = evaluate(victim, data, victim_split.test)
     log.write(f"Pretrained Victim: Accuracy {acc:.3f}, Loss {loss:.3f}")
     iterations = {}
@@ -154,15 +192,40 @@ def main():
     with Staging(targets) as staging:  # the folders keep the last finished run's models until all of these are
         victim_target, *shadow_targets = staging.staged
         start = time.time()
-        prune_one(args, defense, settings, data, victim_split, pretrained_dir(args), victim_target, log,
-                  "victim", memscores, progress, iterations.setdefault("victim", []))
+        prune_one(
+            args,
+            defense,
+            settings,
+            data,
+            victim_split,
+            pretrained_dir(args),
+            victim_target,
+            log,
+            "victim",
+            memscores,
+            progress,
+            iterations.setdefault("victim", []),
+        )
         defend_time = time.time() - start
         log.write(f"Total {defense.label or defense.name} defend time: {defend_time:.3f}s")
-        recorder.results.update(defend_time_s=logged(defend_time),
-                                dp_epsilon=iterations["victim"][-1].get("dp_epsilon"))
+        recorder.results.update(
+            defend_time_s=logged(defend_time), dp_epsilon=iterations["victim"][-1].get("dp_epsilon")
+        )
         for i, (shadow_split, target) in enumerate(zip(shadows, shadow_targets)):
-            prune_one(args, defense, settings, data, shadow_split, pretrained_dir(args, i), target,
-                      log, f"shadow {i}", memscores, progress, iterations.setdefault(f"shadow {i}", []))
+            prune_one(
+                args,
+                defense,
+                settings,
+                data,
+                shadow_split,
+                pretrained_dir(args, i),
+                target,
+                log,
+                f"shadow {i}",
+                memscores,
+                progress,
+                iterations.setdefault(f"shadow {i}", []),
+            )
         staging.publish()
     progress.close()
     log_gpu_usage(device, log)

@@ -7,6 +7,7 @@ k = int(numel * s_t), mask = |w| > (k-th smallest |w|). As in NNI, the mask is m
 weight before every forward, so pruned weights are zero whenever the model runs while the optimizer
 (and its Adam state) keeps going; weights are never rewound.
 """
+
 import argparse
 
 import torch
@@ -30,9 +31,13 @@ def add_pruning_flags(parser: argparse.ArgumentParser) -> None:
     """--pruner_name, --prune_sparsity and --tag, the same in prune_modi.py and mia_modi.py."""
     parser.add_argument("--pruner_name", default="l1unstructure", help=", ".join(PRUNERS))
     parser.add_argument("--prune_sparsity", type=float, default=0.6)
-    parser.add_argument("--tag", default="", type=tag_type,
-                        help="a name for this setting, added to the pruned folders and the log file "
-                             "(letters, digits, '.', '-'; docs/grid.md)")
+    parser.add_argument(
+        "--tag",
+        default="",
+        type=tag_type,
+        help="a name for this setting, added to the pruned folders and the log file "
+        "(letters, digits, '.', '-'; docs/grid.md)",
+    )
 
 
 def check_pruning_flags(pruner_name: str, sparsity: float) -> None:
@@ -47,8 +52,10 @@ def check_prune_iter(pruner_name: str, prune_iter: int) -> None:
     """The iterative pruners' first iteration prunes nothing (sparsity_schedule), so one iteration would file
     a dense model under the requested sparsity."""
     if pruner_name != "l1unstructure" and prune_iter < 2:
-        raise UsageError(f"--prune_iter must be >= 2 for {pruner_name} (its first iteration prunes nothing, the "
-                         f"last reaches --prune_sparsity), got {prune_iter}; the paper uses 5")
+        raise UsageError(
+            f"--prune_iter must be >= 2 for {pruner_name} (its first iteration prunes nothing, the "
+            f"last reaches --prune_sparsity), got {prune_iter}; the paper uses 5"
+        )
 
 
 def prunable_layers(model: nn.Module, pruner_name: str) -> dict:
@@ -58,8 +65,10 @@ def prunable_layers(model: nn.Module, pruner_name: str) -> dict:
     if pruner_name == "iter_prunetxt":
         layers = {n: m for n, m in model.named_modules() if n.split(".")[-1] in ("fc1", "fc2")}
         if not layers:
-            raise UsageError("pruner iter_prunetxt prunes layers named fc1/fc2, which this model lacks; "
-                             "use --pruner_name iter_pruning for image models")
+            raise UsageError(
+                "pruner iter_prunetxt prunes layers named fc1/fc2, which this model lacks; "
+                "use --pruner_name iter_pruning for image models"
+            )
         return layers
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
@@ -94,6 +103,7 @@ class Pruner:
         def apply_mask(module, inputs):
             with torch.no_grad():
                 module.weight.mul_(self.masks[name])
+
         return apply_mask
 
     def prune(self, iteration):
@@ -124,8 +134,9 @@ def load_masks(path: str, fix: str = "rerun prune_modi.py for this setting") -> 
         if isinstance(mask, dict):  # the release's; biases are never pruned, so only the weight mask counts
             mask = mask.get("weight")
         if not isinstance(name, str) or not isinstance(mask, torch.Tensor):
-            raise MissingError(f"mask file {path}: entry {name!r} is neither a mask nor {{weight: mask}}; "
-                               f"delete it and {fix}")
+            raise MissingError(
+                f"mask file {path}: entry {name!r} is neither a mask nor {{weight: mask}}; delete it and {fix}"
+            )
         weights[name] = mask
     return weights
 
@@ -148,9 +159,12 @@ def check_pruned(model: nn.Module, folder: str, sparsity: float, fix: str, toler
         if not isinstance(weight, torch.Tensor) or weight.shape != mask.shape:
             raise MissingError(f"mask file {path} does not fit this model (layer {name}); {fix}")
         if weight.detach()[mask.to(weight.device) == 0].any():
-            raise MissingError(f"{checkpoint(folder)} is not pruned as its mask {path} says (masked weights of "
-                               f"{name} are not zero: a dense or another run's checkpoint); {fix}")
+            raise MissingError(
+                f"{checkpoint(folder)} is not pruned as its mask {path} says (masked weights of "
+                f"{name} are not zero: a dense or another run's checkpoint); {fix}"
+            )
     measured = masked_fraction(masks.values())
     if abs(measured - sparsity) > tolerance:
-        raise MissingError(f"{path} prunes {measured:.3f} of the weights, not the requested --prune_sparsity "
-                           f"{sparsity}; {fix}")
+        raise MissingError(
+            f"{path} prunes {measured:.3f} of the weights, not the requested --prune_sparsity {sparsity}; {fix}"
+        )

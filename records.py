@@ -8,6 +8,7 @@ share a name, and the name never changes once the run has started. A record name
 byte offsets of its block there, which is how summarize.py tells that a log block and a record are the
 same run.
 """
+
 import json
 import math
 import os
@@ -40,9 +41,12 @@ def make_run_id(start: datetime) -> str:
 
 def code_version() -> dict:
     """{"commit": git HEAD of this code or None, "dirty": whether tracked or new files differ from it, or None}."""
+
     def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *cmd], cwd=REPO_DIR, capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
     try:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):  # no git, not a checkout, a hung git
@@ -77,11 +81,21 @@ def settings(args) -> dict:
 def run_fields(args, prefix: str, defend_arg=None, window=None) -> dict:
     """What names a run in summarize.py's table (defend_arg only for the defenses that carry it in their
     names, window only for the window defenses, as in the log's header line)."""
-    return {"run_name": run_name(args), "dataset": args.dataset_name, "model": args.model_name,
-            "pruner": args.pruner_name, "sparsity": float(args.prune_sparsity), "defense": args.defend or "base",
-            "defend_arg": None if defend_arg is None else float(defend_arg), "window": window,
-            "weight_decay_mem": float(args.weight_decay_mem), "semantics": args.semantics, "tag": args.tag,
-            "seed": args.seed, "prefix": prefix}
+    return {
+        "run_name": run_name(args),
+        "dataset": args.dataset_name,
+        "model": args.model_name,
+        "pruner": args.pruner_name,
+        "sparsity": float(args.prune_sparsity),
+        "defense": args.defend or "base",
+        "defend_arg": None if defend_arg is None else float(defend_arg),
+        "window": window,
+        "weight_decay_mem": float(args.weight_decay_mem),
+        "semantics": args.semantics,
+        "tag": args.tag,
+        "seed": args.seed,
+        "prefix": prefix,
+    }
 
 
 def block_start(log, first_line: str) -> int:
@@ -97,9 +111,18 @@ class Recorder:
         self.start = utc_now()
         self.run_id = make_run_id(self.start)
         self.folder = result_dir(args)
-        self.record = {"format": FORMAT, "kind": kind, "run_id": self.run_id, "start": iso(self.start),
-                       "end": None, "code": code_version(), "run": run, "settings": settings(args),
-                       "log": None, "results": {}}
+        self.record = {
+            "format": FORMAT,
+            "kind": kind,
+            "run_id": self.run_id,
+            "start": iso(self.start),
+            "end": None,
+            "code": code_version(),
+            "run": run,
+            "settings": settings(args),
+            "log": None,
+            "results": {},
+        }
 
     @property
     def results(self) -> dict:
@@ -133,6 +156,7 @@ class Recorder:
 
 # ---------------------------------------------------------------- reading
 
+
 class RecordError(Exception):
     """A record file that cannot be used (its message says why)."""
 
@@ -158,8 +182,9 @@ def read_record(path: str) -> dict:
         if not isinstance(record.get(key), kind):
             raise RecordError(f"'{key}' missing or not a {kind.__name__}")
     log = record.get("log")
-    if log is not None and not (isinstance(log, dict) and isinstance(log.get("path"), str)
-                                and isinstance(log.get("offset"), int)):
+    if log is not None and not (
+        isinstance(log, dict) and isinstance(log.get("path"), str) and isinstance(log.get("offset"), int)
+    ):
         raise RecordError("'log' is not {path, offset, end}")
     return record
 

@@ -2,6 +2,7 @@
 from the saved member scores, attack results against sparsity, the paper's bars, accuracy per pruning
 iteration and window sensitivity; and report.md, which shows them under the results table.
 """
+
 import math
 import os
 
@@ -9,14 +10,15 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
+import paths
 from attacks import _rankable
 from common import atomic_write
-import paths
 from intervals import FPR_TARGETS, RESAMPLES, align, measurable, paired_difference, read_attacked
 from records import record_time
 from results import KEY, METRICS, TEXT_COLUMNS, value
 
 CHANCE = 50.0  # attack accuracy (%) of a coin flip: where attack-accuracy axes start unless zoomed
+
 
 def plot(df: pd.DataFrame, path: str, zoom: bool = False) -> None:
     """Write the privacy-utility trade-off figure (draw_tradeoff) to path, whole or not at all; its
@@ -58,8 +60,7 @@ def draw_tradeoff(df: pd.DataFrame, zoom: bool = False):
     the unpruned model as the reference. The attack axis starts at chance unless zoom. Returns the Figure."""
     plt = pyplot()
     acc_cols = attack_accuracy_columns(df)
-    df = df.assign(attack=df[acc_cols].max(axis=1) if acc_cols else math.nan,
-                   group=df["dataset"] + "_" + df["model"])
+    df = df.assign(attack=df[acc_cols].max(axis=1) if acc_cols else math.nan, group=df["dataset"] + "_" + df["model"])
     groups = list(dict.fromkeys(df["group"])) or ["no results"]
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
@@ -91,15 +92,21 @@ def draw_tradeoff(df: pd.DataFrame, zoom: bool = False):
             ax.axvline(ref.iloc[-1], color="grey", linestyle="--", label=f"unpruned ({ref.iloc[-1]:.1f}%)")
         original = original[original["attack"].notna() & original["pretrained_acc"].notna()]
         if len(original):
-            ax.scatter(original["pretrained_acc"], original["attack"], marker="X", s=90, color="grey",
-                       label="unpruned, attacked")
+            ax.scatter(
+                original["pretrained_acc"],
+                original["attack"],
+                marker="X",
+                s=90,
+                color="grey",
+                label="unpruned, attacked",
+            )
         ax.set_title(group)
         axis_label(ax, "x", "pruned victim test accuracy (%)", 0)
         attack_axis(ax, "strongest attack accuracy (%)", zoom)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(groups) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
@@ -117,8 +124,10 @@ class NoData(Exception):
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -151,13 +160,12 @@ def color_of(label, labels):
 
 
 def with_labels(df):
-    return df.assign(group=df["dataset"] + "_" + df["model"],
-                     label=[run_label(row) for row in df.to_dict("records")])
+    return df.assign(group=df["dataset"] + "_" + df["model"], label=[run_label(row) for row in df.to_dict("records")])
 
 
 def shown_attacks(df):
     """The STRONG attacks with results in df, else every attack with an accuracy."""
-    present = [c[:-len("_acc")] for c in attack_accuracy_columns(df) if df[c].notna().any()]
+    present = [c[: -len("_acc")] for c in attack_accuracy_columns(df) if df[c].notna().any()]
     return [a for a in STRONG if a in present] or present
 
 
@@ -169,17 +177,27 @@ def aggregate(df):
     numbers = [c for c in df.columns if c not in TEXT_COLUMNS and c not in keys]
     groups = df.groupby(keys, dropna=False, sort=False)
     seeds = groups["seed"].agg(lambda seeds: ",".join(str(s) for s in sorted(seeds))).rename("seeds")
-    out = pd.concat([groups[numbers].mean(), groups[numbers].std().add_suffix("_std"),
-                     groups[numbers].min().add_suffix("_min"), groups[numbers].max().add_suffix("_max"), seeds], axis=1)
+    out = pd.concat(
+        [
+            groups[numbers].mean(),
+            groups[numbers].std().add_suffix("_std"),
+            groups[numbers].min().add_suffix("_min"),
+            groups[numbers].max().add_suffix("_max"),
+            seeds,
+        ],
+        axis=1,
+    )
     return out.copy().reset_index()  # copy: one block, not one per column, before the key columns go in
 
 
 DERIVED = ("_std", "_min", "_max", "_lo", "_hi")  # columns shown inside another column's cell
 TPR_COLUMNS = {short: metric for metric, short in METRICS.items() if metric in FPR_TARGETS}  # tpr1, tpr01
 NOT_MEASURABLE = "n/m"
-TABLE_NOTE = (f"Cells: value [95 % bootstrap interval over the attacked samples] for one seed; mean ± std "
-              f"(min–max) over seeds where several ran. {NOT_MEASURABLE}: TPR at an FPR below 10 / "
-              f"(non-members) rests on fewer than ten false positives, not measurable with this many non-members.")
+TABLE_NOTE = (
+    f"Cells: value [95 % bootstrap interval over the attacked samples] for one seed; mean ± std "
+    f"(min–max) over seeds where several ran. {NOT_MEASURABLE}: TPR at an FPR below 10 / "
+    f"(non-members) rests on fewer than ten false positives, not measurable with this many non-members."
+)
 
 
 def not_measurable(row, col) -> bool:
@@ -209,8 +227,7 @@ def report_table(agg):
         digits = DIGITS.get(col.rsplit("_", 1)[-1], 3)
         std = row.get(f"{col}_std", math.nan)
         if not nan(std):
-            return (f"{v:.{digits}f} ± {std:.{digits}f} "
-                    f"({row[f'{col}_min']:.{digits}f}–{row[f'{col}_max']:.{digits}f})")
+            return f"{v:.{digits}f} ± {std:.{digits}f} ({row[f'{col}_min']:.{digits}f}–{row[f'{col}_max']:.{digits}f})"
         low, high = row.get(f"{col}_lo", math.nan), row.get(f"{col}_hi", math.nan)
         return f"{v:.{digits}f}" + ("" if nan(low) or nan(high) else f" [{low:.{digits}f}, {high:.{digits}f}]")
 
@@ -237,8 +254,9 @@ def error_of(df, col):
     low = np.asarray(df[f"{col}_lo"], dtype=float) if f"{col}_lo" in df.columns else np.full(len(df), np.nan)
     high = np.asarray(df[f"{col}_hi"], dtype=float) if f"{col}_hi" in df.columns else np.full(len(df), np.nan)
     several = np.isfinite(std)  # (a percentile interval may, rarely, not hold its value: no negative bar)
-    return np.stack([np.where(several, std, np.maximum(values - low, 0)),
-                     np.where(several, std, np.maximum(high - values, 0))])
+    return np.stack(
+        [np.where(several, std, np.maximum(values - low, 0)), np.where(several, std, np.maximum(high - values, 0))]
+    )
 
 
 def std_of(df, col):
@@ -279,9 +297,18 @@ def roc_curves(df, root="."):
         seen.add(line)
         for attack, values in scores.items():
             fpr, tpr, _ = roc_curve(member, _rankable(values))
-            curves.append({"group": row["group"], "sparsity": row["sparsity"], "attack": attack,
-                           "label": row["label"], "fpr": fpr, "tpr": tpr, "members": int(member.sum()),
-                           "nonmembers": int((~member).sum())})
+            curves.append(
+                {
+                    "group": row["group"],
+                    "sparsity": row["sparsity"],
+                    "attack": attack,
+                    "label": row["label"],
+                    "fpr": fpr,
+                    "tpr": tpr,
+                    "members": int(member.sum()),
+                    "nonmembers": int((~member).sum()),
+                }
+            )
     return curves, problems
 
 
@@ -353,8 +380,15 @@ def draw_sparsity(agg, zoom=False):
             for label in dict.fromkeys(g["label"]):
                 d = g[(g["label"] == label) & g[col].notna()].sort_values("sparsity")
                 if len(d):
-                    plot_with_error(ax, d["sparsity"], d[col], error_of(d, col), marker="o", label=label,
-                                    color=color_of(label, labels))
+                    plot_with_error(
+                        ax,
+                        d["sparsity"],
+                        d[col],
+                        error_of(d, col),
+                        marker="o",
+                        label=label,
+                        color=color_of(label, labels),
+                    )
             reference = unpruned_reference(agg, group, col)
             if not math.isnan(reference):
                 ax.axhline(reference, color="grey", linestyle="--", lw=1, label="unpruned")
@@ -394,16 +428,24 @@ def draw_bars(agg, zoom=False):
         x = np.arange(len(d))
         err = np.nan_to_num(np.asarray(std_of(d, "pruned_acc"), dtype=float))
         colors = ["gainsboro" if label == "unpruned" else "lightsteelblue" for label in d["label"]]
-        ax.bar(x, d["pruned_acc"], yerr=err if err.any() else None, color=colors, edgecolor="black",
-               capsize=3, label="test accuracy")
+        ax.bar(
+            x,
+            d["pruned_acc"],
+            yerr=err if err.any() else None,
+            color=colors,
+            edgecolor="black",
+            capsize=3,
+            label="test accuracy",
+        )
         ax.set_ylim(max(0, d["pruned_acc"].min() - 15), 100)
         ax.set_xticks(x, d["label"], rotation=30, ha="right")
         axis_label(ax, "y", "victim test accuracy (%)", 0)
         ax.set_title(f"{group}, sparsity {sparsity:g}")
         twin = ax.twinx()
         for attack, style in zip(attacks, (dict(marker="o", color="C3"), dict(marker="s", color="C2", ls="--"))):
-            plot_with_error(twin, x, d[f"{attack}_acc"], error_of(d, f"{attack}_acc"), label=f"{attack} attack",
-                            **style)
+            plot_with_error(
+                twin, x, d[f"{attack}_acc"], error_of(d, f"{attack}_acc"), label=f"{attack} attack", **style
+            )
         attack_axis(twin, zoom=zoom)
     shared_legend(fig, ax, twin)
     return fig
@@ -437,8 +479,9 @@ def draw_iterations(records):
         for label in dict.fromkeys(d["label"]):
             per = d[d["label"] == label].groupby("iteration")["dev_acc"]
             mean, std = per.mean(), per.std()
-            plot_with_error(ax, mean.index, mean.values, std.values, marker="o", label=label,
-                            color=color_of(label, labels))
+            plot_with_error(
+                ax, mean.index, mean.values, std.values, marker="o", label=label, color=color_of(label, labels)
+            )
         ax.set_xticks(sorted(set(d["iteration"])))
         ax.set_title(f"{group}, sparsity {sparsity:g}")
         ax.set_xlabel("pruning iteration")
@@ -454,8 +497,11 @@ def draw_sensitivity(agg, zoom=False):
     model's as a dashed line) and attack accuracy (right axis, from chance unless zoom) per stride-width."""
     df = agg[agg["setting"].notna() & (agg["setting"] != "original") & agg["window"].notna()]
     df = df.assign(group=df["dataset"] + "_" + df["model"])
-    cases = [(case, d) for case, d in df.groupby(["group", "sparsity", "defense", "setting", "semantics"], sort=False)
-             if len(d.drop_duplicates(["window", "tag"])) >= 2]
+    cases = [
+        (case, d)
+        for case, d in df.groupby(["group", "sparsity", "defense", "setting", "semantics"], sort=False)
+        if len(d.drop_duplicates(["window", "tag"])) >= 2
+    ]
     if not cases:
         raise NoData("the runs hold one window setting per defense")
     attacks = shown_attacks(df)
@@ -464,8 +510,9 @@ def draw_sensitivity(agg, zoom=False):
         d = d.assign(order=[tuple(int(v) for v in w.split("-")) for w in d["window"]]).sort_values(["order", "tag"])
         x = np.arange(len(d))
         ticks = [w if not tag else f"{w}\n[{tag}]" for w, tag in zip(d["window"], d["tag"])]
-        plot_with_error(ax, x, d["pruned_acc"], std_of(d, "pruned_acc"), marker="s", color="black",
-                        label="pruned test accuracy")
+        plot_with_error(
+            ax, x, d["pruned_acc"], std_of(d, "pruned_acc"), marker="s", color="black", label="pruned test accuracy"
+        )
         ax.set_xticks(x, ticks)
         ax.set_xlabel("stride-width")
         reference = unpruned_reference(agg, group, "pretrained_acc")
@@ -476,8 +523,15 @@ def draw_sensitivity(agg, zoom=False):
         ax.set_title(f"{group}, sparsity {sparsity:g}: {name}")
         twin = ax.twinx()
         for i, attack in enumerate(attacks):
-            plot_with_error(twin, x, d[f"{attack}_acc"], error_of(d, f"{attack}_acc"), marker="o", color=f"C{i}",
-                            label=f"{attack} attack")
+            plot_with_error(
+                twin,
+                x,
+                d[f"{attack}_acc"],
+                error_of(d, f"{attack}_acc"),
+                marker="o",
+                color=f"C{i}",
+                label=f"{attack} attack",
+            )
         attack_axis(twin, zoom=zoom)
     shared_legend(fig, ax, twin)
     return fig
@@ -503,8 +557,7 @@ def scores_path(path, root):
 def base_of(df, row):
     """The Base row that a defense's row is compared with: same dataset, model, pruner, sparsity, seed and
     semantics, Base-pruned shadows, untagged; None if there is none with a scores file."""
-    same = ((df["defense"] == "base") & (df["setting"] == "base") & (df["tag"].fillna("") == "")
-            & df["scores"].notna())
+    same = (df["defense"] == "base") & (df["setting"] == "base") & (df["tag"].fillna("") == "") & df["scores"].notna()
     for key in ("dataset", "model", "pruner", "sparsity", "seed", "semantics"):
         same &= df[key] == row[key]
     return df[same].iloc[-1] if same.any() else None
@@ -548,13 +601,13 @@ def paired_table(df, root=".", resamples=RESAMPLES):
 
 
 def paired_cell(row, col):
-    """"+1.234 [0.5, 2.0] changed": the difference, its interval, and whether 0 is outside it."""
+    """ "+1.234 [0.5, 2.0] changed": the difference, its interval, and whether 0 is outside it."""
     diff, low, high = row.get(col, math.nan), row.get(f"{col}_lo", math.nan), row.get(f"{col}_hi", math.nan)
     if isinstance(diff, float) and math.isnan(diff):
         return ""
-    if not_measurable(row, col[:-len("_diff")]):
+    if not_measurable(row, col[: -len("_diff")]):
         return NOT_MEASURABLE
-    digits = DIGITS.get(col[:-len("_diff")].rsplit("_", 1)[-1], 3)
+    digits = DIGITS.get(col[: -len("_diff")].rsplit("_", 1)[-1], 3)
     changed = low > 0 or high < 0
     return f"{diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]" + (" changed" if changed else "")
 
@@ -564,11 +617,14 @@ def paired_markdown(paired):
     labels = [run_label(r) for r in paired.to_dict("records")]
     cols = [c for c in paired.columns if c.endswith("_diff") and not c.endswith(("_tpr1_diff", "_tpr01_diff"))]
     cols += [c for c in paired.columns if c.endswith(("_tpr1_diff", "_tpr01_diff"))]
-    lines = ["| run | sparsity | seed | " + " | ".join(f"Δ {c[:-len('_diff')]}" for c in cols) + " |",
-             "|" + "---|" * (3 + len(cols))]
+    lines = [
+        "| run | sparsity | seed | " + " | ".join(f"Δ {c[: -len('_diff')]}" for c in cols) + " |",
+        "|" + "---|" * (3 + len(cols)),
+    ]
     for label, row in zip(labels, paired.to_dict("records")):
-        lines.append(f"| {label} | {row['sparsity']:g} | {row['seed']} | "
-                     + " | ".join(paired_cell(row, c) for c in cols) + " |")
+        lines.append(
+            f"| {label} | {row['sparsity']:g} | {row['seed']} | " + " | ".join(paired_cell(row, c) for c in cols) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -576,10 +632,12 @@ def paired_markdown(paired):
 
 MECHANISM_ATTACKS = ("RMIA", "LiRA")  # the per-sample member score the bins show: the first one present
 BINS = 10
-MECHANISM_CAPTION = ("The victim's members binned by mem-score deciles (1 = lowest; decile k holds the scores above "
-                     "the (k-1)-th and up to the k-th decile edge, so tied scores share a bin and a decile without "
-                     "members is left out), per bin the mean member score of the attack named in the title on the "
-                     "unpruned model, the pruned Base model and under each defense (one seed: the lowest).")
+MECHANISM_CAPTION = (
+    "The victim's members binned by mem-score deciles (1 = lowest; decile k holds the scores above "
+    "the (k-1)-th and up to the k-th decile edge, so tied scores share a bin and a decile without "
+    "members is left out), per bin the mean member score of the attack named in the title on the "
+    "unpruned model, the pruned Base model and under each defense (one seed: the lowest)."
+)
 
 
 def read_memscores_csv(dataset, model):
@@ -635,8 +693,10 @@ def mechanism_panel(runs, memscores, root):
     for label, row in runs:
         with np.load(scores_path(row["scores"], root), allow_pickle=False) as z:
             keep = z["member"].astype(bool) & (z["set"] == "train")
-            data[label] = {"index": z["set_index"][keep].astype(np.int64),
-                           **{a: z[f"score_{a}"][keep] for a in MECHANISM_ATTACKS if f"score_{a}" in z.files}}
+            data[label] = {
+                "index": z["set_index"][keep].astype(np.int64),
+                **{a: z[f"score_{a}"][keep] for a in MECHANISM_ATTACKS if f"score_{a}" in z.files},
+            }
     base = next((label for label, row in runs if row["defense"] == "base" and row["setting"] != "original"), None)
     attack = next((a for a in MECHANISM_ATTACKS if base is not None and a in data[base]), None)
     if attack is None:
@@ -644,8 +704,11 @@ def mechanism_panel(runs, memscores, root):
     index = data[base]["index"]
     if index.max(initial=-1) >= len(memscores):
         return None
-    labels = [label for label, _ in runs if attack in data[label]
-              and np.array_equal(np.sort(data[label]["index"]), np.sort(index))]
+    labels = [
+        label
+        for label, _ in runs
+        if attack in data[label] and np.array_equal(np.sort(data[label]["index"]), np.sort(index))
+    ]
     score_of = {}
     for label in labels:  # every run's scores in Base's sample order
         where = np.argsort(data[label]["index"])[np.searchsorted(np.sort(data[label]["index"]), index)]
@@ -657,20 +720,34 @@ def mechanism_panel(runs, memscores, root):
     for k in range(BINS):
         part = np.flatnonzero(which == k)
         if len(part):
-            bins.append({"bin": k + 1, "low": float(mem[part].min()), "high": float(mem[part].max()),
-                         "count": len(part), "means": {label: float(score_of[label][part].mean()) for label in labels}})
+            bins.append(
+                {
+                    "bin": k + 1,
+                    "low": float(mem[part].min()),
+                    "high": float(mem[part].max()),
+                    "count": len(part),
+                    "means": {label: float(score_of[label][part].mean()) for label in labels},
+                }
+            )
     return {"attack": attack, "labels": labels, "bins": bins}
 
 
 def mechanism_markdown(panels):
     lines = []
     for p in panels:
-        lines += [f"{p['group']}, sparsity {p['sparsity']:g}, seed {p['seed']}: mean {p['attack']} member score "
-                  f"of the victim's members per mem-score decile", "",
-                  "| decile | mem-score | members | " + " | ".join(p["labels"]) + " |",
-                  "|" + "---|" * (3 + len(p["labels"]))]
-        lines += [f"| {b['bin']} | {b['low']:.3f}–{b['high']:.3f} | {b['count']} | "
-                  + " | ".join(f"{b['means'][label]:.3f}" for label in p["labels"]) + " |" for b in p["bins"]]
+        lines += [
+            f"{p['group']}, sparsity {p['sparsity']:g}, seed {p['seed']}: mean {p['attack']} member score "
+            f"of the victim's members per mem-score decile",
+            "",
+            "| decile | mem-score | members | " + " | ".join(p["labels"]) + " |",
+            "|" + "---|" * (3 + len(p["labels"])),
+        ]
+        lines += [
+            f"| {b['bin']} | {b['low']:.3f}–{b['high']:.3f} | {b['count']} | "
+            + " | ".join(f"{b['means'][label]:.3f}" for label in p["labels"])
+            + " |"
+            for b in p["bins"]
+        ]
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -680,8 +757,13 @@ def draw_mechanism(panels):
     fig, axes = panel_grid(1, len(panels))
     for p, ax in zip(panels, axes[0]):
         for label in p["labels"]:
-            ax.plot([b["bin"] for b in p["bins"]], [b["means"][label] for b in p["bins"]], marker="o", label=label,
-                    color=color_of(label, p["labels"]))
+            ax.plot(
+                [b["bin"] for b in p["bins"]],
+                [b["means"][label] for b in p["bins"]],
+                marker="o",
+                label=label,
+                color=color_of(label, p["labels"]),
+            )
         ax.set_xticks([b["bin"] for b in p["bins"]])
         ax.set_title(f"{p['group']}, sparsity {p['sparsity']:g}: {p['attack']}")
         ax.set_xlabel("mem-score decile (1 = lowest)")
@@ -694,35 +776,54 @@ def draw_mechanism(panels):
 
 
 FIGURES = [  # (file name, caption, draw(collected, newest table aggregated over seeds, root, zoom))
-    ("roc", "ROC on log-log axes (TPR against FPR, from 1/n), per dataset-model, sparsity and attack (SAMIA, "
-            "Mentr, LiRA as present), one line per defense (one seed), from the saved member scores with "
-            "scikit-learn's roc_curve; dotted: chance.",
-     lambda c, agg, root, zoom: draw_roc(roc_curves(c.table, root)[0])),
-    ("sparsity", "Attack accuracy and AUC against sparsity, one line per defense (error bars: std over seeds, "
-                 "or the 95 % bootstrap interval for one seed); dashed: the unpruned model.",
-     lambda c, agg, root, zoom: draw_sparsity(agg, zoom)),
-    ("bars", "Victim test accuracy (bars, left axis) with SAMIA and Conf attack accuracy (lines, right axis, "
-             "error bars as above) per defense, in the paper's style; the first bar is the unpruned model.",
-     lambda c, agg, root, zoom: draw_bars(agg, zoom)),
-    ("iterations", "The victim's best dev accuracy in each pruning iteration, one line per defense (prune records).",
-     lambda c, agg, root, zoom: draw_iterations(c.records)),
-    ("sensitivity", "Window sensitivity: pruned test accuracy (left axis) and attack accuracy (right axis) per "
-                    "stride-width setting of a window defense.",
-     lambda c, agg, root, zoom: draw_sensitivity(agg, zoom)),
-    ("tradeoff", "Privacy-utility trade-off: pruned test accuracy against the strongest attack's accuracy "
-                 "(mean over seeds); Base as the black star, the unpruned model as the dashed line.",
-     lambda c, agg, root, zoom: draw_tradeoff_or_why(agg, zoom)),
+    (
+        "roc",
+        "ROC on log-log axes (TPR against FPR, from 1/n), per dataset-model, sparsity and attack (SAMIA, "
+        "Mentr, LiRA as present), one line per defense (one seed), from the saved member scores with "
+        "scikit-learn's roc_curve; dotted: chance.",
+        lambda c, agg, root, zoom: draw_roc(roc_curves(c.table, root)[0]),
+    ),
+    (
+        "sparsity",
+        "Attack accuracy and AUC against sparsity, one line per defense (error bars: std over seeds, "
+        "or the 95 % bootstrap interval for one seed); dashed: the unpruned model.",
+        lambda c, agg, root, zoom: draw_sparsity(agg, zoom),
+    ),
+    (
+        "bars",
+        "Victim test accuracy (bars, left axis) with SAMIA and Conf attack accuracy (lines, right axis, "
+        "error bars as above) per defense, in the paper's style; the first bar is the unpruned model.",
+        lambda c, agg, root, zoom: draw_bars(agg, zoom),
+    ),
+    (
+        "iterations",
+        "The victim's best dev accuracy in each pruning iteration, one line per defense (prune records).",
+        lambda c, agg, root, zoom: draw_iterations(c.records),
+    ),
+    (
+        "sensitivity",
+        "Window sensitivity: pruned test accuracy (left axis) and attack accuracy (right axis) per "
+        "stride-width setting of a window defense.",
+        lambda c, agg, root, zoom: draw_sensitivity(agg, zoom),
+    ),
+    (
+        "tradeoff",
+        "Privacy-utility trade-off: pruned test accuracy against the strongest attack's accuracy "
+        "(mean over seeds); Base as the black star, the unpruned model as the dashed line.",
+        lambda c, agg, root, zoom: draw_tradeoff_or_why(agg, zoom),
+    ),
 ]
 
 
 def save_figure(fig, path):
     for ext in ("png", "pdf"):
-        atomic_write(f"{path}.{ext}", lambda f: fig.savefig(f, format=ext, dpi=120))
+        atomic_write(f"{path}.{ext}", lambda f: fig.savefig(f, format=ext, dpi=120))  # noqa: B023 (called at once)
     pyplot().close(fig)
 
 
-def write_report(out_dir: str, collected, root: str, sources: str = "", zoom: bool = False,
-                 resamples: int = RESAMPLES) -> list:
+def write_report(
+    out_dir: str, collected, root: str, sources: str = "", zoom: bool = False, resamples: int = RESAMPLES
+) -> list:
     """OUT_DIR/results.csv (with the paired differences from Base), the figures (PNG and PDF) and report.md:
     the table, the paired comparison with Base, the mem-score bins, then each figure with its caption, or one
     line saying why it is left out. Returns the lines that say what was left out."""
@@ -732,27 +833,49 @@ def write_report(out_dir: str, collected, root: str, sources: str = "", zoom: bo
     atomic_write(os.path.join(out_dir, "results.csv"), lambda f: f.write(csv.to_csv(index=False).encode()))
     agg = aggregate(df)
     problems = list(collected.problems) + problems
-    lines = ["# Results", "", f"{len(df)} runs{sources}: the newest result of each attack per setting, one row per "
-             "setting with mean ± standard deviation over seeds where several seeds ran it (column seeds). Every "
-             "run, per seed: [results.csv](results.csv).", "", report_table(agg), "", TABLE_NOTE, ""]
+    lines = [
+        "# Results",
+        "",
+        f"{len(df)} runs{sources}: the newest result of each attack per setting, one row per "
+        "setting with mean ± standard deviation over seeds where several seeds ran it (column seeds). Every "
+        "run, per seed: [results.csv](results.csv).",
+        "",
+        report_table(agg),
+        "",
+        TABLE_NOTE,
+        "",
+    ]
     left_out = []
     lines += ["## Defenses against Base (paired)", ""]
     if len(paired):
-        lines += [f"Difference defense - Base of each attack metric on the same attacked samples, with its 95 % "
-                  f"paired bootstrap interval ({resamples} resamples of the samples, the same for both runs). "
-                  f"\"changed\": 0 lies outside the interval; otherwise these samples do not show that the "
-                  f"defense changed the attack.", "", paired_markdown(paired), ""]
+        lines += [
+            f"Difference defense - Base of each attack metric on the same attacked samples, with its 95 % "
+            f"paired bootstrap interval ({resamples} resamples of the samples, the same for both runs). "
+            f'"changed": 0 lies outside the interval; otherwise these samples do not show that the '
+            f"defense changed the attack.",
+            "",
+            paired_markdown(paired),
+            "",
+        ]
     else:
-        left_out.append("no paired comparison: no defense run with a scores file has a Base run of the same "
-                        "dataset, model, sparsity, seed and semantics with one")
+        left_out.append(
+            "no paired comparison: no defense run with a scores file has a Base run of the same "
+            "dataset, model, sparsity, seed and semantics with one"
+        )
         lines += [f"_{left_out[-1]}_", ""]
     lines += ["## Mem-score bins", ""]
     try:
         bins = mechanism_table(df, root)
         fig = draw_mechanism(bins)
         save_figure(fig, os.path.join(out_dir, "mechanism"))
-        lines += [mechanism_markdown(bins), "", "![mechanism](mechanism.png)", "",
-                  f"{MECHANISM_CAPTION} ([PDF](mechanism.pdf))", ""]
+        lines += [
+            mechanism_markdown(bins),
+            "",
+            "![mechanism](mechanism.png)",
+            "",
+            f"{MECHANISM_CAPTION} ([PDF](mechanism.pdf))",
+            "",
+        ]
     except NoData as why:
         left_out.append(f"no mechanism figure: {why}")
         lines += [f"_{left_out[-1]}_", ""]

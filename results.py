@@ -10,6 +10,7 @@ configuration (KEY), merged from all its runs: each attack's newest result, the 
 Each row has a status (run_status): ok, "failed: <why>" for a block closed by `Run ended early: <why>`, or
 unfinished; a configuration's failed and unfinished runs are shown only while it has no run that is ok.
 """
+
 import math
 import os
 import re
@@ -27,11 +28,34 @@ METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": 
 BOUNDS = ("lo", "hi")  # <attack>_<metric>_lo / _hi: the 95 % bootstrap interval from the run record
 EXTRA = ("nonmembers", "scores")  # the columns after the attacks' (as far as any row has them)
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
-KEY = ["dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window",
-       "weight_decay_mem", "setting", "semantics", "tag", "seed"]
+KEY = [
+    "dataset",
+    "model",
+    "pruner",
+    "sparsity",
+    "defense",
+    "defend_arg",
+    "window",
+    "weight_decay_mem",
+    "setting",
+    "semantics",
+    "tag",
+    "seed",
+]
 COLUMNS = KEY + ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon", "status"]
-TEXT_COLUMNS = ("dataset", "model", "pruner", "defense", "window", "setting", "semantics", "tag", "seed",
-                "scores", "status")  # not floats
+TEXT_COLUMNS = (
+    "dataset",
+    "model",
+    "pruner",
+    "defense",
+    "window",
+    "setting",
+    "semantics",
+    "tag",
+    "seed",
+    "scores",
+    "status",
+)  # not floats
 
 NUM = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 FILE_RE = re.compile(r"^(.+?)_(\d*\.?\d+)(?:_(.*?))?(?:_tag-([A-Za-z0-9.-]+))?$")
@@ -79,15 +103,21 @@ def fix_setting(row):
     if row.get("setting") == "adaptive" and row.get("defense") == "base":
         row["setting"] = "base"
     elif unpruned_under_defense(row.get("setting"), row.get("defense")):
-        row.update(defense="base", defend_arg=math.nan, window=math.nan, defend_time_s=math.nan,
-                   dp_epsilon=math.nan)
+        row.update(defense="base", defend_arg=math.nan, window=math.nan, defend_time_s=math.nan, dp_epsilon=math.nan)
 
 
 def shadow_setting(text):
     """The setting named by a "Shadows: ..." line."""
     text = text.strip()
-    return ("original" if text == "original" else "adaptive" if text.endswith("(adaptive)")
-            else "base" if text.endswith("(base)") else "unknown")
+    return (
+        "original"
+        if text == "original"
+        else "adaptive"
+        if text.endswith("(adaptive)")
+        else "base"
+        if text.endswith("(base)")
+        else "unknown"
+    )
 
 
 class Block:
@@ -140,12 +170,20 @@ class LogReader:
         return self.blocks[-1]
 
     def feed(self, line):
-        for pattern, handle in ((ENDED_RE, self.on_ended), (ATTACK_RE, self.on_attack_metric),
-                                (RELEASE_ACC_RE, self.on_release_accuracy),
-                                (VICTIM_RE, self.on_victim), (SHADOWS_RE, self.on_shadows), (SCORES_RE, self.on_scores),
-                                (SEMANTICS_RE, self.on_semantics), (PRETRAINED_RE, self.on_pretrained),
-                                (DEFEND_TIME_RE, self.on_defend_time), (EPSILON_RE, self.on_epsilon),
-                                (SHADOW_ITER_RE, self.on_shadow_iteration), (self.find_header, self.on_header)):
+        for pattern, handle in (
+            (ENDED_RE, self.on_ended),
+            (ATTACK_RE, self.on_attack_metric),
+            (RELEASE_ACC_RE, self.on_release_accuracy),
+            (VICTIM_RE, self.on_victim),
+            (SHADOWS_RE, self.on_shadows),
+            (SCORES_RE, self.on_scores),
+            (SEMANTICS_RE, self.on_semantics),
+            (PRETRAINED_RE, self.on_pretrained),
+            (DEFEND_TIME_RE, self.on_defend_time),
+            (EPSILON_RE, self.on_epsilon),
+            (SHADOW_ITER_RE, self.on_shadow_iteration),
+            (self.find_header, self.on_header),
+        ):
             if m := pattern.search(line):
                 handle(m)
                 return
@@ -217,10 +255,16 @@ def parse_file(path: str, dataset: str, model: str, seed: int = DEFAULT_SEED) ->
     """Raw rows of one log file (Block.rows), oldest first: one per attack block, or one per prune block
     without any."""
     pruner, sparsity, defense, tag = FILE_RE.match(os.path.basename(path)[:-4]).groups()
-    config = {"dataset": dataset, "model": model, "pruner": pruner, "sparsity": float(sparsity),
-              "defense": defense or "base",  # the release writes Base as an empty defend
-              "semantics": "release",  # the release's logs have no "Semantics:" lines
-              "tag": tag or "", "seed": seed}
+    config = {
+        "dataset": dataset,
+        "model": model,
+        "pruner": pruner,
+        "sparsity": float(sparsity),
+        "defense": defense or "base",  # the release writes Base as an empty defend
+        "semantics": "release",  # the release's logs have no "Semantics:" lines
+        "tag": tag or "",
+        "seed": seed,
+    }
     reader = LogReader(config["defense"], header_re(pruner))
     with open(path, "rb") as f:
         reader.offset = 0
@@ -257,8 +301,19 @@ def log_files(log_dir: str, problems: list = None) -> list:
 
 # ---------------------------------------------------------------- records
 
-RUN_FIELDS = ("dataset", "model", "pruner", "sparsity", "defense", "defend_arg", "window", "weight_decay_mem",
-              "semantics", "tag", "seed")
+RUN_FIELDS = (
+    "dataset",
+    "model",
+    "pruner",
+    "sparsity",
+    "defense",
+    "defend_arg",
+    "window",
+    "weight_decay_mem",
+    "semantics",
+    "tag",
+    "seed",
+)
 
 
 def value(x):
@@ -271,8 +326,13 @@ def run_fields(record):
     window and weight_decay_mem are the prune run's (an attack's own flags need not hold them)."""
     run = record["run"]
     out = {key: run[key] for key in RUN_FIELDS if key in run}
-    out.update(sparsity=float(run["sparsity"]), defend_arg=value(run.get("defend_arg")), seed=int(run["seed"]),
-               window=run.get("window") or math.nan, weight_decay_mem=value(run.get("weight_decay_mem")))
+    out.update(
+        sparsity=float(run["sparsity"]),
+        defend_arg=value(run.get("defend_arg")),
+        seed=int(run["seed"]),
+        window=run.get("window") or math.nan,
+        weight_decay_mem=value(run.get("weight_decay_mem")),
+    )
     if record["kind"] == "attack":
         out.update(window=math.nan, weight_decay_mem=math.nan)
     return out
@@ -281,15 +341,22 @@ def run_fields(record):
 def prune_fields(record):
     """A prune record's columns, as its log block would give them."""
     results = record["results"]
-    return {**run_fields(record), "pretrained_acc": value(results["pretrained"]["accuracy"]),
-            "defend_time_s": value(results["defend_time_s"]), "dp_epsilon": value(results.get("dp_epsilon"))}
+    return {
+        **run_fields(record),
+        "pretrained_acc": value(results["pretrained"]["accuracy"]),
+        "defend_time_s": value(results["defend_time_s"]),
+        "dp_epsilon": value(results.get("dp_epsilon")),
+    }
 
 
 def attack_fields(record):
     """An attack record's own columns (the rest comes from its prune run), as its log block would give them."""
     results = record["results"]
-    out = {"setting": record["run"]["setting"], "semantics": record["run"]["semantics"],
-           "victim_acc": value(results["victim_test_acc"])}
+    out = {
+        "setting": record["run"]["setting"],
+        "semantics": record["run"]["semantics"],
+        "victim_acc": value(results["victim_test_acc"]),
+    }
     if record.get("scores"):
         out["scores"] = record["scores"]
     if "nonmembers" in results:
@@ -340,10 +407,22 @@ def record_rows(records, used):
         prune = max(earlier, key=record_time) if earlier else None
         if prune is not None and not unpruned_under_defense(attack["run"]["setting"], attack["run"].get("defense")):
             used.add(prune["file"])
-        rows.append((record_time(attack), {**attack["run_fields"], **(prune["fields"] if prune else {}),
-                                           **attack["fields"], "_model": f"run {prune['run_id']}" if prune else ""}))
-    rows += [(record_time(p), {**p["fields"], "setting": None, "_model": f"run {p['run_id']}"}) for p in prunes
-             if p["file"] not in used]
+        rows.append(
+            (
+                record_time(attack),
+                {
+                    **attack["run_fields"],
+                    **(prune["fields"] if prune else {}),
+                    **attack["fields"],
+                    "_model": f"run {prune['run_id']}" if prune else "",
+                },
+            )
+        )
+    rows += [
+        (record_time(p), {**p["fields"], "setting": None, "_model": f"run {p['run_id']}"})
+        for p in prunes
+        if p["file"] not in used
+    ]
     for _, row in rows:
         row["status"] = "ok"
     return rows
@@ -396,12 +475,15 @@ def has_results(row, attack_at):
     """An attack row with an attack's metric, or a prune-only row with its defend time."""
     if attack_at is None and row.get("setting") is None:
         return "defend_time_s" in row
-    return any(k.rsplit("_", 1)[-1] in METRICS.values() for k in row
-               if k not in ("victim_acc", "pretrained_acc", "pruned_acc") and not k.startswith("_"))
+    return any(
+        k.rsplit("_", 1)[-1] in METRICS.values()
+        for k in row
+        if k not in ("victim_acc", "pretrained_acc", "pruned_acc") and not k.startswith("_")
+    )
 
 
 def run_status(ended, recorded, empty):
-    """"ok"; "failed: <why>" for a run whose log block ends in "Run ended early: <why>"; "unfinished" for a
+    """ "ok"; "failed: <why>" for a run whose log block ends in "Run ended early: <why>"; "unfinished" for a
     block of ours (it has a "Semantics:" line) with neither that line, nor a record, nor any result: killed
     with SIGKILL, or still running. A block without a record that holds results (an older version's, or one
     killed after its results) is read as it is."""
@@ -415,7 +497,7 @@ def run_status(ended, recorded, empty):
 def attack_columns(columns):
     """{attack name: its metric columns} among a table's columns."""
     groups = {}
-    for col in columns[len(COLUMNS):]:
+    for col in columns[len(COLUMNS) :]:
         if col not in EXTRA:
             groups.setdefault(attack_name(col), []).append(col)
     return groups
@@ -455,8 +537,13 @@ def table(rows, newest_only):
         df = merge_runs(df)
     seen = set(attack_columns(df.columns))
     names = [a for a in ATTACKS if a in seen] + sorted(seen - set(ATTACKS))
-    attack_cols = [f"{a}_{m}{bound}" for a in names for m in METRICS.values() for bound in ("", "_lo", "_hi")
-                   if f"{a}_{m}{bound}" in df.columns and df[f"{a}_{m}{bound}"].notna().any()]
+    attack_cols = [
+        f"{a}_{m}{bound}"
+        for a in names
+        for m in METRICS.values()
+        for bound in ("", "_lo", "_hi")
+        if f"{a}_{m}{bound}" in df.columns and df[f"{a}_{m}{bound}"].notna().any()
+    ]
     extra = [c for c in EXTRA if c in df.columns and df[c].notna().any()]
     df = df[COLUMNS + attack_cols + extra]
     order = lambda col: col.where(col != "base", "") if col.name == "defense" else col  # Base first

@@ -6,6 +6,7 @@ pool; the other 10% plus the whole test set are cut 34/66 into its dev and test 
 All indices point into one index space: the training set's rows first, then the test set's
 (TensorData.concat(train, test)), so trainset index i (and its mem-score row) is index i here.
 """
+
 import os
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from train import OPTIMIZERS
 class ModelSplit:
     train: torch.Tensor  # members
     dev: torch.Tensor
-    test: torch.Tensor   # non-members
+    test: torch.Tensor  # non-members
 
     def to(self, device: torch.device) -> "ModelSplit":
         return ModelSplit(self.train.to(device), self.dev.to(device), self.test.to(device))
@@ -66,10 +67,11 @@ class Split:
         who = "victim" if shadow is None else "shadow"
         tail = "" if shadow is None else f"_{shadow}"
         if shadow is not None and shadow >= self.shadow_num:
-            raise UsageError(f"the split has {self.shadow_num} shadows, shadow {shadow} was asked for; "
-                             f"lower --shadow_num or rerun pretrain_modi.py with a larger --shadow_num --force")
-        return ModelSplit(*(torch.from_numpy(self.arrays[f"{who}_{part}{tail}"])
-                            for part in ("train", "dev", "test")))
+            raise UsageError(
+                f"the split has {self.shadow_num} shadows, shadow {shadow} was asked for; "
+                f"lower --shadow_num or rerun pretrain_modi.py with a larger --shadow_num --force"
+            )
+        return ModelSplit(*(torch.from_numpy(self.arrays[f"{who}_{part}{tail}"]) for part in ("train", "dev", "test")))
 
     def save(self, path: str) -> None:
         payload = dict(self.arrays)
@@ -78,8 +80,7 @@ class Split:
 
     @classmethod
     def create(cls, dataset_name: str, n_train: int, n_test: int, seed: int, shadow_num: int) -> "Split":
-        meta = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed,
-                "shadow_num": shadow_num}
+        meta = {"dataset": dataset_name, "n_train": n_train, "n_test": n_test, "seed": seed, "shadow_num": shadow_num}
         return cls(make_split(n_train, n_test, seed, shadow_num), meta)
 
     @classmethod
@@ -91,19 +92,28 @@ class Split:
                 arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
                 meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
         except Exception as err:
-            raise MissingError(f"data split {path} is unreadable ({type(err).__name__}); "
-                               f"rerun pretrain_modi.py with --force to rebuild it")
+            raise MissingError(
+                f"data split {path} is unreadable ({type(err).__name__}); "
+                f"rerun pretrain_modi.py with --force to rebuild it"
+            )
         shadows = meta.get("shadow_num") if isinstance(meta.get("shadow_num"), int) else -1
-        want = {f"{who}_{part}{tail}" for who, tail in [("victim", "")] + [("shadow", f"_{i}") for i in range(shadows)]
-                for part in ("train", "dev", "test")}
+        want = {
+            f"{who}_{part}{tail}"
+            for who, tail in [("victim", "")] + [("shadow", f"_{i}") for i in range(shadows)]
+            for part in ("train", "dev", "test")
+        }
         if shadows < 0 or not {"dataset", "n_train", "n_test", "seed"} <= set(meta) or not want <= set(arrays):
-            raise MissingError(f"data split {path} was not made by pretrain_modi.py (arrays or meta missing); "
-                               f"rerun pretrain_modi.py with --force to rebuild it")
+            raise MissingError(
+                f"data split {path} was not made by pretrain_modi.py (arrays or meta missing); "
+                f"rerun pretrain_modi.py with --force to rebuild it"
+            )
         split = cls(arrays, meta)
         why = split.damage()
         if why:
-            raise MissingError(f"data split {path} is damaged ({why}); rerun pretrain_modi.py with --force to rebuild "
-                               f"it (models trained on it must then be retrained)")
+            raise MissingError(
+                f"data split {path} is damaged ({why}); rerun pretrain_modi.py with --force to rebuild "
+                f"it (models trained on it must then be retrained)"
+            )
         return split
 
     def damage(self) -> str:
@@ -151,8 +161,9 @@ def open_run(args, device: torch.device) -> tuple:
     split = Split.load(split_path(args))
     why = split.mismatch(args.dataset_name, len(train), len(test))
     if why:
-        raise MissingError(f"data split {split_path(args)} does not match the dataset ({why}); "
-                           f"rerun pretrain_modi.py with --force")
+        raise MissingError(
+            f"data split {split_path(args)} does not match the dataset ({why}); rerun pretrain_modi.py with --force"
+        )
     return TensorData.concat(train, test).to(device, amp=args.amp), split
 
 
@@ -164,14 +175,21 @@ def check_config(args) -> None:
         raise UsageError(f"unknown model_name '{args.model_name}'; valid: {', '.join(TARGET_MODELS)}")
     num_cls, input_dim = DATASETS[args.dataset_name]
     if (args.num_cls, args.input_dim) != (num_cls, input_dim):
-        raise UsageError(f"config has num_cls={args.num_cls}, input_dim={args.input_dim} but "
-                         f"{args.dataset_name} has num_cls={num_cls}, input_dim={input_dim}; fix the config")
+        raise UsageError(
+            f"config has num_cls={args.num_cls}, input_dim={args.input_dim} but "
+            f"{args.dataset_name} has num_cls={num_cls}, input_dim={input_dim}; fix the config"
+        )
     if (input_dim == 3) != (args.model_name != "columnfc"):  # input_dim 3 = the image datasets
-        raise UsageError(f"model_name '{args.model_name}' does not fit dataset {args.dataset_name}; use columnfc "
-                         f"for tabular data and resnet18, vgg16bn or densenet121 for images")
+        raise UsageError(
+            f"model_name '{args.model_name}' does not fit dataset {args.dataset_name}; use columnfc "
+            f"for tabular data and resnet18, vgg16bn or densenet121 for images"
+        )
     if args.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer '{args.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
-    for key, ok, want in (("epochs", args.epochs >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-                          ("weight_decay", args.weight_decay >= 0, ">= 0")):
+    for key, ok, want in (
+        ("epochs", args.epochs >= 1, ">= 1"),
+        ("lr", args.lr > 0, "> 0"),
+        ("weight_decay", args.weight_decay >= 0, ">= 0"),
+    ):
         if not ok:
             raise UsageError(f"{key} must be {want}, got {getattr(args, key)}; fix the config or pass --{key}")

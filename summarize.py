@@ -13,6 +13,7 @@ or unusable folder or no results (common.main_guard): LOG_DIR must exist and hol
 goes on with the records alone). Every file left out is named on stderr as `skipped <file>: <why>`; names that
 are not UTF-8 reach the CSV and the Markdown as the bytes they were.
 """
+
 import argparse
 import os
 import sys
@@ -36,19 +37,35 @@ def get_args(argv=None):
     parser.add_argument("--result_dir", help="where the run records are (default: result/ beside LOG_DIR)")
     parser.add_argument("--out", default="results.csv", help="CSV file to write")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table to stdout")
-    parser.add_argument("--plot", metavar="FILE.png", nargs="?", const="tradeoff.png",
-                        help="write the privacy-utility plot (default file: tradeoff.png)")
-    parser.add_argument("--all", action="store_true",
-                        help="keep every run as its own row, not one row per configuration")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        nargs="?",
+        const="tradeoff.png",
+        help="write the privacy-utility plot (default file: tradeoff.png)",
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="keep every run as its own row, not one row per configuration"
+    )
     parser.add_argument("--report", metavar="DIR", help="write DIR/report.md, DIR/results.csv and the figures")
-    parser.add_argument("--zoom", action="store_true",
-                        help="let attack-accuracy axes start at the data instead of 50%% (chance); labelled "
-                             "'axis zoomed'")
-    parser.add_argument("--bootstrap", type=int, default=RESAMPLES, metavar="N",
-                        help="resamples of the report's paired intervals against Base (default: %(default)s)")
-    parser.add_argument("--allow_empty", action="store_true",
-                        help="go on when LOG_DIR is missing or holds no results logs (the table then comes from the "
-                             "records alone, and may be empty)")
+    parser.add_argument(
+        "--zoom",
+        action="store_true",
+        help="let attack-accuracy axes start at the data instead of 50%% (chance); labelled 'axis zoomed'",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=RESAMPLES,
+        metavar="N",
+        help="resamples of the report's paired intervals against Base (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow_empty",
+        action="store_true",
+        help="go on when LOG_DIR is missing or holds no results logs (the table then comes from the "
+        "records alone, and may be empty)",
+    )
     args = parser.parse_args(argv)
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap is a number of resamples (at least 1), got {args.bootstrap}")
@@ -65,38 +82,49 @@ def check_not_a_file(path, what, fix):
 def check_folder(folder, what):
     """`folder`, which `what` writes into, exists and is writable."""
     if not os.path.exists(folder):
-        raise MissingError(f"folder {folder} for {what} not found; create it first, or pass a path in an "
-                           f"existing folder")
+        raise MissingError(
+            f"folder {folder} for {what} not found; create it first, or pass a path in an existing folder"
+        )
     if not os.path.isdir(folder):
-        raise MissingError(f"{folder} for {what} is a file, not a folder; move that file away, or pass a path "
-                           f"in a folder")
+        raise MissingError(
+            f"{folder} for {what} is a file, not a folder; move that file away, or pass a path in a folder"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise MissingError(f"folder {folder} for {what} is not writable; fix its permissions, or pass a path "
-                           f"in a folder you can write to")
+        raise MissingError(
+            f"folder {folder} for {what} is not writable; fix its permissions, or pass a path "
+            f"in a folder you can write to"
+        )
 
 
 def check_output_file(path, flag):
     if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a folder; pass a file name, e.g. {flag} "
-                         f"{os.path.join(path, 'results.csv' if flag == '--out' else 'tradeoff.png')}")
+        raise UsageError(
+            f"{flag} {path} is a folder; pass a file name, e.g. {flag} "
+            f"{os.path.join(path, 'results.csv' if flag == '--out' else 'tradeoff.png')}"
+        )
     check_folder(os.path.dirname(path) or ".", f"{flag} {path}")
 
 
 def check_plot_format(path):
     from matplotlib.backend_bases import FigureCanvasBase
+
     ext = os.path.splitext(path)[1][1:].lower()
     known = FigureCanvasBase.get_supported_filetypes()
     if ext not in known:
-        raise UsageError(f"--plot {path}: matplotlib cannot write .{ext} files; use one of "
-                         f"{', '.join('.' + e for e in sorted(known))}")
+        raise UsageError(
+            f"--plot {path}: matplotlib cannot write .{ext} files; use one of "
+            f"{', '.join('.' + e for e in sorted(known))}"
+        )
 
 
 def check_outputs(args):
     """Every file this run will write can be written, before anything is read or written."""
     if args.report:
         check_not_a_file(args.report, "--report", "pass a folder name (it is created if missing)")
-        check_folder(args.report if os.path.isdir(args.report) else os.path.dirname(args.report) or ".",
-                     f"--report {args.report}")
+        check_folder(
+            args.report if os.path.isdir(args.report) else os.path.dirname(args.report) or ".",
+            f"--report {args.report}",
+        )
         return
     check_output_file(args.out, "--out")
     if args.plot:
@@ -113,15 +141,19 @@ def displayable(df):
 def main(argv=None):
     args = get_args(argv)
     result_dir = args.result_dir or os.path.join(os.path.dirname(os.path.abspath(args.log_dir)), RESULT_ROOT)
-    check_not_a_file(args.log_dir, "LOG_DIR", "pass the folder that holds the <ds>_<model>/ log folders "
-                                                "(default: log)")
+    check_not_a_file(args.log_dir, "LOG_DIR", "pass the folder that holds the <ds>_<model>/ log folders (default: log)")
     if args.result_dir:
-        check_not_a_file(result_dir, "--result_dir", "pass the folder that holds <ds>_<model>/records/ "
-                                                       "(default: result/ beside LOG_DIR)")
+        check_not_a_file(
+            result_dir,
+            "--result_dir",
+            "pass the folder that holds <ds>_<model>/records/ (default: result/ beside LOG_DIR)",
+        )
     check_outputs(args)
     if not os.path.isdir(args.log_dir) and not args.allow_empty:
-        raise MissingError(f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
-                           f"(default: log), or --allow_empty to summarize the run records under {result_dir} alone")
+        raise MissingError(
+            f"LOG_DIR {args.log_dir} not found; pass the folder prune_modi.py/mia_modi.py log to "
+            f"(default: log), or --allow_empty to summarize the run records under {result_dir} alone"
+        )
     # Names that are not UTF-8 (os.listdir's surrogate escapes) go out as the bytes they were.
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
@@ -130,17 +162,21 @@ def main(argv=None):
     if not log_files(args.log_dir, unusable) and not args.allow_empty:
         for problem in unusable:
             print(f"skipped {problem}", file=sys.stderr)
-        raise MissingError(f"LOG_DIR {args.log_dir} holds no results logs (<ds>_<model>/<pruner>_<sparsity>_"
-                           f"<defend>.txt); pass the folder prune_modi.py/mia_modi.py log to, or --allow_empty to "
-                           f"summarize the run records under {result_dir} alone")
+        raise MissingError(
+            f"LOG_DIR {args.log_dir} holds no results logs (<ds>_<model>/<pruner>_<sparsity>_"
+            f"<defend>.txt); pass the folder prune_modi.py/mia_modi.py log to, or --allow_empty to "
+            f"summarize the run records under {result_dir} alone"
+        )
     collected = collect(args.log_dir, result_dir, newest_only=not args.all)
     df = collected.table
     if not args.report or df.empty:  # (the report lists them itself)
         for problem in collected.problems:
             print(f"skipped {problem}", file=sys.stderr)
     if df.empty and (not args.allow_empty or args.report):
-        raise MissingError(f"no results under {args.log_dir} and no run records under {result_dir}; run "
-                           f"prune_modi.py and mia_modi.py first, or pass the folder they log to")
+        raise MissingError(
+            f"no results under {args.log_dir} and no run records under {result_dir}; run "
+            f"prune_modi.py and mia_modi.py first, or pass the folder they log to"
+        )
     if args.report:
         started = time.time()
         sources = f" from {args.log_dir} and {result_dir}"

@@ -1,5 +1,6 @@
 """Training, evaluation, checkpoints and the one fine-tuning loop used by pretraining and pruning,
 for the victim and every shadow alike."""
+
 import glob
 import hashlib
 import json
@@ -48,8 +49,15 @@ def minibatches(idx: torch.Tensor, batch_size: int, shuffle: bool = True) -> tup
     return idx.split(batch_size)
 
 
-def train_pass(model: nn.Module, data: TensorData, idx: torch.Tensor, optimizer: torch.optim.Optimizer,
-               batch_size: int, loss_fn=F.cross_entropy, before_step=None) -> tuple:
+def train_pass(
+    model: nn.Module,
+    data: TensorData,
+    idx: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    loss_fn=F.cross_entropy,
+    before_step=None,
+) -> tuple:
     """One shuffled pass over idx: forward, loss_fn(logits, y), backward, step. Returns (loss, acc %).
     before_step(), if given, runs before each batch's forward (ADV trains its inference model there)."""
     model.train()
@@ -94,8 +102,18 @@ def save_checkpoint(path: str, model: nn.Module, epoch: int, acc: float, loss: f
     save_torch({"epoch": epoch, "acc": acc, "loss": loss, "state": state}, path)
 
 
-def fit(model: nn.Module, train_epoch, data: TensorData, dev_idx: torch.Tensor, test_idx: torch.Tensor, epochs: int,
-        early_stop: int, on_best, on_epoch=None, start_acc: float = -1.0) -> tuple:
+def fit(
+    model: nn.Module,
+    train_epoch,
+    data: TensorData,
+    dev_idx: torch.Tensor,
+    test_idx: torch.Tensor,
+    epochs: int,
+    early_stop: int,
+    on_best,
+    on_epoch=None,
+    start_acc: float = -1.0,
+) -> tuple:
     """The fine-tuning loop: train_epoch(epoch) then evaluate dev and test; on_best(epoch, dev_acc,
     dev_loss) when dev accuracy strictly improves on the best so far, which starts at start_acc; stop once
     `early_stop` (>0) epochs pass without improvement. Returns (best dev acc, last dev loss). The default
@@ -106,13 +124,24 @@ def fit(model: nn.Module, train_epoch, data: TensorData, dev_idx: torch.Tensor, 
     for epoch in range(epochs):
         train_loss, train_acc = train_epoch(epoch)
         if math.isfinite(train_acc) and not math.isfinite(train_loss):  # (nan, nan): an epoch that trained nothing
-            raise DivergedError(f"training diverged: the loss of epoch {epoch} is {train_loss} (nothing of this epoch "
-                                f"is saved); lower --lr, or check the config's lr and weight decays")
+            raise DivergedError(
+                f"training diverged: the loss of epoch {epoch} is {train_loss} (nothing of this epoch "
+                f"is saved); lower --lr, or check the config's lr and weight decays"
+            )
         dev_acc, dev_loss = evaluate(model, data, dev_idx)
         test_acc, test_loss = evaluate(model, data, test_idx)
         if on_epoch is not None:
-            on_epoch(epoch, {"train_loss": train_loss, "train_acc": train_acc, "dev_loss": dev_loss,
-                             "dev_acc": dev_acc, "test_loss": test_loss, "test_acc": test_acc})
+            on_epoch(
+                epoch,
+                {
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "dev_loss": dev_loss,
+                    "dev_acc": dev_acc,
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                },
+            )
         if dev_acc > best_acc:
             best_acc, stall = dev_acc, 0
             on_best(epoch, dev_acc, dev_loss)
@@ -137,8 +166,10 @@ def load_checkpoint(model: nn.Module, path: str, what: str, fix: str) -> dict:
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise MissingError(f"{what} {path} does not fit this config's model ({detail}); "
-                           f"it was made for another dataset/model/num_cls: {fix}")
+        raise MissingError(
+            f"{what} {path} does not fit this config's model ({detail}); "
+            f"it was made for another dataset/model/num_cls: {fix}"
+        )
     return ckpt
 
 
@@ -164,8 +195,11 @@ def file_sha256(path: str) -> str:
 def warn_release_format(paths: list) -> None:
     """One warning line for checkpoints taken in the release's own format (no completion record)."""
     if paths:
-        print(f"warning: {len(paths)} checkpoint(s) have no completion record and are taken as made by the "
-              f"paper's release (a plain state_dict), e.g. {paths[0]}", file=sys.stderr)
+        print(
+            f"warning: {len(paths)} checkpoint(s) have no completion record and are taken as made by the "
+            f"paper's release (a plain state_dict), e.g. {paths[0]}",
+            file=sys.stderr,
+        )
 
 
 def clear_finished(folder: str) -> None:
@@ -177,8 +211,12 @@ def clear_finished(folder: str) -> None:
 def mark_finished(folder: str, split: str, **info) -> None:
     """Write folder/complete.json once the folder's model is final: the checkpoint's SHA-256, the SHA-256 of
     the split file it was trained on, and info."""
-    record = {"checkpoint_sha256": file_sha256(checkpoint(folder)), "split_sha256": file_sha256(split),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    record = {
+        "checkpoint_sha256": file_sha256(checkpoint(folder)),
+        "split_sha256": file_sha256(split),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **info,
+    }
     atomic_write(completion_file(folder), lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
@@ -263,17 +301,23 @@ def check_finished(folder: str, ckpt: dict, fix: str) -> None:
     record_path = completion_file(folder)
     if not os.path.isfile(record_path):
         if "state" in ckpt:  # ours: the run that writes it never finished
-            raise MissingError(f"{checkpoint(folder)} belongs to a run that did not finish (no {record_path}: it "
-                               f"was killed or is still running); {fix}")
+            raise MissingError(
+                f"{checkpoint(folder)} belongs to a run that did not finish (no {record_path}: it "
+                f"was killed or is still running); {fix}"
+            )
         return
     record = completion_record(folder)
     if record is None:
         raise MissingError(f"completion record {record_path} is unreadable; {fix}")
     if not holds_recorded_checkpoint(folder, record):
-        raise MissingError(f"{checkpoint(folder)} changed after its run finished (it is not the checkpoint "
-                           f"{record_path} names: a later run was killed or is still running); {fix}")
+        raise MissingError(
+            f"{checkpoint(folder)} changed after its run finished (it is not the checkpoint "
+            f"{record_path} names: a later run was killed or is still running); {fix}"
+        )
     split = split_of(folder)
     trained_on = record.get("split_sha256")
     if trained_on is not None and os.path.isfile(split) and file_sha256(split) != trained_on:
-        raise MissingError(f"{checkpoint(folder)} was trained on another data split than {split} (the split was "
-                           f"rebuilt after it finished); {fix}")
+        raise MissingError(
+            f"{checkpoint(folder)} was trained on another data split than {split} (the split was "
+            f"rebuilt after it finished); {fix}"
+        )

@@ -4,12 +4,13 @@ a one-resample-at-a-time loop on a small case.
 
 python bench/bench_bootstrap.py [--tiny]
 """
+
 import argparse
 import time
 
 import numpy as np
-from common_bench import table
 
+from common_bench import table
 from intervals import METRICS, Attacked, bootstrap, paired_difference, resample_indices
 
 
@@ -29,8 +30,12 @@ def looped(attacked, resamples, seed):
     rows = np.concatenate(list(resample_indices(len(attacked.member), resamples, seed)))
     draws = {m: [] for m in METRICS}
     for row in rows:
-        one = Attacked(attacked.scores[row], attacked.member[row], attacked.accuracy_kind,
-                       None if attacked.decisions is None else attacked.decisions[row])
+        one = Attacked(
+            attacked.scores[row],
+            attacked.member[row],
+            attacked.accuracy_kind,
+            None if attacked.decisions is None else attacked.decisions[row],
+        )
         for m, (value, _, _) in bootstrap(one, resamples=0).items():
             draws[m].append(value)
     out = {}
@@ -53,10 +58,12 @@ def main():
     rng = np.random.default_rng(0)
     resamples = 50 if args.tiny else 1000
     rows = []
-    for n in ((500,) if args.tiny else (1000, 10000)):
+    for n in (500,) if args.tiny else (1000, 10000):
         member, scores, said = example(n, rng)
-        runs = {kind: Attacked(scores, member, kind, said if kind != "best_balanced" else None)
-                for kind in ("balanced", "plain", "best_balanced")}
+        runs = {
+            kind: Attacked(scores, member, kind, said if kind != "best_balanced" else None)
+            for kind in ("balanced", "plain", "best_balanced")
+        }
         for kind, run in runs.items():
             wall, cpu = best_times(lambda run=run: bootstrap(run, resamples, seed=1))
             rows.append([n, resamples, kind, f"{wall:.3f}", f"{cpu:.3f}"])

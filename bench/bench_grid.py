@@ -9,6 +9,7 @@ python bench/bench_grid.py [--tiny] [--keep DIR]
 threshold attacks, no TensorBoard), for a check in a minute or two: a `python` shim first on PATH appends
 them to run_shell.sh's commands (the last of a repeated flag wins), and grid.py gets them in a derived grid.
 """
+
 import argparse
 import json
 import os
@@ -23,12 +24,20 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "digits_columnfc"
 RESULT_LINE = re.compile(r"Accuracy|accuracy|Loss|AUC|TPR@|epsilon")  # not: defend time, file names
-TINY_FLAGS = {"pretrain_modi.py": "--epochs 2 --shadow_num 1 --no_tensorboard",
-              "prune_modi.py": "--prune_iter 2 --prune_epochs 2 --shadow_num 1 --no_tensorboard",
-              "mia_modi.py": "--attacks threshold --shadow_num 1"}
-TINY_GRID = {"prune_iter": 2, "shadow_num": 1, "attacks": "threshold",
-             "overrides": {"pretrain": {"epochs": 2, "no_tensorboard": True},
-                           "prune": {"prune_epochs": 2, "no_tensorboard": True}}}
+TINY_FLAGS = {
+    "pretrain_modi.py": "--epochs 2 --shadow_num 1 --no_tensorboard",
+    "prune_modi.py": "--prune_iter 2 --prune_epochs 2 --shadow_num 1 --no_tensorboard",
+    "mia_modi.py": "--attacks threshold --shadow_num 1",
+}
+TINY_GRID = {
+    "prune_iter": 2,
+    "shadow_num": 1,
+    "attacks": "threshold",
+    "overrides": {
+        "pretrain": {"epochs": 2, "no_tensorboard": True},
+        "prune": {"prune_epochs": 2, "no_tensorboard": True},
+    },
+}
 SHIM = """#!/usr/bin/env bash
 case "$1" in
 {cases}
@@ -39,8 +48,9 @@ exec "{python}" "$@" $extra
 
 def copy_repo(target):
     """The files git knows (tracked and not ignored) and the shipped mem-scores: no results, logs or data."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for name in set(filter(None, listed)) | {"memscore/memscore_digits_columnfc.csv"}:
         if os.path.isfile(os.path.join(REPO, name)):
             os.makedirs(os.path.join(target, os.path.dirname(name)), exist_ok=True)
@@ -59,9 +69,15 @@ def timed(cmd, cwd, env):
 def log_numbers(copy):
     """The result lines of every log of the run (defend-time lines, wall clock, aside)."""
     folder = os.path.join(copy, "log", RUN)
-    return {name: [line for line in open(os.path.join(folder, name)).read().splitlines()
-                   if RESULT_LINE.search(line) and "defend time" not in line]
-            for name in sorted(os.listdir(folder)) if name.endswith(".txt")}
+    return {
+        name: [
+            line
+            for line in open(os.path.join(folder, name)).read().splitlines()
+            if RESULT_LINE.search(line) and "defend time" not in line
+        ]
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".txt")
+    }
 
 
 def main():
@@ -98,9 +114,11 @@ def main():
     print(f"speed-up: {shell_s / grid_s:.2f}x on {len(os.sched_getaffinity(0))} cores")
     if shell_logs != grid_logs:
         differ = [name for name in set(shell_logs) | set(grid_logs) if shell_logs.get(name) != grid_logs.get(name)]
-        sys.exit(f"error: the logs differ beyond the defend-time lines ({', '.join(sorted(differ))}); run_shell.sh's "
-                 f"steps used torch's default threads and grid.py's OMP_NUM_THREADS=1: rerun with OMP_NUM_THREADS=1 "
-                 f"to compare at equal threads")
+        sys.exit(
+            f"error: the logs differ beyond the defend-time lines ({', '.join(sorted(differ))}); run_shell.sh's "
+            f"steps used torch's default threads and grid.py's OMP_NUM_THREADS=1: rerun with OMP_NUM_THREADS=1 "
+            f"to compare at equal threads"
+        )
     print(f"logs: the same numbers in all {len(grid_logs)} files ({', '.join(grid_logs)}), defend-time lines aside")
 
 

@@ -4,6 +4,7 @@ stay untouched. Each `python ...` call is timed by a shim put first on PATH.
 
 python bench/bench_pipeline.py [--script run_shell.sh] [--args digits]
 """
+
 import argparse
 import os
 import shutil
@@ -39,8 +40,7 @@ def run(script, script_args, workdir):
     os.chmod(shim, os.stat(shim).st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=shim_dir + os.pathsep + os.environ["PATH"])
     start = time.perf_counter()
-    subprocess.run(["bash", script] + script_args, cwd=workdir, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["bash", script] + script_args, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL)
     total = time.perf_counter() - start
     steps = []
     with open(record) as f:

@@ -11,6 +11,7 @@ python bench/bench_shadows.py [--workdir DIR [--reuse]] [--counts 2,4,8,16,32,64
 Without --workdir it runs in a temporary copy of the repo; --reuse attacks the models already in DIR
 (made by an earlier run of this script) instead of pretraining and pruning again.
 """
+
 import argparse
 import os
 import shutil
@@ -39,8 +40,9 @@ def timed(command, workdir):
     """(wall seconds, peak RSS in MiB) of one script run, the child's own (wait4), niced."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     start = time.perf_counter()
-    child = subprocess.Popen(["nice", "-n", "10", sys.executable, *command, "--quiet"], cwd=workdir, env=env,
-                             stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        ["nice", "-n", "10", sys.executable, *command, "--quiet"], cwd=workdir, env=env, stdout=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:
@@ -68,16 +70,19 @@ def last_block(workdir):
 def lira_both_ways(workdir, counts):
     """{k: (pooled AUC, TPR@0.1%FPR, per-sample AUC, TPR@0.1%FPR, default-rule scores)} from the pruned models."""
     from attacks import attacked_rows, lira_scores, logit_confidence, roc_metrics
-    from paths import checkpoint, pruned_dir
-    from splits import Split
     from datasets import TensorData, get_dataset
     from models import build_model
+    from paths import checkpoint, pruned_dir
+    from splits import Split
     from train import load_checkpoint, predict
+
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
+
         class Args:  # what paths.py reads to name the run's folders
             dataset_name, model_name, tag, seed = "digits", "columnfc", "", 7
+
         split = Split.load(os.path.join("result", "digits_columnfc", "split.npz"))
         train, test = get_dataset("digits")
         data = TensorData.concat(train, test)
@@ -103,8 +108,10 @@ def lira_both_ways(workdir, counts):
 
 def figure(path, counts, measured, nonmembers):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     for name, marker in (("LiRA", "o"), ("RMIA", "s")):
         left.plot(counts, [measured[k][f"{name} attack AUC"] for k in counts], marker=marker, label=name)
@@ -138,8 +145,12 @@ def main():
         if not args.reuse:
             flags = ["--shadow_num", str(max(counts))]
             steps.append((f"pretrain {max(counts)}", *timed(["pretrain_modi.py", "-1", CONFIG, *flags], workdir)))
-            steps.append((f"prune {max(counts)}", *timed(["prune_modi.py", "-1", CONFIG, *PRUNE, "--prune_iter", "5",
-                                                         *flags], workdir)))
+            steps.append(
+                (
+                    f"prune {max(counts)}",
+                    *timed(["prune_modi.py", "-1", CONFIG, *PRUNE, "--prune_iter", "5", *flags], workdir),
+                )
+            )
         measured = {}
         for k in counts:
             command = ["mia_modi.py", "-1", CONFIG, *PRUNE, "--attacks", "lira,rmia", "--shadow_num", str(k)]
@@ -152,16 +163,33 @@ def main():
             nonmembers = int((~z["member"]).sum())
         if not same:
             raise SystemExit(f"error: the attack with --shadow_num {k} did not use shadows 0..{k - 1}")
-    table("wall time and peak memory (digits, CPU, OMP_NUM_THREADS=1)", ["step", "seconds", "peak RSS MiB"],
-          [(name, f"{s:.1f}", f"{m:.0f}") for name, s, m in steps])
-    table("attack metrics against the number of shadows (pruned Base victim; LiRA scores checked: shadows 0..k-1)",
-          ["shadows", "LiRA AUC", "LiRA TPR@0.1%", "RMIA AUC", "RMIA TPR@0.1%", "RMIA a", "RMIA acc", "LiRA acc"],
-          [(k, f"{m['LiRA attack AUC']:.4f}", f"{m['LiRA attack TPR@0.1%FPR']:.3f}", f"{m['RMIA attack AUC']:.4f}",
-            f"{m['RMIA attack TPR@0.1%FPR']:.3f}", f"{m['RMIA a']:g}", f"{m['RMIA attack accuracy']:.3f}",
-            f"{m['LiRA attack accuracy']:.3f}") for k, m in measured.items()])
-    table("LiRA variance: pooled over samples vs per sample", ["shadows", "pooled AUC", "pooled TPR@0.1%",
-          "per-sample AUC", "per-sample TPR@0.1%"],
-          [(k, f"{p:.4f}", f"{tp:.3f}", f"{s:.4f}", f"{ts:.3f}") for k, (p, tp, s, ts, _) in lira.items()])
+    table(
+        "wall time and peak memory (digits, CPU, OMP_NUM_THREADS=1)",
+        ["step", "seconds", "peak RSS MiB"],
+        [(name, f"{s:.1f}", f"{m:.0f}") for name, s, m in steps],
+    )
+    table(
+        "attack metrics against the number of shadows (pruned Base victim; LiRA scores checked: shadows 0..k-1)",
+        ["shadows", "LiRA AUC", "LiRA TPR@0.1%", "RMIA AUC", "RMIA TPR@0.1%", "RMIA a", "RMIA acc", "LiRA acc"],
+        [
+            (
+                k,
+                f"{m['LiRA attack AUC']:.4f}",
+                f"{m['LiRA attack TPR@0.1%FPR']:.3f}",
+                f"{m['RMIA attack AUC']:.4f}",
+                f"{m['RMIA attack TPR@0.1%FPR']:.3f}",
+                f"{m['RMIA a']:g}",
+                f"{m['RMIA attack accuracy']:.3f}",
+                f"{m['LiRA attack accuracy']:.3f}",
+            )
+            for k, m in measured.items()
+        ],
+    )
+    table(
+        "LiRA variance: pooled over samples vs per sample",
+        ["shadows", "pooled AUC", "pooled TPR@0.1%", "per-sample AUC", "per-sample TPR@0.1%"],
+        [(k, f"{p:.4f}", f"{tp:.3f}", f"{s:.4f}", f"{ts:.3f}") for k, (p, tp, s, ts, _) in lira.items()],
+    )
     if args.figure:
         figure(args.figure, counts, measured, nonmembers)
         print(f"\nfigure: {args.figure}")

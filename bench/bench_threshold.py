@@ -3,19 +3,22 @@ quadratic rule, 10 classes, n values per class; checks that outputs are identica
 
 python bench/bench_threshold.py [--tiny]
 """
+
 import argparse
 import time
 
 import numpy as np
 
-from common_bench import table
 from attacks import threshold_accuracy
+from common_bench import table
 
 
 def quadratic_threshold(members, nonmembers):
     threshold, best = 0.0, 0.0
     for value in np.concatenate([members, nonmembers]):
-        acc = 0.5 * (np.sum(members >= value) / (len(members) + 0.0) + np.sum(nonmembers < value) / (len(nonmembers) + 0.0))
+        acc = 0.5 * (
+            np.sum(members >= value) / (len(members) + 0.0) + np.sum(nonmembers < value) / (len(nonmembers) + 0.0)
+        )
         if acc > best:
             threshold, best = value, acc
     return threshold
@@ -33,7 +36,7 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
-    for per_class in ((50, 200) if args.tiny else (1000, 5000, 20000)):
+    for per_class in (50, 200) if args.tiny else (1000, 5000, 20000):
         n = 10 * per_class
         # rounded values so that ties are common, as with saturated softmax outputs
         sv, vv = (np.round(rng.random(n) ** 3, 3) for _ in range(2))

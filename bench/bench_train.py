@@ -5,6 +5,7 @@ re-created every epoch). Also one columnfc epoch at 1k/10k/100k rows.
 python bench/bench_train.py [--tiny] [--device cpu|cuda:0] [--amp] [--only MODEL] [--rows N] [--repeat N]
 (--only: columnfc or an image model, resnet18, vgg16bn or densenet121; --rows: the image model's rows)
 """
+
 import argparse
 
 import torch
@@ -28,8 +29,9 @@ def bare_epoch(model, batches, optimizer):
 
 def release_style_epoch(model, dataset, indices, optimizer, device, batch_size=128):
     model.train()
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=True, num_workers=4,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, shuffle=True, num_workers=4, pin_memory=device.type == "cuda"
+    )
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         loss = F.cross_entropy(model(x), y)
@@ -64,8 +66,7 @@ def compare(kind, rows, device, with_release, amp=False, repeat=3):
     if with_release:
         xs = torch.stack([data.batch(torch.tensor([i]))[0][0] for i in range(rows)]).cpu()
         dataset = TensorDataset(xs, data.y.cpu())
-        t_rel = best_of(lambda: release_style_epoch(model, dataset, list(range(rows)), optimizer, device),
-                        repeat=2)
+        t_rel = best_of(lambda: release_style_epoch(model, dataset, list(range(rows)), optimizer, device), repeat=2)
         row += [f"{t_rel:.3f}", f"{t_rel / t_project:.1f}"]
     else:
         row += ["-", "-"]
@@ -88,15 +89,20 @@ def main():
     # a new DataLoader for each such epoch
     rows = []
     if args.only in (None, "columnfc"):
-        rows += [compare("columnfc", fc_rows, device, True, args.amp, args.repeat),
-                 compare("columnfc", window_rows, device, True, args.amp, args.repeat)]
+        rows += [
+            compare("columnfc", fc_rows, device, True, args.amp, args.repeat),
+            compare("columnfc", window_rows, device, True, args.amp, args.repeat),
+        ]
     if args.only not in (None, "columnfc"):
         rows.append(compare(args.only, img_rows, device, False, args.amp, args.repeat))
     elif args.only is None:
         rows.append(compare("resnet18", img_rows, device, not args.tiny, args.amp, args.repeat))
     amp = ", --amp" if args.amp else ""
-    table(f"one epoch, seconds ({device}{amp})",
-          ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"], rows)
+    table(
+        f"one epoch, seconds ({device}{amp})",
+        ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"],
+        rows,
+    )
     if device.type == "cuda":
         print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.3f} GiB")
     if args.only not in (None, "columnfc"):
@@ -107,7 +113,7 @@ def main():
         model, data = setup("columnfc", n, device)
         optimizer = make_optimizer(model.parameters(), "adam", 1e-3, 5e-4)
         idx = torch.arange(n, device=device)
-        t = best_of(lambda: train_pass(model, data, idx, optimizer, 128), repeat=2)
+        t = best_of(lambda: train_pass(model, data, idx, optimizer, 128), repeat=2)  # noqa: B023 (called at once)
         scaling.append([n, f"{t:.3f}", f"{1e6 * t / n:.1f}"])
     table("columnfc epoch scaling", ["rows", "seconds", "us/row"], scaling)
 

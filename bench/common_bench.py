@@ -1,4 +1,5 @@
 """Small timing helpers shared by the benchmark scripts (run them from the repo root)."""
+
 import os
 import sys
 import time

@@ -20,6 +20,7 @@ Exit status 1 if any item failed. --cpu-dry-run runs the same items on the CPU w
 (the CPU stands in for the GPU, and agreement compares the CPU with itself), so that a mistake in this script
 shows in CI, not in the first minutes of a lent GPU. Downloads nothing.
 """
+
 import argparse
 import json
 import os
@@ -47,9 +48,9 @@ class Sizes:
 
     def __init__(self, dry):
         self.device = "-1" if dry else "0"
-        self.epochs = 1 if dry else 5                 # pretraining epochs in items 1 and 3
-        self.attack_epochs = 1 if dry else 10        # SAMIA and the NN attacks' training epochs
-        self.image_rows = 8 if dry else 4096         # rows of one image-model epoch
+        self.epochs = 1 if dry else 5  # pretraining epochs in items 1 and 3
+        self.attack_epochs = 1 if dry else 10  # SAMIA and the NN attacks' training epochs
+        self.image_rows = 8 if dry else 4096  # rows of one image-model epoch
         self.repeat = 1 if dry else 3
         self.grid_flags = ["--jobs", "2"] if dry else ["--gpus", "0", "--jobs_per_gpu"]
         self.timeout = 600
@@ -68,19 +69,30 @@ def defense_grid(semantics, sizes):
     for name, cls in DEFENSES.items():
         required, _ = setting_keys(cls)
         entries.append({"defend": name, **{k: WINDOW[k] if k in WINDOW else args[name] for k in sorted(required)}})
-    return {"configs": [CONFIG], "pruners": "iter_prunetxt", "sparsities": [0.6], "prune_iter": 2, "shadow_num": 2,
-            "attacks": ",".join(ATTACKS), "semantics": semantics, "defenses": entries,
-            "overrides": {"pretrain": {"epochs": sizes.epochs, "no_tensorboard": True},
-                          "prune": {"prune_epochs": 2, "epochs": sizes.epochs, "no_tensorboard": True},
-                          "attack": {"attack_epochs": sizes.attack_epochs, "no_tensorboard": True}}}
+    return {
+        "configs": [CONFIG],
+        "pruners": "iter_prunetxt",
+        "sparsities": [0.6],
+        "prune_iter": 2,
+        "shadow_num": 2,
+        "attacks": ",".join(ATTACKS),
+        "semantics": semantics,
+        "defenses": entries,
+        "overrides": {
+            "pretrain": {"epochs": sizes.epochs, "no_tensorboard": True},
+            "prune": {"prune_epochs": 2, "epochs": sizes.epochs, "no_tensorboard": True},
+            "attack": {"attack_epochs": sizes.attack_epochs, "no_tensorboard": True},
+        },
+    }
 
 
 def run(argv, out, name, timeout, cwd="."):
     """Run argv (python first) in cwd; its output to out/<name>.log. Returns (exit status, output)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        proc = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
         code, text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         code, text = "timeout", f"{err.stdout or ''}{err.stderr or ''}\n(stopped after {timeout} s)"
@@ -97,7 +109,7 @@ def last_block(log_file, first_line_prefix):
     except OSError:
         return []
     starts = [i for i, line in enumerate(lines) if line.startswith(first_line_prefix)]
-    return lines[starts[-1]:] if starts else []
+    return lines[starts[-1] :] if starts else []
 
 
 def numbers(lines, pattern):
@@ -130,23 +142,28 @@ class Check:
                 json.dump(defense_grid(semantics, self.sizes), f, indent=1)
             flags = self.sizes.grid_flags + ([] if self.dry else ["4"])
             start = time.monotonic()
-            code, text = run(["grid.py", path, "--no_summary", *flags], self.out, f"grid_defenses_{semantics}",
-                             self.sizes.timeout)
-            print(f"   grid of every defense ({semantics}): exit {code} in {time.monotonic() - start:.0f} s", flush=True)
+            code, text = run(
+                ["grid.py", path, "--no_summary", *flags], self.out, f"grid_defenses_{semantics}", self.sizes.timeout
+            )
+            print(
+                f"   grid of every defense ({semantics}): exit {code} in {time.monotonic() - start:.0f} s", flush=True
+            )
             steps = {s.name: s for s in expand(Grid(path, path))}
-            for name, cls in DEFENSES.items():
+            for name, _cls in DEFENSES.items():
                 prune = next(s for s in steps.values() if s.kind == "prune" and step_defense(s) == name)
                 attack = next(s for s in steps.values() if s.kind == "attack" and prune.name in s.needs)
                 records = [read_json(s.record) for s in (prune, attack)]
                 block = last_block(attack.log, "Victim pruned model test accuracy")
                 reported = numbers(block, r"(\S+) attack accuracy: (\S+)")
-                ok = all(records) and all(r["exit_status"] == 0 for r in records) \
-                    and f"Semantics: {semantics}" in block
+                ok = all(records) and all(r["exit_status"] == 0 for r in records) and f"Semantics: {semantics}" in block
                 seconds = sum(r["seconds"] for r in records) if all(records) else None
                 missing = [n for a in ATTACKS.values() for n in a.reports if n not in reported]
-                note = (f"prune {records[0]['seconds']:.1f} s, attack {records[1]['seconds']:.1f} s"
-                        if all(records) else f"step failed: see {self.out}/grid_defenses_{semantics}.log and "
-                                             f"log/grid/{(attack if records[0] else prune).name}.err")
+                note = (
+                    f"prune {records[0]['seconds']:.1f} s, attack {records[1]['seconds']:.1f} s"
+                    if all(records)
+                    else f"step failed: see {self.out}/grid_defenses_{semantics}.log and "
+                    f"log/grid/{(attack if records[0] else prune).name}.err"
+                )
                 if ok and missing:
                     ok, note = False, f"no line for {', '.join(missing)}"
                 self.row(f"defense {name} ({semantics})", ok, seconds, note)
@@ -155,8 +172,12 @@ class Check:
             hits = [k for k, reported in blocks.items() if all(n in reported for n in attack.reports)]
             values = [reported[n] for reported in blocks.values() for n in attack.reports if n in reported]
             span = f", accuracy {min(values):.1f}-{max(values):.1f}" if values else ""
-            self.row(f"attack {attack_name}", len(hits) == len(blocks), None,
-                     f"{'/'.join(attack.reports)} in {len(hits)}/{len(blocks)} defense runs{span}")
+            self.row(
+                f"attack {attack_name}",
+                len(hits) == len(blocks),
+                None,
+                f"{'/'.join(attack.reports)} in {len(hits)}/{len(blocks)} defense runs{span}",
+            )
 
     # ------------------------------------------------------------ 2. image models
 
@@ -165,17 +186,33 @@ class Check:
         for model in IMAGE_MODELS:
             for amp in ([], ["--amp"]):
                 item = f"model {model}{' --amp' if amp else ''}"
-                code, text = run(["bench/bench_train.py", "--device", device, "--only", model, *amp,
-                                  "--rows", str(self.sizes.image_rows), "--repeat", str(self.sizes.repeat)],
-                                 self.out, item.replace(" ", "_").replace("--", ""), self.sizes.timeout)
+                code, text = run(
+                    [
+                        "bench/bench_train.py",
+                        "--device",
+                        device,
+                        "--only",
+                        model,
+                        *amp,
+                        "--rows",
+                        str(self.sizes.image_rows),
+                        "--repeat",
+                        str(self.sizes.repeat),
+                    ],
+                    self.out,
+                    item.replace(" ", "_").replace("--", ""),
+                    self.sizes.timeout,
+                )
                 row = next((line.split() for line in text.splitlines() if line.strip().startswith(model + " ")), None)
                 peak = re.search(r"peak GPU memory allocated: (\S+) GiB", text)
                 if code != 0 or row is None:
                     self.row(item, False, None, f"exit {code}: {text.strip().splitlines()[-1:] or ''}")
                     continue
                 seconds = float(row[2])
-                note = (f"{seconds:.3f} s per epoch of {row[1]} rows ({1e4 * seconds / int(row[1]):.2f} s per 10k), "
-                        f"{row[4]}x a bare loop, peak {peak.group(1) + ' GiB' if peak else 'n/a (CPU)'}")
+                note = (
+                    f"{seconds:.3f} s per epoch of {row[1]} rows ({1e4 * seconds / int(row[1]):.2f} s per 10k), "
+                    f"{row[4]}x a bare loop, peak {peak.group(1) + ' GiB' if peak else 'n/a (CPU)'}"
+                )
                 self.row(item, True, seconds, note + ("" if not amp or not self.dry else "; --amp is CUDA only"))
 
     # ------------------------------------------------------------ 3. CPU vs CUDA
@@ -184,15 +221,25 @@ class Check:
         """The tiny digits chain in folder (a scratch copy of the repo) on device; (ok, seconds, numbers)."""
         common = [CONFIG, "--quiet", "--no_tensorboard"]
         where = ["--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--shadow_num", "2"]
-        argv = {"pretrain": ["pretrain_modi.py", device, *common, "--shadow_num", "2", "--epochs",
-                             str(self.sizes.epochs)],
-                "prune": ["prune_modi.py", device, *common, *where, "--prune_iter", "2", "--prune_epochs", "2"],
-                "attack": ["mia_modi.py", device, *common, *where, "--attacks", ",".join(ATTACKS),
-                           "--attack_epochs", str(self.sizes.attack_epochs)]}
+        argv = {
+            "pretrain": ["pretrain_modi.py", device, *common, "--shadow_num", "2", "--epochs", str(self.sizes.epochs)],
+            "prune": ["prune_modi.py", device, *common, *where, "--prune_iter", "2", "--prune_epochs", "2"],
+            "attack": [
+                "mia_modi.py",
+                device,
+                *common,
+                *where,
+                "--attacks",
+                ",".join(ATTACKS),
+                "--attack_epochs",
+                str(self.sizes.attack_epochs),
+            ],
+        }
         start = time.monotonic()
         for step in steps:
-            code, _ = run(argv[step], self.out, f"agreement_{os.path.basename(folder)}_{step}", self.sizes.timeout,
-                          cwd=folder)
+            code, _ = run(
+                argv[step], self.out, f"agreement_{os.path.basename(folder)}_{step}", self.sizes.timeout, cwd=folder
+            )
             if code != 0:
                 return False, time.monotonic() - start, {}
         log_file = os.path.join(folder, "log", "digits_columnfc", "iter_prunetxt_0.6_base.txt")
@@ -212,29 +259,43 @@ class Check:
         ok_cpu, t_cpu, cpu = self.chain(folders["cpu"], "-1")
         ok_gpu, t_gpu, on_gpu = self.chain(folders["gpu"], gpu)
         if ok_cpu:
-            shutil.copytree(os.path.join(folders["cpu"], "result"), os.path.join(folders["cpu_models_on_gpu"], "result"))
+            shutil.copytree(
+                os.path.join(folders["cpu"], "result"), os.path.join(folders["cpu_models_on_gpu"], "result")
+            )
             shutil.copytree(os.path.join(folders["cpu"], "log"), os.path.join(folders["cpu_models_on_gpu"], "log"))
-        ok_inf, t_inf, inference = self.chain(folders["cpu_models_on_gpu"], gpu, ("attack",)) if ok_cpu else (False, 0, {})
+        ok_inf, t_inf, inference = (
+            self.chain(folders["cpu_models_on_gpu"], gpu, ("attack",)) if ok_cpu else (False, 0, {})
+        )
         other = "CPU" if self.dry else "CUDA"
         table = [f"{'number':<24}{'CPU':>10}{other:>10}{'CPU models, ' + other:>22}"]
         for key in cpu:
-            table.append(f"{key:<24}{cpu[key]:>10.3f}{on_gpu.get(key, float('nan')):>10.3f}"
-                         f"{inference.get(key, float('nan')):>22.3f}")
+            table.append(
+                f"{key:<24}{cpu[key]:>10.3f}{on_gpu.get(key, float('nan')):>10.3f}"
+                f"{inference.get(key, float('nan')):>22.3f}"
+            )
         with open(os.path.join(self.out, "agreement.txt"), "w") as f:
             f.write("\n".join(table) + "\n")
         print("\n".join("   " + line for line in table), flush=True)
         train_diff = max_diff(cpu, on_gpu)
-        self.row(f"agreement training (CPU vs {other})", ok_cpu and ok_gpu and set(cpu) == set(on_gpu), t_cpu + t_gpu,
-                 f"largest difference {train_diff:.3f} points (each device draws its own numbers; see agreement.txt)")
+        self.row(
+            f"agreement training (CPU vs {other})",
+            ok_cpu and ok_gpu and set(cpu) == set(on_gpu),
+            t_cpu + t_gpu,
+            f"largest difference {train_diff:.3f} points (each device draws its own numbers; see agreement.txt)",
+        )
         attacked = {k: v for k, v in cpu.items() if not k.startswith("victim iter")}
         inf_diff = max_diff(attacked, inference)
         # Same models, so only float reordering separates them; the attack models (SAMIA, NN) also train on
         # device-specific random numbers, so the tight bound holds for the deterministic attacks.
         deterministic = {n for name in ("threshold", "lira", "rmia") if name in ATTACKS for n in ATTACKS[name].reports}
         det_diff = max_diff({k: v for k, v in attacked.items() if k in deterministic | {"pruned"}}, inference)
-        self.row(f"agreement inference (CPU models on {other})", ok_inf and det_diff <= 0.1 and set(attacked) <= set(inference),
-                 t_inf, f"pruned accuracy and {', '.join(sorted(deterministic))}: largest difference {det_diff:.3f} "
-                        f"points (pass: <= 0.1); all attacks: {inf_diff:.3f}")
+        self.row(
+            f"agreement inference (CPU models on {other})",
+            ok_inf and det_diff <= 0.1 and set(attacked) <= set(inference),
+            t_inf,
+            f"pruned accuracy and {', '.join(sorted(deterministic))}: largest difference {det_diff:.3f} "
+            f"points (pass: <= 0.1); all attacks: {inf_diff:.3f}",
+        )
 
     # ------------------------------------------------------------ 4. the main job
 
@@ -243,8 +304,11 @@ class Check:
         if self.dry:  # the same grid, smallest settings
             with open(path) as f:
                 grid = json.load(f)
-            grid["overrides"] = {"pretrain": {"epochs": 1}, "prune": {"prune_epochs": 1},
-                                 "attack": {"attack_epochs": 1}}
+            grid["overrides"] = {
+                "pretrain": {"epochs": 1},
+                "prune": {"prune_epochs": 1},
+                "attack": {"attack_epochs": 1},
+            }
             grid["prune_iter"] = 2
             path = os.path.join(self.out, "grid_digits_tiny.json")
             with open(path, "w") as f:
@@ -260,10 +324,15 @@ class Check:
         done = [r for r in records if r]
         gpu_lines = sorted({line for s in steps for line in last_block(s.log, "") if line.startswith("GPU: ")})
         packed = most_at_once(done)
-        note = (f"{len(done)}/{len(steps)} steps in {seconds:.0f} s, up to {packed} at once; "
-                + (gpu_lines[0] if gpu_lines else "no GPU line (CPU)"))
-        self.row(f"grid {' '.join(flags)}", code == 0 and len(done) == len(steps) and (self.dry or bool(gpu_lines)),
-                 seconds, note)
+        note = f"{len(done)}/{len(steps)} steps in {seconds:.0f} s, up to {packed} at once; " + (
+            gpu_lines[0] if gpu_lines else "no GPU line (CPU)"
+        )
+        self.row(
+            f"grid {' '.join(flags)}",
+            code == 0 and len(done) == len(steps) and (self.dry or bool(gpu_lines)),
+            seconds,
+            note,
+        )
 
     def summary(self):
         head = "CPU dry run" if self.dry else device_name()
@@ -300,8 +369,12 @@ def max_diff(a, b):
 def most_at_once(records):
     """The largest number of steps whose [start, end) overlap, from their job records."""
     from datetime import datetime
-    events = sorted([(datetime.fromisoformat(r["start"]), 1) for r in records]
-                    + [(datetime.fromisoformat(r["end"]), -1) for r in records], key=lambda e: (e[0], e[1]))
+
+    events = sorted(
+        [(datetime.fromisoformat(r["start"]), 1) for r in records]
+        + [(datetime.fromisoformat(r["end"]), -1) for r in records],
+        key=lambda e: (e[0], e[1]),
+    )
     most = running = 0
     for _, change in events:
         running += change
@@ -318,18 +391,27 @@ def copy_code(folder, out):
 
 def device_name():
     import torch
-    return (f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | CUDA {torch.version.cuda}"
-            if torch.cuda.is_available() else "no CUDA")
+
+    return (
+        f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | CUDA {torch.version.cuda}"
+        if torch.cuda.is_available()
+        else "no CUDA"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu-dry-run", dest="dry", action="store_true",
-                        help="the same items on the CPU with the smallest settings (what CI runs)")
+    parser.add_argument(
+        "--cpu-dry-run",
+        dest="dry",
+        action="store_true",
+        help="the same items on the CPU with the smallest settings (what CI runs)",
+    )
     parser.add_argument("--out", default="gpu_check", help="folder for the logs and summary.txt")
     args = parser.parse_args()
     if not args.dry:
         import torch
+
         if not torch.cuda.is_available():
             print("error: no CUDA GPU here; run with --cpu-dry-run to check the script on the CPU", file=sys.stderr)
             sys.exit(2)

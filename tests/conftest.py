@@ -1,4 +1,5 @@
 """Shared test helpers: the repo on sys.path, and running a script as a subprocess in a folder."""
+
 import os
 import shutil
 import subprocess
@@ -28,8 +29,10 @@ def run_script(script, *args, cwd, check=True, timeout=600, repo=REPO):
     cmd = [sys.executable, os.path.join(repo, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
-                    f"\n--- stderr\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+            f"\n--- stderr\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -38,8 +41,9 @@ def copy_repo(target, memscores=True):
     ignored) and the shipped digits mem-scores, without memscore/ unless memscores; no data, results or
     logs. Scripts run from it (run_script(..., repo=target)) read and write data/datasets/ and memscore/
     under target, since paths.py resolves those from the scripts' own folder. Returns target as a str."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     names = set(filter(None, listed)) | {"memscore/memscore_digits_columnfc.csv"}
     left_out = ("result/", "log/") + (() if memscores else ("memscore/",))
     for name in sorted(names):

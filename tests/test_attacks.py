@@ -1,8 +1,9 @@
 """attacks.py: threshold attacks against the literal quadratic loop, metric values by hand, the
 sensitivity feature against its closed form on a linear model, the registry, and the NN attacks."""
-from types import SimpleNamespace
+
 import math
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,14 +12,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
-from attacks import (ATTACKS, Outputs, best_threshold, conf_values, entr_values, mentr_values, model_outputs,
-                     parse_attacks, sensitivity, threshold_accuracy)
+from attacks import (
+    ATTACKS,
+    Outputs,
+    best_threshold,
+    conf_values,
+    entr_values,
+    mentr_values,
+    model_outputs,
+    parse_attacks,
+    sensitivity,
+    threshold_accuracy,
+)
 from common import UsageError
 from datasets import TensorData
 from splits import ModelSplit
 
-
 # ---------------------------------------------------------------- threshold attacks vs the literal rule
+
 
 def slow_threshold(member_values, nonmember_values):
     """The release's threshold rule as a quadratic loop: candidates = member values then non-member values;
@@ -33,10 +44,15 @@ def slow_threshold(member_values, nonmember_values):
     return best_t
 
 
-def slow_attack_accuracy(shadow_values, shadow_groups, shadow_member, victim_values, victim_groups, victim_member,
-                         num_groups):
-    thresholds = [slow_threshold(shadow_values[(shadow_groups == g) & shadow_member],
-                                 shadow_values[(shadow_groups == g) & ~shadow_member]) for g in range(num_groups)]
+def slow_attack_accuracy(
+    shadow_values, shadow_groups, shadow_member, victim_values, victim_groups, victim_member, num_groups
+):
+    thresholds = [
+        slow_threshold(
+            shadow_values[(shadow_groups == g) & shadow_member], shadow_values[(shadow_groups == g) & ~shadow_member]
+        )
+        for g in range(num_groups)
+    ]
     said_member = np.array([v >= thresholds[g] for v, g in zip(victim_values, victim_groups)], dtype=bool)
     return thresholds, 100 * 0.5 * (np.mean(said_member[victim_member]) + np.mean(~said_member[~victim_member]))
 
@@ -57,7 +73,7 @@ def test_best_threshold_equals_literal_loop():
         mem, non = rng.integers(0, 4, n_mem) / 3.0, rng.integers(0, 4, n_non) / 3.0
         assert best_threshold(mem, non) == slow_threshold(mem, non), (mem, non)
     assert best_threshold(np.array([]), np.array([])) == 0
-    assert best_threshold(np.array([0.7]), np.array([])) == 0   # an empty side never scores: stays 0
+    assert best_threshold(np.array([0.7]), np.array([])) == 0  # an empty side never scores: stays 0
     assert best_threshold(np.array([0.9, 0.8]), np.array([0.1, 0.8])) == 0.9  # 0.9 first reaches 0.75
 
 
@@ -81,7 +97,7 @@ def test_classes_with_zero_or_one_shadow_sample():
     vv, vg = np.array([0.5, 0.2, 0.1, 0.6]), np.array([0, 1, 2, 0])
     vm = np.array([True, False, False, True])
     thresholds, want = slow_attack_accuracy(sv, sg, sm, vv, vg, vm, 3)
-    assert thresholds == [0, 0, 0]   # every class keeps the initial threshold 0: all called members
+    assert thresholds == [0, 0, 0]  # every class keeps the initial threshold 0: all called members
     assert want == 50.0
     assert threshold_accuracy(sv, sg, sm, vv, vg, vm, 3) == 50.0
 
@@ -95,14 +111,18 @@ LOG0 = math.log(1e-20)  # every log argument is clamped at 1e-20
 
 def test_conf_entr_mentr_by_hand():
     assert conf_values(PROBS, LABELS).tolist() == [0.7, 0.0, 0.0]
-    entr = [0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1),
-            2 * 0.5 * math.log(0.5),   # 0 * log(clamped 0) contributes 0
-            0.0]
+    entr = [
+        0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1),
+        2 * 0.5 * math.log(0.5),  # 0 * log(clamped 0) contributes 0
+        0.0,
+    ]
     assert entr_values(PROBS, LABELS) == pytest.approx(entr, rel=1e-12)
     # -modified entropy = (1 - p_y) log p_y + sum_{i != y} p_i log(1 - p_i)
-    mentr = [0.3 * math.log(0.7) + 0.2 * math.log(0.8) + 0.1 * math.log(0.9),
-             1.0 * LOG0 + 2 * 0.5 * math.log(0.5),
-             1.0 * LOG0 + 1.0 * LOG0]   # p_y = 0 and a wrong class at probability 1
+    mentr = [
+        0.3 * math.log(0.7) + 0.2 * math.log(0.8) + 0.1 * math.log(0.9),
+        1.0 * LOG0 + 2 * 0.5 * math.log(0.5),
+        1.0 * LOG0 + 1.0 * LOG0,
+    ]  # p_y = 0 and a wrong class at probability 1
     assert mentr_values(PROBS, LABELS) == pytest.approx(mentr, rel=1e-12)
     assert mentr[2] == pytest.approx(-92.1034, abs=1e-4)
 
@@ -144,12 +164,14 @@ def test_threshold_attack_matches_literal_loop_on_random_outputs():
     for name, values in (("Conf", conf_values), ("Entr", entr_values), ("Mentr", mentr_values)):
         _, want = slow_attack_accuracy(values(sp32, sy), sy, sm, values(vp32, vy), vy, vm, num_cls)
         assert results[name] == pytest.approx(want, rel=1e-12)
-    _, want = slow_attack_accuracy(conf_values(sp32, sy), np.zeros_like(sy), sm, conf_values(vp32, vy),
-                                   np.zeros_like(vy), vm, 1)
+    _, want = slow_attack_accuracy(
+        conf_values(sp32, sy), np.zeros_like(sy), sm, conf_values(vp32, vy), np.zeros_like(vy), vm, 1
+    )
     assert results["Hconf"] == pytest.approx(want, rel=1e-12)
 
 
 # ---------------------------------------------------------------- sensitivity on a linear model
+
 
 def linear_model(num_cls=3, dim=5, seed=0):
     torch.manual_seed(seed)
@@ -172,7 +194,7 @@ def test_sensitivity_with_fixed_noise_equals_jacobian(monkeypatch):
     draws = torch.randn(attacks.SENS_DRAWS, 4, 5, dtype=torch.float64)
     monkeypatch.setattr(torch, "randn", lambda shape, **kw: draws.to(kw.get("dtype") or draws.dtype).clone())
     got = sensitivity(model, x)
-    jac = softmax_jacobian_rows(model, x)                       # (B, C, D)
+    jac = softmax_jacobian_rows(model, x)  # (B, C, D)
     want = torch.einsum("bcd,kbd->kbc", jac, draws).abs().mean(0)  # mean over draws of |J u|
     assert got.shape == (4, 3)
     assert torch.allclose(got, want, rtol=2e-3, atol=1e-6)
@@ -204,6 +226,7 @@ def test_model_outputs_members_then_nonmembers():
 
 # ---------------------------------------------------------------- registry and NN attacks
 
+
 def test_parse_attacks_order_and_errors():
     core = ["samia", "threshold", "nn", "nn_top3", "nn_cls"]
     assert [a for a in ATTACKS if a in core] == core  # the log's order
@@ -215,9 +238,19 @@ def test_parse_attacks_order_and_errors():
         with pytest.raises(UsageError, match=f"unknown attack {named}; {valid}") as err:
             parse_attacks(bad)
         assert "\n" not in str(err.value)
-    assert [name for name, attack in ATTACKS.items() if attack.needs_sensitivity and name in core] == ["samia"]  # needs sensitivity
-    assert [n for name in core for n in ATTACKS[name].reports] == ["SAMIA", "Conf", "Entr", "Mentr", "Hconf", "NN",
-                                                                   "Top3-NN", "NNCl"]
+    assert [name for name, attack in ATTACKS.items() if attack.needs_sensitivity and name in core] == [
+        "samia"
+    ]  # needs sensitivity
+    assert [n for name in core for n in ATTACKS[name].reports] == [
+        "SAMIA",
+        "Conf",
+        "Entr",
+        "Mentr",
+        "Hconf",
+        "NN",
+        "Top3-NN",
+        "NNCl",
+    ]
 
 
 def separable_outputs(rng, n, num_cls, with_sens):
@@ -256,6 +289,7 @@ def test_nn_attack_features(monkeypatch):
     def capture(log_name, kind, features, shadow, victim, num_cls, progress, schedule=None):
         seen[log_name] = (kind, features(shadow), features(victim))
         return []
+
     monkeypatch.setattr(attacks, "_nn_attack", capture)
     probs = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
     sens = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
@@ -277,10 +311,12 @@ def test_nn_attack_training_recipe(monkeypatch):
 
     def fake_pass(model, data, idx, optimizer, batch_size):
         group = optimizer.param_groups[0]
-        calls.append((type(optimizer), round(group["lr"], 10), group["momentum"], group["weight_decay"], batch_size,
-                      len(idx)))
+        calls.append(
+            (type(optimizer), round(group["lr"], 10), group["momentum"], group["weight_decay"], batch_size, len(idx))
+        )
         optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
         return 0.0, 0.0
+
     monkeypatch.setattr(attacks, "train_pass", fake_pass)
     rng = np.random.default_rng(0)
     out = separable_outputs(rng, 50, 4, False)
@@ -300,8 +336,13 @@ def test_nn_attack_batches_follow_the_semantics(monkeypatch, semantics, batch):
     assert attacks.nn_schedule(semantics, None) == (128, 100)
     sizes = []
     original = attacks.train_pass
-    monkeypatch.setattr(attacks, "train_pass", lambda model, data, idx, opt, batch_size: sizes.append(
-        [len(b) for b in idx.split(batch_size)]) or original(model, data, idx, opt, batch_size))
+    monkeypatch.setattr(
+        attacks,
+        "train_pass",
+        lambda model, data, idx, opt, batch_size: (
+            sizes.append([len(b) for b in idx.split(batch_size)]) or original(model, data, idx, opt, batch_size)
+        ),
+    )
     n = 300
     probs = torch.softmax(torch.randn(n, 4), 1)
     out = Outputs(probs, torch.randint(0, 4, (n,)), torch.arange(n) % 2 == 0)

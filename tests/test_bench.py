@@ -1,4 +1,5 @@
 """The benchmark scripts still run (tiny sizes) and report what they claim; no timing asserted."""
+
 import os
 import subprocess
 import sys
@@ -37,11 +38,15 @@ def test_train_bench_ratios_are_its_measured_times():
     lines = out.splitlines()
     header = next(line.split() for line in lines if line.strip().startswith("model"))
     assert header == ["model", "rows", "project", "bare", "project/bare", "release-style", "release/project"]
-    rows = [line.split() for line in lines if line.strip().startswith(("columnfc ", "resnet18 ")) and "scaling" not in line]
+    rows = [
+        line.split() for line in lines if line.strip().startswith(("columnfc ", "resnet18 ")) and "scaling" not in line
+    ]
     assert [(r[0], r[1]) for r in rows] == [("columnfc", "300"), ("columnfc", "60"), ("resnet18", "64")]
-    for model, n, project, bare, ratio, release, release_ratio in rows:
+    for model, _n, project, bare, ratio, release, release_ratio in rows:
         assert quotient_fits(ratio, project, bare)
-        assert release == release_ratio == "-" if model == "resnet18" else quotient_fits(release_ratio, release, project)
+        assert (
+            release == release_ratio == "-" if model == "resnet18" else quotient_fits(release_ratio, release, project)
+        )
     start = lines.index(next(line for line in lines if "columnfc epoch scaling" in line))
     scaling = [line.split() for line in lines[start:] if line.strip()[:1].isdigit()]
     assert [r[0] for r in scaling] == ["100", "1000"]
@@ -68,5 +73,5 @@ def test_pipeline_bench_times_every_python_step(tmp_path):
     script.write_text('python -c "print(1)"\npython -c "import time; time.sleep(0.2)" --flag\n')
     out = bench("bench/bench_pipeline.py", "--script", str(script), "--args", "")
     steps = [line.split(None, 1) for line in out.splitlines()[3:] if line.strip()]
-    assert [s[1].strip() for s in steps] == ['-c print(1)', '-c import time; time.sleep(0.2) --flag']
+    assert [s[1].strip() for s in steps] == ["-c print(1)", "-c import time; time.sleep(0.2) --flag"]
     assert float(steps[1][0]) >= 0.2

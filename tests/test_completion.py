@@ -1,5 +1,6 @@
 """Completion records and staging: a step refuses the models of a step before it that did not finish, a killed
 run leaves the last finished models in place, and a pruned model must be what its mask says."""
+
 import json
 import os
 import shutil
@@ -17,11 +18,33 @@ pytestmark = pytest.mark.slow  # runs the scripts end to end
 DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = os.path.join("result", "digits_columnfc")
 PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "2", "--no_tensorboard"]
-PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2",
-         "--shadow_num", "2", "--no_tensorboard"]
-ATTACK = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--shadow_num", "2", "--attacks", "threshold",
-          "--no_tensorboard"]
-PRUNE_FIX = (f"run prune_modi.py -1 {DIGITS} --pruner_name iter_prunetxt --prune_sparsity 0.6 --shadow_num 2 first")
+PRUNE = [
+    "prune_modi.py",
+    "-1",
+    DIGITS,
+    "--pruner_name",
+    "iter_prunetxt",
+    "--prune_iter",
+    "2",
+    "--prune_epochs",
+    "2",
+    "--shadow_num",
+    "2",
+    "--no_tensorboard",
+]
+ATTACK = [
+    "mia_modi.py",
+    "-1",
+    DIGITS,
+    "--pruner_name",
+    "iter_prunetxt",
+    "--shadow_num",
+    "2",
+    "--attacks",
+    "threshold",
+    "--no_tensorboard",
+]
+PRUNE_FIX = f"run prune_modi.py -1 {DIGITS} --pruner_name iter_prunetxt --prune_sparsity 0.6 --shadow_num 2 first"
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +62,15 @@ def copy(finished, tmp_path):
 
 def test_every_model_gets_a_record_naming_its_checkpoint(finished):
     import hashlib
-    for folder in ["victim_model", "shadow_model_0", "shadow_model_1", "iter_prunetxt_0.6_model",
-                   "shadow_iter_prunetxt_0.6_model_0", "shadow_iter_prunetxt_0.6_model_1"]:
+
+    for folder in [
+        "victim_model",
+        "shadow_model_0",
+        "shadow_model_1",
+        "iter_prunetxt_0.6_model",
+        "shadow_iter_prunetxt_0.6_model_0",
+        "shadow_iter_prunetxt_0.6_model_1",
+    ]:
         record = json.loads((finished / RUN / folder / "complete.json").read_text())
         digest = hashlib.sha256((finished / RUN / folder / "best.pth").read_bytes()).hexdigest()
         assert record["checkpoint_sha256"] == digest
@@ -60,7 +90,8 @@ def test_attack_refuses_a_shadow_without_record(finished, tmp_path):
     path = f"{RUN}/shadow_iter_prunetxt_0.6_model_1"
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {path}/best.pth belongs to a run that did not finish (no {path}/complete.json: it was killed or "
-        f"is still running); {PRUNE_FIX}"]
+        f"is still running); {PRUNE_FIX}"
+    ]
     assert {p: p.read_bytes() for p in logs} == before  # nothing logged
 
 
@@ -74,12 +105,17 @@ def test_attack_refuses_a_checkpoint_changed_after_its_record(finished, tmp_path
 
 
 def model_files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted((folder / RUN).glob("*_model*/*"))
-            if ".partial-" not in p.parent.name}
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in sorted((folder / RUN).glob("*_model*/*"))
+        if ".partial-" not in p.parent.name
+    }
 
 
-INTERRUPTED = ("error: interrupted ({}); every checkpoint in result/ is still a finished one (this run's unfinished "
-               "models were discarded); rerun the command to redo this step")
+INTERRUPTED = (
+    "error: interrupted ({}); every checkpoint in result/ is still a finished one (this run's unfinished "
+    "models were discarded); rerun the command to redo this step"
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
@@ -91,8 +127,15 @@ def test_a_killed_prune_leaves_the_finished_models(finished, tmp_path, sig):
     before = model_files(folder)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(REPO, PRUNE[0]), *PRUNE[1:], "--prune_epochs", "30", "--early_stop", "0"]
-    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     staged = lambda: list((folder / RUN).glob("iter_prunetxt_0.6_model.partial-*/best.pth"))
     deadline = time.time() + 300
     while time.time() < deadline and not staged() and proc.poll() is None:
@@ -108,7 +151,8 @@ def test_a_killed_prune_leaves_the_finished_models(finished, tmp_path, sig):
         assert left == [f"{name}.partial-{os.uname().nodename}-{proc.pid}" for name in names]
     else:
         assert (proc.returncode, stderr.splitlines()) == (
-            (143, [INTERRUPTED.format("SIGTERM")]) if sig == signal.SIGTERM else (130, [INTERRUPTED.format("Ctrl-C")]))
+            (143, [INTERRUPTED.format("SIGTERM")]) if sig == signal.SIGTERM else (130, [INTERRUPTED.format("Ctrl-C")])
+        )
         assert left == []
     attack = run_script(*ATTACK, cwd=folder, check=False)
     assert attack.returncode == 0, attack.stderr
@@ -121,12 +165,14 @@ def test_a_killed_prune_leaves_the_finished_models(finished, tmp_path, sig):
 def test_a_rebuilt_split_makes_the_models_trained_on_the_old_one_stale(finished, tmp_path):
     """pretrain_modi.py --force rebuilds the split: the models trained on the old one are refused, not taken."""
     from splits import Split
+
     folder = copy(finished, tmp_path)
     Split.create("digits", 1437, 360, 7, 3).save(str(folder / RUN / "split.npz"))  # what --force --shadow_num 3 writes
     proc = run_script(*PRUNE, cwd=folder, check=False)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {RUN}/victim_model/best.pth was trained on another data split than {RUN}/split.npz (the split was "
-        f"rebuilt after it finished); run pretrain_modi.py -1 {DIGITS} --shadow_num 2 first"]
+        f"rebuilt after it finished); run pretrain_modi.py -1 {DIGITS} --shadow_num 2 first"
+    ]
     attack = run_script(*ATTACK, cwd=folder, check=False)
     assert attack.returncode == 1 and "was trained on another data split" in attack.stderr
 
@@ -135,6 +181,7 @@ def release_copy(folder, source, target):
     """target/best.pth as the release writes it (a plain state_dict, no completion record), made from source's
     checkpoint, with source's mask."""
     import torch
+
     shutil.rmtree(folder / RUN / target)
     (folder / RUN / target).mkdir()
     state = torch.load(folder / RUN / source / "best.pth", weights_only=True)
@@ -154,26 +201,35 @@ def test_attack_refuses_a_dense_checkpoint_in_a_pruned_folder(finished, tmp_path
     path = f"{RUN}/iter_prunetxt_0.6_model"
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
         f"error: {path}/best.pth is not pruned as its mask {path}/best_mask.pth says (masked weights of fc1 are not "
-        f"zero: a dense or another run's checkpoint); {PRUNE_FIX}")
+        f"zero: a dense or another run's checkpoint); {PRUNE_FIX}"
+    )
     assert {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")} == logs
 
 
 def test_attack_refuses_a_model_pruned_to_another_sparsity(finished, tmp_path):
     folder = copy(finished, tmp_path)
     for source, target in [("iter_prunetxt_0.6_model", "iter_prunetxt_0.5_model")] + [
-            (f"shadow_iter_prunetxt_0.6_model_{i}", f"shadow_iter_prunetxt_0.5_model_{i}") for i in range(2)]:
+        (f"shadow_iter_prunetxt_0.6_model_{i}", f"shadow_iter_prunetxt_0.5_model_{i}") for i in range(2)
+    ]:
         (folder / RUN / target).mkdir()
         release_copy(folder, source, target)
     proc = run_script(*ATTACK, "--prune_sparsity", "0.5", cwd=folder, check=False)
     path = f"{RUN}/iter_prunetxt_0.5_model"
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(
-        f"error: {path}/best_mask.pth prunes 0.600 of the weights, not the requested --prune_sparsity 0.5; ")
+        f"error: {path}/best_mask.pth prunes 0.600 of the weights, not the requested --prune_sparsity 0.5; "
+    )
 
 
-@pytest.mark.parametrize("flags, line", [
-    (["--prune_iter", "1"], "error: --prune_iter must be >= 2 for iter_prunetxt (its first iteration prunes nothing, "
-                            "the last reaches --prune_sparsity), got 1; the paper uses 5"),
-])
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--prune_iter", "1"],
+            "error: --prune_iter must be >= 2 for iter_prunetxt (its first iteration prunes nothing, "
+            "the last reaches --prune_sparsity), got 1; the paper uses 5",
+        ),
+    ],
+)
 def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
     folder = copy(finished, tmp_path)
     before = model_files(folder)
@@ -182,12 +238,20 @@ def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
     assert model_files(folder) == before
 
 
-@pytest.mark.parametrize("flags, line", [
-    (["--adaptive"], "error: --adaptive uses shadows pruned with the victim's defense, and there is none; add "
-                     "--defend NAME, or drop --adaptive for Base"),
-    (["--original", "--defend", "ppb"], "error: --original attacks the unpruned models, which have no defense; "
-                                        "drop --defend ppb"),
-])
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--adaptive"],
+            "error: --adaptive uses shadows pruned with the victim's defense, and there is none; add "
+            "--defend NAME, or drop --adaptive for Base",
+        ),
+        (
+            ["--original", "--defend", "ppb"],
+            "error: --original attacks the unpruned models, which have no defense; drop --defend ppb",
+        ),
+    ],
+)
 def test_attack_refuses_flags_that_would_be_logged_as_something_else(finished, tmp_path, flags, line):
     folder = copy(finished, tmp_path)
     logs = {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")}
@@ -203,7 +267,8 @@ def test_prune_refuses_an_unfinished_pretrained_model_and_skip_existing_retrains
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: {RUN}/shadow_model_1/best.pth belongs to a run that did not finish (no {RUN}/shadow_model_1/"
-        f"complete.json: it was killed or is still running); run pretrain_modi.py -1 {DIGITS} --shadow_num 2 first"]
+        f"complete.json: it was killed or is still running); run pretrain_modi.py -1 {DIGITS} --shadow_num 2 first"
+    ]
     proc = run_script(*PRETRAIN, "--skip_existing", cwd=folder)
     assert "Skipping victim" in proc.stdout and "Skipping shadow 0" in proc.stdout
     assert "Skipping shadow 1" not in proc.stdout  # retrained: it had no record

@@ -29,6 +29,7 @@ def torchvision_reference(images, mean, std):
 
 # ---------------------------------------------------------------- TensorData
 
+
 def test_batch_normalises_like_torchvision():
     images = rng_for().integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     mean, std = datasets.MEAN_STD["cifar10"]
@@ -59,6 +60,7 @@ def test_unknown_name_lists_valid_names(tmp_path):
 
 
 # ---------------------------------------------------------------- CIFAR
+
 
 def write_cifar_batch(path, n, num_cls, label_key, seed):
     rng = rng_for(seed)
@@ -147,8 +149,10 @@ def test_cifar_missing_or_malformed_batch(tmp_path):
 
 # ---------------------------------------------------------------- CINIC
 
-def write_cinic(root, counts={"train": 7, "test": 5}):
+
+def write_cinic(root, counts=None):
     """Classes created out of order, files named so that sorted order differs from creation order."""
+    counts = counts or {"train": 7, "test": 5}
     rng = rng_for(3)
     for split, n in counts.items():
         for i in range(n):
@@ -190,8 +194,9 @@ def test_cinic_authors_index_file(tmp_path):
     with open(os.path.join(tmp_path, "cinic", "train_test_idx.pkl"), "wb") as f:
         pickle.dump([[6, 0, 3], [4, 1]], f)
     train, test = get_dataset("cinic", root=tmp_path)
-    train_ref, test_ref = (torchvision.datasets.ImageFolder(os.path.join(tmp_path, "cinic", split))
-                           for split in ("train", "test"))
+    train_ref, test_ref = (
+        torchvision.datasets.ImageFolder(os.path.join(tmp_path, "cinic", split)) for split in ("train", "test")
+    )
     assert train.y.tolist() == [train_ref.targets[i] for i in (6, 0, 3)] == [2, 0, 1]
     assert test.y.tolist() == [test_ref.targets[i] for i in (4, 1)]
     assert np.array_equal(test.x[0].numpy(), np.asarray(test_ref[4][0]).transpose(2, 0, 1))
@@ -209,6 +214,7 @@ def test_cinic_missing_and_bad_files(tmp_path):
 
 
 # ---------------------------------------------------------------- tabular
+
 
 def write_location(root, n=20, y=None):
     rng = rng_for(5)
@@ -312,11 +318,14 @@ def test_digits_needs_no_files(tmp_path):
         assert f["train"].tolist() == want_train and int(f["n"]) == 1797
 
 
-@pytest.mark.parametrize("name,path", [
-    ("location", "location/data_complete.npz"),
-    ("texas100", "texas/labels.txt"),
-    ("purchase100", "purchase100/purchase100.txt"),
-])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        ("location", "location/data_complete.npz"),
+        ("texas100", "texas/labels.txt"),
+        ("purchase100", "purchase100/purchase100.txt"),
+    ],
+)
 def test_missing_tabular_file_names_path_and_source(tmp_path, name, path):
     with pytest.raises(MissingError) as err:
         get_dataset(name, root=tmp_path)

@@ -1,5 +1,6 @@
 """The baseline defenses (ppb, relaxloss, adv, dp): losses against hand computations, the ADV game,
 DP-SGD's clipping, noise and accounting, and each one end to end on digits."""
+
 import json
 import os
 import re
@@ -23,11 +24,9 @@ from dp import clipped_gradient_sum, dp_gradient
 from models import ColumnFC
 from splits import ModelSplit
 
-LOGITS = torch.tensor([[2.0, -1.0, 0.5, 0.0],
-                       [0.1, 0.3, -0.2, 1.5],
-                       [-1.0, 3.0, 0.0, 0.2],
-                       [0.0, 0.0, 1.0, -2.0],
-                       [5.0, 1.0, -3.0, 0.4]])
+LOGITS = torch.tensor(
+    [[2.0, -1.0, 0.5, 0.0], [0.1, 0.3, -0.2, 1.5], [-1.0, 3.0, 0.0, 0.2], [0.0, 0.0, 1.0, -2.0], [5.0, 1.0, -3.0, 0.4]]
+)
 LABELS = torch.tensor([0, 3, 2, 2, 1])
 
 
@@ -46,8 +45,9 @@ def softmax_rows(rows):
 
 
 def args_for(**overrides):
-    settings = dict(num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                    dp_microbatch=None)
+    settings = dict(
+        num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4, dp_microbatch=None
+    )
     settings.update(overrides)
     return DefenseSettings(**settings)
 
@@ -63,6 +63,7 @@ def random_task(n_train=64, n_dev=64, dim=64, num_cls=10, seed=0):
 
 # ---------------------------------------------------------------- ppb
 
+
 def test_ppb_kl_matches_manual_and_drops_the_odd_row():
     ranked = -np.sort(-LOGITS.numpy(), axis=1)
     first, second = softmax_rows(ranked[:2]), softmax_rows(ranked[2:4])
@@ -77,6 +78,7 @@ def test_ppb_kl_matches_manual_and_drops_the_odd_row():
 
 
 # ---------------------------------------------------------------- relaxloss
+
 
 def manual_relaxloss(logits, y, alpha, epoch):
     probs = softmax_rows(logits.numpy().astype(np.float64))
@@ -98,8 +100,9 @@ def manual_relaxloss(logits, y, alpha, epoch):
     return total / len(labels)
 
 
-@pytest.mark.parametrize("alpha, epoch, case", [(2.5, 4, "even"), (0.2, 3, "odd, CE above alpha"),
-                                                (3.0, 1, "odd, flattening")])
+@pytest.mark.parametrize(
+    "alpha, epoch, case", [(2.5, 4, "even"), (0.2, 3, "odd, CE above alpha"), (3.0, 1, "odd, flattening")]
+)
 def test_relaxloss_matches_manual(alpha, epoch, case):
     mean_ce = F.cross_entropy(LOGITS, LABELS).item()  # 1.724: below alpha in the even case (gradient ascent)
     if case != "even":
@@ -112,6 +115,7 @@ def test_relaxloss_matches_manual(alpha, epoch, case):
 
 
 # ---------------------------------------------------------------- adv
+
 
 def inference_accuracy(adv, split):
     adv.inference.eval()
@@ -152,8 +156,9 @@ def test_adv_classifier_loss_subtracts_theta_times_the_inference_loss():
     x, y = data.batch(split.train[:8])
     logits = model(x)
     adv.inference.eval()
-    inference_ce = F.cross_entropy(adv.inference(torch.cat([F.softmax(logits, 1), F.one_hot(y, 10).float()], 1)),
-                                   torch.ones(8, dtype=torch.long))
+    inference_ce = F.cross_entropy(
+        adv.inference(torch.cat([F.softmax(logits, 1), F.one_hot(y, 10).float()], 1)), torch.ones(8, dtype=torch.long)
+    )
     ce = F.cross_entropy(logits, y)
     assert inference_ce.item() > 1e-3
     got = adv_classifier_loss(logits, y, adv.inference, 2.5)
@@ -198,6 +203,7 @@ def test_adv_runs_k_inference_steps_per_classifier_step(monkeypatch):
 
 # ---------------------------------------------------------------- dp
 
+
 def clipped_mean_reference(model, x, y, microbatch, clip=1.0):
     """Plain autograd, one microbatch at a time: mean of gradients clipped to norm <= clip."""
     clipped, norms = [], []
@@ -212,8 +218,15 @@ def clipped_mean_reference(model, x, y, microbatch, clip=1.0):
 
 def bn_model():
     """A small conv net with BatchNorm2d, like the image models (8x8 digit-sized inputs)."""
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 @pytest.mark.parametrize("make_model", [lambda: ColumnFC(64, 10), bn_model], ids=["vmap", "loop (BatchNorm)"])
@@ -288,7 +301,9 @@ def test_dp_default_microbatch_and_poisson_batches(monkeypatch):
     assert dp.microbatch == 32 and dp.sample_rate == pytest.approx(0.1)
     sizes = []
     original = defenses.dp_gradient
-    monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: sizes.append(len(y)) or original(model, x, y, *rest))
+    monkeypatch.setattr(
+        defenses, "dp_gradient", lambda model, x, y, *rest: sizes.append(len(y)) or original(model, x, y, *rest)
+    )
     torch.manual_seed(0)
     for epoch in range(5):
         dp.train_epoch(epoch)
@@ -316,15 +331,21 @@ def test_dp_trains_a_batchnorm_model_with_microbatches():
 DIGITS = os.path.join(REPO, "config", "digits.json")
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--defend", "ppb", "--defend_arg", "-1"], "--defend ppb needs --defend_arg >= 0"),
-    (["--defend", "adv", "--defend_arg", "0"], "--defend adv needs --defend_arg > 0"),
-    (["--defend", "relaxloss", "--defend_arg", "0"], "--defend relaxloss needs --defend_arg > 0"),
-    (["--defend", "dp", "--defend_arg", "-0.1"], "--defend dp needs --defend_arg >= 0"),
-    (["--defend", "dp", "--defend_arg", "nan"], "--defend_arg must be a finite number, got nan"),
-    (["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "0"], "--dp_microbatch must be in 1..--batch_size"),
-    (["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "200"], "--dp_microbatch must be in 1..--batch_size"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--defend", "ppb", "--defend_arg", "-1"], "--defend ppb needs --defend_arg >= 0"),
+        (["--defend", "adv", "--defend_arg", "0"], "--defend adv needs --defend_arg > 0"),
+        (["--defend", "relaxloss", "--defend_arg", "0"], "--defend relaxloss needs --defend_arg > 0"),
+        (["--defend", "dp", "--defend_arg", "-0.1"], "--defend dp needs --defend_arg >= 0"),
+        (["--defend", "dp", "--defend_arg", "nan"], "--defend_arg must be a finite number, got nan"),
+        (["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "0"], "--dp_microbatch must be in 1..--batch_size"),
+        (
+            ["--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "200"],
+            "--dp_microbatch must be in 1..--batch_size",
+        ),
+    ],
+)
 def test_bad_defend_args_are_one_line_usage_errors(flags, needle):
     with pytest.raises(UsageError) as err:
         prune_modi.get_args(["-1", DIGITS, *flags])
@@ -352,16 +373,34 @@ def digits_runs(tmp_path_factory):
     script = lambda name: os.path.join(REPO, name)
     runs = [[script("pretrain_modi.py"), "-1", DIGITS, "--epochs", "2", "--shadow_num", "1"]]
     for defend, arg in BASELINE_RUNS:
-        common = ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--defend", defend,
-                  "--defend_arg", arg, "--shadow_num", "1"]
+        common = [
+            "-1",
+            DIGITS,
+            "--pruner_name",
+            "iter_prunetxt",
+            "--prune_sparsity",
+            "0.6",
+            "--defend",
+            defend,
+            "--defend_arg",
+            arg,
+            "--shadow_num",
+            "1",
+        ]
         # dp under release runs 5 iterations of 21 epochs whatever the flags say (and logs that it overrides
         # them): one config epoch and no early stop keep it at 21 x len(train)//128 steps per iteration
         quick = ["--epochs", "1", "--early_stop", "0"] if defend == "dp" else []
         runs.append([script("prune_modi.py"), *common, "--prune_iter", "2", "--prune_epochs", "2", *quick])
         runs.append([script("mia_modi.py"), *common, "--attacks", "threshold", "--adaptive"])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(runs)],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return folder
 
@@ -382,8 +421,11 @@ def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
     assert sum(bool(re.fullmatch(rf"victim {iteration}", line)) for line in lines) == iterations
     assert sum(bool(re.fullmatch(rf"shadow 0 {iteration}", line)) for line in lines) == iterations
     forced = [line for line in lines if line.startswith("Flags forced")]
-    assert forced == (["Flags forced by --defend dp under --semantics release: --prune_iter 2 -> 5, "
-                       "--prune_epochs 2 -> 21"] if defend == "dp" else [])
+    assert forced == (
+        ["Flags forced by --defend dp under --semantics release: --prune_iter 2 -> 5, --prune_epochs 2 -> 21"]
+        if defend == "dp"
+        else []
+    )
     if defend == "dp":
         assert lines[lines.index(forced[0]) - 1] == "Semantics: release"
     assert any(re.fullmatch(rf"Total {defend} defend time: {number}s", line) for line in lines)
@@ -398,8 +440,9 @@ def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
         return
     # one line right after each iteration: victim iter 0-4, then shadow 0 iter 0-4 (21 epochs each, forced)
     after = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("DP epsilon")]
-    assert [line.split(" best")[0] for line in after] == [f"{who} iter {i}" for who in ("victim", "shadow 0")
-                                                          for i in range(5)]
+    assert [line.split(" best")[0] for line in after] == [
+        f"{who} iter {i}" for who in ("victim", "shadow 0") for i in range(5)
+    ]
     with np.load(result / "split.npz") as split:
         sizes = len(split["victim_train"]), len(split["shadow_train_0"])
     expected = []
@@ -414,6 +457,7 @@ def test_baseline_end_to_end_on_digits(digits_runs, defend, arg):
 
 
 # ---------------------------------------------------------------- run_custom.sh
+
 
 def run_custom(tmp_path, *argv, python_status=0):
     """Run a copy of run_custom.sh in tmp_path with a fake `python` that only records its arguments."""
@@ -431,24 +475,32 @@ def run_custom(tmp_path, *argv, python_status=0):
 def expected_calls(config, pruner, gpu):
     calls = []
     for defend, arg in [("ppb", "4"), ("adv", "2"), ("relaxloss", "1"), ("dp", "0.1")]:
-        calls.append(f"prune_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 --prune_iter 5 "
-                     f"--defend {defend} --defend_arg {arg}")
-        calls.append(f"mia_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 "
-                     f"--attacks threshold,samia --defend {defend} --defend_arg {arg} --adaptive")
+        calls.append(
+            f"prune_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 --prune_iter 5 "
+            f"--defend {defend} --defend_arg {arg}"
+        )
+        calls.append(
+            f"mia_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 "
+            f"--attacks threshold,samia --defend {defend} --defend_arg {arg} --adaptive"
+        )
     return calls
 
 
 def test_run_custom_release_sequence(tmp_path):
     proc, calls = run_custom(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert calls == (expected_calls("./config/cifar10_resnet18.json", "iter_pruning", 0)
-                     + expected_calls("./config/location.json", "iter_prunetxt", 0))
+    assert calls == (
+        expected_calls("./config/cifar10_resnet18.json", "iter_pruning", 0)
+        + expected_calls("./config/location.json", "iter_prunetxt", 0)
+    )
 
 
 def test_run_custom_digits_pretrains_only_when_the_victim_is_missing(tmp_path):
     proc, calls = run_custom(tmp_path, "digits")
     assert proc.returncode == 0, proc.stderr
-    assert calls == ["pretrain_modi.py -1 ./config/digits.json"] + expected_calls("./config/digits.json", "iter_prunetxt", -1)
+    assert calls == ["pretrain_modi.py -1 ./config/digits.json"] + expected_calls(
+        "./config/digits.json", "iter_prunetxt", -1
+    )
     (tmp_path / "bin" / "calls.txt").unlink()
     victim = tmp_path / "result" / "digits_columnfc" / "victim_model" / "complete.json"  # a finished victim
     victim.parent.mkdir(parents=True)
@@ -458,7 +510,9 @@ def test_run_custom_digits_pretrains_only_when_the_victim_is_missing(tmp_path):
     (tmp_path / "bin" / "calls.txt").unlink()
     proc, calls = run_custom(tmp_path, "digits", "-1", "--semantics", "corrected")  # flags reach every step
     assert proc.returncode == 0
-    assert calls == [f"{call} --semantics corrected" for call in expected_calls("./config/digits.json", "iter_prunetxt", -1)]
+    assert calls == [
+        f"{call} --semantics corrected" for call in expected_calls("./config/digits.json", "iter_prunetxt", -1)
+    ]
 
 
 @pytest.mark.parametrize("argv", [["cifar"], ["", "0"]])

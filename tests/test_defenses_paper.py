@@ -1,5 +1,6 @@
 """The paper's defenses: RSW windows (slide, slide_re, random), RMR (ml2) and SWMR (slide_ml2,
 slide_re_ml2), on a hand-made set, plus an end-to-end digits run of all six."""
+
 import copy
 import math
 import os
@@ -17,7 +18,7 @@ import train
 from common import UsageError
 from conftest import REPO, run_script
 from datasets import TensorData
-from defenses import DEFENSES, DefenseSettings, ML2, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
+from defenses import DEFENSES, ML2, DefenseSettings, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
 from models import build_model
 from splits import ModelSplit, make_split
 
@@ -36,8 +37,18 @@ def handmade(**overrides):
     torch.manual_seed(0)
     data = TensorData(torch.rand(12, 4), torch.tensor(LABELS))
     split = ModelSplit(torch.tensor(TRAIN), torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]))
-    settings = dict(optimizer="adam", lr=0.01, weight_decay=5e-4, weight_decay_mem=0.1, mem_thre=0.6,
-                    stride=2, width=3, batch_size=2, prune_epochs=3, num_cls=3)
+    settings = dict(
+        optimizer="adam",
+        lr=0.01,
+        weight_decay=5e-4,
+        weight_decay_mem=0.1,
+        mem_thre=0.6,
+        stride=2,
+        width=3,
+        batch_size=2,
+        prune_epochs=3,
+        num_cls=3,
+    )
     settings.update(overrides)
     return data, split, DefenseSettings(**settings), torch.tensor(SCORES, dtype=torch.float64)
 
@@ -60,6 +71,7 @@ def recorded_passes(monkeypatch):
     def record(model, data, idx, optimizer, batch_size):
         calls.append((idx.tolist(), optimizer))
         return 1.0, 50.0
+
     monkeypatch.setattr(defenses, "train_pass", record)
     return calls
 
@@ -67,9 +79,21 @@ def recorded_passes(monkeypatch):
 def test_registry_flags():
     paper = ["slide", "slide_re", "random", "ml2", "slide_ml2", "slide_re_ml2"]
     assert {n: DEFENSES[n].window for n in paper} == {
-        "slide": True, "slide_re": True, "random": True, "ml2": False, "slide_ml2": True, "slide_re_ml2": True}
+        "slide": True,
+        "slide_re": True,
+        "random": True,
+        "ml2": False,
+        "slide_ml2": True,
+        "slide_re_ml2": True,
+    }
     assert {n: DEFENSES[n].needs_memscore for n in paper} == {
-        "slide": True, "slide_re": True, "random": False, "ml2": True, "slide_ml2": True, "slide_re_ml2": True}
+        "slide": True,
+        "slide_re": True,
+        "random": False,
+        "ml2": True,
+        "slide_ml2": True,
+        "slide_re_ml2": True,
+    }
 
 
 def test_slide_windows_clip_per_class():
@@ -89,8 +113,10 @@ def test_window_edge_cases():
     # gaps between windows (stride > width)
     assert windows(Slide, 3, stride=3, width=1) == [[0, 6, 11], [3, 7], []]
     # a width larger than every class takes whole classes, and the start still moves
-    assert windows(Slide, 2, stride=1, width=10) == [[0, 8, 5, 3, 10, 6, 1, 11, 4, 2, 7, 9],
-                                                     [8, 5, 3, 10, 1, 4, 2, 7, 9]]
+    assert windows(Slide, 2, stride=1, width=10) == [
+        [0, 8, 5, 3, 10, 6, 1, 11, 4, 2, 7, 9],
+        [8, 5, 3, 10, 1, 4, 2, 7, 9],
+    ]
 
 
 def test_window_epoch_trains_exactly_the_window(recorded_passes):
@@ -143,8 +169,9 @@ def test_swmr_errors_when_both_sides_are_empty():
 
 def test_risk_side_uses_weight_decay_mem():
     # every sample risky and one batch: the epoch is one risk-optimizer step, reproducible by hand
-    data, split, args, scores = handmade(optimizer="sgd", lr=0.1, weight_decay=0.0, weight_decay_mem=0.5,
-                                         mem_thre=-1.0, batch_size=64)
+    data, split, args, scores = handmade(
+        optimizer="sgd", lr=0.1, weight_decay=0.0, weight_decay_mem=0.5, mem_thre=-1.0, batch_size=64
+    )
     model = build_model("columnfc", 3, 4)
     reference, plain = copy.deepcopy(model), copy.deepcopy(model)
     defense = ML2(model, data, split, args, scores)
@@ -169,15 +196,19 @@ def test_ml2_optimizers_keep_separate_state_across_epochs():
     assert defense.optimizer.defaults["weight_decay"] == 5e-4
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--defend", "slide"], "--defend slide needs --stride and --width of at least 1 (got --stride None)"),
-    (["--defend", "slide_re_ml2", "--stride", "1", "--width", "0"], "(got --width 0)"),
-    (["--defend", "ml2", "--weight_decay_mem", "-1"], "--weight_decay_mem must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--defend", "slide"], "--defend slide needs --stride and --width of at least 1 (got --stride None)"),
+        (["--defend", "slide_re_ml2", "--stride", "1", "--width", "0"], "(got --width 0)"),
+        (["--defend", "ml2", "--weight_decay_mem", "-1"], "--weight_decay_mem must be >= 0"),
+    ],
+)
 def test_flag_checks(flags, message):
     with pytest.raises(UsageError) as err:
-        prune_modi.get_args(["-1", os.path.join(REPO, "config", "digits.json"), "--pruner_name", "iter_prunetxt",
-                             *flags])
+        prune_modi.get_args(
+            ["-1", os.path.join(REPO, "config", "digits.json"), "--pruner_name", "iter_prunetxt", *flags]
+        )
     assert message in str(err.value)
 
 
@@ -185,8 +216,16 @@ def test_flag_checks(flags, message):
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
 MEM_THRE = 0.3  # the digits mem_thre of run_shell.sh
-PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--shadow_num", "1", "--quiet",
-         "--no_tensorboard"]
+PRUNE = [
+    "--pruner_name",
+    "iter_prunetxt",
+    "--prune_sparsity",
+    "0.6",
+    "--shadow_num",
+    "1",
+    "--quiet",
+    "--no_tensorboard",
+]
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +243,18 @@ def pretrained(tmp_path_factory, one_thread):
     os.makedirs(folder / "memscore")
     for name in ("memscore_digits_columnfc.csv", "memscore_digits_columnfc.json"):  # the scores and their fingerprint
         shutil.copy(os.path.join(REPO, "memscore", name), folder / "memscore")
-    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1", "--quiet",
-               "--no_tensorboard", cwd=folder)
+    run_script(
+        "pretrain_modi.py",
+        "-1",
+        DIGITS,
+        "--epochs",
+        "2",
+        "--shadow_num",
+        "1",
+        "--quiet",
+        "--no_tensorboard",
+        cwd=folder,
+    )
     return folder
 
 
@@ -216,11 +265,27 @@ def test_digits_end_to_end(pretrained, defend):
     flags = ["--defend", defend, "--weight_decay_mem", "0.1", "--mem_thre", str(MEM_THRE)]
     if window:
         flags += ["--stride", "1", "--width", "15"]
-    run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--prune_iter", "2", "--prune_epochs", "2", *flags,
-               cwd=pretrained)
-    run_script("mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6",
-               "--attacks", "threshold", "--defend", defend, "--adaptive", "--shadow_num", "1", "--quiet",
-               cwd=pretrained)
+    run_script(
+        "prune_modi.py", "-1", DIGITS, *PRUNE, "--prune_iter", "2", "--prune_epochs", "2", *flags, cwd=pretrained
+    )
+    run_script(
+        "mia_modi.py",
+        "-1",
+        DIGITS,
+        "--pruner_name",
+        "iter_prunetxt",
+        "--prune_sparsity",
+        "0.6",
+        "--attacks",
+        "threshold",
+        "--defend",
+        defend,
+        "--adaptive",
+        "--shadow_num",
+        "1",
+        "--quiet",
+        cwd=pretrained,
+    )
     stem = f"iter_prunetxt_0.6_{defend}"
     result = pretrained / "result" / "digits_columnfc"
     for folder in (f"{stem}_model", f"shadow_{stem}_model_0"):
@@ -228,18 +293,31 @@ def test_digits_end_to_end(pretrained, defend):
     lines = (pretrained / "log" / "digits_columnfc" / f"{stem}.txt").read_text().splitlines()
     assert lines[0] == f"digits_columnfc_{stem}{'_1-15' if window else ''}_0.1"
     assert lines[1] == "Semantics: release"
-    header = [line for line in (  # what the settings mean on this data (window_rule, RiskMemory.header_lines)
-        r"Window: stride 1, width 15 = \d+% of the smallest class \(\d+ samples\); a full pass in \d+ epochs "
-        r"\(largest class \d+ samples; 2 epochs per pruning iteration\)" if window else None,
-        r"Risk side: 35 of 1437 training samples \(2\.4%\) have a mem-score >= --mem_thre 0\.3; the victim's: "
-        r"\d+ of \d+" if issubclass(DEFENSES[defend], RiskMemory) else None) if line]
+    header = [
+        line
+        for line in (  # what the settings mean on this data (window_rule, RiskMemory.header_lines)
+            r"Window: stride 1, width 15 = \d+% of the smallest class \(\d+ samples\); a full pass in \d+ epochs "
+            r"\(largest class \d+ samples; 2 epochs per pruning iteration\)"
+            if window
+            else None,
+            r"Risk side: 35 of 1437 training samples \(2\.4%\) have a mem-score >= --mem_thre 0\.3; the victim's: "
+            r"\d+ of \d+"
+            if issubclass(DEFENSES[defend], RiskMemory)
+            else None,
+        )
+        if line
+    ]
     for pattern, line in zip(header, lines[2:]):
         assert re.fullmatch(pattern, line), line
-    lines = lines[:2] + lines[2 + len(header):]
+    lines = lines[:2] + lines[2 + len(header) :]
     assert lines[2].startswith("Pretrained Victim: Accuracy ")
     assert [line.split(":")[0] for line in lines[3:8]] == [
-        "victim iter 0 best model", "victim iter 1 best model", f"Total {defend} defend time",
-        "shadow 0 iter 0 best model", "shadow 0 iter 1 best model"]
+        "victim iter 0 best model",
+        "victim iter 1 best model",
+        f"Total {defend} defend time",
+        "shadow 0 iter 0 best model",
+        "shadow 0 iter 1 best model",
+    ]
     assert lines[8].startswith("Victim pruned model test accuracy: ")
     assert lines[9] == f"Shadows: {stem} (adaptive)"
     assert lines[10] == "Semantics: release"
@@ -249,6 +327,7 @@ def test_digits_end_to_end(pretrained, defend):
 
 # ---------------------------------------------------------------- run_shell.sh
 
+
 def shell_commands(tmp_path, *argv):
     """The python command lines run_shell.sh would run, recorded by a fake `python` first on PATH."""
     fake = tmp_path / "bin" / "python"
@@ -256,8 +335,9 @@ def shell_commands(tmp_path, *argv):
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "calls.txt"}\n')
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", os.path.join(REPO, "run_shell.sh"), *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "run_shell.sh"), *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     calls = tmp_path / "calls.txt"
     return proc, calls.read_text().splitlines() if calls.exists() else []
 
@@ -265,21 +345,27 @@ def shell_commands(tmp_path, *argv):
 def section(gpu, config, pruner, slide_re, ml2_thre, slide_ml2):
     prune = f"prune_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 --prune_iter 5"
     attack = f"mia_modi.py {gpu} {config} --pruner_name {pruner} --prune_sparsity 0.6 --attacks threshold,samia"
-    return [f"pretrain_modi.py {gpu} {config}", prune, attack,
-            f"{prune} --defend slide_re --stride {slide_re[0]} --width {slide_re[1]}",
-            f"{attack} --defend slide_re --adaptive",
-            f"{prune} --defend ml2 --weight_decay_mem 0.1 --mem_thre {ml2_thre}",
-            f"{attack} --defend ml2 --adaptive",
-            f"{prune} --defend slide_ml2 --weight_decay_mem 0.1 --stride {slide_ml2[0]} --width {slide_ml2[1]} "
-            f"--mem_thre {slide_ml2[2]}",
-            f"{attack} --defend slide_ml2 --adaptive"]
+    return [
+        f"pretrain_modi.py {gpu} {config}",
+        prune,
+        attack,
+        f"{prune} --defend slide_re --stride {slide_re[0]} --width {slide_re[1]}",
+        f"{attack} --defend slide_re --adaptive",
+        f"{prune} --defend ml2 --weight_decay_mem 0.1 --mem_thre {ml2_thre}",
+        f"{attack} --defend ml2 --adaptive",
+        f"{prune} --defend slide_ml2 --weight_decay_mem 0.1 --stride {slide_ml2[0]} --width {slide_ml2[1]} "
+        f"--mem_thre {slide_ml2[2]}",
+        f"{attack} --defend slide_ml2 --adaptive",
+    ]
 
 
 def test_run_shell_sections(tmp_path):
     proc, calls = shell_commands(tmp_path)
     assert proc.returncode == 0
-    assert calls == (section(0, "./config/cifar10_resnet18.json", "iter_pruning", (50, 500), 0.5, (100, 500, 0.5))
-                     + section(0, "./config/location.json", "iter_prunetxt", (1, 15), 0.6, (1, 15, 0.6)))
+    assert calls == (
+        section(0, "./config/cifar10_resnet18.json", "iter_pruning", (50, 500), 0.5, (100, 500, 0.5))
+        + section(0, "./config/location.json", "iter_prunetxt", (1, 15), 0.6, (1, 15, 0.6))
+    )
     os.remove(tmp_path / "calls.txt")
     proc, calls = shell_commands(tmp_path, "digits")
     assert proc.returncode == 0
@@ -289,8 +375,11 @@ def test_run_shell_sections(tmp_path):
     plain = section(-1, "./config/digits.json", "iter_prunetxt", (1, 15), MEM_THRE, (1, 15, MEM_THRE))
     assert proc.returncode == 0 and calls[0] == plain[0] == "pretrain_modi.py -1 ./config/digits.json"
     assert all(call.startswith(("prune_modi.py", "mia_modi.py")) for call in calls[1:])
-    assert sorted(calls[1:]) == sorted(f"{c.split(' --defend')[0]} --semantics corrected" + (
-        f" --defend{c.split(' --defend', 1)[1]}" if " --defend" in c else "") for c in plain[1:])
+    assert sorted(calls[1:]) == sorted(
+        f"{c.split(' --defend')[0]} --semantics corrected"
+        + (f" --defend{c.split(' --defend', 1)[1]}" if " --defend" in c else "")
+        for c in plain[1:]
+    )
 
 
 def test_run_shell_rejects_an_unknown_section(tmp_path):

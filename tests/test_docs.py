@@ -19,6 +19,7 @@ scripts' own cross-flag checks run), else by running the script with --help appe
 the shown values before it prints the help). Either way each --flag must be spelled out in full (argparse
 would accept an abbreviation that a new flag can make ambiguous).
 """
+
 import contextlib
 import importlib
 import io
@@ -133,7 +134,7 @@ def test_anchor_slugs_follow_github():
     assert slug("Reading the results") == "reading-the-results"
     assert slug("`grid.py --jobs_per_gpu`: packed GPUs") == "gridpy---jobs_per_gpu-packed-gpus"
     assert slug("Differences from the paper's release") == "differences-from-the-papers-release"
-    prose, _ = split_page("# A\n```\n# not a heading\n```\n## A\n## B <a name=\"x\"></a>\n")
+    prose, _ = split_page('# A\n```\n# not a heading\n```\n## A\n## B <a name="x"></a>\n')
     assert anchors(prose) == {"a", "a-1", "b", "x"}
 
 
@@ -161,7 +162,7 @@ def command_argv(text):
     tokens = shlex.split(text, comments=True)
     start = next(i for i, token in enumerate(tokens) if re.fullmatch(r"python3?", token))
     script, argv = tokens[start + 1], []
-    for token in tokens[start + 2:]:
+    for token in tokens[start + 2 :]:
         if REDIRECT.match(token):
             break
         argv.append(token)
@@ -216,8 +217,13 @@ def test_shown_commands_parse(pages, monkeypatch):
             argv = ["--help"]
         options, error = parse_with_script(script, argv)
         options_of.setdefault(script, options)
-        unknown = sorted({flag for flag in FLAG.findall(" ".join(argv if not synopsis else [text]))
-                          if flag not in options_of[script] and flag != "--help"})
+        unknown = sorted(
+            {
+                flag
+                for flag in FLAG.findall(" ".join(argv if not synopsis else [text]))
+                if flag not in options_of[script] and flag != "--help"
+            }
+        )
         if error:
             refused.append(f"{where}: {error}")
         elif unknown:
@@ -233,12 +239,24 @@ def test_a_wrong_command_is_caught(monkeypatch):
     options, error = parse_with_script("summarize.py", ["--mark"])
     assert error is None and "--markdown" in options and "--mark" not in options
     assert parse_with_script("bench/bench_train.py", ["--only", "vgg"])[1].startswith("exit 2")
-    assert command_argv("OMP_NUM_THREADS=1 python grid.py GRID.json --jobs 2 > out.txt 2>&1  # note") == \
-        ("grid.py", ["grids/digits.json", "--jobs", "2"], False)
+    assert command_argv("OMP_NUM_THREADS=1 python grid.py GRID.json --jobs 2 > out.txt 2>&1  # note") == (
+        "grid.py",
+        ["grids/digits.json", "--jobs", "2"],
+        False,
+    )
     assert command_argv("python compute_memscore.py GPU-ID CONFIG [--num_models 100] [--force]")[2]
     assert command_argv("python prune_modi.py 0 CONFIG --prune_sparsity <s>")[2]
-    pages = {"p.md": ([(1, "run `python grid.py GRID.json --jobs 2`; the error reads `error: ... python x.py`")],
-                      [(3, "error: see python grid.py --help"), (4, "cd x && nice -n 10 python mia_modi.py 0 CONFIG"),
-                       (5, "python <script>.py --help")])}
-    assert [text for _, _, text in shown_commands(pages)] == ["nice -n 10 python mia_modi.py 0 CONFIG",
-                                                              "python grid.py GRID.json --jobs 2"]
+    pages = {
+        "p.md": (
+            [(1, "run `python grid.py GRID.json --jobs 2`; the error reads `error: ... python x.py`")],
+            [
+                (3, "error: see python grid.py --help"),
+                (4, "cd x && nice -n 10 python mia_modi.py 0 CONFIG"),
+                (5, "python <script>.py --help"),
+            ],
+        )
+    }
+    assert [text for _, _, text in shown_commands(pages)] == [
+        "nice -n 10 python mia_modi.py 0 CONFIG",
+        "python grid.py GRID.json --jobs 2",
+    ]

@@ -3,6 +3,7 @@ and CI use, made by tools/make_constraints.sh) agree: every requirement is pinne
 range admits, and every pin is a requirement or something a requirement pulls in (read from the installed
 packages' metadata, platform markers ignored, extras followed where asked for).
 pre-commit runs the pinned ruff."""
+
 import importlib.metadata
 import os
 import re
@@ -58,15 +59,20 @@ def test_every_requirement_is_pinned_within_its_range():
     reqs, pins = requirements(), constraints()
     missing = sorted(set(reqs) - set(pins))
     assert not missing, f"in requirements.txt, not pinned in constraints.txt: {missing}; run tools/make_constraints.sh"
-    outside = [f"{name}=={pins[name]} (requirements.txt: {reqs[name].specifier})" for name in sorted(reqs)
-               if not reqs[name].specifier.contains(pins[name], prereleases=True)]
+    outside = [
+        f"{name}=={pins[name]} (requirements.txt: {reqs[name].specifier})"
+        for name in sorted(reqs)
+        if not reqs[name].specifier.contains(pins[name], prereleases=True)
+    ]
     assert not outside, f"pins outside their requirement's range: {outside}; run tools/make_constraints.sh"
 
 
 def test_every_pin_is_needed():
     stale = sorted(set(constraints()) - pulled_in(requirements()))
-    assert not stale, (f"pinned in constraints.txt but neither in requirements.txt nor pulled in by it: {stale}; "
-                       f"run tools/make_constraints.sh")
+    assert not stale, (
+        f"pinned in constraints.txt but neither in requirements.txt nor pulled in by it: {stale}; "
+        f"run tools/make_constraints.sh"
+    )
 
 
 def test_the_checks_can_fail():

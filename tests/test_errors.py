@@ -1,14 +1,15 @@
 """Every bad input the user can hit, run as the user runs the scripts: one readable `error: ...` line
 on stderr naming the problem and the fix, exit status 2 (usage) or 1 (missing prerequisite), no
 traceback, and not one byte of the existing outputs (split, checkpoints, logs) changed."""
+
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,8 @@ import torch
 
 import memscores
 from common import UsageError, pick_device
-from datasets import get_dataset
 from conftest import REPO, copy_repo, run_script
+from datasets import get_dataset
 from models import build_model
 from train import save_checkpoint
 
@@ -37,16 +38,28 @@ def pretrained(tmp_path_factory):
     folder's own: the cases set them up there (write_purchase, write_memscores)."""
     folder = tmp_path_factory.mktemp("pretrained")
     copy_repo(folder, memscores=False)
-    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard", cwd=folder,
-               repo=folder)
+    run_script(
+        "pretrain_modi.py",
+        "-1",
+        DIGITS,
+        "--epochs",
+        "1",
+        "--shadow_num",
+        "1",
+        "--no_tensorboard",
+        cwd=folder,
+        repo=folder,
+    )
     run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder, repo=folder)
     return folder
 
 
 # ---------------------------------------------------------------- what the cases set up
 
+
 def write_config(name="bad.json", text=None, **changes):
     """A setup writing digits.json with keys changed (None deletes one), or `text` verbatim."""
+
     def setup(folder):
         if text is None:
             with open(DIGITS) as f:
@@ -56,6 +69,7 @@ def write_config(name="bad.json", text=None, **changes):
         else:
             body = text
         (folder / name).write_text(body)
+
     return setup
 
 
@@ -64,6 +78,7 @@ def write_purchase(rows):
         path = folder / "data/datasets/purchase100/purchase100.txt"
         path.parent.mkdir(parents=True)
         path.write_text("\n".join(",".join(map(str, row)) for row in rows) + "\n")
+
     return setup
 
 
@@ -77,6 +92,7 @@ def purchase_rows(label=1, bad=None, columns=601):
 def write_memscores(values):
     """A digits mem-score CSV of these values with a matching fingerprint (as compute_memscore.py writes),
     so that the run gets past the fingerprint to the check the case is about."""
+
     def setup(folder):
         (folder / "memscore").mkdir()
         path = folder / "memscore/memscore_digits_columnfc.csv"
@@ -84,6 +100,7 @@ def write_memscores(values):
         train = get_dataset("digits", root=str(folder / "data/datasets"))[0]
         fields = memscores.fingerprint("digits", "columnfc", train.x, train.y, "seeded 80/20 split (random_state 0)")
         memscores.write_sidecar(str(path), path.read_bytes(), fields)
+
     return setup
 
 
@@ -92,19 +109,22 @@ def remove(*paths):
         for path in paths:
             target = folder / path
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+
     return setup
 
 
 def copy_folder(source, target):
     def setup(folder):
         shutil.copytree(folder / source, folder / target)
+
     return setup
 
 
 def truncate(path):
     def setup(folder):
         data = (folder / path).read_bytes()
-        (folder / path).write_bytes(data[:len(data) // 2])
+        (folder / path).write_bytes(data[: len(data) // 2])
+
     return setup
 
 
@@ -124,10 +144,12 @@ def foreign_split(folder):
 def write_bytes(path, data):
     def setup(folder):
         (folder / path).write_bytes(data)
+
     return setup
 
 
 # ---------------------------------------------------------------- the cases
+
 
 @dataclass
 class Case:
@@ -144,124 +166,370 @@ SLIDE_RE = ["--defend", "slide_re", "--stride", "1", "--width", "15"]
 CASES = [
     # config
     Case("config_missing", PRE, ["-1", "nope.json"], 2, ["nope.json", "not found", "config/digits.json"]),
-    Case("config_invalid_json", PRE, ["-1", "bad.json"], 2, ["bad.json", "not valid JSON", "line 2", "fix"],
-         write_config(text='{"dataset_name": "digits",\n "epochs": 5,,}')),
-    Case("config_not_text", PRE, ["-1", "bad.json"], 2, ["bad.json", "not a text file", "config/digits.json"],
-         write_bytes("bad.json", b"\xff\xfe{\x00\x93")),
-    Case("config_unknown_key", PRE, ["-1", "bad.json"], 2, ["unknown key 'momentum'", "valid keys", "weight_decay"],
-         write_config(momentum=0.9)),
-    Case("config_wrong_type", PRE, ["-1", "bad.json"], 2, ["'epochs' must be int", "'5'", "fix the config"],
-         write_config(epochs="5")),
+    Case(
+        "config_invalid_json",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["bad.json", "not valid JSON", "line 2", "fix"],
+        write_config(text='{"dataset_name": "digits",\n "epochs": 5,,}'),
+    ),
+    Case(
+        "config_not_text",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["bad.json", "not a text file", "config/digits.json"],
+        write_bytes("bad.json", b"\xff\xfe{\x00\x93"),
+    ),
+    Case(
+        "config_unknown_key",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["unknown key 'momentum'", "valid keys", "weight_decay"],
+        write_config(momentum=0.9),
+    ),
+    Case(
+        "config_wrong_type",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["'epochs' must be int", "'5'", "fix the config"],
+        write_config(epochs="5"),
+    ),
     Case("config_missing_key", PRE, ["-1", "bad.json"], 2, ["missing key", "lr", "add them"], write_config(lr=None)),
-    Case("config_unknown_dataset", PRE, ["-1", "bad.json"], 2, ["unknown dataset_name 'mnist'", "cifar10", "digits"],
-         write_config(dataset_name="mnist")),
-    Case("config_unknown_model", PRE, ["-1", "bad.json"], 2, ["unknown model_name 'mlp'", "columnfc", "resnet18"],
-         write_config(model_name="mlp")),
-    Case("config_num_cls", PRE, ["-1", "bad.json"], 2, ["num_cls=12", "digits has num_cls=10", "fix the config"],
-         write_config(num_cls=12)),
-    Case("config_input_dim", PRE, ["-1", "bad.json"], 2, ["input_dim=32", "input_dim=64", "fix the config"],
-         write_config(input_dim=32)),
-    Case("config_model_for_images", PRE, ["-1", "bad.json"], 2, ["'resnet18' does not fit dataset digits", "columnfc"],
-         write_config(model_name="resnet18")),
-    Case("config_unknown_optimizer", PRE, ["-1", "bad.json"], 2, ["unknown optimizer 'rmsprop'", "adam", "sgd"],
-         write_config(optimizer="rmsprop")),
+    Case(
+        "config_unknown_dataset",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["unknown dataset_name 'mnist'", "cifar10", "digits"],
+        write_config(dataset_name="mnist"),
+    ),
+    Case(
+        "config_unknown_model",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["unknown model_name 'mlp'", "columnfc", "resnet18"],
+        write_config(model_name="mlp"),
+    ),
+    Case(
+        "config_num_cls",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["num_cls=12", "digits has num_cls=10", "fix the config"],
+        write_config(num_cls=12),
+    ),
+    Case(
+        "config_input_dim",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["input_dim=32", "input_dim=64", "fix the config"],
+        write_config(input_dim=32),
+    ),
+    Case(
+        "config_model_for_images",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["'resnet18' does not fit dataset digits", "columnfc"],
+        write_config(model_name="resnet18"),
+    ),
+    Case(
+        "config_unknown_optimizer",
+        PRE,
+        ["-1", "bad.json"],
+        2,
+        ["unknown optimizer 'rmsprop'", "adam", "sgd"],
+        write_config(optimizer="rmsprop"),
+    ),
     Case("lr_not_positive", PRE, ["-1", DIGITS, "--lr", "0"], 2, ["lr must be > 0", "--lr"]),
     # flags
     Case("flag_not_an_int", PRE, ["-1", DIGITS, "--epochs", "x"], 2, ["--epochs", "invalid int value", "--help"]),
-    Case("batch_size_zero", PRU, ["-1", DIGITS, *PRUNE, "--batch_size", "0"], 2, ["--batch_size", "1..2147483647", "got 0"]),
+    Case(
+        "batch_size_zero",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--batch_size", "0"],
+        2,
+        ["--batch_size", "1..2147483647", "got 0"],
+    ),
     Case("gpu_id_below_minus_one", PRE, ["-2", DIGITS], 2, ["GPU-ID -2", "-1 for the CPU"]),
-    Case("unknown_defend", PRU, ["-1", DIGITS, *PRUNE, "--defend", "wemem"], 2,
-         ["unknown defense 'wemem'", "slide_re", "ppb", "dp"]),
+    Case(
+        "unknown_defend",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "wemem"],
+        2,
+        ["unknown defense 'wemem'", "slide_re", "ppb", "dp"],
+    ),
     Case("unknown_attack", ATT, ["-1", DIGITS, "--attacks", "threshold,lria"], 2, ["unknown attack", "lria", "samia"]),
-    Case("unknown_pruner_prune", PRU, ["-1", DIGITS, "--pruner_name", "magnitude"], 2,
-         ["unknown pruner_name 'magnitude'", "iter_pruning", "iter_prunetxt", "l1unstructure"]),
-    Case("unknown_pruner_mia", ATT, ["-1", DIGITS, "--pruner_name", "magnitude"], 2,
-         ["unknown pruner_name 'magnitude'", "iter_pruning"]),
-    Case("sparsity_one", PRU, ["-1", DIGITS, *PRUNE, "--prune_sparsity", "1"], 2,
-         ["--prune_sparsity", "(0, 1)", "1.0"]),
+    Case(
+        "unknown_pruner_prune",
+        PRU,
+        ["-1", DIGITS, "--pruner_name", "magnitude"],
+        2,
+        ["unknown pruner_name 'magnitude'", "iter_pruning", "iter_prunetxt", "l1unstructure"],
+    ),
+    Case(
+        "unknown_pruner_mia",
+        ATT,
+        ["-1", DIGITS, "--pruner_name", "magnitude"],
+        2,
+        ["unknown pruner_name 'magnitude'", "iter_pruning"],
+    ),
+    Case(
+        "sparsity_one", PRU, ["-1", DIGITS, *PRUNE, "--prune_sparsity", "1"], 2, ["--prune_sparsity", "(0, 1)", "1.0"]
+    ),
     Case("sparsity_zero_mia", ATT, ["-1", DIGITS, *MIA, "--prune_sparsity", "0"], 2, ["--prune_sparsity", "(0, 1)"]),
-    Case("prune_iter_zero", PRU, ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "0"], 2,
-         ["--prune_iter", ">= 1", "got 0"]),
-    Case("window_without_stride", PRU, ["-1", DIGITS, *PRUNE, "--defend", "slide_re", "--width", "15"], 2,
-         ["--defend slide_re", "--stride", "--width", "--stride None"]),
-    Case("window_not_positive", PRU, ["-1", DIGITS, *PRUNE, "--defend", "slide", "--stride", "1", "--width", "0"], 2,
-         ["--defend slide", "at least 1", "--width 0"]),
-    Case("mem_thre_outside_scores", PRU, ["-1", DIGITS, *PRUNE, "--defend", "ml2", "--mem_thre", "5"], 2,
-         ["--mem_thre 5", "range [0.000, 0.900]", "inside"], write_memscores(np.linspace(0, 0.9, N_TRAIN))),
-    Case("dp_negative_noise", PRU, ["-1", DIGITS, *PRUNE, "--defend", "dp", "--defend_arg", "-0.5"], 2,
-         ["--defend dp", "--defend_arg >= 0", "noise", "-0.5"]),
-    Case("relaxloss_zero_alpha", PRU, ["-1", DIGITS, *PRUNE, "--defend", "relaxloss", "--defend_arg", "0"], 2,
-         ["--defend relaxloss", "--defend_arg > 0"]),
-    Case("pruner_does_not_fit_model", PRU, ["-1", os.path.join(REPO, "config", "cifar10_resnet18.json"),
-                                            "--pruner_name", "iter_prunetxt"], 2,
-         ["iter_prunetxt", "fc1/fc2", "--pruner_name iter_pruning"]),
+    Case(
+        "prune_iter_zero",
+        PRU,
+        ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "0"],
+        2,
+        ["--prune_iter", ">= 1", "got 0"],
+    ),
+    Case(
+        "window_without_stride",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "slide_re", "--width", "15"],
+        2,
+        ["--defend slide_re", "--stride", "--width", "--stride None"],
+    ),
+    Case(
+        "window_not_positive",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "slide", "--stride", "1", "--width", "0"],
+        2,
+        ["--defend slide", "at least 1", "--width 0"],
+    ),
+    Case(
+        "mem_thre_outside_scores",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "ml2", "--mem_thre", "5"],
+        2,
+        ["--mem_thre 5", "range [0.000, 0.900]", "inside"],
+        write_memscores(np.linspace(0, 0.9, N_TRAIN)),
+    ),
+    Case(
+        "dp_negative_noise",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "dp", "--defend_arg", "-0.5"],
+        2,
+        ["--defend dp", "--defend_arg >= 0", "noise", "-0.5"],
+    ),
+    Case(
+        "relaxloss_zero_alpha",
+        PRU,
+        ["-1", DIGITS, *PRUNE, "--defend", "relaxloss", "--defend_arg", "0"],
+        2,
+        ["--defend relaxloss", "--defend_arg > 0"],
+    ),
+    Case(
+        "pruner_does_not_fit_model",
+        PRU,
+        ["-1", os.path.join(REPO, "config", "cifar10_resnet18.json"), "--pruner_name", "iter_prunetxt"],
+        2,
+        ["iter_prunetxt", "fc1/fc2", "--pruner_name iter_pruning"],
+    ),
     Case("mia_without_shadows", ATT, ["-1", DIGITS, *MIA[:2], "--shadow_num", "0"], 2, ["--shadow_num", ">= 1"]),
-    Case("original_with_adaptive", ATT, ["-1", DIGITS, *MIA, "--original", "--adaptive"], 2,
-         ["--original", "drop --adaptive"]),
-    Case("force_with_skip_existing", PRE, ["-1", DIGITS, "--force", "--skip_existing"], 2,
-         ["--force", "stale", "drop --skip_existing"]),
+    Case(
+        "original_with_adaptive",
+        ATT,
+        ["-1", DIGITS, *MIA, "--original", "--adaptive"],
+        2,
+        ["--original", "drop --adaptive"],
+    ),
+    Case(
+        "force_with_skip_existing",
+        PRE,
+        ["-1", DIGITS, "--force", "--skip_existing"],
+        2,
+        ["--force", "stale", "drop --skip_existing"],
+    ),
     # data
-    Case("dataset_missing", PRE, ["-1", os.path.join(REPO, "config", "location.json")], 1,
-         ["data/datasets/location/data_complete.npz not found", "https://github.com/jjy1994/MemGuard"]),
-    Case("dataset_wrong_columns", PRE, ["-1", PURCHASE], 1,
-         ["purchase100.txt has 10 columns, expected 601", "dataset_purchase.tgz"],
-         write_purchase(purchase_rows(columns=10))),
-    Case("dataset_not_numeric", PRE, ["-1", PURCHASE], 1,
-         ["purchase100.txt", "not a comma-separated numeric table", "dataset_purchase.tgz"],
-         write_purchase(purchase_rows(bad="x"))),
-    Case("dataset_label_out_of_range", PRE, ["-1", PURCHASE], 1,
-         ["labels must be integers 1..100", "101", "dataset_purchase.tgz"], write_purchase(purchase_rows(label=101))),
-    Case("memscore_missing", PRU, ["-1", DIGITS, *PRUNE, *SLIDE_RE], 1,
-         ["memscore/memscore_digits_columnfc.csv not found", "compute_memscore.py"]),
-    Case("memscore_wrong_length", PRU, ["-1", DIGITS, *PRUNE, *SLIDE_RE], 1, ["100 rows", f"{N_TRAIN} samples"],
-         write_memscores(np.linspace(0, 1, 100))),
-    Case("memscore_not_numeric", PRU, ["-1", DIGITS, *PRUNE, *SLIDE_RE], 1, ["memscore_digits_columnfc.csv", "numeric"],
-         write_memscores(["0.5"] * (N_TRAIN - 1) + ["high"])),
+    Case(
+        "dataset_missing",
+        PRE,
+        ["-1", os.path.join(REPO, "config", "location.json")],
+        1,
+        ["data/datasets/location/data_complete.npz not found", "https://github.com/jjy1994/MemGuard"],
+    ),
+    Case(
+        "dataset_wrong_columns",
+        PRE,
+        ["-1", PURCHASE],
+        1,
+        ["purchase100.txt has 10 columns, expected 601", "dataset_purchase.tgz"],
+        write_purchase(purchase_rows(columns=10)),
+    ),
+    Case(
+        "dataset_not_numeric",
+        PRE,
+        ["-1", PURCHASE],
+        1,
+        ["purchase100.txt", "not a comma-separated numeric table", "dataset_purchase.tgz"],
+        write_purchase(purchase_rows(bad="x")),
+    ),
+    Case(
+        "dataset_label_out_of_range",
+        PRE,
+        ["-1", PURCHASE],
+        1,
+        ["labels must be integers 1..100", "101", "dataset_purchase.tgz"],
+        write_purchase(purchase_rows(label=101)),
+    ),
+    Case(
+        "memscore_missing",
+        PRU,
+        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
+        1,
+        ["memscore/memscore_digits_columnfc.csv not found", "compute_memscore.py"],
+    ),
+    Case(
+        "memscore_wrong_length",
+        PRU,
+        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
+        1,
+        ["100 rows", f"{N_TRAIN} samples"],
+        write_memscores(np.linspace(0, 1, 100)),
+    ),
+    Case(
+        "memscore_not_numeric",
+        PRU,
+        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
+        1,
+        ["memscore_digits_columnfc.csv", "numeric"],
+        write_memscores(["0.5"] * (N_TRAIN - 1) + ["high"]),
+    ),
     # order of steps and stale or broken files
-    Case("prune_before_pretrain", PRU, ["-1", DIGITS, *PRUNE], 1,
-         ["split.npz not found", "run pretrain_modi.py"], remove("result")),
-    Case("prune_shadow_not_pretrained", PRU, ["-1", DIGITS, *PRUNE], 1,
-         ["shadow_model_0/best.pth not found", "pretrain_modi.py", "--shadow_num 1"],
-         remove(f"{RUN}/shadow_model_0/best.pth")),
-    Case("prune_more_shadows_than_split", PRU, ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--shadow_num", "2"],
-         2, ["the split has 1 shadows", "lower --shadow_num", "--force"]),
-    Case("mia_before_prune", ATT, ["-1", DIGITS, *MIA], 1,
-         ["iter_prunetxt_0.6_model/best.pth not found", "prune_modi.py", "--pruner_name iter_prunetxt"],
-         remove(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/shadow_iter_prunetxt_0.6_model_0")),
-    Case("mia_before_pretrain", ATT, ["-1", DIGITS, *MIA], 1, ["split.npz not found", "pretrain_modi.py"],
-         remove("result")),
-    Case("adaptive_shadows_missing", ATT, ["-1", DIGITS, *MIA, "--defend", "ppb", "--defend_arg", "4", "--adaptive"], 1,
-         ["shadow_iter_prunetxt_0.6_ppb_4.0_model_0/best.pth not found", "prune_modi.py",
-          "--defend ppb --defend_arg 4.0"],
-         copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_ppb_4.0_model")),
-    Case("adaptive_window_shadows_missing", ATT, ["-1", DIGITS, *MIA, "--defend", "slide_re", "--adaptive"], 1,
-         ["shadow_iter_prunetxt_0.6_slide_re_model_0", "prune_modi.py", "--defend slide_re --stride"],
-         copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_slide_re_model")),
-    Case("checkpoint_for_other_num_cls", PRU, ["-1", DIGITS, *PRUNE], 1,
-         ["victim_model/best.pth does not fit", "fc3.weight", "another dataset/model/num_cls"],
-         checkpoint_for_five_classes),
-    Case("checkpoint_truncated", ATT, ["-1", DIGITS, *MIA], 1, ["iter_prunetxt_0.6_model/best.pth is corrupt",
-                                                               "delete it", "prune_modi.py"],
-         truncate(f"{RUN}/iter_prunetxt_0.6_model/best.pth")),
-    Case("split_corrupt", ATT, ["-1", DIGITS, *MIA], 1, ["split.npz is unreadable", "--force"],
-         write_bytes(f"{RUN}/split.npz", b"not an npz at all")),
-    Case("split_of_another_program", PRU, ["-1", DIGITS, *PRUNE], 1,
-         ["split.npz was not made by pretrain_modi.py", "--force"], foreign_split),
+    Case(
+        "prune_before_pretrain",
+        PRU,
+        ["-1", DIGITS, *PRUNE],
+        1,
+        ["split.npz not found", "run pretrain_modi.py"],
+        remove("result"),
+    ),
+    Case(
+        "prune_shadow_not_pretrained",
+        PRU,
+        ["-1", DIGITS, *PRUNE],
+        1,
+        ["shadow_model_0/best.pth not found", "pretrain_modi.py", "--shadow_num 1"],
+        remove(f"{RUN}/shadow_model_0/best.pth"),
+    ),
+    Case(
+        "prune_more_shadows_than_split",
+        PRU,
+        ["-1", DIGITS, "--pruner_name", "iter_prunetxt", "--shadow_num", "2"],
+        2,
+        ["the split has 1 shadows", "lower --shadow_num", "--force"],
+    ),
+    Case(
+        "mia_before_prune",
+        ATT,
+        ["-1", DIGITS, *MIA],
+        1,
+        ["iter_prunetxt_0.6_model/best.pth not found", "prune_modi.py", "--pruner_name iter_prunetxt"],
+        remove(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/shadow_iter_prunetxt_0.6_model_0"),
+    ),
+    Case(
+        "mia_before_pretrain",
+        ATT,
+        ["-1", DIGITS, *MIA],
+        1,
+        ["split.npz not found", "pretrain_modi.py"],
+        remove("result"),
+    ),
+    Case(
+        "adaptive_shadows_missing",
+        ATT,
+        ["-1", DIGITS, *MIA, "--defend", "ppb", "--defend_arg", "4", "--adaptive"],
+        1,
+        [
+            "shadow_iter_prunetxt_0.6_ppb_4.0_model_0/best.pth not found",
+            "prune_modi.py",
+            "--defend ppb --defend_arg 4.0",
+        ],
+        copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_ppb_4.0_model"),
+    ),
+    Case(
+        "adaptive_window_shadows_missing",
+        ATT,
+        ["-1", DIGITS, *MIA, "--defend", "slide_re", "--adaptive"],
+        1,
+        ["shadow_iter_prunetxt_0.6_slide_re_model_0", "prune_modi.py", "--defend slide_re --stride"],
+        copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_slide_re_model"),
+    ),
+    Case(
+        "checkpoint_for_other_num_cls",
+        PRU,
+        ["-1", DIGITS, *PRUNE],
+        1,
+        ["victim_model/best.pth does not fit", "fc3.weight", "another dataset/model/num_cls"],
+        checkpoint_for_five_classes,
+    ),
+    Case(
+        "checkpoint_truncated",
+        ATT,
+        ["-1", DIGITS, *MIA],
+        1,
+        ["iter_prunetxt_0.6_model/best.pth is corrupt", "delete it", "prune_modi.py"],
+        truncate(f"{RUN}/iter_prunetxt_0.6_model/best.pth"),
+    ),
+    Case(
+        "split_corrupt",
+        ATT,
+        ["-1", DIGITS, *MIA],
+        1,
+        ["split.npz is unreadable", "--force"],
+        write_bytes(f"{RUN}/split.npz", b"not an npz at all"),
+    ),
+    Case(
+        "split_of_another_program",
+        PRU,
+        ["-1", DIGITS, *PRUNE],
+        1,
+        ["split.npz was not made by pretrain_modi.py", "--force"],
+        foreign_split,
+    ),
     # seed 8 has its own namespace (result/digits_columnfc_seed8); a seed-7 split copied there is refused
-    Case("split_other_seed", PRE, ["-1", DIGITS, "--shadow_num", "1", "--seed", "8"], 1,
-         ["digits_columnfc_seed8/split.npz cannot be reused", "seed=7", "seed=8", "--force"],
-         copy_folder(RUN, RUN + "_seed8")),
-    Case("split_too_few_shadows", PRE, ["-1", DIGITS, "--shadow_num", "2"], 1,
-         ["cannot be reused", "1 shadows", "asks for 2", "--force"]),
-    Case("output_folder_is_a_file", PRE, ["-1", DIGITS, "--shadow_num", "1"], 1,
-         ["cannot read or write result/digits_columnfc", "Not a directory", "permissions"], result_is_a_file),
+    Case(
+        "split_other_seed",
+        PRE,
+        ["-1", DIGITS, "--shadow_num", "1", "--seed", "8"],
+        1,
+        ["digits_columnfc_seed8/split.npz cannot be reused", "seed=7", "seed=8", "--force"],
+        copy_folder(RUN, RUN + "_seed8"),
+    ),
+    Case(
+        "split_too_few_shadows",
+        PRE,
+        ["-1", DIGITS, "--shadow_num", "2"],
+        1,
+        ["cannot be reused", "1 shadows", "asks for 2", "--force"],
+    ),
+    Case(
+        "output_folder_is_a_file",
+        PRE,
+        ["-1", DIGITS, "--shadow_num", "1"],
+        1,
+        ["cannot read or write result/digits_columnfc", "Not a directory", "permissions"],
+        result_is_a_file,
+    ),
 ]
 
 
 def snapshot(folder):
     """relative path -> sha256 of every file under folder."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def prepare(case, pretrained, folder):
@@ -279,11 +547,14 @@ def prepare(case, pretrained, folder):
 # paths.DATA_ROOT and MEMSCORE_ROOT there, as the copy's own paths.py would).
 # test_fork_server_matches_a_real_run checks that claim.
 
+
 def serve():
     import runpy
     import traceback
-    import mia_modi, pretrain_modi, prune_modi  # noqa: F401  (the shared start-up cost, paid once)
+
+    import mia_modi  # noqa: F401  (the shared start-up cost, paid once)
     import paths
+
     for line in sys.stdin:
         job = json.loads(line)
         sys.stdout.flush()
@@ -313,14 +584,20 @@ def serve():
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", PYTHONPATH=REPO)  # as conftest.run_script
-    server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     streams = tmp_path_factory.mktemp("streams")
 
     def run(script, args, cwd, name):
         out, err = streams / f"{name}.out", streams / f"{name}.err"
-        job = {"script": os.path.join(REPO, script), "args": list(map(str, args)), "cwd": str(cwd),
-               "stdout": str(out), "stderr": str(err)}
+        job = {
+            "script": os.path.join(REPO, script),
+            "args": list(map(str, args)),
+            "cwd": str(cwd),
+            "stdout": str(out),
+            "stderr": str(err),
+        }
         server.stdin.write(json.dumps(job) + "\n")
         server.stdin.flush()
         status = json.loads(server.stdout.readline())
@@ -382,8 +659,12 @@ def test_every_case_hits_its_own_check(outcomes):
 @pytest.mark.slow
 def test_cpu_said_once(pretrained, fork_server, tmp_path):
     shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True)
-    proc = fork_server("pretrain_modi.py", ["-1", DIGITS, "--shadow_num", "1", "--skip_existing", "--no_tensorboard"],
-                       tmp_path, "cpu_said_once")
+    proc = fork_server(
+        "pretrain_modi.py",
+        ["-1", DIGITS, "--shadow_num", "1", "--skip_existing", "--no_tensorboard"],
+        tmp_path,
+        "cpu_said_once",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Running on CPU") == 1 and "GPU-ID is -1" in proc.stdout
 

@@ -1,6 +1,7 @@
 """The report's evidence on synthetic runs with known per-sample data: intervals in the table, TPRs that
 cannot be measured, the paired comparison with Base, the mem-score bins, and the figures' axes (chance,
 zoom, the unpruned reference, error bars from the intervals)."""
+
 import json
 
 import numpy as np
@@ -11,20 +12,42 @@ import paths
 import report
 import results
 from attacks import _rankable
-from test_intervals import literal_draws, literal_interval, literal_metrics
 from intervals import Attacked
+from test_intervals import literal_draws, literal_interval, literal_metrics
 
 RUN = "digits_columnfc"
 N_MEMBERS, N_NONMEMBERS = 150, 120
 
 
 def write_run(folder, kind, run_id, results_, scores=None, **run):
-    run = {"run_name": RUN, "dataset": "digits", "model": "columnfc", "pruner": "iter_prunetxt", "sparsity": 0.6,
-           "defense": "base", "defend_arg": None, "window": None, "weight_decay_mem": 0.0005,
-           "semantics": "release", "tag": "", "seed": 7, "prefix": "iter_prunetxt_0.6", **run}
-    record = {"format": 1, "kind": kind, "run_id": run_id, "start": f"2025-01-01T00:00:{run_id}.000000Z",
-              "end": f"2025-01-01T00:00:{run_id}.500000Z", "code": {"commit": None, "dirty": None}, "run": run,
-              "settings": {}, "log": None, "results": results_}
+    run = {
+        "run_name": RUN,
+        "dataset": "digits",
+        "model": "columnfc",
+        "pruner": "iter_prunetxt",
+        "sparsity": 0.6,
+        "defense": "base",
+        "defend_arg": None,
+        "window": None,
+        "weight_decay_mem": 0.0005,
+        "semantics": "release",
+        "tag": "",
+        "seed": 7,
+        "prefix": "iter_prunetxt_0.6",
+        **run,
+    }
+    record = {
+        "format": 1,
+        "kind": kind,
+        "run_id": run_id,
+        "start": f"2025-01-01T00:00:{run_id}.000000Z",
+        "end": f"2025-01-01T00:00:{run_id}.500000Z",
+        "code": {"commit": None, "dirty": None},
+        "run": run,
+        "settings": {},
+        "log": None,
+        "results": results_,
+    }
     if scores:
         record["scores"] = scores
     path = folder / "result" / RUN / "records" / f"{kind}_{run_id}.json"
@@ -40,19 +63,32 @@ def sample_data(shift, seed):
     conf = np.round(rng.normal(size=len(member)) + shift * member, 1)
     lira = rng.normal(size=len(member)) + shift * member * np.linspace(0, 2, len(member))
     order = np.r_[np.random.default_rng(99).permutation(N_MEMBERS), N_MEMBERS + np.arange(N_NONMEMBERS)]
-    return {"member": member[order], "conf": conf[order], "said": conf[order] > 0.3, "lira": lira[order],
-            "index": np.r_[np.arange(N_MEMBERS), 1000 + np.arange(N_NONMEMBERS)][order]}
+    return {
+        "member": member[order],
+        "conf": conf[order],
+        "said": conf[order] > 0.3,
+        "lira": lira[order],
+        "index": np.r_[np.arange(N_MEMBERS), 1000 + np.arange(N_NONMEMBERS)][order],
+    }
 
 
 def write_scores(folder, name, data):
     path = f"result/{RUN}/scores/{name}.npz"
     (folder / path).parent.mkdir(parents=True, exist_ok=True)
     index = data["index"]
-    np.savez(folder / path, index=index, set=np.where(index < 1000, "train", "test"),
-             set_index=np.where(index < 1000, index, index - 1000), label=np.zeros(len(index), int),
-             member=data["member"], attacks=np.array(["Conf", "LiRA"]), score_Conf=data["conf"],
-             score_LiRA=data["lira"], accuracy_kind=np.array(["balanced", "best_balanced"]),
-             decision_Conf=data["said"])
+    np.savez(
+        folder / path,
+        index=index,
+        set=np.where(index < 1000, "train", "test"),
+        set_index=np.where(index < 1000, index, index - 1000),
+        label=np.zeros(len(index), int),
+        member=data["member"],
+        attacks=np.array(["Conf", "LiRA"]),
+        score_Conf=data["conf"],
+        score_LiRA=data["lira"],
+        accuracy_kind=np.array(["balanced", "best_balanced"]),
+        decision_Conf=data["said"],
+    )
     return path
 
 
@@ -60,10 +96,23 @@ def attack_results(data, victim_acc):
     m, said = data["member"], data["said"]
     conf_acc = 100 * 0.5 * (said[m].mean() + (~said[~m]).mean())
     conf_interval = (round(conf_acc, 3) - 3, round(conf_acc, 3) + 4)
-    return {"victim_test_acc": victim_acc, "shadows": "x", "members": N_MEMBERS, "nonmembers": N_NONMEMBERS,
-            "attacks": [{"name": "Conf", "accuracy": round(conf_acc, 3), "AUC": 0.6, "TPR@1%FPR": 2.0,
-                         "TPR@0.1%FPR": 1.0, "intervals": {"accuracy": list(conf_interval), "AUC": [0.55, 0.65]}},
-                        {"name": "LiRA", "accuracy": 60.0, "AUC": 0.6, "TPR@1%FPR": 2.0, "TPR@0.1%FPR": 1.0}]}
+    return {
+        "victim_test_acc": victim_acc,
+        "shadows": "x",
+        "members": N_MEMBERS,
+        "nonmembers": N_NONMEMBERS,
+        "attacks": [
+            {
+                "name": "Conf",
+                "accuracy": round(conf_acc, 3),
+                "AUC": 0.6,
+                "TPR@1%FPR": 2.0,
+                "TPR@0.1%FPR": 1.0,
+                "intervals": {"accuracy": list(conf_interval), "AUC": [0.55, 0.65]},
+            },
+            {"name": "LiRA", "accuracy": 60.0, "AUC": 0.6, "TPR@1%FPR": 2.0, "TPR@0.1%FPR": 1.0},
+        ],
+    }
 
 
 RUNS = {  # name: (shift, seed, setting, defense)
@@ -85,12 +134,30 @@ def synthetic(tmp_path, monkeypatch):
         data[name] = sample_data(shift, seed)
         scores = write_scores(tmp_path, name, data[name])
         if setting != "original":
-            write_run(tmp_path, "prune", f"{10 + 2 * i}", {"pretrained": {"accuracy": 90.0, "loss": 0.3},
-                      "iterations": {}, "defend_time_s": 1.0, "dp_epsilon": None}, defense=defense,
-                      prefix=f"iter_prunetxt_0.6_{defense}")
+            write_run(
+                tmp_path,
+                "prune",
+                f"{10 + 2 * i}",
+                {
+                    "pretrained": {"accuracy": 90.0, "loss": 0.3},
+                    "iterations": {},
+                    "defend_time_s": 1.0,
+                    "dp_epsilon": None,
+                },
+                defense=defense,
+                prefix=f"iter_prunetxt_0.6_{defense}",
+            )
         victim_acc = 90.0 if setting == "original" else 80.0  # the unpruned model's accuracy is the prune runs' 90
-        write_run(tmp_path, "attack", f"{11 + 2 * i}", attack_results(data[name], victim_acc), scores, setting=setting,
-                  defense=defense, prefix=f"iter_prunetxt_0.6_{defense}")
+        write_run(
+            tmp_path,
+            "attack",
+            f"{11 + 2 * i}",
+            attack_results(data[name], victim_acc),
+            scores,
+            setting=setting,
+            defense=defense,
+            prefix=f"iter_prunetxt_0.6_{defense}",
+        )
     collected = results.collect(tmp_path / "log", tmp_path / "result")
     assert collected.problems == [] and len(collected.table) == 3
     return tmp_path, collected, data, memscores
@@ -106,23 +173,39 @@ def test_intervals_reach_the_table_and_the_csv(synthetic):
     _, collected, data, _ = synthetic
     table = collected.table
     base = table[table["defense"] == "base"].iloc[-1]
-    assert (base["Conf_acc_lo"], base["Conf_acc_hi"], base["Conf_auc_lo"]) == (base["Conf_acc"] - 3,
-                                                                                base["Conf_acc"] + 4, 0.55)
+    assert (base["Conf_acc_lo"], base["Conf_acc_hi"], base["Conf_auc_lo"]) == (
+        base["Conf_acc"] - 3,
+        base["Conf_acc"] + 4,
+        0.55,
+    )
     assert base["nonmembers"] == N_NONMEMBERS
     assert list(table.columns[-3:]) == ["LiRA_tpr01", "nonmembers", "scores"]
     md = report.report_table(report.aggregate(table))
-    acc = round(100 * 0.5 * (data["base"]["said"][data["base"]["member"]].mean()
-                             + (~data["base"]["said"][~data["base"]["member"]]).mean()), 3)
+    acc = round(
+        100
+        * 0.5
+        * (
+            data["base"]["said"][data["base"]["member"]].mean()
+            + (~data["base"]["said"][~data["base"]["member"]]).mean()
+        ),
+        3,
+    )
     assert f"| {acc:.3f} [{acc - 3:.3f}, {acc + 4:.3f}] |" in md
     # 120 non-members: TPR at 1 % and 0.1 % FPR rest on 1 and 0 false positives
     assert "2.000" not in md and md.count("| n/m ") == 4 * 3
 
 
 def test_not_measurable_tpr_and_seed_spread():
-    row = {k: v for k, v in zip(results.KEY, ["d", "m", "p", 0.6, "base", np.nan, np.nan, np.nan, "base",
-                                              "release", "", 7])}
-    df = pd.DataFrame([{**row, "Conf_tpr1": 2.5, "Conf_tpr01": 0.1, "nonmembers": 1300.0},
-                       {**row, "seed": 8, "Conf_tpr1": 3.5, "Conf_tpr01": 0.2, "nonmembers": 1300.0}])
+    row = {
+        k: v
+        for k, v in zip(results.KEY, ["d", "m", "p", 0.6, "base", np.nan, np.nan, np.nan, "base", "release", "", 7])
+    }
+    df = pd.DataFrame(
+        [
+            {**row, "Conf_tpr1": 2.5, "Conf_tpr01": 0.1, "nonmembers": 1300.0},
+            {**row, "seed": 8, "Conf_tpr1": 3.5, "Conf_tpr01": 0.2, "nonmembers": 1300.0},
+        ]
+    )
     md = report.report_table(report.aggregate(df))
     # 1 % of 1300 = 13 false positives: measured; 0.1 % = 1.3: not
     assert "| 3.000 ± 0.707 (2.500–3.500) | n/m | 1300 |" in md
@@ -138,8 +221,10 @@ def test_paired_differences_equal_a_literal_loop(synthetic):
         # Base's samples in the defense's order (here both share one order)
         draws_ours, draws_base = literal_draws([ours, base], 80, 7)
         for metric, short in results.METRICS.items():
-            point = (literal_metrics(ours.scores, ours.member, ours.accuracy_kind, ours.decisions)[metric]
-                     - literal_metrics(base.scores, base.member, base.accuracy_kind, base.decisions)[metric])
+            point = (
+                literal_metrics(ours.scores, ours.member, ours.accuracy_kind, ours.decisions)[metric]
+                - literal_metrics(base.scores, base.member, base.accuracy_kind, base.decisions)[metric]
+            )
             want = literal_interval(np.array(draws_ours[metric]) - np.array(draws_base[metric]))
             col = f"{attack}_{short}_diff"
             assert row[col] == pytest.approx(point, abs=1e-12)
@@ -149,12 +234,14 @@ def test_paired_differences_equal_a_literal_loop(synthetic):
     header, _, line = md.splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
     assert cells["Δ LiRA_auc"] == f"{row['LiRA_auc_diff']:+.4f} [{low:+.4f}, {high:+.4f}]" + (
-        " changed" if low > 0 or high < 0 else "")
+        " changed" if low > 0 or high < 0 else ""
+    )
     assert cells["Δ LiRA_tpr1"] == "n/m"  # 120 non-members
 
 
 def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
     import matplotlib.pyplot as plt
+
     root, collected, data, memscores = synthetic
     (panel,) = report.mechanism_table(collected.table, root)
     assert panel["attack"] == "LiRA" and panel["labels"] == ["unpruned", "Base", "ml2"]
@@ -199,6 +286,7 @@ def twin_of(fig, ax):
 
 def test_figure_axes_start_at_chance_show_the_unpruned_model_and_say_when_zoomed(synthetic):
     import matplotlib.pyplot as plt
+
     _, collected, _, _ = synthetic
     agg = report.aggregate(collected.table)
     base = agg[(agg["defense"] == "base") & (agg["setting"] == "base")].iloc[0]

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh, the prepared GPU check: its CPU dry run runs every item a lent GPU would, and its table
 names every registered defense (in both semantics) and attack, so a mistake in it shows here, not on the GPU."""
+
 import json
 import os
 import subprocess
@@ -32,8 +33,12 @@ def test_the_defense_grid_holds_every_registered_defense_and_attack(tmp_path, mo
 
 def test_most_at_once_counts_overlapping_steps():
     t = lambda s: f"2026-01-01T00:00:{s:02d}.000+00:00"
-    records = [{"start": t(0), "end": t(10)}, {"start": t(5), "end": t(15)}, {"start": t(10), "end": t(20)},
-               {"start": t(12), "end": t(13)}]
+    records = [
+        {"start": t(0), "end": t(10)},
+        {"start": t(5), "end": t(15)},
+        {"start": t(10), "end": t(20)},
+        {"start": t(12), "end": t(13)},
+    ]
     assert gpu_check.most_at_once(records) == 3  # 5-15, 10-20 and 12-13; the first ends as the third starts
     assert gpu_check.most_at_once([]) == 0
 
@@ -42,15 +47,24 @@ def test_most_at_once_counts_overlapping_steps():
 def test_cpu_dry_run_passes_and_lists_every_item(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-dry-run", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--cpu-dry-run", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[0] == "GPU check summary (CPU dry run)"
     rows = {line[:44].strip(): line[44:52].strip() for line in summary[2:-1]}
     models = [f"model {m}{amp}" for m in TARGET_MODELS if m != "columnfc" for amp in ("", " --amp")]
-    expected = ([f"defense {d} ({s})" for s in SEMANTICS for d in DEFENSES] + [f"attack {a}" for a in ATTACKS]
-                + models + ["agreement training (CPU vs CPU)", "agreement inference (CPU models on CPU)",
-                            "grid --jobs 2"])
+    expected = (
+        [f"defense {d} ({s})" for s in SEMANTICS for d in DEFENSES]
+        + [f"attack {a}" for a in ATTACKS]
+        + models
+        + ["agreement training (CPU vs CPU)", "agreement inference (CPU models on CPU)", "grid --jobs 2"]
+    )
     assert list(rows) == expected
     assert set(rows.values()) == {"PASS"}, proc.stdout[-3000:]
     assert summary[-1] == f"{len(expected)} passed, 0 failed"

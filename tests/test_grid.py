@@ -8,6 +8,7 @@ slide_re windows and an ml2 setting prune_modi.py refuses) then runs in the loca
 resumed. Slurm: a running cluster when SLURM_CONF is set and answers, else one started for this module;
 without one the Slurm test fails, or is skipped loudly when WEMEM_ALLOW_NO_SLURM=1.
 """
+
 import datetime
 import json
 import os
@@ -22,19 +23,28 @@ import time
 
 import pytest
 
-from conftest import REPO, copy_repo
 import results
+from conftest import REPO, copy_repo
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end
 
 RUN = "digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-TINY = {"prune_iter": 2, "shadow_num": 1, "attacks": "threshold",
-        "overrides": {"pretrain": {"epochs": 2, "no_tensorboard": True},
-                      "prune": {"prune_epochs": 2, "no_tensorboard": True}}}
+TINY = {
+    "prune_iter": 2,
+    "shadow_num": 1,
+    "attacks": "threshold",
+    "overrides": {
+        "pretrain": {"epochs": 2, "no_tensorboard": True},
+        "prune": {"prune_epochs": 2, "no_tensorboard": True},
+    },
+}
 EXTRA = {"defenses": [{"defend": "slide_re", "stride": [1, 2], "width": 15}, {"defend": "ml2", "mem_thre": 5.0}]}
-STEPS = ["pretrain"] + [f"{kind}.iter_prunetxt_0.6{suffix}" for suffix in ("", "_slide_re", "_ml2", "_slide_ml2")
-                        for kind in ("prune", "attack")]
+STEPS = ["pretrain"] + [
+    f"{kind}.iter_prunetxt_0.6{suffix}"
+    for suffix in ("", "_slide_re", "_ml2", "_slide_ml2")
+    for kind in ("prune", "attack")
+]
 CLUSTER_SCRIPT = os.path.join(REPO, "slurm", "local_cluster.sh")
 
 
@@ -70,15 +80,22 @@ RESULT_LINE = re.compile(r"Accuracy|accuracy|Loss|AUC|TPR@|epsilon")  # not: def
 def log_numbers(copy):
     """The result lines of every log of the run (defend-time lines, wall clock, aside)."""
     folder = os.path.join(copy, "log", RUN)
-    return {name: [line for line in open(os.path.join(folder, name)).read().splitlines()
-                   if RESULT_LINE.search(line) and "defend time" not in line]
-            for name in sorted(os.listdir(folder)) if name.endswith(".txt")}
+    return {
+        name: [
+            line
+            for line in open(os.path.join(folder, name)).read().splitlines()
+            if RESULT_LINE.search(line) and "defend time" not in line
+        ]
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".txt")
+    }
 
 
 def records(copy):
     folder = os.path.join(copy, "result", RUN, "jobs")
-    return {name[:-5]: json.load(open(os.path.join(folder, name)))
-            for name in os.listdir(folder) if name.endswith(".json")}
+    return {
+        name[:-5]: json.load(open(os.path.join(folder, name))) for name in os.listdir(folder) if name.endswith(".json")
+    }
 
 
 def free_port():
@@ -92,15 +109,18 @@ def start_cluster(state_dir):
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("CUDA_VISIBLE_DEVICES", None)  # sbatch passes the environment on; Slurm sets it for --gres jobs
     env.pop("OMP_NUM_THREADS", None)  # GNU nproc answers OMP_NUM_THREADS: the node would get 1 CPU
-    answers = lambda e: all(subprocess.run(cmd, env=e, capture_output=True, timeout=30).returncode == 0
-                            for cmd in (["scontrol", "ping"], ["sinfo", "-h"]))
+    answers = lambda e: all(
+        subprocess.run(cmd, env=e, capture_output=True, timeout=30).returncode == 0
+        for cmd in (["scontrol", "ping"], ["sinfo", "-h"])
+    )
     if os.environ.get("SLURM_CONF") and shutil.which("sinfo") and answers(env):
         return {**env, "OMP_NUM_THREADS": "1"}, None
     if os.geteuid() != 0:
         return None, "not root (the local cluster's daemons run as root)"
     ports = dict(WEMEM_SLURMCTLD_PORT=str(free_port()), WEMEM_SLURMD_PORT=str(free_port()))
-    start = subprocess.run(["bash", CLUSTER_SCRIPT, "start", state_dir], env={**env, **ports}, capture_output=True,
-                           text=True, timeout=600)
+    start = subprocess.run(
+        ["bash", CLUSTER_SCRIPT, "start", state_dir], env={**env, **ports}, capture_output=True, text=True, timeout=600
+    )
     stop = lambda: subprocess.run(["bash", CLUSTER_SCRIPT, "stop", state_dir], capture_output=True, timeout=120)
     if start.returncode != 0:
         stop()
@@ -118,8 +138,10 @@ def runs(tmp_path_factory):
     assert code == 0, err
     script_path = base / "tiny.sh"
     script_path.write_text(script)
-    started = {"local": grid(copies["local"], tiny, "--jobs", "2"),
-               "reference": Run(["bash", str(script_path)], copies["reference"])}
+    started = {
+        "local": grid(copies["local"], tiny, "--jobs", "2"),
+        "reference": Run(["bash", str(script_path)], copies["reference"]),
+    }
     state_dir = tempfile.mkdtemp(prefix="wemem-grid-slurm-", dir="/tmp")  # short: the munge socket's path
     slurm_env, stop = start_cluster(state_dir)
     if slurm_env:
@@ -156,23 +178,30 @@ def one_error_line(proc_result):
 
 def tree(folder):
     """Every file under folder but Python's byte-code caches."""
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files
-                  if "__pycache__" not in d)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), folder)
+        for d, _, files in os.walk(folder)
+        for f in files
+        if "__pycache__" not in d
+    )
 
 
 def test_bad_grids_are_one_error_line_and_write_nothing(runs, tmp_path):
     """(`runs` first: the long runs go on in the background meanwhile.)"""
     copy = copy_repo(tmp_path / "repo")
     before = tree(copy)
-    cases = {"unknown key 'epochs'": {"epochs": 2},
-             "unknown defense 'nosuch'": {"defenses": [{"defend": "nosuch"}]},
-             "unknown attack 'nosuch'": {"attacks": "threshold,nosuch"},
-             "defenses[1] (slide_re): needs stride": {"defenses": [{"defend": "base"},
-                                                                   {"defend": "slide_re", "width": 15}]},
-             "sparsities": {"sparsities": "0.6"},
-             "--nosuch": {"overrides": {"prune": {"nosuch": 1}}}}
-    started = {text: grid(copy, write_grid(str(tmp_path), f"bad{i}.json", **change))
-               for i, (text, change) in enumerate(cases.items())}
+    cases = {
+        "unknown key 'epochs'": {"epochs": 2},
+        "unknown defense 'nosuch'": {"defenses": [{"defend": "nosuch"}]},
+        "unknown attack 'nosuch'": {"attacks": "threshold,nosuch"},
+        "defenses[1] (slide_re): needs stride": {"defenses": [{"defend": "base"}, {"defend": "slide_re", "width": 15}]},
+        "sparsities": {"sparsities": "0.6"},
+        "--nosuch": {"overrides": {"prune": {"nosuch": 1}}},
+    }
+    started = {
+        text: grid(copy, write_grid(str(tmp_path), f"bad{i}.json", **change))
+        for i, (text, change) in enumerate(cases.items())
+    }
     dry = grid(copy, write_grid(str(tmp_path), "good.json"), "--dry_run")
     for text, run in started.items():
         assert text in one_error_line(run.result())
@@ -201,14 +230,19 @@ def test_local_backend_matches_the_commands_run_one_by_one(runs):
     assert runs.result("reference")[0] == 0, runs.result("reference")[2]
     copy = runs.copies["local"]
     assert set(records(copy)) == set(STEPS)
-    for name, record in records(copy).items():
+    for _name, record in records(copy).items():
         assert record["exit_status"] == 0 and record["cuda_visible_devices"] == "" and " -1 " in record["command"]
     numbers = log_numbers(copy)
     assert numbers == log_numbers(runs.copies["reference"])
     for name in ("base", "slide_re", "ml2", "slide_ml2"):
         lines = "\n".join(numbers[f"iter_prunetxt_0.6_{name}.txt"])
-        for pattern in (r"Pretrained Victim: Accuracy \d", r"victim iter 1 best model", r"shadow 0 iter 1 best model",
-                        r"Victim pruned model test accuracy: \d", r"Hconf attack TPR@0\.1%FPR: \d"):
+        for pattern in (
+            r"Pretrained Victim: Accuracy \d",
+            r"victim iter 1 best model",
+            r"shadow 0 iter 1 best model",
+            r"Victim pruned model test accuracy: \d",
+            r"Hconf attack TPR@0\.1%FPR: \d",
+        ):
             assert re.search(pattern, lines), (name, pattern)
         prefix = "iter_prunetxt_0.6" + ("" if name == "base" else f"_{name}")
         for folder in (f"{prefix}_model", f"shadow_{prefix}_model_0"):
@@ -232,10 +266,17 @@ def resumed(runs):
     assert driver.proc.poll() is None, "the driver ended before it could be killed"
     os.kill(driver.proc.pid, signal.SIGKILL)
     driver.result()
-    kept = {name: (open(os.path.join(copy, "result", RUN, "jobs", name + ".json"), "rb").read(), record)
-            for name, record in records(copy).items() if name not in before}
-    mtimes = {path: os.stat(path).st_mtime_ns for name in kept if name.startswith("prune.")
-              for path in [os.path.join(copy, "result", RUN, name[6:] + "_model", "best.pth")]}
+    kept = {
+        name: (open(os.path.join(copy, "result", RUN, "jobs", name + ".json"), "rb").read(), record)
+        for name, record in records(copy).items()
+        if name not in before
+    }
+    mtimes = {
+        path: os.stat(path).st_mtime_ns
+        for name in kept
+        if name.startswith("prune.")
+        for path in [os.path.join(copy, "result", RUN, name[6:] + "_model", "best.pth")]
+    }
     orphans = lambda: [pid for pid in os.listdir("/proc") if pid.isdigit() and step_of(pid, copy)]
     deadline = time.time() + 20
     while orphans() and time.time() < deadline:
@@ -257,7 +298,7 @@ def test_killed_driver_resumes_without_redoing_finished_steps(resumed):
     copy, kept, mtimes, left, (code, out, err) = resumed
     assert not left, "steps outlived the killed driver"
     assert kept, "no step had finished when the driver was killed"
-    for name, (raw, record) in kept.items():
+    for name, (raw, _record) in kept.items():
         with open(os.path.join(copy, "result", RUN, "jobs", name + ".json"), "rb") as f:
             assert f.read() == raw, f"{name}'s record was rewritten"
     for path, mtime in mtimes.items():
@@ -280,13 +321,16 @@ def test_failed_step_skips_its_dependents_and_the_rest_completes(resumed):
 def test_two_settings_of_one_defense_get_tagged_names(resumed):
     copy = resumed[0]
     for tag in ("s1", "s2"):
-        for folder in (f"iter_prunetxt_0.6_slide_re_tag-{tag}_model",
-                       f"shadow_iter_prunetxt_0.6_slide_re_tag-{tag}_model_0"):
+        for folder in (
+            f"iter_prunetxt_0.6_slide_re_tag-{tag}_model",
+            f"shadow_iter_prunetxt_0.6_slide_re_tag-{tag}_model_0",
+        ):
             assert os.path.isfile(os.path.join(copy, "result", RUN, folder, "best.pth"))
         assert os.path.isfile(os.path.join(copy, "log", RUN, f"iter_prunetxt_0.6_slide_re_tag-{tag}.txt"))
     df = results.parse_logs(os.path.join(copy, "log"))
-    tag_of = lambda row: row.get("tag") if isinstance(row.get("tag"), str) and row.get("tag") \
-        else row["defense"].partition("_tag-")[2]
+    tag_of = lambda row: (
+        row.get("tag") if isinstance(row.get("tag"), str) and row.get("tag") else row["defense"].partition("_tag-")[2]
+    )
     attacked = [tag_of(row) for _, row in df.iterrows() if row["setting"] == "adaptive"]  # a killed prune
     assert sorted(t for t in attacked if t) == ["s1", "s2"]  # leaves a row without attack: not counted
 
@@ -314,8 +358,12 @@ def test_slurm_backend_matches_and_chains_its_jobs(runs):
             assert "#SBATCH --kill-on-invalid-dep=yes" in submitted
         assert "#SBATCH --gres=gpu:1" in submitted and " 0 config/digits.json" in record["command"]
     when = lambda r: (datetime.datetime.fromisoformat(r["start"]), datetime.datetime.fromisoformat(r["end"]))
-    together = [(a, b) for a in jobs.values() for b in jobs.values()
-                if a["step"] < b["step"] and when(a)[0] < when(b)[1] and when(b)[0] < when(a)[1]]
+    together = [
+        (a, b)
+        for a in jobs.values()
+        for b in jobs.values()
+        if a["step"] < b["step"] and when(a)[0] < when(b)[1] and when(b)[0] < when(a)[1]
+    ]
     assert together, "no two steps ran at the same time"
     for a, b in together:
         assert {a["cuda_visible_devices"], b["cuda_visible_devices"]} == {"0", "1"}, (a, b)

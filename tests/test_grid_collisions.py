@@ -1,6 +1,7 @@
 """grid.py on grids that name one step twice, on a folder, without Slurm, and interrupted: for real, in copies
 of the repo (as tests/test_grid.py), no mocks. The Slurm interrupt runs on slurm/local_cluster.sh's cluster
 like tests/test_grid.py's Slurm test (it fails without one, or is skipped loudly with WEMEM_ALLOW_NO_SLURM=1)."""
+
 import json
 import os
 import re
@@ -26,14 +27,17 @@ def three_spellings(copy):
 def test_a_folder_two_configs_of_one_run_and_no_slurm_are_one_line(tmp_path):
     copy = copy_repo(tmp_path / "repo")
     before = tree(copy)
-    assert one_error_line(grid(copy, "grids").result()) == \
-        "error: grid file grids is a folder; pass a JSON grid file, e.g. grids/digits.json"
+    assert (
+        one_error_line(grid(copy, "grids").result())
+        == "error: grid file grids is a folder; pass a JSON grid file, e.g. grids/digits.json"
+    )
     shutil.copy(os.path.join(copy, "config", "digits.json"), os.path.join(copy, "config", "digits_again.json"))
     before = tree(copy)
     two = write_grid(str(tmp_path), "two.json", configs=["config/digits.json", "config/digits_again.json"])
     assert one_error_line(grid(copy, two).result()) == (
         f"error: grid {two}: configs: step {RUN}/pretrain comes twice, from config config/digits.json, seed 7 and "
-        f"from config config/digits_again.json, seed 7; each config file needs its own dataset and model")
+        f"from config config/digits_again.json, seed 7; each config file needs its own dataset and model"
+    )
     no_slurm = grid(copy, write_grid(str(tmp_path), "g.json"), "--backend", "slurm", env=dict(ENV, PATH=str(tmp_path)))
     code, out, err = no_slurm.result()
     assert (code, err) == (1, "error: sinfo not found: install Slurm or use --backend local\n")
@@ -44,8 +48,13 @@ def test_duplicate_entries_are_one_step_each(tmp_path):
     """[0.6, 0.6], one config written three ways and a repeated setting plan the steps of the plain grid."""
     copy = copy_repo(tmp_path / "repo")
     plain = grid(copy, write_grid(str(tmp_path), "plain.json"), "--dry_run").result()
-    dup = write_grid(str(tmp_path), "dup.json", configs=three_spellings(copy), **DUPLICATES,
-                     pruners={"./config/digits.json": "iter_prunetxt"})
+    dup = write_grid(
+        str(tmp_path),
+        "dup.json",
+        configs=three_spellings(copy),
+        **DUPLICATES,
+        pruners={"./config/digits.json": "iter_prunetxt"},
+    )
     twice = grid(copy, dup, "--dry_run").result()
     assert plain[0] == twice[0] == 0, (plain, twice)
     body = lambda script: [line for line in script.splitlines() if not line.startswith("# /")]
@@ -84,7 +93,8 @@ def test_duplicate_grid_runs_each_step_once_and_an_interrupt_ends_the_running_st
     code, out, err = driver.result()
     assert code == 143 and err.strip().splitlines()[-1] == (
         "error: interrupted (SIGTERM); the 1 running steps were ended (each keeps only finished models); rerun this "
-        "command to run the rest: finished steps are skipped"), err
+        "command to run the rest: finished steps are skipped"
+    ), err
     while not open(log).read().endswith("Run ended early: interrupted (SIGTERM)\n") and time.time() < deadline:
         time.sleep(0.1)  # the step got SIGTERM as the driver ended, and closes its log block
     assert open(log).read().endswith("Run ended early: interrupted (SIGTERM)\n")
@@ -97,8 +107,9 @@ def test_slurm_driver_interrupt_names_the_jobs_left_on_slurm(tmp_path):
     try:
         if not slurm_env:
             if os.environ.get("WEMEM_ALLOW_NO_SLURM") == "1":
-                pytest.skip(f"!!! NO SLURM: the Slurm driver's interrupt was NOT TESTED (WEMEM_ALLOW_NO_SLURM=1): "
-                            f"{stop}")
+                pytest.skip(
+                    f"!!! NO SLURM: the Slurm driver's interrupt was NOT TESTED (WEMEM_ALLOW_NO_SLURM=1): {stop}"
+                )
             pytest.fail(f"cannot run Slurm here: {stop} (WEMEM_ALLOW_NO_SLURM=1 skips this test)")
         copy = copy_repo(tmp_path / "repo")
         slow = write_grid(str(tmp_path), "slow.json", **BASE_ONLY)
@@ -115,8 +126,11 @@ def test_slurm_driver_interrupt_names_the_jobs_left_on_slurm(tmp_path):
         driver.proc.send_signal(signal.SIGTERM)
         code, out, err = driver.result()
         last = err.strip().splitlines()[-1]
-        found = re.fullmatch(r"error: interrupted \(SIGTERM\); (\d+) jobs are still queued or running on Slurm; "
-                             r"rerun this command to follow them, or scancel ([\d ]+)", last)
+        found = re.fullmatch(
+            r"error: interrupted \(SIGTERM\); (\d+) jobs are still queued or running on Slurm; "
+            r"rerun this command to follow them, or scancel ([\d ]+)",
+            last,
+        )
         assert code == 143 and found, err
         ids = found.group(2).split()
         assert int(found.group(1)) == len(ids) == 3

@@ -1,5 +1,6 @@
 """grid.py's local backend without a GPU: --jobs_per_gpu slots on a fake GPU list (which step runs on which
 GPU, and when), the environment real steps get, and the status line printed per finished step."""
+
 import io
 import os
 
@@ -18,8 +19,12 @@ def digits_steps(monkeypatch):
 
 
 def test_slots_are_handed_out_round_robin_over_the_gpus():
-    assert grid.local_slots(["3", "5"], 1, 2, cores=8) == [grid.Slot("3", 2), grid.Slot("5", 2), grid.Slot("3", 2),
-                                                          grid.Slot("5", 2)]
+    assert grid.local_slots(["3", "5"], 1, 2, cores=8) == [
+        grid.Slot("3", 2),
+        grid.Slot("5", 2),
+        grid.Slot("3", 2),
+        grid.Slot("5", 2),
+    ]
     assert grid.local_slots(["0"], 1, 3, cores=2) == [grid.Slot("0", 1)] * 3  # at least one thread each
     assert grid.local_slots([], 2, 1, cores=16) == [grid.Slot(None, 8)] * 2
     assert [slot.gpu_id for slot in grid.local_slots(["7"], 1, 1, 4) + grid.local_slots([], 1, 1, 4)] == ["0", "-1"]
@@ -42,8 +47,10 @@ def test_steps_share_two_fake_gpus_two_at_a_time(monkeypatch):
 
     p = "iter_prunetxt_0.6"
     assert after(None) == ([("pretrain", "3")], [])
-    assert after("pretrain") == ([(f"prune.{p}", "5"), (f"prune.{p}_slide_re", "3"), (f"prune.{p}_ml2", "5"),
-                                  (f"prune.{p}_slide_ml2", "3")], [])
+    assert after("pretrain") == (
+        [(f"prune.{p}", "5"), (f"prune.{p}_slide_re", "3"), (f"prune.{p}_ml2", "5"), (f"prune.{p}_slide_ml2", "3")],
+        [],
+    )
     assert after(f"prune.{p}_ml2") == ([(f"attack.{p}_ml2", "5")], [])
     assert after(f"prune.{p}", ok=False) == ([], [f"attack.{p}"])
     assert after(f"prune.{p}_slide_re") == ([(f"attack.{p}_slide_re", "5")], [])
@@ -80,13 +87,20 @@ def fake_clock(times):
 def test_status_line_per_finished_step():
     """Counts, elapsed time and an ETA from the mean seconds of finished steps of each kind (of all kinds
     for a kind with none finished), over the slots; on Slurm also the pending jobs."""
-    steps = [grid.Step(f"r/{name}", kind, [], "log") for name, kind in
-             [("pretrain", "pretrain"), ("prune.a", "prune"), ("prune.b", "prune"), ("attack.a", "attack"),
-              ("attack.b", "attack")]]
+    steps = [
+        grid.Step(f"r/{name}", kind, [], "log")
+        for name, kind in [
+            ("pretrain", "pretrain"),
+            ("prune.a", "prune"),
+            ("prune.b", "prune"),
+            ("attack.a", "attack"),
+            ("attack.b", "attack"),
+        ]
+    ]
     out = io.StringIO()
     tracker = grid.Tracker(steps, parallel=2, clock=fake_clock([100.0, 160.0, 200.4, 230.0, 3700.0, 3701.0]), out=out)
-    tracker.finish(steps[0], "done", seconds=60.0, running=2)      # left: 2 prune, 2 attack at 60 s each
-    tracker.finish(steps[1], "done", seconds=30.0, running=2)      # 1 prune at 30 s, 2 attacks at 45 s
+    tracker.finish(steps[0], "done", seconds=60.0, running=2)  # left: 2 prune, 2 attack at 60 s each
+    tracker.finish(steps[1], "done", seconds=30.0, running=2)  # 1 prune at 30 s, 2 attacks at 45 s
     tracker.finish(steps[3], "failed", "exit 3: boom", running=1)  # 1 prune at 30 s, 1 attack at 45 s
     tracker.finish(steps[2], "done", seconds=90.0, running=0)
     assert out.getvalue().splitlines() == [
@@ -94,26 +108,33 @@ def test_status_line_per_finished_step():
         "[2/5] done r/prune.a | 2 done, 0 failed, 0 skipped, 2 running | elapsed 0:01:40 | ETA 0:01:00",
         "[3/5] failed r/attack.a | 2 done, 1 failed, 0 skipped, 1 running | elapsed 0:02:10 | ETA 0:00:38 | exit 3: "
         "boom",
-        "[4/5] done r/prune.b | 3 done, 1 failed, 0 skipped, 0 running | elapsed 1:00:00 | ETA 0:00:30"]
+        "[4/5] done r/prune.b | 3 done, 1 failed, 0 skipped, 0 running | elapsed 1:00:00 | ETA 0:00:30",
+    ]
     slurm = grid.Tracker(steps[:2], clock=fake_clock([0.0, 5.0, 9.0]), out=out)
-    assert slurm.status(steps[0], "skipped", running=3, pending=4) == \
-        "[0/2] skipped r/pretrain | 0 done, 0 failed, 0 skipped, 3 running, 4 pending (squeue) | elapsed 0:00:05 | " \
+    assert (
+        slurm.status(steps[0], "skipped", running=3, pending=4)
+        == "[0/2] skipped r/pretrain | 0 done, 0 failed, 0 skipped, 3 running, 4 pending (squeue) | elapsed 0:00:05 | "
         "ETA ?"
+    )
     slurm.finish(steps[0], "done", seconds=10.0, running=0, pending=1)  # no job running: the ETA assumes one
-    assert out.getvalue().splitlines()[-1] == \
-        "[1/2] done r/pretrain | 1 done, 0 failed, 0 skipped, 0 running, 1 pending (squeue) | elapsed 0:00:09 | " \
+    assert (
+        out.getvalue().splitlines()[-1]
+        == "[1/2] done r/pretrain | 1 done, 0 failed, 0 skipped, 0 running, 1 pending (squeue) | elapsed 0:00:09 | "
         "ETA 0:00:10"
+    )
     tracker.finish(steps[4], "done", seconds=1.0, running=0)
     assert out.getvalue().splitlines()[-1].endswith("| ETA 0:00:00")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--jobs_per_gpu", "2"], "--jobs_per_gpu needs --gpus"),
-    (["--gpus", "0", "--jobs_per_gpu", "0"], "--jobs_per_gpu must be >= 1"),
-    (["--backend", "slurm", "--jobs_per_gpu", "2"], "are --backend local options"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--jobs_per_gpu", "2"], "--jobs_per_gpu needs --gpus"),
+        (["--gpus", "0", "--jobs_per_gpu", "0"], "--jobs_per_gpu must be >= 1"),
+        (["--backend", "slurm", "--jobs_per_gpu", "2"], "are --backend local options"),
+    ],
+)
 def test_jobs_per_gpu_is_refused_where_it_means_nothing(argv, message):
     with pytest.raises(UsageError, match=message):
         grid.get_args(["grids/digits.json", *argv])
     assert grid.get_args(["grids/digits.json", "--gpus", "0,1", "--jobs_per_gpu", "3"]).jobs_per_gpu == 3
-

@@ -1,5 +1,6 @@
 """grid.py's plan before anything runs: the order of the steps and the mem-score check over the steps
 selected to run (after --only and resume). In-process on the grid files; one subprocess for the CLI's line."""
+
 import json
 import os
 import subprocess
@@ -8,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, as_repo, copy_repo
 import grid as grid_module
 import memscores
+from conftest import REPO, as_repo, copy_repo
 
 RUN = "digits_columnfc"
 SCORES = os.path.join("memscore", "memscore_digits_columnfc.csv")
@@ -62,22 +63,29 @@ def test_a_missing_csv_refuses_the_steps_that_need_it_and_names_the_rest(no_scor
     assert grid_module.missing_memscores(grid, todo) == [
         f"mem-scores {SCORES} not found (needed by slide_re, ml2, slide_ml2 on config/digits.json); {fix()}; "
         f"the other 4 steps need none: run them first with python grid.py g.json --only '*/pretrain' "
-        f"--only '*.original' --only '*.iter_prunetxt_0.6'"]
+        f"--only '*.original' --only '*.iter_prunetxt_0.6'"
+    ]
     rest, _ = grid_module.plan(steps, ["*/pretrain", "*.original", "*.iter_prunetxt_0.6"])
-    assert [s.name.split("/")[1] for s in rest] == ["pretrain", "attack.original", "prune.iter_prunetxt_0.6",
-                                                    "attack.iter_prunetxt_0.6"]
+    assert [s.name.split("/")[1] for s in rest] == [
+        "pretrain",
+        "attack.original",
+        "prune.iter_prunetxt_0.6",
+        "attack.iter_prunetxt_0.6",
+    ]
     assert grid_module.missing_memscores(grid, rest) == []
 
 
 def test_steps_that_need_no_scores_start(no_scores):
     window = {"stride": 1, "width": 15}
-    grid, steps = load(no_scores, defenses=[{"defend": "base"}, {"defend": "random", **window},
-                                            {"defend": "slide", **window}])
+    grid, steps = load(
+        no_scores, defenses=[{"defend": "base"}, {"defend": "random", **window}, {"defend": "slide", **window}]
+    )
     for only in ("*/pretrain", "*attack.iter_prunetxt_0.6", "*_random", "*--defend random*"):
         assert grid_module.missing_memscores(grid, grid_module.plan(steps, only)[0]) == []
     assert grid_module.missing_memscores(grid, grid_module.plan(steps, "*_slide")[0]) == [
         f"mem-scores {SCORES} not found (needed by slide on config/digits.json); {fix()}; the other step needs "
-        f"none: run it first with python grid.py g.json --only '*/pretrain'"]
+        f"none: run it first with python grid.py g.json --only '*/pretrain'"
+    ]
 
 
 def test_done_steps_need_no_scores_on_resume(no_scores):
@@ -92,34 +100,54 @@ def test_done_steps_need_no_scores_on_resume(no_scores):
     assert grid_module.missing_memscores(grid, todo) == []
     todo, _ = grid_module.plan(steps, force=True)
     line = grid_module.missing_memscores(grid, todo)[0]
-    assert line.endswith("the other 3 steps need none: run them first with python grid.py g.json "
-                         "--only '*/pretrain' --only '*.iter_prunetxt_0.6'")
+    assert line.endswith(
+        "the other 3 steps need none: run them first with python grid.py g.json "
+        "--only '*/pretrain' --only '*.iter_prunetxt_0.6'"
+    )
 
 
 def test_cli_refuses_before_anything_runs(tmp_path):
     copy = copy_repo(tmp_path / "repo", memscores=False)
     path = write_grid(str(tmp_path))
-    proc = subprocess.run([sys.executable, "grid.py", path], cwd=copy, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    proc = subprocess.run(
+        [sys.executable, "grid.py", path],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     scores = os.path.join(copy, SCORES)
-    assert lines[0].startswith(f"error: mem-scores {scores} not found (needed by slide_re, ml2, slide_ml2 on "
-                               f"config/digits.json); ")
-    assert lines[0].endswith(f"; the other 3 steps need none: run them first with python grid.py {path} "
-                             f"--only '*/pretrain' --only '*.iter_prunetxt_0.6'")
+    assert lines[0].startswith(
+        f"error: mem-scores {scores} not found (needed by slide_re, ml2, slide_ml2 on config/digits.json); "
+    )
+    assert lines[0].endswith(
+        f"; the other 3 steps need none: run them first with python grid.py {path} "
+        f"--only '*/pretrain' --only '*.iter_prunetxt_0.6'"
+    )
     assert not os.path.exists(os.path.join(copy, "log")) and not os.path.exists(os.path.join(copy, "result"))
 
 
 def test_the_patterns_run_exactly_the_steps_that_need_no_scores(no_scores):
     window = {"stride": 1, "width": 15}
-    grid, steps = load(no_scores, original=True, sparsities=[0.5, 0.6],
-                       defenses=[{"defend": "base"}, {"defend": "random", **window}, {"defend": "slide", **window},
-                                 {"defend": "ppb", "defend_arg": 4}])
+    grid, steps = load(
+        no_scores,
+        original=True,
+        sparsities=[0.5, 0.6],
+        defenses=[
+            {"defend": "base"},
+            {"defend": "random", **window},
+            {"defend": "slide", **window},
+            {"defend": "ppb", "defend_arg": 4},
+        ],
+    )
     todo, _ = grid_module.plan(steps)
     line = grid_module.missing_memscores(grid, todo)[0]
     patterns = ["*/pretrain", "*.original", "*.iter_prunetxt_0.5", "*.*_random", "*.*_ppb_4.0", "*.iter_prunetxt_0.6"]
-    assert line.endswith("the other 14 steps need none: run them first with python grid.py g.json "
-                         + " ".join(f"--only '{p}'" for p in patterns))
+    assert line.endswith(
+        "the other 14 steps need none: run them first with python grid.py g.json "
+        + " ".join(f"--only '{p}'" for p in patterns)
+    )
     rest, _ = grid_module.plan(steps, patterns)
     assert [s.name for s in rest] == [s.name for s in todo if "_slide" not in s.name]

@@ -1,5 +1,6 @@
 """Bootstrap intervals and paired differences against a slow literal reference (one resample at a time,
 scikit-learn's ROC, the accuracies written out), and the scores files they read."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
@@ -14,8 +15,11 @@ def literal_metrics(scores, member, kind, decisions):
     if member.all() or not member.any():
         return {m: np.nan for m in intervals.METRICS}
     fpr, tpr, _ = roc_curve(member, scores, drop_intermediate=False)
-    out = {"AUC": roc_auc_score(member, scores),
-           "TPR@1%FPR": 100 * tpr[fpr <= 0.01].max(), "TPR@0.1%FPR": 100 * tpr[fpr <= 0.001].max()}
+    out = {
+        "AUC": roc_auc_score(member, scores),
+        "TPR@1%FPR": 100 * tpr[fpr <= 0.01].max(),
+        "TPR@0.1%FPR": 100 * tpr[fpr <= 0.001].max(),
+    }
     if kind == "best_balanced":
         out["accuracy"] = 100 * max(0.5 * (t + 1 - f) for t, f in zip(tpr, fpr))
     elif kind == "plain":
@@ -96,8 +100,10 @@ def test_paired_difference_equals_a_literal_loop():
     got = paired_difference(defense, base, resamples=120, seed=2)
     d_draws, b_draws = literal_draws([defense, base], 120, 2)
     for metric in intervals.METRICS:
-        point = (literal_metrics(other, member, "balanced", other > 0.2)[metric]
-                 - literal_metrics(scores, member, "balanced", said)[metric])
+        point = (
+            literal_metrics(other, member, "balanced", other > 0.2)[metric]
+            - literal_metrics(scores, member, "balanced", said)[metric]
+        )
         diffs = np.array(d_draws[metric]) - np.array(b_draws[metric])
         assert got[metric][0] == pytest.approx(point, abs=1e-12)
         assert got[metric][1:] == pytest.approx(literal_interval(diffs), rel=1e-9, abs=1e-12)
@@ -117,8 +123,13 @@ def test_scores_files_old_and_new_and_aligned(tmp_path):
     scores, member, said = example(n=50)
     index = np.random.default_rng(0).permutation(50)
     new, old = tmp_path / "new.npz", tmp_path / "old.npz"
-    common = {"index": index, "member": member, "attacks": np.array(["Conf", "LiRA"]),
-              "score_Conf": scores, "score_LiRA": np.where(member, np.inf, scores)}
+    common = {
+        "index": index,
+        "member": member,
+        "attacks": np.array(["Conf", "LiRA"]),
+        "score_Conf": scores,
+        "score_LiRA": np.where(member, np.inf, scores),
+    }
     np.savez(new, **common, accuracy_kind=np.array(["balanced", "best_balanced"]), decision_Conf=said)
     np.savez(old, **common)  # written before decisions were saved
     got_index, runs = read_attacked(str(new), _rankable)
@@ -143,6 +154,7 @@ def test_bootstrap_flags():
     import summarize
     from common import UsageError
     from conftest import REPO
+
     config = os.path.join(REPO, "config", "digits.json")
     flags = ["-1", config, "--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6"]
     assert mia_modi.get_args(flags).bootstrap == intervals.RESAMPLES == 1000

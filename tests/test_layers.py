@@ -4,6 +4,7 @@ Layer 0 (paths, common) imports nothing of the project; a module imports only fr
 below. Imports inside functions count. Run `python -m pytest -q tests/test_layers.py` after adding a
 module: it has to be given a layer here.
 """
+
 import ast
 import glob
 import json
@@ -16,11 +17,28 @@ import pytest
 from conftest import REPO
 
 LAYERS = {
-    "paths": 0, "common": 0,
-    "datasets": 1, "models": 1, "train": 1, "progress": 1,
-    "splits": 2, "pruning": 2, "memscores": 2, "dp": 2, "defenses": 2, "attacks": 2, "records": 2, "intervals": 2,
-    "results": 2, "report": 2,
-    "pretrain_modi": 3, "prune_modi": 3, "mia_modi": 3, "compute_memscore": 3, "summarize": 3, "grid": 3,
+    "paths": 0,
+    "common": 0,
+    "datasets": 1,
+    "models": 1,
+    "train": 1,
+    "progress": 1,
+    "splits": 2,
+    "pruning": 2,
+    "memscores": 2,
+    "dp": 2,
+    "defenses": 2,
+    "attacks": 2,
+    "records": 2,
+    "intervals": 2,
+    "results": 2,
+    "report": 2,
+    "pretrain_modi": 3,
+    "prune_modi": 3,
+    "mia_modi": 3,
+    "compute_memscore": 3,
+    "summarize": 3,
+    "grid": 3,
 }
 
 
@@ -49,7 +67,7 @@ def find_cycle(edges):
         state[node] = "open"
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:
@@ -85,10 +103,15 @@ def test_the_cycle_finder_finds_one():
 @pytest.mark.slow
 def test_bottom_modules_import_alone():
     """Importing paths or common loads no other project module (checked in a fresh interpreter)."""
-    code = ("import sys, json; import {0}; "
-            "print(json.dumps(sorted(m for m in sys.modules if m in {1})))")
+    code = "import sys, json; import {0}; print(json.dumps(sorted(m for m in sys.modules if m in {1})))"
     others = json.dumps(project_modules())
     for module in ("paths", "common"):
-        out = subprocess.run([sys.executable, "-c", code.format(module, others)], cwd=REPO, capture_output=True,
-                             text=True, timeout=120, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(module, others)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
         assert json.loads(out) == [module]

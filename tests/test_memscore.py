@@ -1,4 +1,5 @@
 """Mem-scores: the Feldman & Zhang estimator (compute_memscore.py) and the CSV loader of the defenses."""
+
 import hashlib
 import json
 import os
@@ -31,8 +32,19 @@ def one_thread():
 
 
 def recipe(**overrides):
-    args = SimpleNamespace(model_name="columnfc", num_cls=10, input_dim=64, optimizer="adam", lr=0.005,
-                           weight_decay=0.0, epochs=40, batch_size=32, num_models=12, subset_ratio=0.5, seed=3)
+    args = SimpleNamespace(
+        model_name="columnfc",
+        num_cls=10,
+        input_dim=64,
+        optimizer="adam",
+        lr=0.005,
+        weight_decay=0.0,
+        epochs=40,
+        batch_size=32,
+        num_models=12,
+        subset_ratio=0.5,
+        seed=3,
+    )
     vars(args).update(overrides)
     return args
 
@@ -46,8 +58,9 @@ def digits_subset(n, flipped=()):
 
 
 def digits_args(**overrides):
-    args = SimpleNamespace(dataset_name="digits", model_name="columnfc", gpu_id=-1, config_path="config/digits.json",
-                           mem_thre=0.6)
+    args = SimpleNamespace(
+        dataset_name="digits", model_name="columnfc", gpu_id=-1, config_path="config/digits.json", mem_thre=0.6
+    )
     vars(args).update(overrides)
     return args
 
@@ -107,8 +120,19 @@ def test_cli_writes_the_authors_format_and_the_loader_reads_it(tmp_path, monkeyp
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two contended ones
     repo, work = copy_repo(tmp_path / "repo", memscores=False), tmp_path / "work"  # run from elsewhere
     work.mkdir()
-    run_script("compute_memscore.py", "-1", DIGITS, "--num_models", "24", "--subset_ratio", "0.5", "--epochs", "1",
-               cwd=work, repo=repo)
+    run_script(
+        "compute_memscore.py",
+        "-1",
+        DIGITS,
+        "--num_models",
+        "24",
+        "--subset_ratio",
+        "0.5",
+        "--epochs",
+        "1",
+        cwd=work,
+        repo=repo,
+    )
     assert os.listdir(work) == []  # the scores go to the repo's memscore/, not the working directory's
     path = tmp_path / "repo" / "memscore" / "memscore_digits_columnfc.csv"
     lines = path.read_text().splitlines()
@@ -149,14 +173,18 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     assert str(err.value) == (
         "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 1437 samples "
         "(made for another dataset or split); compute it with python compute_memscore.py -1 config/digits.json "
-        "(docs/defenses.md)")
+        "(docs/defenses.md)"
+    )
 
 
-@pytest.mark.parametrize("text, message", [
-    (",score\n0,0.5\n", "one numeric column named 0"),
-    (",0\n0,high\n", "one numeric column named 0"),
-    ("", "is not a readable CSV"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (",score\n0,0.5\n", "one numeric column named 0"),
+        (",0\n0,high\n", "one numeric column named 0"),
+        ("", "is not a readable CSV"),
+    ],
+)
 def test_loader_rejects_malformed_files(tmp_path, monkeypatch, text, message):
     as_repo(monkeypatch, tmp_path)
     write_csv(tmp_path, text)
@@ -179,8 +207,10 @@ def test_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
     as_repo(monkeypatch, tmp_path)
     with pytest.raises(MissingError) as err:
         load_memscores(digits_args(), digits_train())
-    assert str(err.value) == ("mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
-                              "python compute_memscore.py -1 config/digits.json (docs/defenses.md)")
+    assert str(err.value) == (
+        "mem-scores memscore/memscore_digits_columnfc.csv not found; compute it with "
+        "python compute_memscore.py -1 config/digits.json (docs/defenses.md)"
+    )
     cifar = digits_args(dataset_name="cifar10", model_name="resnet18", config_path="config/cifar10_resnet18.json")
     with pytest.raises(MissingError, match="memscore_cifar10_resnet18.csv not found; put the authors' published CSV"):
         load_memscores(cifar, digits_train())  # the file is looked for before the data
@@ -194,5 +224,7 @@ def test_ml2_rejects_a_threshold_outside_the_scores(tmp_path, monkeypatch):
     loaded = load_memscores(digits_args(), digits_train())
     assert torch.equal(loaded, scores)
     ML2.check_memscores(loaded, DefenseSettings(mem_thre=0.8), "m.csv")  # the top score itself is fine
-    with pytest.raises(UsageError, match=r"--mem_thre 0.9 is outside the mem-scores' range \[-0.100, 0.800\] \(m.csv\)"):
+    with pytest.raises(
+        UsageError, match=r"--mem_thre 0.9 is outside the mem-scores' range \[-0.100, 0.800\] \(m.csv\)"
+    ):
         ML2.check_memscores(loaded, DefenseSettings(mem_thre=0.9), "m.csv")

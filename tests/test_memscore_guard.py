@@ -1,5 +1,6 @@
 """Mem-scores must belong to the split they are used with: the fingerprint sidecar written by
 compute_memscore.py and the checks of memscores.load_memscores (docs/defenses.md#mem-scores)."""
+
 import hashlib
 import json
 import os
@@ -95,13 +96,19 @@ def sha(dataset):
 
 # ---------------------------------------------------------------- the fingerprint
 
+
 def test_sidecar_records_the_training_set_and_the_csv(here):
     scores = compute("digits")
     record = json.loads((here / "memscore" / "memscore_digits_columnfc.json").read_text())
     csv = (here / DIGITS_CSV).read_bytes()
-    assert record == {"dataset": "digits", "model": "columnfc", "n_train": 1437,
-                      "split": "seeded 80/20 split (random_state 0)", "train_sha256": record["train_sha256"],
-                      "csv_sha256": hashlib.sha256(csv).hexdigest()}
+    assert record == {
+        "dataset": "digits",
+        "model": "columnfc",
+        "n_train": 1437,
+        "split": "seeded 80/20 split (random_state 0)",
+        "train_sha256": record["train_sha256"],
+        "csv_sha256": hashlib.sha256(csv).hexdigest(),
+    }
     assert record["train_sha256"].startswith(sha("digits")) and len(record["train_sha256"]) == 64
     assert torch.equal(load("digits"), scores)
 
@@ -129,6 +136,7 @@ def test_source_names_the_split_in_use(here):
 
 # ---------------------------------------------------------------- computed files and a changed split
 
+
 def test_scores_of_a_remade_split_are_refused(here):
     write_location(DATA)
     compute("location")
@@ -142,7 +150,8 @@ def test_scores_of_a_remade_split_are_refused(here):
         f"mem-scores {LOCATION_CSV} score another training set: they were made for location [{seeded}, 16 samples, "
         f"train_sha256 {before}], this run trains on location [{seeded}, 16 samples, train_sha256 {sha('location')}]; "
         f"restore the files in data/datasets/location/ they were made with, or recompute them for this split with "
-        f"{RECOMPUTE.format('location')}")
+        f"{RECOMPUTE.format('location')}"
+    )
 
 
 def test_scores_follow_the_authors_split_file(here):
@@ -151,17 +160,21 @@ def test_scores_follow_the_authors_split_file(here):
     ours = sha("location")
     write_authors_location_pkl([3, 17, 0, 8, 11, 5], [19, 2, 7])
     message = refused("location")
-    assert (f"they were made for location [seeded 80/20 split (random_state 0), 16 samples, train_sha256 {ours}], "
-            f"this run trains on location [authors' location.pkl, 6 samples, train_sha256 {sha('location')}]; "
-            f"move location.pkl out of data/datasets/location/, or recompute") in message
+    assert (
+        f"they were made for location [seeded 80/20 split (random_state 0), 16 samples, train_sha256 {ours}], "
+        f"this run trains on location [authors' location.pkl, 6 samples, train_sha256 {sha('location')}]; "
+        f"move location.pkl out of data/datasets/location/, or recompute"
+    ) in message
 
     compute("location")  # now on the authors' split
     assert len(load("location")) == 6
     os.remove(os.path.join(DATA, "location", "location.pkl"))
     message = refused("location")
     assert "they were made for location [authors' location.pkl, 6 samples" in message
-    assert message.endswith(f"; put location.pkl back into data/datasets/location/, or recompute them for this "
-                            f"split with {RECOMPUTE.format('location')}")
+    assert message.endswith(
+        f"; put location.pkl back into data/datasets/location/, or recompute them for this "
+        f"split with {RECOMPUTE.format('location')}"
+    )
 
 
 def test_scores_of_another_dataset_are_refused(here):
@@ -176,6 +189,7 @@ def test_scores_of_another_dataset_are_refused(here):
 
 # ---------------------------------------------------------------- CSV and sidecar that are not a pair
 
+
 def test_a_csv_that_disagrees_with_its_sidecar_is_refused(here):
     compute("digits")
     csv = (here / DIGITS_CSV).read_text().splitlines(keepends=True)
@@ -183,7 +197,8 @@ def test_a_csv_that_disagrees_with_its_sidecar_is_refused(here):
     assert refused("digits") == (
         f"mem-scores {DIGITS_CSV} and their fingerprint memscore/memscore_digits_columnfc.json were not written "
         f"together (an interrupted compute_memscore.py or an edited file); recompute them with "
-        f"{RECOMPUTE.format('digits')}")
+        f"{RECOMPUTE.format('digits')}"
+    )
 
 
 def test_a_sidecar_edited_to_another_size_is_refused(here):
@@ -215,10 +230,12 @@ def test_an_unreadable_sidecar_is_refused(here):
     (here / "memscore" / "memscore_digits_columnfc.json").write_text('{"dataset": "digits"}')
     assert refused("digits") == (
         "mem-score fingerprint memscore/memscore_digits_columnfc.json is unreadable or lacks one of dataset, model, "
-        f"n_train, split, train_sha256, csv_sha256; recompute the scores with {RECOMPUTE.format('digits')}")
+        f"n_train, split, train_sha256, csv_sha256; recompute the scores with {RECOMPUTE.format('digits')}"
+    )
 
 
 # ---------------------------------------------------------------- files without a sidecar
+
 
 def test_authors_location_file_needs_their_split(here, monkeypatch):
     write_location(DATA)
@@ -227,7 +244,8 @@ def test_authors_location_file_needs_their_split(here, monkeypatch):
     assert refused("location") == (
         f"mem-scores {LOCATION_CSV} carry no fingerprint and look like the authors' published file, which scores "
         f"the authors' split (location.pkl); put location.pkl into data/datasets/location/ or compute scores for "
-        f"this split with {RECOMPUTE.format('location')}")
+        f"this split with {RECOMPUTE.format('location')}"
+    )
     write_authors_location_pkl([3, 17, 0, 8, 11, 5], [19, 2, 7])
     write_authors_csv(LOCATION_CSV, 6)
     list_as_authors(monkeypatch, LOCATION_CSV)
@@ -240,8 +258,10 @@ def test_authors_cinic_file_needs_their_index_file(here, monkeypatch):
     list_as_authors(monkeypatch, cinic)
     data = TensorData(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
     message = refused("cinic", "resnet18", data)
-    assert "look like the authors' published file, which scores the authors' split (train_test_idx.pkl); put " \
-           "train_test_idx.pkl into data/datasets/cinic/ or compute scores" in message
+    assert (
+        "look like the authors' published file, which scores the authors' split (train_test_idx.pkl); put "
+        "train_test_idx.pkl into data/datasets/cinic/ or compute scores" in message
+    )
     index_file = os.path.join(DATA, "cinic", "train_test_idx.pkl")
     os.makedirs(os.path.join(DATA, "cinic"))
     open(index_file, "wb").close()
@@ -253,7 +273,8 @@ def test_authors_cinic_file_needs_their_index_file(here, monkeypatch):
         f"mem-scores {cinic} are the authors' published file, which scores the authors' split, but {index_file} is "
         f"not the authors' train_test_idx.pkl (its SHA-256 is not the one memscore/authors-files.sha256 lists); put "
         f"the authors' train_test_idx.pkl there or compute scores for this split with "
-        f"python compute_memscore.py -1 config/cinic.json --force")
+        f"python compute_memscore.py -1 config/cinic.json --force"
+    )
 
 
 def test_authors_cifar_file_is_recognised_by_its_hash(here, monkeypatch):
@@ -269,7 +290,8 @@ def test_authors_cifar_file_is_recognised_by_its_hash(here, monkeypatch):
         f"mem-scores {path} carry no fingerprint (memscore/memscore_cifar10_resnet18.json) and are not the authors' "
         f"published file (SHA-256 {digest[:12]}... is not the one memscore/authors-files.sha256 lists for it); put "
         f"the authors' CSV there, or recompute them with python compute_memscore.py -1 config/cifar10.json --force "
-        f"(it writes the fingerprint)")
+        f"(it writes the fingerprint)"
+    )
 
 
 def test_an_authors_name_csv_off_the_shipped_list_is_refused(here):
@@ -289,8 +311,10 @@ def test_the_shipped_hash_list():
     csvs = {name for name in listed if name.startswith("memscore/")}
     assert csvs == {f"memscore/memscore_{ds}_{model}.csv" for ds, model in memscores.AUTHORS_MEMSCORES}
     assert set(listed) - csvs == {"data/datasets/cinic/train_test_idx.pkl"}
-    assert listed["memscore/memscore_location_columnfc.csv"] == \
-        "5b39132645fb64d9b127221c7df745dcd25c41b5f7fcd38b7f095048fc5bcf47"
+    assert (
+        listed["memscore/memscore_location_columnfc.csv"]
+        == "5b39132645fb64d9b127221c7df745dcd25c41b5f7fcd38b7f095048fc5bcf47"
+    )
     with open(memscores.AUTHORS_HASHES, "rb") as f:
         shipped = hashlib.sha256(f.read()).hexdigest()
     assert shipped == "e85590aa9581873a646b034facc58c3973699ff69da4832b1505ab971a604d82"
@@ -311,10 +335,12 @@ def test_a_file_the_authors_do_not_publish_needs_a_sidecar(here):
     assert refused("digits") == (
         f"mem-scores {DIGITS_CSV} carry no fingerprint (memscore/memscore_digits_columnfc.json) and the authors "
         f"publish none for digits_columnfc, so nothing says which training set they score; recompute them with "
-        f"{RECOMPUTE.format('digits')} (it writes the fingerprint)")
+        f"{RECOMPUTE.format('digits')} (it writes the fingerprint)"
+    )
 
 
 # ---------------------------------------------------------------- the shipped file and the scripts
+
 
 def test_shipped_digits_scores_load_with_their_sidecar(here):
     os.makedirs("memscore")
@@ -329,12 +355,42 @@ def test_shipped_digits_scores_load_with_their_sidecar(here):
 @pytest.mark.slow
 def test_prune_modi_refuses_before_its_first_log_line(here):
     copy_repo(here, memscores=False)  # the scripts run from here: its memscore/ is theirs
-    run_script("pretrain_modi.py", "-1", os.path.join(REPO, "config", "digits.json"), "--epochs", "1",
-               "--shadow_num", "1", "--quiet", "--no_tensorboard", cwd=here, repo=here)
+    run_script(
+        "pretrain_modi.py",
+        "-1",
+        os.path.join(REPO, "config", "digits.json"),
+        "--epochs",
+        "1",
+        "--shadow_num",
+        "1",
+        "--quiet",
+        "--no_tensorboard",
+        cwd=here,
+        repo=here,
+    )
     write_authors_csv(DIGITS_CSV, 1437)
-    proc = run_script("prune_modi.py", "-1", os.path.join(REPO, "config", "digits.json"), "--pruner_name",
-                      "iter_prunetxt", "--prune_sparsity", "0.6", "--shadow_num", "1", "--quiet", "--no_tensorboard",
-                      "--defend", "slide_re", "--stride", "1", "--width", "15", cwd=here, check=False, repo=here)
+    proc = run_script(
+        "prune_modi.py",
+        "-1",
+        os.path.join(REPO, "config", "digits.json"),
+        "--pruner_name",
+        "iter_prunetxt",
+        "--prune_sparsity",
+        "0.6",
+        "--shadow_num",
+        "1",
+        "--quiet",
+        "--no_tensorboard",
+        "--defend",
+        "slide_re",
+        "--stride",
+        "1",
+        "--width",
+        "15",
+        cwd=here,
+        check=False,
+        repo=here,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: mem-scores {here / DIGITS_CSV} carry no fingerprint")
     assert os.listdir(here / "log" / "digits_columnfc") == ["pretrain.txt"]

@@ -1,4 +1,5 @@
 """AUC / TPR@low-FPR lines, offline LiRA, and the unchanged accuracy lines of mia_modi.py."""
+
 import math
 import sys
 
@@ -20,17 +21,21 @@ from models import build_model
 from splits import Split
 from train import evaluate, load_checkpoint, predict
 
-
 # ---------------------------------------------------------------- ROC metrics on a known ROC
+
 
 def known_roc():
     """1000 non-members scored 0..999 and 100 members placed between them by hand."""
     nonmember = np.arange(1000.0)
-    member = np.concatenate([2000 + np.arange(40.0),  # above every non-member: FPR 0
-                             np.full(10, 998.5),      # one non-member above: FPR exactly 0.1%
-                             np.full(20, 994.5),      # five above: FPR 0.5%
-                             np.full(5, 989.5),       # ten above: FPR exactly 1%
-                             np.full(25, 500.5)])     # 499 above: FPR 49.9%
+    member = np.concatenate(
+        [
+            2000 + np.arange(40.0),  # above every non-member: FPR 0
+            np.full(10, 998.5),  # one non-member above: FPR exactly 0.1%
+            np.full(20, 994.5),  # five above: FPR 0.5%
+            np.full(5, 989.5),  # ten above: FPR exactly 1%
+            np.full(25, 500.5),
+        ]
+    )  # 499 above: FPR 49.9%
     scores = np.concatenate([member, nonmember])
     truth = np.concatenate([np.ones(100, bool), np.zeros(1000, bool)])
     # AUC = P[member score > non-member score], counted per member group
@@ -65,8 +70,11 @@ def test_metric_lines_format_and_summarize_reads_them(tmp_path):
     assert lines == ["Conf attack AUC: 0.7500", "Conf attack TPR@1%FPR: 50.000", "Conf attack TPR@0.1%FPR: 50.000"]
     folder = tmp_path / "log" / "digits_columnfc"
     folder.mkdir(parents=True)
-    text = ["Victim pruned model test accuracy: 80.000", "Shadows: l1unstructure_0.6 (base)",
-            f"Conf attack accuracy: {result.accuracy:.3f}"] + lines
+    text = [
+        "Victim pruned model test accuracy: 80.000",
+        "Shadows: l1unstructure_0.6 (base)",
+        f"Conf attack accuracy: {result.accuracy:.3f}",
+    ] + lines
     (folder / "l1unstructure_0.6_base.txt").write_text("\n".join(text) + "\n")
     row = results.parse_logs(tmp_path / "log").iloc[0]
     assert (row["Conf_acc"], row["Conf_auc"], row["Conf_tpr1"], row["Conf_tpr01"]) == (62.5, 0.75, 50.0, 50.0)
@@ -76,12 +84,12 @@ def test_best_balanced_accuracy_matches_brute_force():
     rng = np.random.default_rng(1)
     member = rng.random(300) < 0.7
     scores = rng.normal(size=300) + member
-    brute = max(0.5 * ((scores[member] >= t).mean() + (scores[~member] < t).mean())
-                for t in np.append(scores, np.inf))
+    brute = max(0.5 * ((scores[member] >= t).mean() + (scores[~member] < t).mean()) for t in np.append(scores, np.inf))
     assert attacks.best_balanced_accuracy(scores, member) == pytest.approx(100 * brute)
 
 
 # ---------------------------------------------------------------- LiRA on synthetic outputs
+
 
 def logits_for(log_odds, labels, num_cls):
     """Logits whose true-label log-odds log(p_y / (1 - p_y)) equal log_odds (other logits 0)."""
@@ -97,17 +105,20 @@ def synthetic(shift, n=2000, shadows=4, num_cls=10, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def outputs(difficulty, labels, member):
-        z = logits_for(difficulty + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) + shift * member,
-                       labels, num_cls)
+        z = logits_for(
+            difficulty + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) + shift * member, labels, num_cls
+        )
         return Outputs(F.softmax(z, 1), labels, member, logits=z)
 
     member = torch.arange(n) < n // 2
-    shadow = outputs(3 * torch.randn(n, generator=g, dtype=torch.float64),
-                     torch.randint(num_cls, (n,), generator=g), member)
+    shadow = outputs(
+        3 * torch.randn(n, generator=g, dtype=torch.float64), torch.randint(num_cls, (n,), generator=g), member
+    )
     difficulty = 3 * torch.randn(n, generator=g, dtype=torch.float64)
     victim = outputs(difficulty, torch.randint(num_cls, (n,), generator=g), member)
-    victim.shadow_logits = torch.stack([outputs(difficulty, victim.labels, torch.zeros(n, dtype=torch.bool)).logits
-                                        for _ in range(shadows)])
+    victim.shadow_logits = torch.stack(
+        [outputs(difficulty, victim.labels, torch.zeros(n, dtype=torch.bool)).logits for _ in range(shadows)]
+    )
     return shadow, victim
 
 
@@ -135,8 +146,7 @@ def test_lira_scores_match_a_slow_reference():
     rng = np.random.default_rng(2)
     shadow_values, victim_values = rng.normal(size=(3, 50)), rng.normal(size=50) + 0.5
     pooled = sum(((row - shadow_values.mean(0)) ** 2).sum() for row in shadow_values) / (50 * 2)
-    expected = [-norm.logsf(v, loc=m, scale=math.sqrt(pooled))
-                for v, m in zip(victim_values, shadow_values.mean(0))]
+    expected = [-norm.logsf(v, loc=m, scale=math.sqrt(pooled)) for v, m in zip(victim_values, shadow_values.mean(0))]
     got = attacks.lira_scores(torch.from_numpy(shadow_values), torch.from_numpy(victim_values))
     assert np.allclose(got.numpy(), expected, rtol=1e-10)
     # one shadow: no spread around its own mean, so the spread over samples; still finite and ordered
@@ -144,8 +154,10 @@ def test_lira_scores_match_a_slow_reference():
     z = (victim_values - shadow_values[0]) / shadow_values[0].std(ddof=1)
     assert np.isfinite(one).all() and np.allclose(one, -norm.logsf(z), rtol=1e-10)
     # far in the upper tail: finite and still increasing
-    far = attacks.lira_scores(torch.zeros(2, 1, dtype=torch.float64) + torch.tensor([[-1.0], [1.0]]),
-                              torch.tensor([40.0, 60.0], dtype=torch.float64))
+    far = attacks.lira_scores(
+        torch.zeros(2, 1, dtype=torch.float64) + torch.tensor([[-1.0], [1.0]]),
+        torch.tensor([40.0, 60.0], dtype=torch.float64),
+    )
     assert np.allclose(far.numpy(), -norm.logsf(np.array([40.0, 60.0]) / math.sqrt(2)), rtol=1e-10)
     assert far[1] > far[0] > 300  # a survival function in float64 would be 0 here, -log of it inf
 
@@ -156,11 +168,13 @@ def test_lira_per_sample_variances_from_the_threshold_on():
     shadow_values = rng.normal(size=(count, 40)) * rng.uniform(0.5, 3, size=40)
     victim_values = rng.normal(size=40)
     mean = shadow_values.mean(0)
-    per_sample = [-norm.logsf(v, loc=m, scale=math.sqrt(sum((row[i] - m) ** 2 for row in shadow_values) / (count - 1)))
-                  for i, (v, m) in enumerate(zip(victim_values, mean))]
+    per_sample = [
+        -norm.logsf(v, loc=m, scale=math.sqrt(sum((row[i] - m) ** 2 for row in shadow_values) / (count - 1)))
+        for i, (v, m) in enumerate(zip(victim_values, mean))
+    ]
     got = attacks.lira_scores(torch.from_numpy(shadow_values), torch.from_numpy(victim_values)).numpy()
     assert np.allclose(got, per_sample, rtol=1e-10)
-    fewer = torch.from_numpy(shadow_values[:count - 1])
+    fewer = torch.from_numpy(shadow_values[: count - 1])
     pooled = attacks.lira_scores(fewer, torch.from_numpy(victim_values), per_sample=False).numpy()
     assert np.array_equal(attacks.lira_scores(fewer, torch.from_numpy(victim_values)).numpy(), pooled)
     forced = attacks.lira_scores(fewer, torch.from_numpy(victim_values), per_sample=True).numpy()
@@ -186,6 +200,7 @@ def test_registry_flags_and_order():
 
 # ---------------------------------------------------------------- a tiny mia_modi.py run
 
+
 def reference_outputs(tmp_path, shadow_num):
     """Every model's outputs, computed here from the checkpoints with the pre-existing helpers."""
     train, test = get_dataset("digits")
@@ -208,9 +223,11 @@ def reference_outputs(tmp_path, shadow_num):
 
 def slow_lira(shadow_logits, victim):
     """LiRA from log-softmax, without the attack's helpers."""
+
     def log_odds(z):
         logp = F.log_softmax(z.double(), 1)[torch.arange(len(victim.labels)), victim.labels]
         return (logp - torch.log1p(-logp.exp())).numpy()
+
     values = np.stack([log_odds(z) for z in shadow_logits])
     mean = values.mean(0)
     var = ((values - mean) ** 2).sum() / (values.shape[1] * (len(values) - 1))
@@ -223,8 +240,11 @@ def metric_reference(name, scores, member):
     fpr = [(scores[~member] >= t).mean() for t in np.append(scores, np.inf)]
     tpr = [(scores[member] >= t).mean() for t in np.append(scores, np.inf)]
     best = lambda target: 100 * max(t for f, t in zip(fpr, tpr) if f <= target)
-    return [f"{name} attack AUC: {roc_auc_score(member, scores):.4f}",
-            f"{name} attack TPR@1%FPR: {best(0.01):.3f}", f"{name} attack TPR@0.1%FPR: {best(0.001):.3f}"]
+    return [
+        f"{name} attack AUC: {roc_auc_score(member, scores):.4f}",
+        f"{name} attack TPR@1%FPR: {best(0.01):.3f}",
+        f"{name} attack TPR@0.1%FPR: {best(0.001):.3f}",
+    ]
 
 
 def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
@@ -233,10 +253,24 @@ def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: on a busy machine more threads only spin
     try:
-        for script, args in ((pretrain_modi, ["--epochs", "3"]),
-                             (mia_modi, ["--original", "--attacks", "lira,threshold"])):
-            monkeypatch.setattr(sys, "argv", [script.__file__, "-1", f"{REPO}/config/digits.json", *args,
-                                              "--shadow_num", "2", "--quiet", "--no_tensorboard"])
+        for script, args in (
+            (pretrain_modi, ["--epochs", "3"]),
+            (mia_modi, ["--original", "--attacks", "lira,threshold"]),
+        ):
+            monkeypatch.setattr(
+                sys,
+                "argv",
+                [
+                    script.__file__,
+                    "-1",
+                    f"{REPO}/config/digits.json",
+                    *args,
+                    "--shadow_num",
+                    "2",
+                    "--quiet",
+                    "--no_tensorboard",
+                ],
+            )
             script.main()
         shadow, victim, victim_model, data, split, shadow_logits = reference_outputs(tmp_path, 2)
     finally:
@@ -247,17 +281,20 @@ def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     test_acc, _ = evaluate(victim_model, data, split.indices().test)
     results = attacks.threshold(shadow, victim, 10)  # the accuracy lines as they were before the metrics
     member = victim.member.numpy()
-    old_format = [f"Victim original model test accuracy: {test_acc:.3f}", "Shadows: original",
-                  "Semantics: release"] + [f"{r.name} attack accuracy: {r.accuracy:.3f}" for r in results]
+    old_format = [f"Victim original model test accuracy: {test_acc:.3f}", "Shadows: original", "Semantics: release"] + [
+        f"{r.name} attack accuracy: {r.accuracy:.3f}" for r in results
+    ]
     new_line = lambda line: line.startswith("LiRA ") or " attack AUC: " in line or " attack TPR@" in line
     assert [line for line in lines if not new_line(line)] == old_format
 
     expected = list(old_format)
     for r in results:
         at = expected.index(f"{r.name} attack accuracy: {r.accuracy:.3f}")
-        expected[at + 1:at + 1] = metric_reference(r.name, r.scores, member)
+        expected[at + 1 : at + 1] = metric_reference(r.name, r.scores, member)
     lira_scores = slow_lira(shadow_logits, victim)
-    brute_acc = max(0.5 * ((lira_scores[member] >= t).mean() + (lira_scores[~member] < t).mean())
-                    for t in np.append(lira_scores, np.inf))
+    brute_acc = max(
+        0.5 * ((lira_scores[member] >= t).mean() + (lira_scores[~member] < t).mean())
+        for t in np.append(lira_scores, np.inf)
+    )
     expected += [f"LiRA attack accuracy: {100 * brute_acc:.3f}"] + metric_reference("LiRA", lira_scores, member)
     assert lines == expected

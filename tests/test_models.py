@@ -1,4 +1,5 @@
 """models.py: shapes, the CIFAR adaptations (3x3 stem), the release init, SAMIA's tokens."""
+
 import math
 
 import pytest
@@ -77,8 +78,15 @@ def test_vgg16bn_layout(image_models):
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.features) == 13
     assert isinstance(model.avgpool, nn.AdaptiveAvgPool2d) and model.avgpool.output_size in (1, (1, 1))
-    assert [type(m) for m in model.classifier] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout,
-                                                   nn.Linear]
+    assert [type(m) for m in model.classifier] == [
+        nn.Linear,
+        nn.ReLU,
+        nn.Dropout,
+        nn.Linear,
+        nn.ReLU,
+        nn.Dropout,
+        nn.Linear,
+    ]
     assert linear_dims(model.classifier) == [(512, 4096), (4096, 4096), (4096, 7)]
 
 
@@ -110,7 +118,7 @@ def test_release_init_statistics(image_models):
     assert big.std().item() == pytest.approx(math.sqrt(2 / 8192), rel=0.01)
     assert abs(big.mean().item()) < 1e-3
     centred = (big - big.mean()) / big.std()
-    assert (centred ** 4).mean().item() == pytest.approx(3.0, abs=0.05)  # normal, not uniform (kurtosis 1.8)
+    assert (centred**4).mean().item() == pytest.approx(3.0, abs=0.05)  # normal, not uniform (kurtosis 1.8)
     conv = model.features[0].weight  # 64 x 3 x 3 x 3: fan_in 27, fan_out 576
     assert conv.std().item() == pytest.approx(math.sqrt(2 / (27 + 576)), rel=0.1)
     for name, built in dict(image_models, columnfc=build_model("columnfc", 10, 64)).items():
@@ -154,7 +162,7 @@ def test_transformer_forward_attends_over_class_tokens():
     model = build_attack_model("transformer", 3 * num_cls, num_cls).eval()
     x = torch.randn(3, 3 * num_cls)
     perm = torch.tensor([2, 0, 4, 1, 3])
-    x_perm = torch.cat([x[:, k * num_cls:(k + 1) * num_cls][:, perm] for k in range(3)], 1)
+    x_perm = torch.cat([x[:, k * num_cls : (k + 1) * num_cls][:, perm] for k in range(3)], 1)
     with torch.no_grad():
         enc = model.encoder(model.embed(model.tokens(x)))
         enc_perm = model.encoder(model.embed(model.tokens(x_perm)))

@@ -1,6 +1,7 @@
 """Faults that must not leave half-built results or guesses: grids that name one step twice, seeds whose
 derived seeds overflow, failures after the first byte, log blocks that end early, summarize.py on
 missing, empty or oddly named inputs, mem-scores that are no mem-scores. Real subprocesses, no mocks."""
+
 import os
 import shutil
 import signal
@@ -21,8 +22,19 @@ DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = "result/digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard"]
-PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "1",
-         "--shadow_num", "1"]
+PRUNE = [
+    "prune_modi.py",
+    "-1",
+    DIGITS,
+    "--pruner_name",
+    "iter_prunetxt",
+    "--prune_iter",
+    "2",
+    "--prune_epochs",
+    "1",
+    "--shadow_num",
+    "1",
+]
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 UNWRITABLE = "/proc/1"  # a folder nobody, root included, can create files in
 
@@ -40,8 +52,11 @@ def snapshot(folder):
 
 def one_error(proc, code):
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), \
-        (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (
+        proc.returncode,
+        proc.stdout[-2000:],
+        proc.stderr[-2000:],
+    )
     return lines[0]
 
 
@@ -60,13 +75,15 @@ def copy_of(pretrained, tmp_path):
 
 # ---------------------------------------------------------------- seeds
 
+
 def test_seed_range_covers_the_derived_seeds(tmp_path):
     """Shadow k and its split use seed + k + 1 and seed + k: the largest accepted seed is 2**32 - 1 - shadow_num,
     it runs to the end, and one more is refused before anything is written."""
-    proc = run_script(*PRETRAIN[:-3], "--shadow_num", "5", "--seed", "4294967291", "--force", cwd=tmp_path,
-                      check=False)
-    assert one_error(proc, 2) == ("error: --seed must be in 0..4294967290 (numpy's seed range 0..4294967295 less "
-                                  "--shadow_num 5: shadow k uses seed + k + 1), got 4294967291")
+    proc = run_script(*PRETRAIN[:-3], "--shadow_num", "5", "--seed", "4294967291", "--force", cwd=tmp_path, check=False)
+    assert one_error(proc, 2) == (
+        "error: --seed must be in 0..4294967290 (numpy's seed range 0..4294967295 less "
+        "--shadow_num 5: shadow k uses seed + k + 1), got 4294967291"
+    )
     proc = run_script(*PRETRAIN, "--seed", "4294967295", "--force", cwd=tmp_path, check=False)
     assert "error: --seed must be in 0..4294967294 " in one_error(proc, 2)
     assert os.listdir(tmp_path) == []
@@ -78,6 +95,7 @@ def test_seed_range_covers_the_derived_seeds(tmp_path):
 
 
 # ---------------------------------------------------------------- nothing written by a failed run
+
 
 def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, tmp_path):
     """The victim and shadow 0 would train fine; shadow 1's folder cannot be written: refused before the first
@@ -94,10 +112,28 @@ def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, t
 def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tmp_path):
     """Ctrl-C while shadow 0 trains: the victim had finished, but a pretrain publishes all its models (and a
     new split) or none, so the run folder holds nothing; the log block ends with `Run ended early`."""
-    cmd = [sys.executable, os.path.join(REPO, "pretrain_modi.py"), "-1", DIGITS, "--epochs", "100", "--early_stop",
-           "0", "--shadow_num", "1", "--no_tensorboard"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "pretrain_modi.py"),
+        "-1",
+        DIGITS,
+        "--epochs",
+        "100",
+        "--early_stop",
+        "0",
+        "--shadow_num",
+        "1",
+        "--no_tensorboard",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     victim_done = lambda: list((tmp_path / RUN).glob("victim_model.partial-*/complete.json"))
     deadline = time.time() + 900
     while not victim_done() and proc.poll() is None and time.time() < deadline:
@@ -128,6 +164,7 @@ def test_prune_refuses_a_tensorboard_file_and_an_unwritable_folder_before_its_lo
 
 # ---------------------------------------------------------------- log blocks that end early
 
+
 def test_main_guard_closes_an_open_log_block_with_its_reason(tmp_path):
     path = str(tmp_path / "x.txt")
 
@@ -154,16 +191,28 @@ def test_main_guard_closes_an_open_log_block_with_its_reason(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, handler)
     assert open(path).read().splitlines() == [
-        "header", "Run ended early: a file is missing; make it",
-        "second header", "Run ended early: the run returned before its last log line",
-        "third", "Run ended early: bad flag"]
+        "header",
+        "Run ended early: a file is missing; make it",
+        "second header",
+        "Run ended early: the run returned before its last log line",
+        "third",
+        "Run ended early: bad flag",
+    ]
     assert RunLog._open == []
 
 
 def interrupted_prune(folder, sig):
     """Start a long prune, wait for its block's "Pretrained Victim" line, send sig; (exit status, stderr)."""
-    cmd = [sys.executable, os.path.join(REPO, "prune_modi.py"), *PRUNE[1:], "--no_tensorboard", "--prune_epochs",
-           "500", "--early_stop", "0"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "prune_modi.py"),
+        *PRUNE[1:],
+        "--no_tensorboard",
+        "--prune_epochs",
+        "500",
+        "--early_stop",
+        "0",
+    ]
     log = folder / PRUNE_LOG
     blocks = lambda: log.read_text().count("Pretrained Victim") if log.exists() else 0
     before = blocks()
@@ -189,8 +238,10 @@ def test_interrupted_and_killed_prunes_are_failed_and_unfinished_rows(pretrained
     assert list(df["status"]) == ["failed: interrupted (SIGTERM)", "unfinished"]
 
 
-BLOCK = ("digits_columnfc_iter_prunetxt_0.6_0.0\nSemantics: release\nPretrained Victim: Accuracy 90.000, Loss 0.1\n"
-         "Total Base defend time: 1.000s\n")
+BLOCK = (
+    "digits_columnfc_iter_prunetxt_0.6_0.0\nSemantics: release\nPretrained Victim: Accuracy 90.000, Loss 0.1\n"
+    "Total Base defend time: 1.000s\n"
+)
 ATTACK = "Victim pruned model test accuracy: 80.000\nShadows: 1 x (base)\nSemantics: release\n"
 
 
@@ -199,13 +250,20 @@ def test_summarize_shows_ended_blocks_as_failed_and_keeps_the_finished_run(tmp_p
     one-row table keeps the finished attack's numbers (a failed run shows only where nothing finished)."""
     log = tmp_path / "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
     log.parent.mkdir(parents=True)
-    log.write_text(BLOCK + ATTACK + "Conf attack accuracy: 55.000\n" + ATTACK + "Run ended early: interrupted "
-                   "(SIGTERM)\n" + BLOCK.replace("Total Base defend time: 1.000s\n", "Run ended early: cannot read "
-                                                 "or write x (No space left on device); check that path\n"))
+    log.write_text(
+        BLOCK + ATTACK + "Conf attack accuracy: 55.000\n" + ATTACK + "Run ended early: interrupted "
+        "(SIGTERM)\n"
+        + BLOCK.replace(
+            "Total Base defend time: 1.000s\n",
+            "Run ended early: cannot read or write x (No space left on device); check that path\n",
+        )
+    )
     every = results.collect(str(tmp_path / "log"), None, newest_only=False).table
     assert sorted(zip(every["setting"].fillna("-"), every["status"], every["Conf_acc"].fillna(-1))) == [
         ("-", "failed: cannot read or write x (No space left on device); check that path", -1),
-        ("base", "failed: interrupted (SIGTERM)", -1), ("base", "ok", 55.0)]
+        ("base", "failed: interrupted (SIGTERM)", -1),
+        ("base", "ok", 55.0),
+    ]
     table = results.collect(str(tmp_path / "log"), None).table
     assert list(table["status"]) == ["ok"] and list(table["Conf_acc"]) == [55.0]
     alone = tmp_path / "alone/digits_columnfc/iter_prunetxt_0.7_base.txt"
@@ -217,9 +275,11 @@ def test_summarize_shows_ended_blocks_as_failed_and_keeps_the_finished_run(tmp_p
 
 # ---------------------------------------------------------------- summarize.py's inputs
 
+
 def summarize(*args, cwd):
-    return subprocess.run([sys.executable, os.path.join(REPO, "summarize.py"), *args], cwd=cwd, capture_output=True,
-                          timeout=300, env=ENV)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "summarize.py"), *args], cwd=cwd, capture_output=True, timeout=300, env=ENV
+    )
 
 
 def test_summarize_refuses_a_missing_or_empty_log_dir(tmp_path):
@@ -228,10 +288,13 @@ def test_summarize_refuses_a_missing_or_empty_log_dir(tmp_path):
     log.write_text(BLOCK + ATTACK + "Conf attack accuracy: 55.000\n")
     (tmp_path / "empty").mkdir()
     proc = summarize("nolog", cwd=tmp_path)
-    assert (proc.returncode, proc.stderr.decode()) == (1, "error: LOG_DIR nolog not found; pass the folder "
-                                                          "prune_modi.py/mia_modi.py log to (default: log), or "
-                                                          f"--allow_empty to summarize the run records under "
-                                                          f"{tmp_path / 'result'} alone\n")
+    assert (proc.returncode, proc.stderr.decode()) == (
+        1,
+        "error: LOG_DIR nolog not found; pass the folder "
+        "prune_modi.py/mia_modi.py log to (default: log), or "
+        f"--allow_empty to summarize the run records under "
+        f"{tmp_path / 'result'} alone\n",
+    )
     proc = summarize("empty", cwd=tmp_path)
     assert proc.returncode == 1 and proc.stderr.decode().startswith("error: LOG_DIR empty holds no results logs")
     assert len(proc.stderr.decode().splitlines()) == 1 and not (tmp_path / "results.csv").exists()
@@ -255,7 +318,9 @@ def test_summarize_lists_every_skipped_log_and_keeps_undecodable_names(tmp_path)
         "skipped log/digits_columnfc/iter_prunetxt_0.8_base.txt: a broken link, not a log file",
         "skipped log/digits_columnfc/iter_prunetxt_0.9_base.txt: a folder, not a log file",
         "skipped log/digits_columnfc/notes.txt: name is not <pruner>_<sparsity>_<defend>.txt",
-        "wrote 2 rows to results.csv", "wrote plot to tradeoff.png"]
+        "wrote 2 rows to results.csv",
+        "wrote plot to tradeoff.png",
+    ]
     report = summarize("log", "--report", "report", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "b\ufffdse" in (tmp_path / "report/report.md").read_text()  # the figures' names as they can be drawn
@@ -266,11 +331,15 @@ def test_summarize_lists_every_skipped_log_and_keeps_undecodable_names(tmp_path)
 
 # ---------------------------------------------------------------- mem-scores
 
-@pytest.mark.parametrize("value, message", [
-    ("1000.5", "row 3 holds 1000.5, outside [-1, 1]"),
-    ("-1.5", "row 3 holds -1.5, outside [-1, 1]"),
-    (None, "one numeric column named 0"),  # a boolean column
-])
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("1000.5", "row 3 holds 1000.5, outside [-1, 1]"),
+        ("-1.5", "row 3 holds -1.5, outside [-1, 1]"),
+        (None, "one numeric column named 0"),  # a boolean column
+    ],
+)
 def test_memscores_outside_minus_one_to_one_or_boolean_are_refused(tmp_path, monkeypatch, value, message):
     as_repo(monkeypatch, tmp_path)
     rows = [f"{i},{'True' if value is None else -0.18 if i != 3 else value}\n" for i in range(N_DIGITS_TRAIN)]

@@ -1,5 +1,6 @@
 """Where the scripts look (paths.py): data/datasets/ and memscore/ are the repo's, whatever the working
 directory; result/ and log/ are the working directory's, as in the paper's release."""
+
 import os
 import shutil
 
@@ -9,8 +10,26 @@ import paths
 from conftest import REPO, copy_repo, run_script
 
 PRETRAIN = ["--epochs", "1", "--shadow_num", "1", "--quiet", "--no_tensorboard"]
-PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--prune_iter", "2", "--prune_epochs", "1",
-         "--shadow_num", "1", "--defend", "slide_re", "--stride", "2", "--width", "10", "--quiet", "--no_tensorboard"]
+PRUNE = [
+    "--pruner_name",
+    "iter_prunetxt",
+    "--prune_sparsity",
+    "0.6",
+    "--prune_iter",
+    "2",
+    "--prune_epochs",
+    "1",
+    "--shadow_num",
+    "1",
+    "--defend",
+    "slide_re",
+    "--stride",
+    "2",
+    "--width",
+    "10",
+    "--quiet",
+    "--no_tensorboard",
+]
 MEMSCORE = os.path.join("memscore", "memscore_digits_columnfc.csv")
 
 
@@ -43,6 +62,8 @@ def test_scripts_run_from_another_folder_find_the_repos_memscores(tmp_path):
     shutil.copy(os.path.join(repo, MEMSCORE), work / MEMSCORE)
     proc = run_script("prune_modi.py", "-1", config, *PRUNE, cwd=work, repo=bare, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"error: mem-scores {os.path.join(bare, MEMSCORE)} not found; compute it with "
-                                  f"python compute_memscore.py -1 {config}"), proc.stderr
+    assert proc.stderr.startswith(
+        f"error: mem-scores {os.path.join(bare, MEMSCORE)} not found; compute it with "
+        f"python compute_memscore.py -1 {config}"
+    ), proc.stderr
     assert len(proc.stderr.splitlines()) == 1

@@ -5,6 +5,7 @@ user types them. Later steps call the scripts' main() in-process (same code, no 
 start-up): every attack at once with attacks.ATTACK_EPOCHS lowered (at 100 epochs the four attack
 models take minutes on a busy CPU), `--original`, and a second pretraining for the split check.
 """
+
 import os
 import re
 import sys
@@ -101,8 +102,11 @@ def test_every_file_exists(run_dir):
 def test_pretrain_log(run_dir, monkeypatch):
     lines = read_lines(run_dir / "log" / RUN / "pretrain.txt")
     pattern = r"Pretrained {}: epoch ([0-2]), dev Accuracy {n}, test Accuracy {n}, Loss {n}"
-    found = match_in_order(lines, [rf"{RUN} pretrain seed 7 epochs 3"] +
-                           [pattern.format(who, n=NUM) for who in ("victim", "shadow 0", "shadow 1")])
+    found = match_in_order(
+        lines,
+        [rf"{RUN} pretrain seed 7 epochs 3"]
+        + [pattern.format(who, n=NUM) for who in ("victim", "shadow 0", "shadow 1")],
+    )
     for m, folder in zip(found[1:], ["victim_model", "shadow_model_0", "shadow_model_1"]):
         ckpt = torch.load(run_dir / "result" / RUN / folder / "best.pth", weights_only=True)
         assert int(m.group(1)) == ckpt["epoch"] and float(m.group(2)) == pytest.approx(ckpt["acc"], abs=5e-4)
@@ -112,8 +116,13 @@ def test_pretrain_log(run_dir, monkeypatch):
 
 def prune_patterns():
     iters = lambda who: [rf"{who} iter {t} best model: Accuracy {NUM}, Loss {NUM}" for t in range(3)]
-    return ([rf"{RUN}_{STEM}_0\.0005", rf"Pretrained Victim: Accuracy {NUM}, Loss {NUM}"] + iters("victim") +
-            [r"Total Base defend time: (\d+\.\d{3})s"] + iters("shadow 0") + iters("shadow 1"))
+    return (
+        [rf"{RUN}_{STEM}_0\.0005", rf"Pretrained Victim: Accuracy {NUM}, Loss {NUM}"]
+        + iters("victim")
+        + [r"Total Base defend time: (\d+\.\d{3})s"]
+        + iters("shadow 0")
+        + iters("shadow 1")
+    )
 
 
 def test_prune_log_and_exports(run_dir, monkeypatch):
@@ -142,10 +151,13 @@ def test_prune_log_and_exports(run_dir, monkeypatch):
 def test_attack_log_from_the_command_line(run_dir, monkeypatch):
     lines = read_lines(run_dir / "log" / RUN / f"{STEM}_base.txt")
     names = ["Conf", "Entr", "Mentr", "Hconf"]
-    found = match_in_order(lines, prune_patterns() + [rf"Victim pruned model test accuracy: {NUM}",
-                                                      rf"Shadows: {STEM} \(base\)"] +
-                           [rf"{name} attack accuracy: {NUM}" for name in names])
-    attack = found[len(prune_patterns()):]
+    found = match_in_order(
+        lines,
+        prune_patterns()
+        + [rf"Victim pruned model test accuracy: {NUM}", rf"Shadows: {STEM} \(base\)"]
+        + [rf"{name} attack accuracy: {NUM}" for name in names],
+    )
+    attack = found[len(prune_patterns()) :]
     assert lines[lines.index(f"Shadows: {STEM} (base)") + 1] == "Semantics: release"
     acc, _ = victim_test_accuracy(run_dir, f"{STEM}_model", monkeypatch)
     assert percent(attack[0]) == round(acc, 3)
@@ -159,18 +171,26 @@ def test_every_attack_and_original(run_dir, monkeypatch):
     before = len(read_lines(log))
     monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 3)
     run_main("mia_modi", [-1, CONFIG, *PRUNE, "--attacks", ALL_ATTACKS, "--shadow_num", 2], run_dir, monkeypatch)
-    run_main("mia_modi", [-1, CONFIG, *PRUNE, "--attacks", "threshold", "--shadow_num", 2, "--original"],
-             run_dir, monkeypatch)
+    run_main(
+        "mia_modi",
+        [-1, CONFIG, *PRUNE, "--attacks", "threshold", "--shadow_num", 2, "--original"],
+        run_dir,
+        monkeypatch,
+    )
     new = read_lines(log)[before:]
-    found = match_in_order(new, [rf"Victim pruned model test accuracy: {NUM}", rf"Shadows: {STEM} \(base\)"] +
-                           [rf"{name} attack accuracy: {NUM}" for name in ATTACK_LINES] +
-                           [rf"Victim original model test accuracy: {NUM}", r"Shadows: original"] +
-                           [rf"{name} attack accuracy: {NUM}" for name in ("Conf", "Entr", "Mentr", "Hconf")])
+    found = match_in_order(
+        new,
+        [rf"Victim pruned model test accuracy: {NUM}", rf"Shadows: {STEM} \(base\)"]
+        + [rf"{name} attack accuracy: {NUM}" for name in ATTACK_LINES]
+        + [rf"Victim original model test accuracy: {NUM}", r"Shadows: original"]
+        + [rf"{name} attack accuracy: {NUM}" for name in ("Conf", "Entr", "Mentr", "Hconf")],
+    )
     for m in found[2:10] + found[12:]:
         percent(m)
     for name in ATTACK_LINES:  # each attack reported once per run, in the fixed order above
-        assert sum(line.startswith(f"{name} attack accuracy:") for line in new) == (2 if "onf" in name or "ntr" in name
-                                                                                  else 1)
+        assert sum(line.startswith(f"{name} attack accuracy:") for line in new) == (
+            2 if "onf" in name or "ntr" in name else 1
+        )
     original, _ = victim_test_accuracy(run_dir, "victim_model", monkeypatch)
     assert percent(found[10]) == round(original, 3)
 
@@ -190,9 +210,14 @@ def test_attack_record_holds_bootstrap_intervals_of_the_logged_numbers(run_dir, 
     import numpy as np
 
     from intervals import Attacked, bootstrap, read_attacked
+
     monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 3)
-    run_main("mia_modi", [-1, CONFIG, *PRUNE, "--attacks", "threshold,nn", "--shadow_num", 2, "--bootstrap", 200],
-             run_dir, monkeypatch)
+    run_main(
+        "mia_modi",
+        [-1, CONFIG, *PRUNE, "--attacks", "threshold,nn", "--shadow_num", 2, "--bootstrap", 200],
+        run_dir,
+        monkeypatch,
+    )
     path = max(glob.glob(str(run_dir / "result" / RUN / "records" / "attack_*.json")), key=os.path.getmtime)
     with open(path) as f:
         record = json.load(f)

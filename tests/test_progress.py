@@ -2,6 +2,7 @@
 
 The scripts' main() run in this process (a tiny digits pipeline, twice) so that stdout can be a
 fake terminal and the bars really draw."""
+
 import io
 import re
 import sys
@@ -17,15 +18,14 @@ import mia_modi
 import pretrain_modi
 import progress
 import prune_modi
-from conftest import REPO
 from common import UsageError
+from conftest import REPO
 
 CONFIG = f"{REPO}/config/digits.json"
 METRICS = ("train_acc", "train_loss", "dev_acc", "dev_loss", "test_acc", "test_loss")
 PIPELINE = [
     (pretrain_modi, ["--epochs", "2", "--shadow_num", "1"]),
-    (prune_modi, ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2",
-                  "--shadow_num", "1"]),
+    (prune_modi, ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2", "--shadow_num", "1"]),
     (mia_modi, ["--pruner_name", "iter_prunetxt", "--attacks", "threshold,lira,nn_top3", "--shadow_num", "1"]),
 ]
 
@@ -80,16 +80,20 @@ def test_bars_and_tensorboard_change_no_number(tmp_path, monkeypatch):
     assert "it/s]" in live and "it/s]" not in quiet
 
     logs = sorted(p.relative_to(tmp_path / "quiet") for p in (tmp_path / "quiet" / "log").rglob("*.txt"))
-    assert [str(p) for p in logs] == ["log/digits_columnfc/iter_prunetxt_0.6_base.txt",
-                                      "log/digits_columnfc/pretrain.txt"]
+    assert [str(p) for p in logs] == [
+        "log/digits_columnfc/iter_prunetxt_0.6_base.txt",
+        "log/digits_columnfc/pretrain.txt",
+    ]
     read = lambda run, path: without_timing((tmp_path / run / path).read_text())
     for path in logs:
         assert read("live", path) == read("quiet", path)
     text = (tmp_path / "live" / logs[0]).read_text()
     assert "Top3-NN attack AUC: " in text and "LiRA attack accuracy: " in text
     for who in ("victim_model", "iter_prunetxt_0.6_model", "shadow_iter_prunetxt_0.6_model_0"):
-        a, b = (torch.load(tmp_path / run / "result" / "digits_columnfc" / who / "best.pth", weights_only=True)
-                for run in ("quiet", "live"))
+        a, b = (
+            torch.load(tmp_path / run / "result" / "digits_columnfc" / who / "best.pth", weights_only=True)
+            for run in ("quiet", "live")
+        )
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
     assert not (tmp_path / "quiet" / "log" / "digits_columnfc" / "tb").exists()

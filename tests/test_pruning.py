@@ -1,4 +1,5 @@
 """pruning.py: the sparsity schedule, per-layer magnitude masks, masks held through training, export."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ def test_schedule_values():
     assert got[-1] == pytest.approx(0.6, abs=1e-12)
     assert sparsity_schedule("iter_prunetxt", 0.6, 5) == got
     assert sparsity_schedule("l1unstructure", 0.6, 5) == [0.6]
-    assert sparsity_schedule("iter_pruning", 0.5, 3) == pytest.approx([0, 1 - 0.5 ** 0.5, 0.5])
+    assert sparsity_schedule("iter_pruning", 0.5, 3) == pytest.approx([0, 1 - 0.5**0.5, 0.5])
 
 
 def reference_mask(weight, mask, sparsity):
@@ -60,8 +61,7 @@ def test_ties_at_threshold_are_all_pruned():
         assert torch.equal(magnitude_mask(weight, old, s), reference_mask(weight, old, s))
 
 
-@pytest.mark.parametrize("model_fn,expected_layers", [(columnfc, {"fc1", "fc2", "fc3"}),
-                                                      (small_convnet, {"0", "3"})])
+@pytest.mark.parametrize("model_fn,expected_layers", [(columnfc, {"fc1", "fc2", "fc3"}), (small_convnet, {"0", "3"})])
 def test_each_layer_gets_exactly_k_zeros(model_fn, expected_layers):
     torch.manual_seed(3)
     model = model_fn().double()  # float64 weights: no accidental ties, before or after training
@@ -74,7 +74,7 @@ def test_each_layer_gets_exactly_k_zeros(model_fn, expected_layers):
     shape = (16, 64) if model_fn is columnfc else (16, 3, 8, 8)
     x, y = torch.rand(shape, dtype=torch.float64), torch.randint(0, 5, (16,))
     for t, s_t in enumerate(pruner.schedule):
-        for name, layer in pruner.layers.items():
+        for _name, layer in pruner.layers.items():
             alive = layer.weight.detach()[layer.weight != 0].abs()
             assert alive.unique().numel() == alive.numel()  # tie-free apart from the pruned zeros
         pruner.prune(t)
@@ -98,6 +98,7 @@ def test_masked_weights_zero_in_every_forward():
 
     def record(module, inputs, name):  # registered after the pruner's hook, so it sees what forward uses
         seen.append(float((module.weight.detach() * (1 - pruner.masks[name])).abs().max()))
+
     for name, layer in pruner.layers.items():
         layer.register_forward_pre_hook(lambda m, i, name=name: record(m, i, name))
 
@@ -110,8 +111,8 @@ def test_masked_weights_zero_in_every_forward():
         loss.backward()
         optimizer.step()
         moved = max(moved, float((model.fc1.weight.detach() * (1 - pruner.masks["fc1"])).abs().max()))
-    assert moved > 0           # Adam does move pruned weights between forwards...
-    assert len(seen) == 15 and max(seen) == 0.0   # ...and every forward runs with them at zero
+    assert moved > 0  # Adam does move pruned weights between forwards...
+    assert len(seen) == 15 and max(seen) == 0.0  # ...and every forward runs with them at zero
     assert int((pruner.masks["fc2"] == 0).sum()) == int(256 * 128 * 0.6)
 
 
@@ -120,7 +121,7 @@ def test_l1unstructure_is_one_step_at_target():
     pruner = Pruner(model, "l1unstructure", 0.6, 5)
     assert pruner.schedule == [0.6]
     pruner.prune(0)
-    for name, layer in pruner.layers.items():
+    for _name, layer in pruner.layers.items():
         assert int((layer.weight == 0).sum()) == int(layer.weight.numel() * 0.6)
 
 

@@ -1,5 +1,6 @@
 """Checkpoints in the paper's release formats load wherever ours do: a pruned best.pth that is a plain
 state_dict, and a best_mask.pth that maps layer names to {"weight": mask, "bias": mask}."""
+
 import os
 import re
 from types import SimpleNamespace
@@ -49,14 +50,18 @@ def test_load_masks_reads_both_formats(tmp_path):
         assert set(masks) == set(expected) and all(torch.equal(masks[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("content", [
-    torch.ones(3),                              # not a dict
-    {},                                         # no masks
-    {"fc1": [1, 0]},                            # not a tensor
-    {"fc1": {"bias": torch.ones(3)}},           # no weight mask
-    {"fc1": {"weight": None, "bias": None}},
-    {"epoch": 3, "state": {}},                  # a best.pth, not a mask file
-], ids=["tensor", "empty", "list", "no-weight", "weight-none", "checkpoint"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        torch.ones(3),  # not a dict
+        {},  # no masks
+        {"fc1": [1, 0]},  # not a tensor
+        {"fc1": {"bias": torch.ones(3)}},  # no weight mask
+        {"fc1": {"weight": None, "bias": None}},
+        {"epoch": 3, "state": {}},  # a best.pth, not a mask file
+    ],
+    ids=["tensor", "empty", "list", "no-weight", "weight-none", "checkpoint"],
+)
 def test_load_masks_rejects_anything_else(tmp_path, content):
     path = tmp_path / "best_mask.pth"
     torch.save(content, path)
@@ -77,20 +82,44 @@ def attack_lines(folder):
     """The log lines of the last attack run: from its victim accuracy line on."""
     lines = (folder / LOG).read_text().splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("Victim pruned model test accuracy"))
-    return [re.sub(r"\d{8}T\d{12}Z_[\w-]+_\d+", "<run id>", line)  # the run id in the scores file's name
-            for line in lines[start:]]
+    return [
+        re.sub(r"\d{8}T\d{12}Z_[\w-]+_\d+", "<run id>", line)  # the run id in the scores file's name
+        for line in lines[start:]
+    ]
 
 
 @pytest.mark.slow
 def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
     """Prune a tiny digits run, attack it, rewrite the pruned victim's and shadow's files in the
     release's formats, attack again: the same numbers."""
-    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard",
-               cwd=tmp_path)
-    run_script("prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2",
-               "--prune_epochs", "1", "--shadow_num", "1", "--no_tensorboard", cwd=tmp_path)
-    mia = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--shadow_num", "1",
-           "--attacks", "threshold", "--no_tensorboard"]
+    run_script("pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard", cwd=tmp_path)
+    run_script(
+        "prune_modi.py",
+        "-1",
+        DIGITS,
+        "--pruner_name",
+        "iter_prunetxt",
+        "--prune_iter",
+        "2",
+        "--prune_epochs",
+        "1",
+        "--shadow_num",
+        "1",
+        "--no_tensorboard",
+        cwd=tmp_path,
+    )
+    mia = [
+        "mia_modi.py",
+        "-1",
+        DIGITS,
+        "--pruner_name",
+        "iter_prunetxt",
+        "--shadow_num",
+        "1",
+        "--attacks",
+        "threshold",
+        "--no_tensorboard",
+    ]
     run_script(*mia, cwd=tmp_path)
     ours = attack_lines(tmp_path)
     assert any(" attack accuracy: " in line for line in ours)
@@ -109,7 +138,8 @@ def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
     assert proc.returncode == 0
     assert proc.stderr.splitlines() == [
         f"warning: 2 checkpoint(s) have no completion record and are taken as made by the paper's release "
-        f"(a plain state_dict), e.g. {RUN}/{PRUNED[0]}/best.pth"]
+        f"(a plain state_dict), e.g. {RUN}/{PRUNED[0]}/best.pth"
+    ]
     assert attack_lines(tmp_path) == ours
     rows = results.parse_logs(tmp_path / "log", newest_only=False)  # our real log, read back
     attacked = rows[rows["setting"] == "base"]

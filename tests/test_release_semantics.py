@@ -1,6 +1,7 @@
 """--semantics release vs corrected for the defenses that train differently under it (docs/differences.md:
 Differences from the paper's release): the RSW/SWMR windows, adv and dp. Each release rule is checked
 against a plain-Python reference written from its description, and corrected against today's rule."""
+
 import math
 import os
 import random
@@ -34,6 +35,7 @@ def one_thread():
 
 # ---------------------------------------------------------------- references, from the descriptions
 
+
 def release_window(groups, stride, width, epoch):
     """Per class in class order: skip the class when start >= its length, and only then lower the one
     shared end to the class's length."""
@@ -53,7 +55,7 @@ def corrected_window(groups, stride, width, epoch):
     start = stride * epoch
     window = []
     for group in groups:
-        window += group[start:min(start + width, len(group))]
+        window += group[start : min(start + width, len(group))]
     return window
 
 
@@ -65,11 +67,12 @@ def release_dev_batches(dev, batch_size, steps=7):
         try:
             batches.append(next(loader))
         except StopIteration:
-            loader = iter([dev[k:k + batch_size] for k in range(0, len(dev), batch_size)])
+            loader = iter([dev[k : k + batch_size] for k in range(0, len(dev), batch_size)])
     return batches
 
 
 # ---------------------------------------------------------------- windows
+
 
 def window_task(sizes, seed=0, **overrides):
     """A Slide defense over classes of the given sizes (shuffled training list, distinct random scores),
@@ -87,8 +90,9 @@ def window_task(sizes, seed=0, **overrides):
     settings = dict(stride=1, width=3, num_cls=len(sizes), batch_size=4, prune_epochs=3, mem_thre=0.5 * 10 * n)
     settings.update(overrides)
     memscores = torch.tensor(scores, dtype=torch.float64)
-    make = lambda cls, semantics: cls(build_model("columnfc", len(sizes), 4), data, split,
-                                      DefenseSettings(semantics=semantics, **settings), memscores)
+    make = lambda cls, semantics: cls(
+        build_model("columnfc", len(sizes), 4), data, split, DefenseSettings(semantics=semantics, **settings), memscores
+    )
     return make, groups
 
 
@@ -102,8 +106,9 @@ def test_shared_end_on_a_short_middle_class():
     assert [len(release.window_indices(e)) for e in epochs] == [3 + 2 + 2, 3 + 1 + 1, 3 + 3, 2 + 2, 1 + 1, 0]
     assert [len(corrected.window_indices(e)) for e in epochs] == [3 + 2 + 3, 3 + 1 + 3, 3 + 3, 2 + 2, 1 + 1, 0]
     plain = [torch.tensor(group) for group in groups]
-    assert [window_at(plain, 1, 3, e, shared_end=True).tolist() for e in epochs] == \
-        [release_window(groups, 1, 3, e) for e in epochs]
+    assert [window_at(plain, 1, 3, e, shared_end=True).tolist() for e in epochs] == [
+        release_window(groups, 1, 3, e) for e in epochs
+    ]
     assert window_at(plain, 1, 3, 1).tolist() == corrected_window(groups, 1, 3, 1)
 
 
@@ -131,8 +136,9 @@ def test_windows_of_two_ten_ten_classes():
         assert release_window(groups, 3, 5, epoch) == expected
         assert window_at(plain, 3, 5, epoch, shared_end=True).tolist() == expected
     # class 0 runs out after epoch 0, mid-grid: every epoch of a 5-epoch grid against the reference, then past all
-    assert [window_at(plain, 3, 5, e, shared_end=True).tolist() for e in range(5)] == \
-        [release_window(groups, 3, 5, e) for e in range(5)]
+    assert [window_at(plain, 3, 5, e, shared_end=True).tolist() for e in range(5)] == [
+        release_window(groups, 3, 5, e) for e in range(5)
+    ]
     assert [len(window_at(plain, 3, 5, e, shared_end=True)) for e in range(5)] == [6, 10, 8, 2, 0]
     assert [len(window_at(plain, 3, 5, e)) for e in range(5)] == [12, 10, 8, 2, 0]  # corrected: per-class ends
 
@@ -141,8 +147,9 @@ def test_windows_of_two_ten_ten_classes():
 def test_rsw_release_defense_on_two_ten_ten_classes(prune_epochs):
     make, groups = window_task([2, 10, 10], stride=3, width=5, prune_epochs=prune_epochs)
     release = make(Slide, "release")
-    assert [release.window_indices(e).tolist() for e in range(prune_epochs)] == \
-        [release_window(groups, 3, 5, e) for e in range(prune_epochs)]
+    assert [release.window_indices(e).tolist() for e in range(prune_epochs)] == [
+        release_window(groups, 3, 5, e) for e in range(prune_epochs)
+    ]
 
 
 @pytest.mark.parametrize("semantics", ["release", "corrected"])
@@ -166,8 +173,11 @@ def test_swmr_refuses_by_its_semantics_rule(semantics, prune_epochs):
     refused = rule(groups, 1, 3, prune_epochs - 1) == []
     assert refused == (prune_epochs == 6)  # both rules: only once the window has passed every class
     if refused:
-        with pytest.raises(UsageError, match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past "
-                                             f"every class \\(the largest has 5 samples\\)"):
+        with pytest.raises(
+            UsageError,
+            match=f"window of epoch {prune_epochs - 1} starts at {prune_epochs - 1}, past "
+            f"every class \\(the largest has 5 samples\\)",
+        ):
             make(SlideML2, semantics)
     else:
         make(SlideML2, semantics)
@@ -185,6 +195,7 @@ def test_swmr_release_trains_what_the_old_shared_end_refused():
 
 # ---------------------------------------------------------------- adv
 
+
 def random_task(n_train=64, n_dev=64, dim=64, num_cls=10, seed=0):
     """Random features and labels; the dev list is shuffled, so "in order" is not index order."""
     g = torch.Generator().manual_seed(seed)
@@ -195,8 +206,9 @@ def random_task(n_train=64, n_dev=64, dim=64, num_cls=10, seed=0):
 
 
 def adv_settings(semantics, **overrides):
-    settings = dict(num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                    semantics=semantics)
+    settings = dict(
+        num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=1e-3, weight_decay=5e-4, semantics=semantics
+    )
     settings.update(overrides)
     return DefenseSettings(**settings)
 
@@ -211,20 +223,29 @@ def record_adv(monkeypatch, adv):
     """(features calls, classifier train_pass calls and results, inference steps, classifier steps)."""
     features, passes = [], []
     original_features, original_pass = Adv.features, defenses.train_pass
-    monkeypatch.setattr(Adv, "features",
-                        lambda self, idx: features.append(idx.tolist()) or original_features(self, idx))
+    monkeypatch.setattr(
+        Adv, "features", lambda self, idx: features.append(idx.tolist()) or original_features(self, idx)
+    )
 
     def recorded_pass(*args, **kwargs):
         result = original_pass(*args, **kwargs)
         passes.append((args[2].tolist(), result))
         return result
+
     monkeypatch.setattr(defenses, "train_pass", recorded_pass)
     return features, passes, step_counter(adv.inference_optimizer), step_counter(adv.optimizer)
 
 
-@pytest.mark.parametrize("n_dev, dev_order", [(32, [0, 1, 0, 1, 0, 1, 0]), (64, [0, 1, 2, 3, 0, 1, 2]),
-                                              (40, [0, 1, 2, 0, 1, 2, 0]), (200, [0, 1, 2, 3, 4, 5, 6])],
-                         ids=["2 dev batches", "4 dev batches", "3 dev batches, short last", "long dev set"])
+@pytest.mark.parametrize(
+    "n_dev, dev_order",
+    [
+        (32, [0, 1, 0, 1, 0, 1, 0]),
+        (64, [0, 1, 2, 3, 0, 1, 2]),
+        (40, [0, 1, 2, 0, 1, 2, 0]),
+        (200, [0, 1, 2, 3, 4, 5, 6]),
+    ],
+    ids=["2 dev batches", "4 dev batches", "3 dev batches, short last", "long dev set"],
+)
 def test_adv_release_epoch(monkeypatch, n_dev, dev_order):
     torch.manual_seed(0)
     data, split = random_task(n_train=70, n_dev=n_dev)
@@ -232,7 +253,7 @@ def test_adv_release_epoch(monkeypatch, n_dev, dev_order):
     features, passes, inference_steps, classifier_steps = record_adv(monkeypatch, adv)
     train_list, dev = split.train.tolist(), split.dev.tolist()
     expected_others = release_dev_batches(dev, 16)
-    assert expected_others == [dev[16 * k:16 * (k + 1)] for k in dev_order]  # the reference, by hand
+    assert expected_others == [dev[16 * k : 16 * (k + 1)] for k in dev_order]  # the reference, by hand
     member_passes = []
     for epoch in range(2):
         for log in (features, passes, inference_steps, classifier_steps):
@@ -265,17 +286,33 @@ def test_adv_corrected_runs_full_epochs(monkeypatch):
 
 # ---------------------------------------------------------------- dp
 
+
 def dp_settings(semantics, **overrides):
-    settings = dict(num_cls=10, batch_size=16, defend_arg=1.0, optimizer="adam", lr=0.05, weight_decay=1e-3,
-                    epochs=3, semantics=semantics)
+    settings = dict(
+        num_cls=10,
+        batch_size=16,
+        defend_arg=1.0,
+        optimizer="adam",
+        lr=0.05,
+        weight_decay=1e-3,
+        epochs=3,
+        semantics=semantics,
+    )
     settings.update(overrides)
     return DefenseSettings(**settings)
 
 
 def bn_model():
     """A small conv net with BatchNorm2d (its microbatch gradients take the loop path)."""
-    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def test_dp_release_optimizer_is_momentum_free_sgd():
@@ -310,8 +347,9 @@ def test_dp_accountant_steps_per_epoch(monkeypatch, semantics, per_epoch):
 
 
 @pytest.mark.parametrize("semantics", ["release", "corrected"])
-@pytest.mark.parametrize("make_model, path", [(lambda: ColumnFC(64, 10), "vmap"), (bn_model, "loop")],
-                         ids=["vmap", "loop (BatchNorm)"])
+@pytest.mark.parametrize(
+    "make_model, path", [(lambda: ColumnFC(64, 10), "vmap"), (bn_model, "loop")], ids=["vmap", "loop (BatchNorm)"]
+)
 def test_dp_microbatches(monkeypatch, semantics, make_model, path):
     """Every step's microbatch sizes, as the gradient generators yield them, against the rule."""
     torch.manual_seed(0)
@@ -319,15 +357,18 @@ def test_dp_microbatches(monkeypatch, semantics, make_model, path):
     dp = Dp(make_model(), data, split, dp_settings(semantics, epochs=2))
     steps = []  # per step: (Poisson batch size, microbatch sizes seen)
     original = defenses.dp_gradient
-    monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: steps.append((len(y), [])) or
-                        original(model, x, y, *rest))
+    monkeypatch.setattr(
+        defenses, "dp_gradient", lambda model, x, y, *rest: steps.append((len(y), [])) or original(model, x, y, *rest)
+    )
     for name in ("_microbatch_grads_vmap", "_microbatch_grads_loop"):
-        def recorded(model, x, y, microbatch, generator=getattr(dp_module, name), name=name):
+
+        def recorded(model, x, y, microbatch, generator=getattr(dp_module, name), name=name):  # noqa: B008 (bound per loop turn)
             for grads, logits, labels in generator(model, x, y, microbatch):
                 count = next(iter(grads.values())).shape[0]
                 steps[-1][1].extend([len(labels) // count] * count)
                 assert name.endswith(path)
                 yield grads, logits, labels
+
         monkeypatch.setattr(dp_module, name, recorded)
     dp.train_epoch(0)
     assert len(steps) == 70 // 16 * (2 if semantics == "release" else 1)
@@ -346,7 +387,7 @@ def test_dp_gradient_drop_partial_leaves_out_the_last_partial_microbatch(make_mo
     x, y = torch.rand(7, 64) * 3, torch.randint(0, 10, (7,))
     clipped, loss_sum = [], 0.0
     for start in (0, 3):  # microbatches [0:3], [3:6]; example 6 is left out
-        xb, yb = x[start:start + 3], y[start:start + 3]
+        xb, yb = x[start : start + 3], y[start : start + 3]
         model.zero_grad()
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
@@ -371,8 +412,9 @@ def test_dp_model_mode_across_fit(monkeypatch, semantics):
     dp = Dp(model, data, split, dp_settings(semantics, epochs=1))
     modes = []
     original = defenses.dp_gradient
-    monkeypatch.setattr(defenses, "dp_gradient", lambda model, *rest: modes.append(model.training) or
-                        original(model, *rest))
+    monkeypatch.setattr(
+        defenses, "dp_gradient", lambda model, *rest: modes.append(model.training) or original(model, *rest)
+    )
     assert model.training  # fresh, as from loading
     train.fit(model, dp.train_epoch, data, split.dev, split.test, 2, 0, on_best=lambda *args: None)
     per_epoch = 64 // 16
@@ -386,6 +428,7 @@ def test_dp_microbatch_flag_is_corrected_only():
     with pytest.raises(UsageError, match="--dp_microbatch is a --semantics corrected flag"):
         Dp.check_args(dp_settings("release", dp_microbatch=4))
     import prune_modi  # here, not at the top: the scripts import far more than the other tests need
+
     digits = os.path.join(REPO, "config", "digits.json")
     with pytest.raises(UsageError, match="--dp_microbatch is a --semantics corrected flag"):
         prune_modi.get_args(["-1", digits, "--defend", "dp", "--defend_arg", "1", "--dp_microbatch", "4"])
@@ -395,8 +438,19 @@ def test_dp_microbatch_flag_is_corrected_only():
 def test_dp_steps_per_epoch_for_the_digits_victim(semantics, steps):
     """The scripts' settings for digits (batch_size 128, epochs 100) on a victim of 646 training samples."""
     import prune_modi
-    args = prune_modi.get_args(["-1", os.path.join(REPO, "config", "digits.json"), "--defend", "dp",
-                                "--defend_arg", "0.1", "--semantics", semantics])
+
+    args = prune_modi.get_args(
+        [
+            "-1",
+            os.path.join(REPO, "config", "digits.json"),
+            "--defend",
+            "dp",
+            "--defend_arg",
+            "0.1",
+            "--semantics",
+            semantics,
+        ]
+    )
     data = TensorData(torch.rand(700, 64), torch.randint(0, 10, (700,)))
     split = ModelSplit(torch.arange(646), torch.arange(646, 700), torch.arange(646, 700))
     dp = Dp(ColumnFC(64, 10), data, split, DefenseSettings.from_args(args))
@@ -413,10 +467,14 @@ def test_dp_empty_draw(monkeypatch, semantics):
     dp = Dp(ColumnFC(64, 10), data, split, dp_settings(semantics, batch_size=1, epochs=1))
     draws, calls = [], []
     original_rand, original_gradient = torch.rand, defenses.dp_gradient
-    monkeypatch.setattr(torch, "rand",
-                        lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1])
-    monkeypatch.setattr(defenses, "dp_gradient", lambda model, x, y, *rest: calls.append(len(y)) or
-                        original_gradient(model, x, y, *rest))
+    monkeypatch.setattr(
+        torch, "rand", lambda *args, **kwargs: draws.append(original_rand(*args, **kwargs)) or draws[-1]
+    )
+    monkeypatch.setattr(
+        defenses,
+        "dp_gradient",
+        lambda model, x, y, *rest: calls.append(len(y)) or original_gradient(model, x, y, *rest),
+    )
     steps = step_counter(dp.optimizer)
     dp.train_epoch(0)
     sampled = [int((draw < 1 / 70).sum()) for draw in draws]
@@ -447,24 +505,39 @@ def test_dp_scale_with_fewer_samples_than_a_batch(semantics, scale):
     summed = clipped[0] if semantics == "release" else clipped[0] + clipped[1]  # release drops the 9 left over
     grads = []
     dp.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()])))
+        lambda opt, args, kwargs: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    )
     dp.train_epoch(0)
     assert 16 / dp.divisor == scale
     assert torch.allclose(grads[0], summed * scale, atol=1e-6)
 
 
-@pytest.mark.parametrize("semantics, flags, used, line", [
-    ("release", ["--prune_iter", "3", "--prune_epochs", "10"], (5, 21),
-     "Flags forced by --defend dp under --semantics release: --prune_iter 3 -> 5, --prune_epochs 10 -> 21"),
-    ("release", ["--prune_epochs", "10"], (5, 21),
-     "Flags forced by --defend dp under --semantics release: --prune_epochs 10 -> 21"),
-    ("release", [], (5, 21), None),
-    ("corrected", ["--prune_iter", "3", "--prune_epochs", "10"], (3, 10), None)])
+@pytest.mark.parametrize(
+    "semantics, flags, used, line",
+    [
+        (
+            "release",
+            ["--prune_iter", "3", "--prune_epochs", "10"],
+            (5, 21),
+            "Flags forced by --defend dp under --semantics release: --prune_iter 3 -> 5, --prune_epochs 10 -> 21",
+        ),
+        (
+            "release",
+            ["--prune_epochs", "10"],
+            (5, 21),
+            "Flags forced by --defend dp under --semantics release: --prune_epochs 10 -> 21",
+        ),
+        ("release", [], (5, 21), None),
+        ("corrected", ["--prune_iter", "3", "--prune_epochs", "10"], (3, 10), None),
+    ],
+)
 def test_dp_release_forces_the_release_pruning_flags(semantics, flags, used, line):
     import prune_modi
+
     digits = os.path.join(REPO, "config", "digits.json")
-    args = prune_modi.get_args(["-1", digits, "--defend", "dp", "--defend_arg", "0.1", "--semantics", semantics,
-                                *flags])
+    args = prune_modi.get_args(
+        ["-1", digits, "--defend", "dp", "--defend_arg", "0.1", "--semantics", semantics, *flags]
+    )
     assert (args.prune_iter, args.prune_epochs) == used
     assert prune_modi.forced_line(args, Dp) == line
     assert DefenseSettings.from_args(args).prune_epochs == used[1]

@@ -1,6 +1,7 @@
 """No lost work and safe reruns: an interrupted save keeps the previous file, a Ctrl-C leaves loadable
 checkpoints, reruns reuse the split, append to logs and (with --skip_existing) keep finished models,
 and the same seed and command give the same files and numbers in any folder."""
+
 import io
 import json
 import os
@@ -21,8 +22,20 @@ from train import load_checkpoint, save_checkpoint
 DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = "result/digits_columnfc"
 PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1", "--no_tensorboard"]
-PRUNE = ["prune_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2",
-         "--shadow_num", "1", "--no_tensorboard"]
+PRUNE = [
+    "prune_modi.py",
+    "-1",
+    DIGITS,
+    "--pruner_name",
+    "iter_prunetxt",
+    "--prune_iter",
+    "2",
+    "--prune_epochs",
+    "2",
+    "--shadow_num",
+    "1",
+    "--no_tensorboard",
+]
 ATTACK = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", "1"]
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 PRETRAIN_LOG = "log/digits_columnfc/pretrain.txt"
@@ -63,6 +76,7 @@ def tensors_equal(a, b):
 
 # ---------------------------------------------------------------- determinism
 
+
 @pytest.mark.slow
 def test_same_seed_same_files_and_numbers(twins):
     a, b = twins
@@ -88,12 +102,14 @@ def test_same_seed_same_files_and_numbers(twins):
 
 # ---------------------------------------------------------------- reruns
 
+
 @pytest.mark.slow
 def test_pretrain_rerun_reuses_split_skips_finished_models_and_appends(twins, tmp_path):
     shutil.copytree(twins[0], tmp_path, dirs_exist_ok=True)
     (tmp_path / RUN / "shadow_model_0/best.pth").unlink()  # as if killed while training shadow 0
-    victim, split, old_log = (read(tmp_path, p) for p in (f"{RUN}/victim_model/best.pth", f"{RUN}/split.npz",
-                                                         PRETRAIN_LOG))
+    victim, split, old_log = (
+        read(tmp_path, p) for p in (f"{RUN}/victim_model/best.pth", f"{RUN}/split.npz", PRETRAIN_LOG)
+    )
     proc = run_script(*PRETRAIN, "--skip_existing", cwd=tmp_path)
     assert f"Reusing data split {RUN}/split.npz" in proc.stdout
     assert f"Skipping victim: {RUN}/victim_model/best.pth exists (--skip_existing)" in proc.stdout
@@ -105,7 +121,7 @@ def test_pretrain_rerun_reuses_split_skips_finished_models_and_appends(twins, tm
     new_log = read(tmp_path, PRETRAIN_LOG)
     assert new_log.startswith(old_log)
     shadow_line = [line for line in old_log.decode().splitlines() if line.startswith("Pretrained shadow 0")]
-    assert new_log[len(old_log):].decode().splitlines()[1:] == shadow_line
+    assert new_log[len(old_log) :].decode().splitlines()[1:] == shadow_line
 
 
 @pytest.mark.slow
@@ -118,8 +134,8 @@ def test_prune_rerun_overwrites_checkpoints_and_appends_to_the_log(twins, tmp_pa
     new_log = (tmp_path / PRUNE_LOG).read_text()
     assert new_log.startswith(old_log)
     old_lines = without_times(old_log)
-    prune_block = old_lines[:next(i for i, line in enumerate(old_lines) if line.startswith("Victim pruned"))]
-    assert without_times(new_log[len(old_log):]) == prune_block  # the same numbers again, appended
+    prune_block = old_lines[: next(i for i, line in enumerate(old_lines) if line.startswith("Victim pruned"))]
+    assert without_times(new_log[len(old_log) :]) == prune_block  # the same numbers again, appended
     assert pruned.stat().st_mtime_ns > old_mtime
     assert pruned.read_bytes() == read(twins[0], f"{RUN}/iter_prunetxt_0.6_model/best.pth")
     assert not [p for p in files(tmp_path) if ".tmp_" in p]
@@ -127,11 +143,12 @@ def test_prune_rerun_overwrites_checkpoints_and_appends_to_the_log(twins, tmp_pa
 
 # ---------------------------------------------------------------- kill safety
 
+
 def write_half_and_die(f, write, exception):
     """What a kill in the middle of a save leaves: the first half of the real bytes, then `exception`."""
     buffer = io.BytesIO()
     write(buffer)
-    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     raise exception("simulated kill during the write")
 
 

@@ -4,6 +4,7 @@ One module-scoped run (pretrain; Base at sparsity 0.6 and 0.5; slide_re with two
 attacks threshold,lira) serves every test that needs real outputs. The scripts run as subprocesses, two
 at a time where they do not depend on each other.
 """
+
 import json
 import math
 import os
@@ -41,14 +42,18 @@ def run_dir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("report")
     shutil.copytree(os.path.join(REPO, "memscore"), cwd / "memscore")
     run_script("pretrain_modi.py", -1, CONFIG, "--epochs", 2, *QUIET, cwd=cwd)
-    window = lambda tag: ["--defend", "slide_re", "--stride", WINDOWS[tag][0], "--width", WINDOWS[tag][1],
-                          "--tag", tag]
+    window = lambda tag: ["--defend", "slide_re", "--stride", WINDOWS[tag][0], "--width", WINDOWS[tag][1], "--tag", tag]
     sparsity = ["--prune_sparsity", 0.5]
-    in_parallel(cwd, [("prune_modi.py", -1, CONFIG, *PRUNE), ("prune_modi.py", -1, CONFIG, *PRUNE, *sparsity)]
-                + [("prune_modi.py", -1, CONFIG, *PRUNE, *window(tag)) for tag in WINDOWS])
-    in_parallel(cwd, [("mia_modi.py", -1, CONFIG, *ATTACK), ("mia_modi.py", -1, CONFIG, *ATTACK, *sparsity)]
-                + [("mia_modi.py", -1, CONFIG, *ATTACK, "--defend", "slide_re", "--adaptive", "--tag", tag)
-                   for tag in WINDOWS])
+    in_parallel(
+        cwd,
+        [("prune_modi.py", -1, CONFIG, *PRUNE), ("prune_modi.py", -1, CONFIG, *PRUNE, *sparsity)]
+        + [("prune_modi.py", -1, CONFIG, *PRUNE, *window(tag)) for tag in WINDOWS],
+    )
+    in_parallel(
+        cwd,
+        [("mia_modi.py", -1, CONFIG, *ATTACK), ("mia_modi.py", -1, CONFIG, *ATTACK, *sparsity)]
+        + [("mia_modi.py", -1, CONFIG, *ATTACK, "--defend", "slide_re", "--adaptive", "--tag", tag) for tag in WINDOWS],
+    )
     return cwd
 
 
@@ -62,8 +67,7 @@ def attack_blocks(log):
     lines = log.read_text().splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Victim ")]
     blocks = [lines[a:b] for a, b in zip(starts, starts[1:] + [len(lines)])]
-    return [(block, next(line[len("Scores: "):] for line in block if line.startswith("Scores: ")))
-            for block in blocks]
+    return [(block, next(line[len("Scores: ") :] for line in block if line.startswith("Scores: "))) for block in blocks]
 
 
 def all_attack_blocks(run_dir):
@@ -71,6 +75,7 @@ def all_attack_blocks(run_dir):
 
 
 # ---------------------------------------------------------------- scores and records of a real run
+
 
 @pytest.mark.slow
 def test_saved_scores_reproduce_the_logged_metrics(run_dir):
@@ -80,17 +85,23 @@ def test_saved_scores_reproduce_the_logged_metrics(run_dir):
     n_train = int(split["meta_n_train"])
     for block, path in blocks:
         assert sum(line.startswith("Scores: ") for line in block) == 1
-        assert re.fullmatch(rf"result/{RUN}/scores/iter_prunetxt_0\.[56]\S*_(base|adaptive)_release_\d{{8}}T\d{{12}}Z_"
-                            r"[\w-]+_\d+\.npz", path)
+        assert re.fullmatch(
+            rf"result/{RUN}/scores/iter_prunetxt_0\.[56]\S*_(base|adaptive)_release_\d{{8}}T\d{{12}}Z_"
+            r"[\w-]+_\d+\.npz",
+            path,
+        )
         with np.load(run_dir / path, allow_pickle=False) as z:
             assert list(z["attacks"]) == ["Conf", "Entr", "Mentr", "Hconf", "LiRA"]
             member = z["member"]
             for name in z["attacks"]:
                 auc, tpr_at = attacks.roc_metrics(z[f"score_{name}"], member)
-                expected = [f"{name} attack AUC: {auc:.4f}", f"{name} attack TPR@1%FPR: {tpr_at[0.01]:.3f}",
-                            f"{name} attack TPR@0.1%FPR: {tpr_at[0.001]:.3f}"]
+                expected = [
+                    f"{name} attack AUC: {auc:.4f}",
+                    f"{name} attack TPR@1%FPR: {tpr_at[0.01]:.3f}",
+                    f"{name} attack TPR@0.1%FPR: {tpr_at[0.001]:.3f}",
+                ]
                 at = block.index(next(line for line in block if line.startswith(f"{name} attack accuracy: ")))
-                assert block[at + 1:at + 4] == expected
+                assert block[at + 1 : at + 4] == expected
             lira = attacks.best_balanced_accuracy(z["score_LiRA"], member)
             assert f"LiRA attack accuracy: {lira:.3f}" in block
             # which samples: the victim's members, then its non-members, in the split's index space
@@ -108,23 +119,28 @@ def test_records_hold_the_log_blocks_numbers(run_dir, collected):
     assert len(by_kind["prune"]) == 4 and len(by_kind["attack"]) == 4
     for record in collected.records:
         log = (run_dir / record["log"]["path"]).read_bytes()
-        block = log[record["log"]["offset"]:record["log"]["end"]].decode().splitlines()
+        block = log[record["log"]["offset"] : record["log"]["end"]].decode().splitlines()
         assert record["code"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", record["code"]["commit"])
         assert record["start"] <= record["end"] and record["run"]["seed"] == 7
         assert record["settings"]["shadow_num"] == 1 and record["settings"]["quiet"] is True
         results = record["results"]
         if record["kind"] == "prune":
             assert block[0].startswith(f"{RUN}_iter_prunetxt_0.")
-            assert f"Pretrained Victim: Accuracy {results['pretrained']['accuracy']:.3f}, " \
-                   f"Loss {results['pretrained']['loss']:.3f}" in block
+            assert (
+                f"Pretrained Victim: Accuracy {results['pretrained']['accuracy']:.3f}, "
+                f"Loss {results['pretrained']['loss']:.3f}" in block
+            )
             for who, iterations in results["iterations"].items():
                 logged = [line for line in block if line.startswith(f"{who} iter")]
-                assert logged == [f"{who} iter {t} best model: Accuracy {it['accuracy']:.3f}, Loss {it['loss']:.3f}"
-                                  for t, it in enumerate(iterations)]
+                assert logged == [
+                    f"{who} iter {t} best model: Accuracy {it['accuracy']:.3f}, Loss {it['loss']:.3f}"
+                    for t, it in enumerate(iterations)
+                ]
             assert sorted(results["iterations"]) == ["shadow 0", "victim"]
             assert any(line.endswith(f"defend time: {results['defend_time_s']:.3f}s") for line in block)
-            assert record["run"]["window"] == ("-".join(map(str, WINDOWS[record["run"]["tag"]]))
-                                               if record["run"]["tag"] else None)
+            assert record["run"]["window"] == (
+                "-".join(map(str, WINDOWS[record["run"]["tag"]])) if record["run"]["tag"] else None
+            )
         else:
             assert block[0] == f"Victim pruned model test accuracy: {results['victim_test_acc']:.3f}"
             assert block[1] == f"Shadows: {results['shadows']}" and block[-1] == f"Scores: {record['scores']}"
@@ -146,8 +162,12 @@ def test_a_run_is_one_row_from_records_logs_or_both(run_dir, collected, tmp_path
     # the Scores lines give the log rows their scores too; the records add the intervals and non-members
     pd.testing.assert_frame_equal(both[from_logs.columns], from_logs)
     extra = set(both.columns) - set(from_logs.columns)
-    assert extra == {f"{a}_{m}_{b}" for a in ("Conf", "Entr", "Mentr", "Hconf", "LiRA")
-                     for m in ("acc", "auc", "tpr1", "tpr01") for b in ("lo", "hi")} | {"nonmembers"}
+    assert extra == {
+        f"{a}_{m}_{b}"
+        for a in ("Conf", "Entr", "Mentr", "Hconf", "LiRA")
+        for m in ("acc", "auc", "tpr1", "tpr01")
+        for b in ("lo", "hi")
+    } | {"nonmembers"}
     assert both["scores"].notna().all()
     # records alone (the logs gone) give the same table
     pd.testing.assert_frame_equal(results.collect(tmp_path / "no_logs", run_dir / "result").table, both)
@@ -155,18 +175,24 @@ def test_a_run_is_one_row_from_records_logs_or_both(run_dir, collected, tmp_path
     shutil.copytree(run_dir / "log", tmp_path / "log")
     log = tmp_path / "log" / RUN / "iter_prunetxt_0.6_base.txt"
     with open(log, "a") as f:
-        f.write("Victim original model test accuracy: 91.000\nShadows: original\nSemantics: release\n"
-                "Conf attack accuracy: 60.000\n")
+        f.write(
+            "Victim original model test accuracy: 91.000\nShadows: original\nSemantics: release\n"
+            "Conf attack accuracy: 60.000\n"
+        )
     mixed = results.collect(tmp_path / "log", run_dir / "result").table
     assert len(mixed) == 5 and mixed[mixed["setting"] == "original"]["Conf_acc"].tolist() == [60.0]
 
 
 # ---------------------------------------------------------------- figures of the real run
 
+
 def lines_of(ax):
     """{label: Line2D} of an axes' data lines (the chance diagonal and error bar caps aside)."""
-    return {line.get_label(): line for line in ax.get_lines() if line.get_label() != "chance"
-            and not line.get_label().startswith("_")}
+    return {
+        line.get_label(): line
+        for line in ax.get_lines()
+        if line.get_label() != "chance" and not line.get_label().startswith("_")
+    }
 
 
 def panels(fig):
@@ -176,13 +202,15 @@ def panels(fig):
 @pytest.mark.slow
 def test_roc_lines_are_sklearns_curves(run_dir, collected):
     import matplotlib.pyplot as plt
+
     curves, problems = report.roc_curves(collected.table, run_dir)
     assert problems == []
     fig = report.draw_roc(curves)
     got = panels(fig)
     assert sorted(got) == sorted(f"{RUN}, sparsity {s}: {a}" for s in ("0.5", "0.6") for a in ("Mentr", "LiRA"))
-    scores_of = {report.run_label(row): row["scores"] for row in collected.table.to_dict("records")
-                 if row["sparsity"] == 0.6}
+    scores_of = {
+        report.run_label(row): row["scores"] for row in collected.table.to_dict("records") if row["sparsity"] == 0.6
+    }
     for attack in ("Mentr", "LiRA"):
         ax = got[f"{RUN}, sparsity 0.6: {attack}"]
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
@@ -207,6 +235,7 @@ def from_chance(ax):
 @pytest.mark.slow
 def test_every_figure_from_the_digits_run(run_dir, collected):
     import matplotlib.pyplot as plt
+
     agg = report.aggregate(collected.table)
 
     fig = report.draw_sparsity(agg)
@@ -226,8 +255,13 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert [t.get_text() for t in ax.get_xticklabels()] == labels
     row = agg[agg["sparsity"] == 0.6]
     assert [bar.get_height() for bar in ax.patches] == [row["pretrained_acc"].iloc[-1]] + list(row["pruned_acc"])
-    twin = next(a for a in fig.axes if a is not ax and a.get_position().bounds == ax.get_position().bounds
-                and a.get_ylabel() == "attack accuracy (%)")
+    twin = next(
+        a
+        for a in fig.axes
+        if a is not ax
+        and a.get_position().bounds == ax.get_position().bounds
+        and a.get_ylabel() == "attack accuracy (%)"
+    )
     assert list(lines_of(twin)) == ["Conf attack"]  # no SAMIA in this run
     assert list(twin.get_lines()[0].get_ydata())[1:] == list(row["Conf_acc"])  # the unpruned model: not attacked
     assert from_chance(twin)
@@ -236,8 +270,11 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     fig = report.draw_iterations(collected.records)
     ax = panels(fig)[f"{RUN}, sparsity 0.6"]
     assert ax.get_xlabel() == "pruning iteration" and set(lines_of(ax)) == LABELS
-    base = next(r for r in collected.records if r["kind"] == "prune" and r["run"]["sparsity"] == 0.6
-                and r["run"]["defense"] == "base")
+    base = next(
+        r
+        for r in collected.records
+        if r["kind"] == "prune" and r["run"]["sparsity"] == 0.6 and r["run"]["defense"] == "base"
+    )
     assert list(lines_of(ax)["Base"].get_ydata()) == [it["accuracy"] for it in base["results"]["iterations"]["victim"]]
     assert list(lines_of(ax)["Base"].get_xdata()) == [0, 1]
     plt.close(fig)
@@ -275,15 +312,40 @@ def test_report_command(run_dir):
 
 # ---------------------------------------------------------------- synthetic records
 
+
 def write_record(folder, kind, seed, sparsity, run_id, results, **run):
-    run = {"run_name": RUN if seed == 7 else f"{RUN}_seed{seed}", "dataset": "digits", "model": "columnfc",
-           "pruner": "iter_prunetxt", "sparsity": sparsity, "defense": "base", "defend_arg": None, "window": None,
-           "weight_decay_mem": 0.0005, "semantics": "release", "tag": "", "seed": seed,
-           "prefix": f"iter_prunetxt_{sparsity}", **run}
-    record = {"format": 1, "kind": kind, "run_id": run_id, "start": f"2025-01-01T00:00:{run_id}.000000Z",
-              "end": f"2025-01-01T00:00:{run_id}.500000Z", "code": {"commit": None, "dirty": None}, "run": run,
-              "settings": {}, "log": {"path": f"log/{run['run_name']}/iter_prunetxt_{sparsity}_base.txt",
-                                      "offset": 0 if kind == "prune" else 100, "end": 200}, "results": results}
+    run = {
+        "run_name": RUN if seed == 7 else f"{RUN}_seed{seed}",
+        "dataset": "digits",
+        "model": "columnfc",
+        "pruner": "iter_prunetxt",
+        "sparsity": sparsity,
+        "defense": "base",
+        "defend_arg": None,
+        "window": None,
+        "weight_decay_mem": 0.0005,
+        "semantics": "release",
+        "tag": "",
+        "seed": seed,
+        "prefix": f"iter_prunetxt_{sparsity}",
+        **run,
+    }
+    record = {
+        "format": 1,
+        "kind": kind,
+        "run_id": run_id,
+        "start": f"2025-01-01T00:00:{run_id}.000000Z",
+        "end": f"2025-01-01T00:00:{run_id}.500000Z",
+        "code": {"commit": None, "dirty": None},
+        "run": run,
+        "settings": {},
+        "log": {
+            "path": f"log/{run['run_name']}/iter_prunetxt_{sparsity}_base.txt",
+            "offset": 0 if kind == "prune" else 100,
+            "end": 200,
+        },
+        "results": results,
+    }
     path = folder / "result" / run["run_name"] / "records" / f"{kind}_{run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
@@ -292,21 +354,46 @@ def write_record(folder, kind, seed, sparsity, run_id, results, **run):
 
 def synthetic_runs(folder):
     """Seeds 7 and 8 at sparsity 0.6 and 0.7: a prune record and an attack record each (no logs)."""
-    known = {(7, 0.6): (80.0, 60.0, 0.61), (8, 0.6): (82.0, 64.0, 0.65), (7, 0.7): (78.0, 58.0, 0.58),
-             (8, 0.7): (78.0, 58.0, 0.58)}
+    known = {
+        (7, 0.6): (80.0, 60.0, 0.61),
+        (8, 0.6): (82.0, 64.0, 0.65),
+        (7, 0.7): (78.0, 58.0, 0.58),
+        (8, 0.7): (78.0, 58.0, 0.58),
+    }
     for i, ((seed, sparsity), (acc, conf, auc)) in enumerate(known.items()):
         iterations = {"victim": [{"accuracy": acc + 1, "loss": 0.5}, {"accuracy": acc + seed - 7, "loss": "nan"}]}
-        write_record(folder, "prune", seed, sparsity, f"{10 + 2 * i}",
-                     {"pretrained": {"accuracy": 90.0, "loss": 0.3}, "iterations": iterations,
-                      "defend_time_s": 1.0 + seed, "dp_epsilon": None})
-        write_record(folder, "attack", seed, sparsity, f"{11 + 2 * i}",
-                     {"victim": "pruned", "victim_test_acc": acc, "shadows": "x (base)",
-                      "attacks": [{"name": "Conf", "accuracy": conf, "AUC": auc, "TPR@1%FPR": 1.0,
-                                   "TPR@0.1%FPR": "nan"}]}, setting="base")
+        write_record(
+            folder,
+            "prune",
+            seed,
+            sparsity,
+            f"{10 + 2 * i}",
+            {
+                "pretrained": {"accuracy": 90.0, "loss": 0.3},
+                "iterations": iterations,
+                "defend_time_s": 1.0 + seed,
+                "dp_epsilon": None,
+            },
+        )
+        write_record(
+            folder,
+            "attack",
+            seed,
+            sparsity,
+            f"{11 + 2 * i}",
+            {
+                "victim": "pruned",
+                "victim_test_acc": acc,
+                "shadows": "x (base)",
+                "attacks": [{"name": "Conf", "accuracy": conf, "AUC": auc, "TPR@1%FPR": 1.0, "TPR@0.1%FPR": "nan"}],
+            },
+            setting="base",
+        )
 
 
 def test_seeds_aggregate_into_mean_and_std(tmp_path):
     import matplotlib.pyplot as plt
+
     synthetic_runs(tmp_path)
     collected = results.collect(tmp_path / "log", tmp_path / "result")
     assert collected.problems == [] and len(collected.table) == 4
@@ -327,7 +414,7 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     assert list(line.get_ydata()) == [62.0, 58.0] and line.get_label() == "Base"
     (bars,) = ax.collections  # the error bars: the std over the two seeds
     ends = np.array([seg[:, 1] for seg in bars.get_segments()])
-    assert np.allclose(ends, [[62 - 8 ** .5, 62 + 8 ** .5], [58.0, 58.0]])
+    assert np.allclose(ends, [[62 - 8**0.5, 62 + 8**0.5], [58.0, 58.0]])
     plt.close(fig)
     fig = report.draw_iterations(collected.records)
     (line,) = lines_of(panels(fig)[f"{RUN}, sparsity 0.6"]).values()
@@ -339,8 +426,12 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
 def test_damaged_records_are_named_and_skipped(tmp_path):
     synthetic_runs(tmp_path)
     folder = tmp_path / "result" / RUN / "records"
-    damaged = {"empty.json": "", "broken.json": '{"kind": "prune", ', "list.json": "[1, 2]",
-               "partial.json": json.dumps({"kind": "attack", "run_id": "x", "start": "s", "run": {}, "results": {}})}
+    damaged = {
+        "empty.json": "",
+        "broken.json": '{"kind": "prune", ',
+        "list.json": "[1, 2]",
+        "partial.json": json.dumps({"kind": "attack", "run_id": "x", "start": "s", "run": {}, "results": {}}),
+    }
     for name, text in damaged.items():
         (folder / name).write_text(text)
     collected = results.collect(tmp_path / "log", tmp_path / "result")
@@ -356,8 +447,10 @@ def test_damaged_records_are_named_and_skipped(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert text.count("- skipped ") == 4 and "| 81.000 ± 1.414 (80.000–82.000) |" in text
     # figures without data say why, once, in the report and on stderr
-    for why in ("no roc figure: no run in the table has a scores file",
-                "no sensitivity figure: the runs hold one window setting per defense"):
+    for why in (
+        "no roc figure: no run in the table has a scores file",
+        "no sensitivity figure: the runs hold one window setting per defense",
+    ):
         assert f"_{why}" in text and why in proc.stderr
     assert "![sparsity](sparsity.png)" in text and "![iterations](iterations.png)" in text
     assert "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
 """Offline RMIA against a literal reference written from its definition, its tuning of a, the references'
 membership taken from the split, and a tiny mia_modi.py run."""
+
 import sys
 
 import numpy as np
@@ -17,6 +18,7 @@ from splits import Split
 def slow_score(target_x, ref_x, out_x, target_z, ref_z, out_z, a, gamma):
     """score(x) = fraction of z with ratio(x) / ratio(z) > gamma, ratio = p(.|target) / p(.),
     p(.) = (1 + a) / 2 * mean over OUT reference models of p(.|ref) + (1 - a) / 2; loops only."""
+
     def ratio(target, refs, outs, i):
         kept = [refs[k][i] for k in range(len(refs)) if outs[k][i]]
         if not kept:
@@ -32,22 +34,29 @@ def slow_score(target_x, ref_x, out_x, target_z, ref_z, out_z, a, gamma):
 
 
 def table(prob, trained, attacked, rows, n_train):
-    return References(np.asarray(rows), n_train, np.asarray(prob, dtype=np.float64), np.asarray(trained, bool),
-                      [np.asarray(p) for p in attacked])
+    return References(
+        np.asarray(rows),
+        n_train,
+        np.asarray(prob, dtype=np.float64),
+        np.asarray(trained, bool),
+        [np.asarray(p) for p in attacked],
+    )
 
 
 def handmade():
     """Victim (model 0) and three shadows on 8 rows; rows 0-4 training rows (the victim attacks 0-3 and
     test row 5), rows 5-7 test rows. Row 7 is the only z (row 6 a shadow trained on: not a population row).
     Row 1 has a single OUT reference; rows 2 and 3 tie with each other and with z."""
-    prob = [[0.9, 0.6, 0.5, 0.5, 0.3, 0.2, 0.4, 0.5],
-            [0.7, 0.9, 0.5, 0.5, 0.2, 0.3, 0.9, 0.5],
-            [0.4, 0.8, 0.5, 0.5, 0.4, 0.2, 0.1, 0.5],
-            [0.6, 0.3, 0.5, 0.5, 0.6, 0.1, 0.2, 0.5]]
+    prob = [
+        [0.9, 0.6, 0.5, 0.5, 0.3, 0.2, 0.4, 0.5],
+        [0.7, 0.9, 0.5, 0.5, 0.2, 0.3, 0.9, 0.5],
+        [0.4, 0.8, 0.5, 0.5, 0.4, 0.2, 0.1, 0.5],
+        [0.6, 0.3, 0.5, 0.5, 0.6, 0.1, 0.2, 0.5],
+    ]
     trained = np.zeros((4, 8), bool)
-    trained[0, [0, 1, 2]] = True   # the victim's members
+    trained[0, [0, 1, 2]] = True  # the victim's members
     trained[1, [1, 3, 4]] = True
-    trained[2, [1, 3, 6]] = True   # row 6: a test row a shadow trained on is no population row
+    trained[2, [1, 3, 6]] = True  # row 6: a test row a shadow trained on is no population row
     trained[3, [0, 4]] = True
     attacked = [[0, 1, 2, 3, 5], [1, 3, 4, 0], [1, 3, 6, 2], [0, 4, 2]]
     return table(prob, trained, attacked, range(8), 5)
@@ -61,8 +70,9 @@ def test_scores_match_the_literal_definition(a, gamma):
     scores, member, has_out = attacks.rmia_attack_model(refs, 0, [1, 2, 3], a, gamma)
     x, z = refs.attacked[0], refs.population(0)
     out = ~refs.trained[1:]
-    expected = slow_score(refs.prob[0, x], refs.prob[1:, x], out[:, x], refs.prob[0, z], refs.prob[1:, z],
-                          out[:, z], a, gamma)
+    expected = slow_score(
+        refs.prob[0, x], refs.prob[1:, x], out[:, x], refs.prob[0, z], refs.prob[1:, z], out[:, z], a, gamma
+    )
     assert out[:, 1].sum() == 1 and out[:, 0].sum() == 2  # row 1: a single OUT reference (shadow 3)
     np.testing.assert_array_equal(scores, expected)
     assert list(member) == [True, True, True, False, False] and has_out.all()
@@ -76,8 +86,9 @@ def test_no_out_reference_scores_nan_and_larger_population():
     assert list(refs.population(1)) == [5, 7]  # test rows outside shadow 0's attacked rows, no one trained on
     x, z = refs.attacked[1], refs.population(1)
     out = ~refs.trained[[2]]
-    expected = slow_score(refs.prob[1, x], refs.prob[[2]][:, x], out[:, x], refs.prob[1, z],
-                          refs.prob[[2]][:, z], out[:, z], 0.5, 1.0)
+    expected = slow_score(
+        refs.prob[1, x], refs.prob[[2]][:, x], out[:, x], refs.prob[1, z], refs.prob[[2]][:, z], out[:, z], 0.5, 1.0
+    )
     assert list(has_out) == [False, False, True, True]  # rows 1 and 3: the one reference trained on them
     np.testing.assert_array_equal(np.isnan(scores), np.isnan(expected))
     np.testing.assert_array_equal(scores[has_out], expected[has_out])
@@ -85,7 +96,7 @@ def test_no_out_reference_scores_nan_and_larger_population():
 
 def test_random_tables_match_the_literal_definition():
     rng = np.random.default_rng(0)
-    for trial in range(20):
+    for _trial in range(20):
         models, rows = int(rng.integers(3, 7)), 40
         prob = np.round(0.1 + 0.9 * rng.random((models, rows)), 1)  # rounding makes many ties
         trained = rng.random((models, rows)) < 0.4
@@ -125,8 +136,16 @@ def test_tuning_keeps_the_best_auc_over_samples_with_an_out_reference():
     assert 0 < has_out.sum() < len(x)  # some members have every other shadow IN: they are left out
     expected = []
     for candidate in attacks.RMIA_A_GRID:
-        s = slow_score(prob[target, x], prob[others][:, x], out[:, x], prob[target, z], prob[others][:, z],
-                       out[:, z], candidate, 1.0)
+        s = slow_score(
+            prob[target, x],
+            prob[others][:, x],
+            out[:, x],
+            prob[target, z],
+            prob[others][:, z],
+            out[:, z],
+            candidate,
+            1.0,
+        )
         expected.append(slow_auc(s[has_out], trained[target, x][has_out]))
     np.testing.assert_allclose(aucs, expected, rtol=0, atol=1e-12)
     assert a == attacks.RMIA_A_GRID[int(np.argmax(expected))]
@@ -141,7 +160,7 @@ def test_membership_comes_from_the_split():
     refs = References.from_split(splits, rows, 1437, np.zeros((4, len(rows))))
     assert sorted(rows) == list(range(1797))
     victim_attacked = torch.cat([splits[0].train, splits[0].test]).numpy()
-    assert (rows[:len(victim_attacked)] == victim_attacked).all()
+    assert (rows[: len(victim_attacked)] == victim_attacked).all()
     for m, s in enumerate(splits):
         assert set(rows[refs.trained[m]]) == set(s.train.numpy())
         assert (rows[refs.attacked[m]] == torch.cat([s.train, s.test]).numpy()).all()
@@ -151,19 +170,35 @@ def test_membership_comes_from_the_split():
 
 # ---------------------------------------------------------------- a tiny mia_modi.py run
 
+
 def test_mia_modi_logs_rmia_and_saves_its_scores(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for script, args in ((pretrain_modi, ["--epochs", "3"]),
-                             (mia_modi, ["--original", "--attacks", "rmia", "--rmia_gamma", "1.5"])):
-            monkeypatch.setattr(sys, "argv", [script.__file__, "-1", f"{REPO}/config/digits.json", *args,
-                                              "--shadow_num", "3", "--quiet", "--no_tensorboard"])
+        for script, args in (
+            (pretrain_modi, ["--epochs", "3"]),
+            (mia_modi, ["--original", "--attacks", "rmia", "--rmia_gamma", "1.5"]),
+        ):
+            monkeypatch.setattr(
+                sys,
+                "argv",
+                [
+                    script.__file__,
+                    "-1",
+                    f"{REPO}/config/digits.json",
+                    *args,
+                    "--shadow_num",
+                    "3",
+                    "--quiet",
+                    "--no_tensorboard",
+                ],
+            )
             script.main()
     finally:
         torch.set_num_threads(threads)
     from test_metrics import metric_reference, reference_outputs
+
     shadow, victim, victim_model, data, split, shadow_logits = reference_outputs(tmp_path, 3)
     lines = (tmp_path / "log" / "digits_columnfc" / "l1unstructure_0.6_base.txt").read_text().splitlines()
     scores_file = tmp_path / lines[-1].removeprefix("Scores: ")
@@ -179,6 +214,7 @@ def test_mia_modi_logs_rmia_and_saves_its_scores(tmp_path, monkeypatch):
         return torch.softmax(logits.double(), 1)[torch.arange(len(rows)), data.y[rows]].numpy()
 
     from train import predict
+
     all_models = [victim_model] + [reference_model(tmp_path, i) for i in range(3)]
 
     def slow_attack(target, refs, x, a):
@@ -202,11 +238,13 @@ def test_mia_modi_logs_rmia_and_saves_its_scores(tmp_path, monkeypatch):
     balanced = [0.5 * ((tune_scores[tune_m] >= t).mean() + (tune_scores[~tune_m] < t).mean()) for t in candidates]
     cut = candidates[int(np.argmax(balanced))]
     accuracy = 100 * 0.5 * ((expected[member] >= cut).mean() + (expected[~member] < cut).mean())
-    block = lines[next(i for i, line in enumerate(lines) if line.startswith("RMIA attack accuracy: ")):]
+    block = lines[next(i for i, line in enumerate(lines) if line.startswith("RMIA attack accuracy: ")) :]
     assert block[0] == f"RMIA attack accuracy: {accuracy:.3f}"
     assert block[1:4] == metric_reference("RMIA", expected, member)
-    assert block[4] == (f"RMIA a: {a:g} (AUC {max(aucs):.4f} on shadow 0's {has_out.sum()} samples with an OUT "
-                        f"reference, {tune_m.sum()} members), gamma 1.5, {len(z)} population samples")
+    assert block[4] == (
+        f"RMIA a: {a:g} (AUC {max(aucs):.4f} on shadow 0's {has_out.sum()} samples with an OUT "
+        f"reference, {tune_m.sum()} members), gamma 1.5, {len(z)} population samples"
+    )
     with np.load(scores_file, allow_pickle=False) as saved:
         np.testing.assert_allclose(saved["score_RMIA"], expected, rtol=0, atol=1e-12)
         assert list(saved["attacks"]) == ["RMIA"]
@@ -215,6 +253,7 @@ def test_mia_modi_logs_rmia_and_saves_its_scores(tmp_path, monkeypatch):
 def reference_model(tmp_path, i):
     from models import build_model
     from train import load_checkpoint
+
     model = build_model("columnfc", 10, 64)
     load_checkpoint(model, tmp_path / "result" / "digits_columnfc" / f"shadow_model_{i}" / "best.pth", "ckpt", "")
     return model

@@ -1,4 +1,5 @@
 """common.RunLog: a run's lines reach the shared log as one block, even with another writer running."""
+
 import subprocess
 import sys
 
@@ -24,8 +25,10 @@ def test_two_writers_at_once_write_whole_blocks(tmp_path):
     path.parent.mkdir()
     path.write_text("old line\n")
     code = WRITER.format(repo=REPO)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), name], stdout=subprocess.DEVNULL)
-             for name in ("A", "B")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), name], stdout=subprocess.DEVNULL)
+        for name in ("A", "B")
+    ]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     lines = path.read_text().splitlines()
     assert lines[0] == "old line" and len(lines) == 31  # appended, never truncated
@@ -37,6 +40,7 @@ def test_two_writers_at_once_write_whole_blocks(tmp_path):
 def test_lines_are_on_disk_as_soon_as_written(tmp_path):
     sys.path.insert(0, REPO)
     from common import RunLog
+
     path = tmp_path / "run.txt"
     with RunLog(str(path)) as log:
         log.write("first")

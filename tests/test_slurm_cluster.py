@@ -5,6 +5,7 @@ in a fresh folder (free ports, so it can't clash with another one) and stops it 
 machine that can't run Slurm (not root, apt or the daemons fail) fails these tests, unless
 WEMEM_ALLOW_NO_SLURM=1 is set: then they are skipped with a loud message.
 """
+
 import contextlib
 import os
 import re
@@ -37,8 +38,10 @@ def _no_slurm(message):
 def _sinfo_answers(env):
     # `scontrol ping` first: it fails at once when slurmctld is down, sinfo only after 9 s of retries.
     try:
-        return all(subprocess.run(cmd, env=env, capture_output=True, timeout=20).returncode == 0
-                   for cmd in (["scontrol", "ping"], ["sinfo", "-h"]))
+        return all(
+            subprocess.run(cmd, env=env, capture_output=True, timeout=20).returncode == 0
+            for cmd in (["scontrol", "ping"], ["sinfo", "-h"])
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -86,8 +89,9 @@ def own_cluster():
     env = dict(os.environ, WEMEM_SLURMCTLD_PORT=str(_free_port()), WEMEM_SLURMD_PORT=str(_free_port()))
     env.pop("SLURM_CONF", None)
     try:
-        proc = subprocess.run(["bash", SCRIPT, "start", state_dir], env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            ["bash", SCRIPT, "start", state_dir], env=env, capture_output=True, text=True, timeout=600
+        )
     except subprocess.TimeoutExpired:
         proc = None
     if proc is None or proc.returncode != 0:
@@ -98,8 +102,7 @@ def own_cluster():
             if os.path.exists(path):
                 logs += f"\n--- {name}\n" + "".join(open(path, errors="replace").readlines()[-15:])
         shutil.rmtree(state_dir, ignore_errors=True)
-        _no_slurm("`local_cluster.sh start` failed:\n"
-                  + ("timed out" if proc is None else proc.stderr[-3000:]) + logs)
+        _no_slurm("`local_cluster.sh start` failed:\n" + ("timed out" if proc is None else proc.stderr[-3000:]) + logs)
     conf = os.path.join(state_dir, "slurm.conf")
     assert proc.stdout.strip() == f"export SLURM_CONF={conf}"
     try:
@@ -122,9 +125,13 @@ def cluster():
 
 
 def test_two_gpu_jobs_run_together_with_their_own_cuda_device(cluster, tmp_path):
-    wrap = 'date +%s.%N > {0}.start; echo "CVD=${{CUDA_VISIBLE_DEVICES-unset}}" > {0}.env; sleep 3; date +%s.%N > {0}.end'
-    ids = [cluster.sbatch("--gres=gpu:1", "-c", "1", "-o", str(tmp_path / f"{n}.out"),
-                          "--wrap", wrap.format(tmp_path / n)) for n in "ab"]
+    wrap = (
+        'date +%s.%N > {0}.start; echo "CVD=${{CUDA_VISIBLE_DEVICES-unset}}" > {0}.env; sleep 3; date +%s.%N > {0}.end'
+    )
+    ids = [
+        cluster.sbatch("--gres=gpu:1", "-c", "1", "-o", str(tmp_path / f"{n}.out"), "--wrap", wrap.format(tmp_path / n))
+        for n in "ab"
+    ]
     for job_id in ids:
         info = cluster.wait_state(job_id, lambda i: i["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"))
         assert info["JobState"] == "COMPLETED", info
@@ -136,10 +143,21 @@ def test_two_gpu_jobs_run_together_with_their_own_cuda_device(cluster, tmp_path)
 
 def test_afterok_on_a_failed_job_never_runs(cluster, tmp_path):
     bad = cluster.sbatch("-o", str(tmp_path / "bad.out"), "--wrap", "exit 3")
-    pending = cluster.sbatch(f"--dependency=afterok:{bad}", "-o", str(tmp_path / "pending.out"),
-                             "--wrap", f"touch {tmp_path / 'pending.ran'}")
-    killed = cluster.sbatch(f"--dependency=afterok:{bad}", "--kill-on-invalid-dep=yes",
-                            "-o", str(tmp_path / "killed.out"), "--wrap", f"touch {tmp_path / 'killed.ran'}")
+    pending = cluster.sbatch(
+        f"--dependency=afterok:{bad}",
+        "-o",
+        str(tmp_path / "pending.out"),
+        "--wrap",
+        f"touch {tmp_path / 'pending.ran'}",
+    )
+    killed = cluster.sbatch(
+        f"--dependency=afterok:{bad}",
+        "--kill-on-invalid-dep=yes",
+        "-o",
+        str(tmp_path / "killed.out"),
+        "--wrap",
+        f"touch {tmp_path / 'killed.ran'}",
+    )
     info = cluster.wait_state(bad, lambda i: i["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"))
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0")
     # Slurm's default: pending for ever; with --kill-on-invalid-dep=yes: cancelled.
@@ -161,7 +179,9 @@ def test_submitit_without_sacct(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", cluster.conf)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     wrapper_dir = os.path.join(cluster.state_dir, "bin")  # .ci/run puts it on PATH: take it off here
-    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != os.path.abspath(wrapper_dir))
+    plain_path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if os.path.abspath(p) != os.path.abspath(wrapper_dir)
+    )
     monkeypatch.setenv("PATH", plain_path)
     executor = submitit.AutoExecutor(folder=tmp_path / "plain", cluster="slurm")
     executor.update_parameters(timeout_min=5, slurm_partition="debug", cpus_per_task=1, slurm_gres="gpu:1")
@@ -203,7 +223,10 @@ def check_start_again_then_stop(cluster):
     assert stop.returncode == 0, stop.stderr
     down = cluster.script("status")
     assert down.returncode == 1 and "not running" in down.stdout, down.stdout
-    assert [pid for pid in pids if os.path.exists(f"/proc/{pid}/cmdline")
-            and cluster.state_dir in open(f"/proc/{pid}/cmdline").read()] == []
+    assert [
+        pid
+        for pid in pids
+        if os.path.exists(f"/proc/{pid}/cmdline") and cluster.state_dir in open(f"/proc/{pid}/cmdline").read()
+    ] == []
     assert not _sinfo_answers(cluster.env)
     assert cluster.script("stop").returncode == 0  # idempotent

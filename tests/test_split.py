@@ -1,4 +1,5 @@
 """splits.py: the release's victim/shadow split (docs/pipeline.md#the-split), its persistence and reuse checks."""
+
 import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
@@ -34,11 +35,13 @@ def reference_split(n_train, n_test, seed, shadow_num):
 
 def roles(shadow_num):
     return [("victim_train", "victim_dev", "victim_test", "victim_held")] + [
-        (f"shadow_train_{i}", f"shadow_dev_{i}", f"shadow_test_{i}", f"shadow_held_{i}") for i in range(shadow_num)]
+        (f"shadow_train_{i}", f"shadow_dev_{i}", f"shadow_test_{i}", f"shadow_held_{i}") for i in range(shadow_num)
+    ]
 
 
-@pytest.mark.parametrize("n_train,n_test,seed,shadow_num", [(N_TRAIN, N_TEST, 7, 3), (1000, 250, 0, 2),
-                                                             (501, 77, 123, 5)])
+@pytest.mark.parametrize(
+    "n_train,n_test,seed,shadow_num", [(N_TRAIN, N_TEST, 7, 3), (1000, 250, 0, 2), (501, 77, 123, 5)]
+)
 def test_indices_equal_sklearn_recomputation(n_train, n_test, seed, shadow_num):
     got = make_split(n_train, n_test, seed, shadow_num)
     want = reference_split(n_train, n_test, seed, shadow_num)
@@ -105,10 +108,11 @@ def test_load_missing_or_corrupt_is_one_line_error(tmp_path):
 def test_mismatch_reasons():
     split = Split.create("digits", N_TRAIN, N_TEST, 7, 3)
     assert split.mismatch("digits", N_TRAIN, N_TEST, 7, 3) is None
-    assert split.mismatch("digits", N_TRAIN, N_TEST, 7, 2) is None       # fewer shadows: a prefix of ours
-    assert split.mismatch("digits", N_TRAIN, N_TEST) is None              # seed=None: any seed
-    assert split.mismatch("location", N_TRAIN, N_TEST) == ("it was made with dataset=digits, "
-                                                            "this run has dataset=location")
+    assert split.mismatch("digits", N_TRAIN, N_TEST, 7, 2) is None  # fewer shadows: a prefix of ours
+    assert split.mismatch("digits", N_TRAIN, N_TEST) is None  # seed=None: any seed
+    assert split.mismatch("location", N_TRAIN, N_TEST) == (
+        "it was made with dataset=digits, this run has dataset=location"
+    )
     assert split.mismatch("digits", 1400, N_TEST) == f"it was made with n_train={N_TRAIN}, this run has n_train=1400"
     assert split.mismatch("digits", N_TRAIN, 10) == f"it was made with n_test={N_TEST}, this run has n_test=10"
     assert split.mismatch("digits", N_TRAIN, N_TEST, 8, 3) == "it was made with seed=7, this run has seed=8"
@@ -131,19 +135,31 @@ def damaged(tmp_path, change):
     return path
 
 
-@pytest.mark.parametrize("change, why", [
-    (lambda a: a.update(victim_test=np.concatenate([a["victim_test"], a["victim_train"][:1]])),
-     "victim_train and victim_test overlap"),
-    (lambda a: a.update(shadow_test_1=np.concatenate([a["shadow_test_1"], a["victim_train"][:3]])),
-     "members of victim_train are non-members in shadow_test_1"),
-    (lambda a: a.update(shadow_train_0=np.concatenate([a["shadow_train_0"], a["victim_test"][:1]])),
-     "shadow_train_0 and shadow_test_0 overlap"),
-    (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], -1)), "victim_dev holds indices outside 0..1796"),
-    (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], N_TRAIN + N_TEST)), "outside 0..1796"),
-    (lambda a: a.update(victim_train=a["victim_train"].astype(np.float64)), "victim_train is not a 1-D integer array"),
-    (lambda a: a.update(shadow_dev_1=np.array([], dtype=np.int64)), "shadow_dev_1 is empty"),
-    (lambda a: a.update(victim_train=np.append(a["victim_train"], a["victim_train"][0])), "victim_train repeats"),
-])
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (
+            lambda a: a.update(victim_test=np.concatenate([a["victim_test"], a["victim_train"][:1]])),
+            "victim_train and victim_test overlap",
+        ),
+        (
+            lambda a: a.update(shadow_test_1=np.concatenate([a["shadow_test_1"], a["victim_train"][:3]])),
+            "members of victim_train are non-members in shadow_test_1",
+        ),
+        (
+            lambda a: a.update(shadow_train_0=np.concatenate([a["shadow_train_0"], a["victim_test"][:1]])),
+            "shadow_train_0 and shadow_test_0 overlap",
+        ),
+        (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], -1)), "victim_dev holds indices outside 0..1796"),
+        (lambda a: a.update(victim_dev=np.append(a["victim_dev"][1:], N_TRAIN + N_TEST)), "outside 0..1796"),
+        (
+            lambda a: a.update(victim_train=a["victim_train"].astype(np.float64)),
+            "victim_train is not a 1-D integer array",
+        ),
+        (lambda a: a.update(shadow_dev_1=np.array([], dtype=np.int64)), "shadow_dev_1 is empty"),
+        (lambda a: a.update(victim_train=np.append(a["victim_train"], a["victim_train"][0])), "victim_train repeats"),
+    ],
+)
 def test_a_damaged_split_is_refused_on_load(tmp_path, change, why):
     path = damaged(tmp_path, change)
     with pytest.raises(MissingError, match="damaged") as err:

@@ -178,46 +178,82 @@ def nan(value):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "summarize.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "summarize.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_tags_and_seeds_are_rows_of_their_own(tmp_path):
     """Two window settings of one defense (tagged) and a second seed: three rows, none overwritten."""
-    block = lambda header, acc: (f"{header}\nSemantics: release\nPretrained Victim: Accuracy 90.000, Loss 0.1\n"
-                                 f"Victim pruned model test accuracy: {acc}\nShadows: x (adaptive)\n"
-                                 f"Semantics: release\nConf attack accuracy: 55.000\n")
-    logs = {"digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s1w15.txt":
-            block("digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s1w15_1-15_0.0005", "81.000"),
-            "digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s2w10.txt":
-            block("digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s2w10_2-10_0.0005", "82.000"),
-            "digits_columnfc_seed3/iter_prunetxt_0.6_slide_re.txt":
-            block("digits_columnfc_seed3_iter_prunetxt_0.6_slide_re_1-15_0.0005", "83.000")}
+    block = lambda header, acc: (
+        f"{header}\nSemantics: release\nPretrained Victim: Accuracy 90.000, Loss 0.1\n"
+        f"Victim pruned model test accuracy: {acc}\nShadows: x (adaptive)\n"
+        f"Semantics: release\nConf attack accuracy: 55.000\n"
+    )
+    logs = {
+        "digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s1w15.txt": block(
+            "digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s1w15_1-15_0.0005", "81.000"
+        ),
+        "digits_columnfc/iter_prunetxt_0.6_slide_re_tag-s2w10.txt": block(
+            "digits_columnfc_iter_prunetxt_0.6_slide_re_tag-s2w10_2-10_0.0005", "82.000"
+        ),
+        "digits_columnfc_seed3/iter_prunetxt_0.6_slide_re.txt": block(
+            "digits_columnfc_seed3_iter_prunetxt_0.6_slide_re_1-15_0.0005", "83.000"
+        ),
+    }
     for name, text in logs.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     df = results.parse_logs(tmp_path)
     got = sorted(zip(df["model"], df["defense"], df["tag"], df["seed"], df["window"], df["pruned_acc"]))
-    assert got == [("columnfc", "slide_re", "", 3, "1-15", 83.0), ("columnfc", "slide_re", "s1w15", 7, "1-15", 81.0),
-                   ("columnfc", "slide_re", "s2w10", 7, "2-10", 82.0)]
+    assert got == [
+        ("columnfc", "slide_re", "", 3, "1-15", 83.0),
+        ("columnfc", "slide_re", "s1w15", 7, "1-15", 81.0),
+        ("columnfc", "slide_re", "s2w10", 7, "2-10", 82.0),
+    ]
 
 
 def test_columns_and_rows(log_dir):
     df = results.parse_logs(log_dir)
     # Only attack columns with a value in the merged rows (the old Base run's Conf AUC/TPR are gone: the newest
     # Conf result has none; its NN results stay, no newer run has any).
-    assert list(df.columns) == results.COLUMNS + ["SAMIA_acc", "Conf_acc", "NN_acc", "Top3-NN_acc", "NNCl_acc",
-                                                    "LiRA_acc", "LiRA_tpr01"]
+    assert list(df.columns) == results.COLUMNS + [
+        "SAMIA_acc",
+        "Conf_acc",
+        "NN_acc",
+        "Top3-NN_acc",
+        "NNCl_acc",
+        "LiRA_acc",
+        "LiRA_tpr01",
+    ]
     assert results.COLUMNS[8:13] == ["setting", "semantics", "tag", "seed", "pretrained_acc"]
     assert set(df["tag"]) == {""} and set(df["seed"]) == {7}  # untagged runs of the default seed
     assert list(results.parse_logs(log_dir, newest_only=False).columns) == results.COLUMNS + [
-        "SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
-        "NN_acc", "Top3-NN_acc", "NNCl_acc", "LiRA_acc", "LiRA_tpr01"]
+        "SAMIA_acc",
+        "Conf_acc",
+        "Conf_auc",
+        "Conf_tpr1",
+        "Conf_tpr01",
+        "NN_acc",
+        "Top3-NN_acc",
+        "NNCl_acc",
+        "LiRA_acc",
+        "LiRA_tpr01",
+    ]
     assert set(df["semantics"]) == {"release"}  # logs without "Semantics:" lines are the release's
     got = set(zip(df["dataset"], df["model"], df["defense"], df["setting"].fillna("-")))
-    assert got == {("digits", "columnfc", "base", "base"), ("digits", "columnfc", "base", "original"),
-                   ("digits", "columnfc", "ppb", "adaptive"), ("digits", "columnfc", "slide_re", "-"),
-                   ("digits", "columnfc", "dp", "base"), ("cifar10", "resnet18", "base", "unknown")}
+    assert got == {
+        ("digits", "columnfc", "base", "base"),
+        ("digits", "columnfc", "base", "original"),
+        ("digits", "columnfc", "ppb", "adaptive"),
+        ("digits", "columnfc", "slide_re", "-"),
+        ("digits", "columnfc", "dp", "base"),
+        ("cifar10", "resnet18", "base", "unknown"),
+    }
     # Base first within a dataset_model.
     assert list(df[df["dataset"] == "digits"]["defense"])[:2] == ["base", "base"]
 
@@ -318,7 +354,8 @@ def test_repeated_metric_without_victim_line_is_a_new_entry(tmp_path):
     folder = tmp_path / "log" / "location_columnfc"
     folder.mkdir(parents=True)
     (folder / "iter_prunetxt_0.7_.txt").write_text(
-        "SAMIA attack accuracy: 60.000\nSAMIA attack accuracy: 61.000\nSAMIA attack accu")
+        "SAMIA attack accuracy: 60.000\nSAMIA attack accuracy: 61.000\nSAMIA attack accu"
+    )
     df = results.parse_logs(tmp_path / "log", newest_only=False)
     assert list(df["SAMIA_acc"]) == [60.0, 61.0] and list(df["setting"]) == ["unknown", "unknown"]
     assert row(results.parse_logs(tmp_path / "log"), dataset="location")["SAMIA_acc"] == 61.0
@@ -341,7 +378,8 @@ def test_cli_csv_and_markdown(log_dir, tmp_path):
     assert len(lines) == 2 + 6
     ppb_line = next(line for line in lines if "| ppb |" in line)
     assert ppb_line.startswith(
-        "| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | release |  | 7 | 81.234 |")
+        "| digits | columnfc | iter_prunetxt | 0.6 | ppb | 4.0 |  | 0.0005 | adaptive | release |  | 7 | 81.234 |"
+    )
 
     proc = run_cli(log_dir, "--out", out, "--all", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout == "" and len(pd.read_csv(out)) == 7
@@ -360,13 +398,18 @@ def test_tradeoff_plot_data(log_dir):
     (pruned accuracy, strongest attack accuracy) of the newest run, Base as the black star, the unpruned
     victim as a dashed line and its attack as an X."""
     import matplotlib.pyplot as plt
+
     fig = report.draw_tradeoff(results.parse_logs(log_dir))
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     assert sorted(panels) == ["cifar10_resnet18", "digits_columnfc"]
     ax = panels["digits_columnfc"]
     points = {c.get_label(): [tuple(p) for p in c.get_offsets()] for c in ax.collections}
-    assert points == {"Base": [(78.9, 58.0)], "dp": [(57.0, 50.5)], "ppb": [(76.5, 52.0)],
-                      "unpruned, attacked": [(81.5, 70.25)]}  # slide_re has no attack yet: no marker
+    assert points == {
+        "Base": [(78.9, 58.0)],
+        "dp": [(57.0, 50.5)],
+        "ppb": [(76.5, 52.0)],
+        "unpruned, attacked": [(81.5, 70.25)],
+    }  # slide_re has no attack yet: no marker
     base = next(c for c in ax.collections if c.get_label() == "Base")
     assert tuple(base.get_facecolor()[0][:3]) == (0.0, 0.0, 0.0)
     (line,) = ax.get_lines()
@@ -402,11 +445,18 @@ def test_scores_line_names_the_runs_scores_file_and_nothing_else(tmp_path):
     folder = tmp_path / "log" / "digits_columnfc"
     folder.mkdir(parents=True)
     scores = "result/digits_columnfc/scores/iter_prunetxt_0.6_base_release_20250101T000000000000Z_h_1.npz"
-    (folder / "iter_prunetxt_0.6_base.txt").write_text(
-        BASE_LOG.split("Victim original")[0] + f"Scores: {scores}\n")
+    (folder / "iter_prunetxt_0.6_base.txt").write_text(BASE_LOG.split("Victim original")[0] + f"Scores: {scores}\n")
     df = results.parse_logs(tmp_path / "log", newest_only=False)
-    assert list(df.columns) == results.COLUMNS + ["SAMIA_acc", "Conf_acc", "Conf_auc", "Conf_tpr1", "Conf_tpr01",
-                                                    "NN_acc", "Top3-NN_acc", "scores"]
+    assert list(df.columns) == results.COLUMNS + [
+        "SAMIA_acc",
+        "Conf_acc",
+        "Conf_auc",
+        "Conf_tpr1",
+        "Conf_tpr01",
+        "NN_acc",
+        "Top3-NN_acc",
+        "scores",
+    ]
     assert len(df) == 1 and df.loc[0, "scores"] == scores and df.loc[0, "NN_acc"] == 53.0
 
 
@@ -414,29 +464,43 @@ def test_scores_line_names_the_runs_scores_file_and_nothing_else(tmp_path):
 
 PRUNE_HEADER = "digits_columnfc_iter_prunetxt_0.6{}_0.0005"
 SCORES = "result/digits_columnfc/scores/iter_prunetxt_0.6{}_{}_release_2025010{}T000000000000Z_h_1.npz"
-THRESHOLD = {"Conf": (55.125, 0.5612, 1.234, 0.1), "Entr": (54.25, 0.5501, 0.9, 0.0),
-             "Mentr": (56.5, 0.5733, 1.5, 0.2), "Hconf": (53.75, 0.5402, 0.8, 0.0)}
+THRESHOLD = {
+    "Conf": (55.125, 0.5612, 1.234, 0.1),
+    "Entr": (54.25, 0.5501, 0.9, 0.0),
+    "Mentr": (56.5, 0.5733, 1.5, 0.2),
+    "Hconf": (53.75, 0.5402, 0.8, 0.0),
+}
 TOP3 = {"Top3-NN": (61.5, 0.6012, 2.5, 0.3)}
-THRESHOLD_AGAIN = {"Conf": (57.0, 0.6, 2.0, 0.25), "Entr": (55.0, 0.57, 1.0, 0.1),
-                   "Mentr": (58.0, 0.61, 2.2, 0.3), "Hconf": (54.0, 0.55, 0.7, 0.1)}
+THRESHOLD_AGAIN = {
+    "Conf": (57.0, 0.6, 2.0, 0.25),
+    "Entr": (55.0, 0.57, 1.0, 0.1),
+    "Mentr": (58.0, 0.61, 2.2, 0.3),
+    "Hconf": (54.0, 0.55, 0.7, 0.1),
+}
 
 
 def prune_block(defense="base", arg="", pretrained=81.234, time=10.0):
     """A prune run's lines as prune_modi.py writes them."""
     label = "Base" if defense == "base" else defense
     name = "" if defense == "base" else f"_{defense}{arg and '_' + arg}"
-    return (f"{PRUNE_HEADER.format(name)}\nSemantics: release\n"
-            f"Pretrained Victim: Accuracy {pretrained:.3f}, Loss 0.500\n"
-            f"victim iter 0 best model: Accuracy 80.000, Loss 0.600\nTotal {label} defend time: {time:.3f}s\n"
-            "shadow 0 iter 0 best model: Accuracy 79.000, Loss 0.650\n")
+    return (
+        f"{PRUNE_HEADER.format(name)}\nSemantics: release\n"
+        f"Pretrained Victim: Accuracy {pretrained:.3f}, Loss 0.500\n"
+        f"victim iter 0 best model: Accuracy 80.000, Loss 0.600\nTotal {label} defend time: {time:.3f}s\n"
+        "shadow 0 iter 0 best model: Accuracy 79.000, Loss 0.650\n"
+    )
 
 
 def attack_block(victim, shadows, found, scores=None, kind="pruned"):
     """An attack run's lines as mia_modi.py writes them; found: {attack: (accuracy, AUC, TPR@1%FPR, TPR@0.1%FPR)}."""
     lines = [f"Victim {kind} model test accuracy: {victim:.3f}", f"Shadows: {shadows}", "Semantics: release"]
     for name, (acc, auc, tpr1, tpr01) in found.items():
-        lines += [f"{name} attack accuracy: {acc:.3f}", f"{name} attack AUC: {auc:.4f}",
-                  f"{name} attack TPR@1%FPR: {tpr1:.3f}", f"{name} attack TPR@0.1%FPR: {tpr01:.3f}"]
+        lines += [
+            f"{name} attack accuracy: {acc:.3f}",
+            f"{name} attack AUC: {auc:.4f}",
+            f"{name} attack TPR@1%FPR: {tpr1:.3f}",
+            f"{name} attack TPR@0.1%FPR: {tpr01:.3f}",
+        ]
     return "\n".join(lines + ([f"Scores: {scores}"] if scores else [])) + "\n"
 
 
@@ -455,30 +519,73 @@ def write_log(tmp_path, name, blocks, mtime=1_000_000):
 
 def write_record(tmp_path, kind, run_id, log_name, offset, results, scores=None, **run):
     """A run record as records.py writes it, naming its block in log/digits_columnfc/<log_name>."""
-    run = {"run_name": "digits_columnfc", "dataset": "digits", "model": "columnfc", "pruner": "iter_prunetxt",
-           "sparsity": 0.6, "defense": "base", "defend_arg": None, "window": None, "weight_decay_mem": 0.0005,
-           "semantics": "release", "tag": "", "seed": 7, "prefix": "iter_prunetxt_0.6", **run}
-    record = {"format": 1, "kind": kind, "run_id": run_id, "start": f"2025-01-01T00:00:{run_id}.000000Z",
-              "end": f"2025-01-01T00:00:{run_id}.500000Z", "code": {"commit": None, "dirty": None}, "run": run,
-              "settings": {}, "log": {"path": f"log/digits_columnfc/{log_name}", "offset": offset, "end": offset + 1},
-              "results": results, **({"scores": scores} if scores else {})}
+    run = {
+        "run_name": "digits_columnfc",
+        "dataset": "digits",
+        "model": "columnfc",
+        "pruner": "iter_prunetxt",
+        "sparsity": 0.6,
+        "defense": "base",
+        "defend_arg": None,
+        "window": None,
+        "weight_decay_mem": 0.0005,
+        "semantics": "release",
+        "tag": "",
+        "seed": 7,
+        "prefix": "iter_prunetxt_0.6",
+        **run,
+    }
+    record = {
+        "format": 1,
+        "kind": kind,
+        "run_id": run_id,
+        "start": f"2025-01-01T00:00:{run_id}.000000Z",
+        "end": f"2025-01-01T00:00:{run_id}.500000Z",
+        "code": {"commit": None, "dirty": None},
+        "run": run,
+        "settings": {},
+        "log": {"path": f"log/digits_columnfc/{log_name}", "offset": offset, "end": offset + 1},
+        "results": results,
+        **({"scores": scores} if scores else {}),
+    }
     path = tmp_path / "result" / "digits_columnfc" / "records" / f"{kind}_{run_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
 
 
 def prune_record(tmp_path, run_id, log_name, pretrained=81.234, time=10.0, **run):
-    write_record(tmp_path, "prune", run_id, log_name, 0,
-                 {"pretrained": {"accuracy": pretrained, "loss": 0.5}, "defend_time_s": time, "dp_epsilon": None,
-                  "iterations": {"victim": [{"accuracy": 80.0, "loss": 0.6}]}}, **run)
+    write_record(
+        tmp_path,
+        "prune",
+        run_id,
+        log_name,
+        0,
+        {
+            "pretrained": {"accuracy": pretrained, "loss": 0.5},
+            "defend_time_s": time,
+            "dp_epsilon": None,
+            "iterations": {"victim": [{"accuracy": 80.0, "loss": 0.6}]},
+        },
+        **run,
+    )
 
 
 def attack_record(tmp_path, run_id, log_name, offset, victim, found, setting, scores=None, kind="pruned", **run):
-    attacks = [{"name": name, "accuracy": acc, "AUC": auc, "TPR@1%FPR": tpr1, "TPR@0.1%FPR": tpr01}
-               for name, (acc, auc, tpr1, tpr01) in found.items()]
-    write_record(tmp_path, "attack", run_id, log_name, offset,
-                 {"victim": kind, "victim_test_acc": victim, "shadows": "x", "attacks": attacks}, scores,
-                 setting=setting, **run)
+    attacks = [
+        {"name": name, "accuracy": acc, "AUC": auc, "TPR@1%FPR": tpr1, "TPR@0.1%FPR": tpr01}
+        for name, (acc, auc, tpr1, tpr01) in found.items()
+    ]
+    write_record(
+        tmp_path,
+        "attack",
+        run_id,
+        log_name,
+        offset,
+        {"victim": kind, "victim_test_acc": victim, "shadows": "x", "attacks": attacks},
+        scores,
+        setting=setting,
+        **run,
+    )
 
 
 def same_table_three_ways(tmp_path, newest_only=True):
@@ -486,8 +593,9 @@ def same_table_three_ways(tmp_path, newest_only=True):
     both = results.collect(tmp_path / "log", tmp_path / "result", newest_only)
     assert both.problems == []
     pd.testing.assert_frame_equal(results.collect(tmp_path / "log", None, newest_only).table, both.table)
-    pd.testing.assert_frame_equal(results.collect(tmp_path / "no_logs", tmp_path / "result", newest_only).table,
-                                  both.table)
+    pd.testing.assert_frame_equal(
+        results.collect(tmp_path / "no_logs", tmp_path / "result", newest_only).table, both.table
+    )
     return both.table
 
 
@@ -497,8 +605,11 @@ def test_runs_with_other_attacks_merge_into_one_row(tmp_path):
     scores file of the newest; the same from the records."""
     log = "iter_prunetxt_0.6_base.txt"
     first, second = SCORES.format("", "base", 1), SCORES.format("", "base", 2)
-    blocks = [prune_block(), attack_block(80.0, "iter_prunetxt_0.6 (base)", THRESHOLD, first),
-              attack_block(80.5, "iter_prunetxt_0.6 (base)", TOP3, second)]
+    blocks = [
+        prune_block(),
+        attack_block(80.0, "iter_prunetxt_0.6 (base)", THRESHOLD, first),
+        attack_block(80.5, "iter_prunetxt_0.6 (base)", TOP3, second),
+    ]
     at = write_log(tmp_path, log, blocks)
     prune_record(tmp_path, "10", log)
     attack_record(tmp_path, "11", log, at[1], 80.0, THRESHOLD, "base", first)
@@ -507,13 +618,18 @@ def test_runs_with_other_attacks_merge_into_one_row(tmp_path):
     df = same_table_three_ways(tmp_path)
     assert len(df) == 1
     merged = df.iloc[0]
-    assert (merged["defense"], merged["setting"], merged["pretrained_acc"], merged["defend_time_s"]) == \
-        ("base", "base", 81.234, 10.0)
+    assert (merged["defense"], merged["setting"], merged["pretrained_acc"], merged["defend_time_s"]) == (
+        "base",
+        "base",
+        81.234,
+        10.0,
+    )
     assert merged["pruned_acc"] == 80.5 and merged["scores"] == second
     for name, values in {**THRESHOLD, **TOP3}.items():
         assert metrics(merged, name) == values
-    assert list(df.columns) == results.COLUMNS + [f"{a}_{m}" for a in ("Conf", "Entr", "Mentr", "Hconf", "Top3-NN")
-                                                  for m in ("acc", "auc", "tpr1", "tpr01")] + ["scores"]
+    assert list(df.columns) == results.COLUMNS + [
+        f"{a}_{m}" for a in ("Conf", "Entr", "Mentr", "Hconf", "Top3-NN") for m in ("acc", "auc", "tpr1", "tpr01")
+    ] + ["scores"]
 
     every = same_table_three_ways(tmp_path, newest_only=False)  # --all: every run its own row, as before
     assert list(every["pruned_acc"]) == [80.0, 80.5] and list(every["scores"]) == [first, second]
@@ -524,16 +640,21 @@ def test_a_newer_run_of_an_attack_wins_whole(tmp_path):
     """threshold, nn_top3, threshold again: the second threshold run's values; then a run that logs Conf's
     accuracy alone (an older version's): Conf is that run's, without the earlier run's AUC and TPR."""
     base = "iter_prunetxt_0.6 (base)"
-    blocks = [prune_block(), attack_block(80.0, base, THRESHOLD), attack_block(80.5, base, TOP3),
-              attack_block(81.0, base, THRESHOLD_AGAIN)]
+    blocks = [
+        prune_block(),
+        attack_block(80.0, base, THRESHOLD),
+        attack_block(80.5, base, TOP3),
+        attack_block(81.0, base, THRESHOLD_AGAIN),
+    ]
     write_log(tmp_path, "iter_prunetxt_0.6_base.txt", blocks)
     merged = results.parse_logs(tmp_path / "log").iloc[0]
     assert merged["pruned_acc"] == 81.0 and metrics(merged, "Top3-NN") == TOP3["Top3-NN"]
     for name, values in THRESHOLD_AGAIN.items():
         assert metrics(merged, name) == values
 
-    blocks.append("Victim pruned model test accuracy: 81.500\nShadows: iter_prunetxt_0.6 (base)\n"
-                  "Conf attack accuracy: 59.000\n")
+    blocks.append(
+        "Victim pruned model test accuracy: 81.500\nShadows: iter_prunetxt_0.6 (base)\nConf attack accuracy: 59.000\n"
+    )
     write_log(tmp_path, "iter_prunetxt_0.6_base.txt", blocks)
     df = results.parse_logs(tmp_path / "log")
     merged = df.iloc[0]
@@ -551,8 +672,14 @@ def test_attacks_on_a_replaced_model_do_not_merge_with_the_new_one(tmp_path):
     at = write_log(tmp_path, log, blocks)
     prune_record(tmp_path, "10", log)
     attack_record(tmp_path, "11", log, at[1], 80.0, THRESHOLD, "base")
-    write_record(tmp_path, "prune", "12", log, at[2], {"pretrained": {"accuracy": 81.234, "loss": 0.5},
-                 "defend_time_s": 10.0, "dp_epsilon": None, "iterations": {}})
+    write_record(
+        tmp_path,
+        "prune",
+        "12",
+        log,
+        at[2],
+        {"pretrained": {"accuracy": 81.234, "loss": 0.5}, "defend_time_s": 10.0, "dp_epsilon": None, "iterations": {}},
+    )
     attack_record(tmp_path, "13", log, at[3], 80.5, TOP3, "base")
     df = same_table_three_ways(tmp_path)
     assert len(df) == 1 and df.iloc[0]["pruned_acc"] == 80.5
@@ -565,8 +692,11 @@ def test_adaptive_attack_on_base_is_the_base_setting(tmp_path):
     """An older version's mia_modi.py --adaptive without --defend logged "(adaptive)": it used the Base-pruned
     shadows, so it is the base setting and merges with the base runs, from the logs and from the records."""
     log = "iter_prunetxt_0.6_base.txt"
-    blocks = [prune_block(), attack_block(80.0, "iter_prunetxt_0.6 (adaptive)", THRESHOLD),
-              attack_block(80.5, "iter_prunetxt_0.6 (base)", TOP3)]
+    blocks = [
+        prune_block(),
+        attack_block(80.0, "iter_prunetxt_0.6 (adaptive)", THRESHOLD),
+        attack_block(80.5, "iter_prunetxt_0.6 (base)", TOP3),
+    ]
     at = write_log(tmp_path, log, blocks)
     prune_record(tmp_path, "10", log)
     attack_record(tmp_path, "11", log, at[1], 80.0, THRESHOLD, "adaptive")
@@ -583,14 +713,21 @@ def test_original_attack_under_a_defense_is_the_unpruned_model(tmp_path):
     models, so it is the original setting of Base (no defend_arg, none of ppb's prune numbers) and merges
     with the --original run in Base's log; ppb's prune run stays a row of its own, without attacks."""
     base_log, ppb_log = "iter_prunetxt_0.6_base.txt", "iter_prunetxt_0.6_ppb.txt"
-    base_at = write_log(tmp_path, base_log, [
-        prune_block(), attack_block(81.5, "original", {"SAMIA": (70.25, 0.7011, 5.0, 1.0)}, kind="original")])
-    ppb_at = write_log(tmp_path, ppb_log, [
-        prune_block("ppb", "4.0", time=12.5), attack_block(81.625, "original", THRESHOLD, kind="original")],
-        mtime=1_000_001)
+    base_at = write_log(
+        tmp_path,
+        base_log,
+        [prune_block(), attack_block(81.5, "original", {"SAMIA": (70.25, 0.7011, 5.0, 1.0)}, kind="original")],
+    )
+    ppb_at = write_log(
+        tmp_path,
+        ppb_log,
+        [prune_block("ppb", "4.0", time=12.5), attack_block(81.625, "original", THRESHOLD, kind="original")],
+        mtime=1_000_001,
+    )
     prune_record(tmp_path, "10", base_log)
-    attack_record(tmp_path, "11", base_log, base_at[1], 81.5, {"SAMIA": (70.25, 0.7011, 5.0, 1.0)}, "original",
-                  kind="original")
+    attack_record(
+        tmp_path, "11", base_log, base_at[1], 81.5, {"SAMIA": (70.25, 0.7011, 5.0, 1.0)}, "original", kind="original"
+    )
     ppb = {"defense": "ppb", "defend_arg": 4.0, "prefix": "iter_prunetxt_0.6_ppb_4.0"}
     prune_record(tmp_path, "12", ppb_log, time=12.5, **ppb)
     attack_record(tmp_path, "13", ppb_log, ppb_at[1], 81.625, THRESHOLD, "original", kind="original", **ppb)
@@ -615,6 +752,7 @@ def test_original_attack_under_a_defense_is_the_unpruned_model(tmp_path):
 
 # ---------------------------------------------------------------- summarize.py's errors
 
+
 def refused(proc, status, line):
     """The command failed with exit status `status` and one line on stderr, `error: <line>`."""
     assert "Traceback" not in proc.stderr
@@ -624,13 +762,16 @@ def refused(proc, status, line):
 
 def untouched(tmp_path):
     """Output files of an earlier run, which a refused command must leave as they are."""
-    old = {"results.csv": "old table\n", "tradeoff.png": "old plot\n", "report/results.csv": "old report table\n",
-           "report/report.md": "old report\n"}
+    old = {
+        "results.csv": "old table\n",
+        "tradeoff.png": "old plot\n",
+        "report/results.csv": "old report table\n",
+        "report/report.md": "old report\n",
+    }
     for name, text in old.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
-    return lambda: {name: (tmp_path / name).read_text() for name in old} == old and \
-        not list(tmp_path.glob("**/.tmp_*"))
+    return lambda: {name: (tmp_path / name).read_text() for name in old} == old and not list(tmp_path.glob("**/.tmp_*"))
 
 
 @pytest.mark.slow
@@ -638,8 +779,11 @@ def test_cli_missing_output_folder(log_dir, tmp_path):
     unchanged = untouched(tmp_path)
     for flag, path in (("--out", "nowhere/x.csv"), ("--plot", "nowhere/x.png"), ("--report", "nowhere/rep")):
         extra = ["--report", path] if flag == "--report" else ["--plot", "tradeoff.png"] + [flag, path]
-        refused(run_cli(log_dir, *extra, cwd=tmp_path), 1,
-                f"folder nowhere for {flag} {path} not found; create it first, or pass a path in an existing folder")
+        refused(
+            run_cli(log_dir, *extra, cwd=tmp_path),
+            1,
+            f"folder nowhere for {flag} {path} not found; create it first, or pass a path in an existing folder",
+        )
     assert unchanged() and not (tmp_path / "nowhere").exists()
 
 
@@ -649,8 +793,11 @@ def test_cli_file_in_place_of_the_output_folder(log_dir, tmp_path):
     (tmp_path / "blocker").write_text("not a folder\n")
     for flag in ("--out", "--plot", "--report"):
         path = f"blocker/{'x.csv' if flag == '--out' else 'x.png' if flag == '--plot' else 'rep'}"
-        refused(run_cli(log_dir, "--plot", "tradeoff.png", flag, path, cwd=tmp_path), 1,
-                f"blocker for {flag} {path} is a file, not a folder; move that file away, or pass a path in a folder")
+        refused(
+            run_cli(log_dir, "--plot", "tradeoff.png", flag, path, cwd=tmp_path),
+            1,
+            f"blocker for {flag} {path} is a file, not a folder; move that file away, or pass a path in a folder",
+        )
     assert unchanged() and (tmp_path / "blocker").read_text() == "not a folder\n"
 
 
@@ -664,9 +811,12 @@ def test_cli_unwritable_output_folder(log_dir, tmp_path):
     locked.chmod(0o500)
     folder = "/proc/1" if os.geteuid() == 0 else "locked"
     try:
-        refused(run_cli(log_dir, "--out", f"{folder}/x.csv", cwd=tmp_path), 1,
-                f"folder {folder} for --out {folder}/x.csv is not writable; fix its permissions, or pass a path in a "
-                "folder you can write to")
+        refused(
+            run_cli(log_dir, "--out", f"{folder}/x.csv", cwd=tmp_path),
+            1,
+            f"folder {folder} for --out {folder}/x.csv is not writable; fix its permissions, or pass a path in a "
+            "folder you can write to",
+        )
     finally:
         locked.chmod(0o700)
     assert unchanged() and list(locked.iterdir()) == []
@@ -677,18 +827,30 @@ def test_cli_output_path_of_the_wrong_kind(log_dir, tmp_path):
     unchanged = untouched(tmp_path)
     (tmp_path / "folder").mkdir()
     (tmp_path / "figures.png").mkdir()
-    refused(run_cli(log_dir, "--out", "folder", cwd=tmp_path), 2,
-            "--out folder is a folder; pass a file name, e.g. --out folder/results.csv")
-    refused(run_cli(log_dir, "--plot", "figures.png", cwd=tmp_path), 2,
-            "--plot figures.png is a folder; pass a file name, e.g. --plot figures.png/tradeoff.png")
-    refused(run_cli(log_dir, "--report", "results.csv", cwd=tmp_path), 2,
-            "--report results.csv is a file, not a folder; pass a folder name (it is created if missing)")
+    refused(
+        run_cli(log_dir, "--out", "folder", cwd=tmp_path),
+        2,
+        "--out folder is a folder; pass a file name, e.g. --out folder/results.csv",
+    )
+    refused(
+        run_cli(log_dir, "--plot", "figures.png", cwd=tmp_path),
+        2,
+        "--plot figures.png is a folder; pass a file name, e.g. --plot figures.png/tradeoff.png",
+    )
+    refused(
+        run_cli(log_dir, "--report", "results.csv", cwd=tmp_path),
+        2,
+        "--report results.csv is a file, not a folder; pass a folder name (it is created if missing)",
+    )
     proc = run_cli(log_dir, "--plot", "plot.txt", cwd=tmp_path)
     assert proc.stderr.startswith("error: --plot plot.txt: matplotlib cannot write .txt files; use one of ")
-    refused(proc, 2, proc.stderr.strip()[len("error: "):])
+    refused(proc, 2, proc.stderr.strip()[len("error: ") :])
     assert ".png" in proc.stderr and ".pdf" in proc.stderr
-    refused(run_cli(log_dir, "--no_such_flag", cwd=tmp_path), 2,
-            "unrecognized arguments: --no_such_flag; see 'summarize.py --help'")
+    refused(
+        run_cli(log_dir, "--no_such_flag", cwd=tmp_path),
+        2,
+        "unrecognized arguments: --no_such_flag; see 'summarize.py --help'",
+    )
     assert unchanged() and list((tmp_path / "folder").iterdir()) == list((tmp_path / "figures.png").iterdir()) == []
 
 
@@ -696,24 +858,39 @@ def test_cli_output_path_of_the_wrong_kind(log_dir, tmp_path):
 def test_cli_log_dir_that_is_a_file_or_holds_no_results(tmp_path):
     unchanged = untouched(tmp_path)
     (tmp_path / "notes.txt").write_text("not a folder\n")
-    refused(run_cli("notes.txt", cwd=tmp_path), 2,
-            "LOG_DIR notes.txt is a file, not a folder; pass the folder that holds the <ds>_<model>/ log folders "
-            "(default: log)")
-    refused(run_cli("log", "--result_dir", "notes.txt", cwd=tmp_path), 2,
-            "--result_dir notes.txt is a file, not a folder; pass the folder that holds <ds>_<model>/records/ "
-            "(default: result/ beside LOG_DIR)")
+    refused(
+        run_cli("notes.txt", cwd=tmp_path),
+        2,
+        "LOG_DIR notes.txt is a file, not a folder; pass the folder that holds the <ds>_<model>/ log folders "
+        "(default: log)",
+    )
+    refused(
+        run_cli("log", "--result_dir", "notes.txt", cwd=tmp_path),
+        2,
+        "--result_dir notes.txt is a file, not a folder; pass the folder that holds <ds>_<model>/records/ "
+        "(default: result/ beside LOG_DIR)",
+    )
     (tmp_path / "empty").mkdir()
     for extra in ([], ["--report", "report"]):
-        refused(run_cli("empty", *extra, cwd=tmp_path), 1,
-                f"LOG_DIR empty holds no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt); pass the "
-                f"folder prune_modi.py/mia_modi.py log to, or --allow_empty to summarize the run records under "
-                f"{tmp_path / 'result'} alone")
-    refused(run_cli("empty", "--allow_empty", "--report", "report", cwd=tmp_path), 1,  # a report of nothing
-            f"no results under empty and no run records under {tmp_path / 'result'}; run prune_modi.py and "
-            f"mia_modi.py first, or pass the folder they log to")
-    refused(run_cli("nope", cwd=tmp_path), 1,
-            f"LOG_DIR nope not found; pass the folder prune_modi.py/mia_modi.py log to (default: log), or --allow_empty "
-            f"to summarize the run records under {tmp_path / 'result'} alone")
+        refused(
+            run_cli("empty", *extra, cwd=tmp_path),
+            1,
+            f"LOG_DIR empty holds no results logs (<ds>_<model>/<pruner>_<sparsity>_<defend>.txt); pass the "
+            f"folder prune_modi.py/mia_modi.py log to, or --allow_empty to summarize the run records under "
+            f"{tmp_path / 'result'} alone",
+        )
+    refused(
+        run_cli("empty", "--allow_empty", "--report", "report", cwd=tmp_path),
+        1,  # a report of nothing
+        f"no results under empty and no run records under {tmp_path / 'result'}; run prune_modi.py and "
+        f"mia_modi.py first, or pass the folder they log to",
+    )
+    refused(
+        run_cli("nope", cwd=tmp_path),
+        1,
+        f"LOG_DIR nope not found; pass the folder prune_modi.py/mia_modi.py log to (default: log), or --allow_empty "
+        f"to summarize the run records under {tmp_path / 'result'} alone",
+    )
     assert unchanged()
 
 
@@ -724,8 +901,9 @@ def test_cli_replaces_its_outputs_whole(log_dir, tmp_path):
     proc = run_cli(log_dir, "--out", "results.csv", "--plot", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == ["wrote 6 rows to results.csv", "wrote plot to tradeoff.png"]
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results.csv"),
-                                  pd.read_csv(io.StringIO(results.parse_logs(log_dir).to_csv(index=False))))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "results.csv"), pd.read_csv(io.StringIO(results.parse_logs(log_dir).to_csv(index=False)))
+    )
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     proc = run_cli(log_dir, "--plot", "plot", cwd=tmp_path)  # no extension: PNG, as matplotlib names it
     assert proc.returncode == 0 and (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """train.py: the fine-tuning loop (best-dev checkpoint, early stopping), passes, optimizers, checkpoints."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -32,8 +33,16 @@ def scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop, epochs=None):
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     path = str(tmp_path / "best.pth")
-    result = fit(model, train_epoch, None, dev_idx, test_idx, epochs or len(dev_accs), early_stop,
-                 on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss))
+    result = fit(
+        model,
+        train_epoch,
+        None,
+        dev_idx,
+        test_idx,
+        epochs or len(dev_accs),
+        early_stop,
+        on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss),
+    )
     return ran, result, torch.load(path, weights_only=True)
 
 
@@ -73,10 +82,21 @@ def test_fit_reports_every_epoch(monkeypatch, tmp_path):
     model = nn.Linear(1, 1)
     monkeypatch.setattr(train, "evaluate", lambda m, d, idx: (float(len(idx)), 0.25))
     seen = []
-    fit(model, lambda e: (1.5, 40.0), None, torch.arange(3), torch.arange(7), 2, 5,
-        on_best=lambda *a: None, on_epoch=lambda epoch, stats: seen.append((epoch, stats)))
-    assert seen[0] == (0, {"train_loss": 1.5, "train_acc": 40.0, "dev_loss": 0.25, "dev_acc": 3.0,
-                           "test_loss": 0.25, "test_acc": 7.0})
+    fit(
+        model,
+        lambda e: (1.5, 40.0),
+        None,
+        torch.arange(3),
+        torch.arange(7),
+        2,
+        5,
+        on_best=lambda *a: None,
+        on_epoch=lambda epoch, stats: seen.append((epoch, stats)),
+    )
+    assert seen[0] == (
+        0,
+        {"train_loss": 1.5, "train_acc": 40.0, "dev_loss": 0.25, "dev_acc": 3.0, "test_loss": 0.25, "test_acc": 7.0},
+    )
     assert [e for e, _ in seen] == [0, 1]
 
 
@@ -173,8 +193,16 @@ def test_a_diverged_epoch_stops_fit_before_anything_is_saved():
     data = TensorData(torch.rand(8, 4), torch.zeros(8, dtype=torch.long))
     model = nn.Linear(4, 2)
     with pytest.raises(train.DivergedError, match=r"training diverged: the loss of epoch 1 is nan"):
-        fit(model, lambda epoch: next(epochs), data, torch.arange(4), torch.arange(4, 8), 5, 0,
-            on_best=lambda *best: saved.append(best[0]))
+        fit(
+            model,
+            lambda epoch: next(epochs),
+            data,
+            torch.arange(4),
+            torch.arange(4, 8),
+            5,
+            0,
+            on_best=lambda *best: saved.append(best[0]),
+        )
     assert saved == [0]  # epoch 0 was saved as best, the diverged epoch 1 was not
     quiet = iter([(float("nan"), float("nan"))] * 2)  # an RSW epoch whose window is empty trains nothing
     fit(model, lambda epoch: next(quiet), data, torch.arange(4), torch.arange(4, 8), 2, 0, on_best=lambda *a: None)
@@ -191,6 +219,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
 
 def test_checkpoints_follow_the_umask(tmp_path):
     import os
+
     old = os.umask(0o022)
     try:
         save_checkpoint(str(tmp_path / "best.pth"), nn.Linear(4, 2), 0, 50.0, 1.0)
@@ -204,7 +233,9 @@ def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch, capsys
     and the old checkpoint stays."""
     import collections
     import shutil
+
     import common
+
     path = tmp_path / "best.pth"
     save_checkpoint(str(path), nn.Linear(4, 2), 0, 50.0, 1.0)
     before = path.read_bytes()
@@ -212,13 +243,16 @@ def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch, capsys
     def full(obj, f):
         f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda d: collections.namedtuple("U", "total used free")(1, 1, 0))
     with pytest.raises(SystemExit) as exit_:
         common.main_guard(lambda: save_checkpoint(str(path), nn.Linear(4, 2), 1, 60.0, 0.5))
     assert exit_.value.code == 1
-    assert capsys.readouterr().err == (f"error: cannot read or write {path} (No space left on device); check that "
-                                       f"path, its permissions and the free disk space\n")
+    assert capsys.readouterr().err == (
+        f"error: cannot read or write {path} (No space left on device); check that "
+        f"path, its permissions and the free disk space\n"
+    )
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
 
 
@@ -228,6 +262,15 @@ def test_fit_epochs_of_zero_dev_accuracy(monkeypatch, tmp_path, start_acc, expor
     release's start, which then exports nothing)."""
     monkeypatch.setattr(train, "evaluate", lambda model, data, idx: (0.0, 1.0))
     calls = []
-    result = fit(nn.Linear(1, 1), lambda epoch: (0.0, 0.0), None, torch.arange(2), torch.arange(2), 3, 0,
-                 on_best=lambda epoch, acc, loss: calls.append(epoch), start_acc=start_acc)
+    result = fit(
+        nn.Linear(1, 1),
+        lambda epoch: (0.0, 0.0),
+        None,
+        torch.arange(2),
+        torch.arange(2),
+        3,
+        0,
+        on_best=lambda epoch, acc, loss: calls.append(epoch),
+        start_acc=start_acc,
+    )
     assert calls == exported and result == (max(start_acc, 0.0), 1.0)
