@@ -34,6 +34,7 @@ TINY = {
     "prune_iter": 2,
     "shadow_num": 1,
     "attacks": "threshold",
+    "original": False,
     "overrides": {
         "pretrain": {"epochs": 2, "no_tensorboard": True},
         "prune": {"prune_epochs": 2, "no_tensorboard": True},

@@ -2,6 +2,7 @@
 GPU, and when), the environment real steps get, and the status line printed per finished step."""
 
 import io
+import json
 import os
 
 import pytest
@@ -13,9 +14,14 @@ from conftest import REPO
 RUN = "digits_columnfc"
 
 
-def digits_steps(monkeypatch):
+def digits_steps(monkeypatch, tmp_path):
+    """The digits grid without its unpruned attack: pretrain, then 4 prunes, each followed by its attack."""
     monkeypatch.chdir(REPO)
-    return grid.expand(grid.Grid("grids/digits.json", "grids/digits.json"))
+    with open("grids/digits.json") as f:
+        data = {**json.load(f), "original": False}
+    path = tmp_path / "digits.json"
+    path.write_text(json.dumps(data))
+    return grid.expand(grid.Grid(str(path), "grids/digits.json"))
 
 
 def test_slots_are_handed_out_round_robin_over_the_gpus():
@@ -30,10 +36,10 @@ def test_slots_are_handed_out_round_robin_over_the_gpus():
     assert [slot.gpu_id for slot in grid.local_slots(["7"], 1, 1, 4) + grid.local_slots([], 1, 1, 4)] == ["0", "-1"]
 
 
-def test_steps_share_two_fake_gpus_two_at_a_time(monkeypatch):
+def test_steps_share_two_fake_gpus_two_at_a_time(monkeypatch, tmp_path):
     """The digits grid (pretrain, then 4 prunes, each followed by its attack) on GPUs 3 and 5 with 2 steps
     each: what starts (and on which GPU) after each step ends, one prune failing."""
-    steps = digits_steps(monkeypatch)
+    steps = digits_steps(monkeypatch, tmp_path)
     by_name = {step.name: step for step in steps}
     schedule = grid.Schedule(steps, set(), grid.local_slots(["3", "5"], 1, 2, cores=8))
 
