@@ -24,6 +24,7 @@ def three_spellings(copy):
     return ["config/digits.json", "./config/digits.json", os.path.join(copy, "config", "digits.json")]
 
 
+@pytest.mark.slow
 def test_a_folder_two_configs_of_one_run_and_no_slurm_are_one_line(tmp_path):
     copy = copy_repo(tmp_path / "repo")
     before = tree(copy)
@@ -44,6 +45,7 @@ def test_a_folder_two_configs_of_one_run_and_no_slurm_are_one_line(tmp_path):
     assert tree(copy) == before
 
 
+@pytest.mark.slow
 def test_duplicate_entries_are_one_step_each(tmp_path):
     """[0.6, 0.6], one config written three ways and a repeated setting plan the steps of the plain grid."""
     copy = copy_repo(tmp_path / "repo")
@@ -69,6 +71,7 @@ def write_base_only_dry_run(copy, tmp_path):
     return script
 
 
+@pytest.mark.slow
 def test_duplicate_grid_runs_each_step_once_and_an_interrupt_ends_the_running_step(tmp_path):
     copy = copy_repo(tmp_path / "repo")
     dup = write_grid(str(tmp_path), "dup.json", configs=three_spellings(copy), **DUPLICATES)
@@ -101,6 +104,7 @@ def test_duplicate_grid_runs_each_step_once_and_an_interrupt_ends_the_running_st
     assert "prune.iter_prunetxt_0.6" not in records(copy)  # its record went when it started; nothing replaced it
 
 
+@pytest.mark.slow
 def test_slurm_driver_interrupt_names_the_jobs_left_on_slurm(tmp_path):
     state_dir = tempfile.mkdtemp(prefix="wemem-i18-slurm-", dir="/tmp")
     slurm_env, stop = start_cluster(state_dir)

@@ -106,6 +106,7 @@ def test_done_steps_need_no_scores_on_resume(no_scores):
     )
 
 
+@pytest.mark.slow
 def test_cli_refuses_before_anything_runs(tmp_path):
     copy = copy_repo(tmp_path / "repo", memscores=False)
     path = write_grid(str(tmp_path))

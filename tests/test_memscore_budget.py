@@ -140,6 +140,7 @@ def test_plan_and_eta_lines():
     ]
 
 
+@pytest.mark.slow
 def test_cli_refuses_too_few_models_before_training(tmp_path):
     repo = copy_repo(tmp_path / "repo", memscores=False)
     proc = run_script(

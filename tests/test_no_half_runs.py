@@ -76,6 +76,7 @@ def copy_of(pretrained, tmp_path):
 # ---------------------------------------------------------------- seeds
 
 
+@pytest.mark.slow
 def test_seed_range_covers_the_derived_seeds(tmp_path):
     """Shadow k and its split use seed + k + 1 and seed + k: the largest accepted seed is 2**32 - 1 - shadow_num,
     it runs to the end, and one more is refused before anything is written."""
@@ -97,6 +98,7 @@ def test_seed_range_covers_the_derived_seeds(tmp_path):
 # ---------------------------------------------------------------- nothing written by a failed run
 
 
+@pytest.mark.slow
 def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, tmp_path):
     """The victim and shadow 0 would train fine; shadow 1's folder cannot be written: refused before the first
     byte, so the completion records and the log are byte-identical."""
@@ -109,6 +111,7 @@ def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, t
     assert not [p for p in os.listdir(folder / RUN) if ".partial-" in p]
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tmp_path):
     """Ctrl-C while shadow 0 trains: the victim had finished, but a pretrain publishes all its models (and a
     new split) or none, so the run folder holds nothing; the log block ends with `Run ended early`."""
@@ -148,6 +151,7 @@ def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tm
     assert log[-2].startswith("Pretrained victim: epoch ")
 
 
+@pytest.mark.slow
 def test_prune_refuses_a_tensorboard_file_and_an_unwritable_folder_before_its_log_header(pretrained, tmp_path):
     folder = copy_of(pretrained, tmp_path)
     (folder / "log/digits_columnfc/tb").write_text("not a folder\n")
@@ -225,6 +229,7 @@ def interrupted_prune(folder, sig):
     return proc.returncode, stderr
 
 
+@pytest.mark.slow
 def test_interrupted_and_killed_prunes_are_failed_and_unfinished_rows(pretrained, tmp_path):
     folder = copy_of(pretrained, tmp_path)
     code, stderr = interrupted_prune(folder, signal.SIGTERM)
@@ -282,6 +287,7 @@ def summarize(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_summarize_refuses_a_missing_or_empty_log_dir(tmp_path):
     log = tmp_path / "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
     log.parent.mkdir(parents=True)
@@ -303,6 +309,7 @@ def test_summarize_refuses_a_missing_or_empty_log_dir(tmp_path):
     assert pd.read_csv(tmp_path / "results.csv").empty
 
 
+@pytest.mark.slow
 def test_summarize_lists_every_skipped_log_and_keeps_undecodable_names(tmp_path):
     folder = tmp_path / "log" / "digits_columnfc"
     folder.mkdir(parents=True)
