@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from common_bench import table
+
 from intervals import METRICS, Attacked, bootstrap, paired_difference, resample_indices
 
 

@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-import compute_memscore
 from common_bench import table
+
+import compute_memscore
 from datasets import get_dataset
 from paths import memscore_path
 

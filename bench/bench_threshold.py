@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 
-from attacks import threshold_accuracy
 from common_bench import table
+
+from attacks import threshold_accuracy
 
 
 def quadratic_threshold(members, nonmembers):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common_bench import best_of, table
+
 from datasets import TensorData
 from models import TARGET_MODELS, build_model
 from train import make_optimizer, train_pass
