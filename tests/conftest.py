@@ -1,5 +1,6 @@
 """Shared test helpers: the repo on sys.path, and running a script as a subprocess in a folder."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,3 +62,41 @@ def as_repo(monkeypatch, folder):
     monkeypatch.chdir(folder)
     monkeypatch.setattr(paths, "DATA_ROOT", os.path.join("data", "datasets"))
     monkeypatch.setattr(paths, "MEMSCORE_ROOT", "memscore")
+
+
+def write_run_record(folder, kind, run_id, results, log=None, scores=None, **run):
+    """A run record of digits_columnfc as records.py writes it, under folder/result/digits_columnfc/records/; `run`
+    overrides the Base run fields, `log` names its log block ({path, offset, end}) or None."""
+    run = {
+        "run_name": "digits_columnfc",
+        "dataset": "digits",
+        "model": "columnfc",
+        "pruner": "iter_prunetxt",
+        "sparsity": 0.6,
+        "defense": "base",
+        "defend_arg": None,
+        "window": None,
+        "weight_decay_mem": 0.0005,
+        "semantics": "release",
+        "tag": "",
+        "seed": 7,
+        "prefix": "iter_prunetxt_0.6",
+        **run,
+    }
+    record = {
+        "format": 1,
+        "kind": kind,
+        "run_id": run_id,
+        "start": f"2025-01-01T00:00:{run_id}.000000Z",
+        "end": f"2025-01-01T00:00:{run_id}.500000Z",
+        "code": {"commit": None, "dirty": None},
+        "run": run,
+        "settings": {},
+        "log": log,
+        "results": results,
+        **({"scores": scores} if scores else {}),
+    }
+    path = os.path.join(str(folder), "result", "digits_columnfc", "records", f"{kind}_{run_id}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f)

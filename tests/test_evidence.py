@@ -2,8 +2,6 @@
 cannot be measured, the paired comparison with Base, the mem-score bins, and the figures' axes (chance,
 zoom, the unpruned reference, error bars from the intervals)."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +10,7 @@ import paths
 import report
 import results
 from attacks import _rankable
+from conftest import write_run_record
 from intervals import Attacked
 from test_intervals import literal_draws, literal_interval, literal_metrics
 
@@ -20,39 +19,7 @@ N_MEMBERS, N_NONMEMBERS = 150, 120
 
 
 def write_run(folder, kind, run_id, results_, scores=None, **run):
-    run = {
-        "run_name": RUN,
-        "dataset": "digits",
-        "model": "columnfc",
-        "pruner": "iter_prunetxt",
-        "sparsity": 0.6,
-        "defense": "base",
-        "defend_arg": None,
-        "window": None,
-        "weight_decay_mem": 0.0005,
-        "semantics": "release",
-        "tag": "",
-        "seed": 7,
-        "prefix": "iter_prunetxt_0.6",
-        **run,
-    }
-    record = {
-        "format": 1,
-        "kind": kind,
-        "run_id": run_id,
-        "start": f"2025-01-01T00:00:{run_id}.000000Z",
-        "end": f"2025-01-01T00:00:{run_id}.500000Z",
-        "code": {"commit": None, "dirty": None},
-        "run": run,
-        "settings": {},
-        "log": None,
-        "results": results_,
-    }
-    if scores:
-        record["scores"] = scores
-    path = folder / "result" / RUN / "records" / f"{kind}_{run_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    write_run_record(folder, kind, run_id, results_, None, scores, **run)
 
 
 def sample_data(shift, seed):

@@ -1,5 +1,4 @@
 import io
-import json
 import math
 import os
 import subprocess
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import report  # noqa: E402
 import results  # noqa: E402
+from conftest import write_run_record  # noqa: E402
 
 BASE_LOG = """\
 digits_columnfc_iter_prunetxt_0.6_0.0005
@@ -519,38 +519,8 @@ def write_log(tmp_path, name, blocks, mtime=1_000_000):
 
 def write_record(tmp_path, kind, run_id, log_name, offset, results, scores=None, **run):
     """A run record as records.py writes it, naming its block in log/digits_columnfc/<log_name>."""
-    run = {
-        "run_name": "digits_columnfc",
-        "dataset": "digits",
-        "model": "columnfc",
-        "pruner": "iter_prunetxt",
-        "sparsity": 0.6,
-        "defense": "base",
-        "defend_arg": None,
-        "window": None,
-        "weight_decay_mem": 0.0005,
-        "semantics": "release",
-        "tag": "",
-        "seed": 7,
-        "prefix": "iter_prunetxt_0.6",
-        **run,
-    }
-    record = {
-        "format": 1,
-        "kind": kind,
-        "run_id": run_id,
-        "start": f"2025-01-01T00:00:{run_id}.000000Z",
-        "end": f"2025-01-01T00:00:{run_id}.500000Z",
-        "code": {"commit": None, "dirty": None},
-        "run": run,
-        "settings": {},
-        "log": {"path": f"log/digits_columnfc/{log_name}", "offset": offset, "end": offset + 1},
-        "results": results,
-        **({"scores": scores} if scores else {}),
-    }
-    path = tmp_path / "result" / "digits_columnfc" / "records" / f"{kind}_{run_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
+    log = {"path": f"log/digits_columnfc/{log_name}", "offset": offset, "end": offset + 1}
+    write_run_record(tmp_path, kind, run_id, results, log, scores, **run)
 
 
 def prune_record(tmp_path, run_id, log_name, pretrained=81.234, time=10.0, **run):
