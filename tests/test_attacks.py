@@ -304,9 +304,11 @@ def test_nn_attack_features(monkeypatch):
     assert seen["SAMIA"][0] == "transformer" and torch.equal(seen["SAMIA"][2], torch.cat([probs, sens, onehot], 1))
 
 
-def test_nn_attack_training_recipe(monkeypatch):
-    """SGD lr 0.001 momentum 0.9 wd 5e-4, batch 128, MultiStepLR 50/75 x0.1, ATTACK_EPOCHS passes."""
-    monkeypatch.setattr(attacks, "ATTACK_EPOCHS", 80)
+@pytest.mark.parametrize("epochs, first_drop, second_drop", [(100, 50, 75), (80, 40, 60), (20, 10, 15)])
+def test_nn_attack_training_recipe(monkeypatch, epochs, first_drop, second_drop):
+    """SGD lr 0.001 momentum 0.9 wd 5e-4, batch 128, ATTACK_EPOCHS passes; lr x0.1 at half and three quarters
+    of them (the release's 50 and 75 of 100)."""
+    monkeypatch.setattr(attacks, "ATTACK_EPOCHS", epochs)
     calls = []
 
     def fake_pass(model, data, idx, optimizer, batch_size):
@@ -321,9 +323,10 @@ def test_nn_attack_training_recipe(monkeypatch):
     rng = np.random.default_rng(0)
     out = separable_outputs(rng, 50, 4, False)
     ATTACKS["nn"][0](out, out, 4)
-    assert len(calls) == 80
+    assert len(calls) == epochs
     assert calls[0] == (torch.optim.SGD, 1e-3, 0.9, 5e-4, 128, 50)
-    assert [c[1] for c in calls[49:51]] == [1e-3, 1e-4] and [c[1] for c in calls[74:76]] == [1e-4, 1e-5]
+    lrs = [c[1] for c in calls]
+    assert lrs == [1e-3] * first_drop + [1e-4] * (second_drop - first_drop) + [1e-5] * (epochs - second_drop)
 
 
 @pytest.mark.parametrize("semantics, batch", [("release", 32), ("corrected", 128)])
