@@ -167,7 +167,7 @@ def test_a_rebuilt_split_makes_the_models_trained_on_the_old_one_stale(finished,
     from splits import Split
 
     folder = copy(finished, tmp_path)
-    Split.create("digits", 1437, 360, 7, 3).save(str(folder / RUN / "split.npz"))  # what --force --shadow_num 3 writes
+    Split.create("digits", 539, 1258, 7, 3).save(str(folder / RUN / "split.npz"))  # what --force --shadow_num 3 writes
     proc = run_script(*PRUNE, cwd=folder, check=False)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {RUN}/victim_model/best.pth was trained on another data split than {RUN}/split.npz (the split was "

@@ -14,7 +14,7 @@ from torchvision import transforms
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 from common import MissingError, UsageError  # noqa: E402
-from datasets import TensorData, get_dataset  # noqa: E402
+from datasets import TensorData, get_dataset, split_source  # noqa: E402
 
 
 def rng_for(seed=0):
@@ -310,12 +310,28 @@ def test_purchase_label_column_then_features(tmp_path):
 
 def test_digits_needs_no_files(tmp_path):
     train, test = get_dataset("digits", root=tmp_path)
-    assert len(train) == 1437 and len(test) == 360 and train.x.shape[1] == 64
+    assert len(train) == 539 and len(test) == 1258 and train.x.shape[1] == 64  # digits: a 30/70 split
     assert train.x.dtype == torch.float32 and train.x.min() == 0 and train.x.max() == 1
     assert set(test.y.tolist()) == set(range(10))
     with np.load(os.path.join(tmp_path, "digits", "digits_split.npz")) as f:
-        want_train, _ = train_test_split(range(1797), test_size=0.2, random_state=0)
+        want_train, _ = train_test_split(range(1797), test_size=0.7, random_state=0)
         assert f["train"].tolist() == want_train and int(f["n"]) == 1797
+
+
+def test_a_cached_split_of_another_test_share_is_refused(tmp_path):
+    """A digits split cached before digits moved to 30/70 (80/20, 360 test rows) is not silently reused."""
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    train, test = train_test_split(range(1797), test_size=0.2, random_state=0)
+    np.savez(folder / "digits_split.npz", train=np.asarray(train), test=np.asarray(test), n=np.int64(1797))
+    with pytest.raises(MissingError) as err:
+        get_dataset("digits", root=tmp_path)
+    assert str(err.value) == (
+        f"cached split {folder / 'digits_split.npz'} holds 360 of 1797 rows for test but digits uses a 70% test "
+        f"share (1258 rows); delete it (and the runs made on it) to make a new split"
+    )
+    assert split_source("digits", root=tmp_path) == "seeded 30/70 split (random_state 0)"
+    assert split_source("location", root=tmp_path) == "seeded 80/20 split (random_state 0)"
 
 
 @pytest.mark.parametrize(

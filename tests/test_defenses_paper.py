@@ -300,7 +300,7 @@ def test_digits_end_to_end(pretrained, defend):
             r"\(largest class \d+ samples; 2 epochs per pruning iteration\)"
             if window
             else None,
-            r"Risk side: 35 of 1437 training samples \(2\.4%\) have a mem-score >= --mem_thre 0\.3; the victim's: "
+            r"Risk side: 23 of 539 training samples \(4\.3%\) have a mem-score >= --mem_thre 0\.3; the victim's: "
             r"\d+ of \d+"
             if issubclass(DEFENSES[defend], RiskMemory)
             else None,
@@ -369,10 +369,10 @@ def test_run_shell_sections(tmp_path):
     os.remove(tmp_path / "calls.txt")
     proc, calls = shell_commands(tmp_path, "digits")
     assert proc.returncode == 0
-    assert calls == section(-1, "./config/digits.json", "iter_prunetxt", (1, 15), MEM_THRE, (1, 15, MEM_THRE))
+    assert calls == section(-1, "./config/digits.json", "iter_prunetxt", (1, 5), MEM_THRE, (1, 5, MEM_THRE))
     os.remove(tmp_path / "calls.txt")
     proc, calls = shell_commands(tmp_path, "digits", "-1", "--semantics", "corrected")  # flags reach prune + attack
-    plain = section(-1, "./config/digits.json", "iter_prunetxt", (1, 15), MEM_THRE, (1, 15, MEM_THRE))
+    plain = section(-1, "./config/digits.json", "iter_prunetxt", (1, 5), MEM_THRE, (1, 5, MEM_THRE))
     assert proc.returncode == 0 and calls[0] == plain[0] == "pretrain_modi.py -1 ./config/digits.json"
     assert all(call.startswith(("prune_modi.py", "mia_modi.py")) for call in calls[1:])
     assert sorted(calls[1:]) == sorted(
@@ -390,8 +390,8 @@ def test_run_shell_rejects_an_unknown_section(tmp_path):
 
 def test_digits_mem_thre_leaves_both_sides_non_empty():
     """For the victim and the 5 shadows of run_shell.sh digits (seed 7), with the shipped scores."""
-    scores = memscores.read_memscores(os.path.join(REPO, "memscore", "memscore_digits_columnfc.csv"), 1437, "")
-    lists = make_split(1437, 360, seed=7, shadow_num=5)
+    scores = memscores.read_memscores(os.path.join(REPO, "memscore", "memscore_digits_columnfc.csv"), 539, "")
+    lists = make_split(539, 1258, seed=7, shadow_num=5)
     for name in ["victim_train"] + [f"shadow_train_{i}" for i in range(5)]:
         risky = int((scores[lists[name]] >= MEM_THRE).sum())
         assert 0 < risky < len(lists[name]), name

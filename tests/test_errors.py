@@ -28,7 +28,7 @@ PURCHASE = os.path.join(REPO, "config", "purchase.json")
 RUN = "result/digits_columnfc"
 PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "1", "--shadow_num", "1"]
 MIA = ["--pruner_name", "iter_prunetxt", "--shadow_num", "1", "--attacks", "threshold"]
-N_TRAIN = 1437  # digits training rows = mem-score rows
+N_TRAIN = 539  # digits training rows (its 30/70 split) = mem-score rows
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def write_memscores(values):
         path = folder / "memscore/memscore_digits_columnfc.csv"
         pd.DataFrame({"0": values}).to_csv(path)
         train = get_dataset("digits", root=str(folder / "data/datasets"))[0]
-        fields = memscores.fingerprint("digits", "columnfc", train.x, train.y, "seeded 80/20 split (random_state 0)")
+        fields = memscores.fingerprint("digits", "columnfc", train.x, train.y, "seeded 30/70 split (random_state 0)")
         memscores.write_sidecar(str(path), path.read_bytes(), fields)
 
     return setup

@@ -19,7 +19,7 @@ from defenses import ML2, DefenseSettings
 from memscores import fingerprint, load_memscores, write_sidecar
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
-N_DIGITS_TRAIN = 1437
+N_DIGITS_TRAIN = 539
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def test_loader_rejects_a_file_of_the_wrong_length(tmp_path, monkeypatch):
     with pytest.raises(MissingError) as err:
         load_memscores(digits_args(), digits_train())
     assert str(err.value) == (
-        "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 1437 samples "
+        "mem-scores memscore/memscore_digits_columnfc.csv has 10 rows but the training set has 539 samples "
         "(made for another dataset or split); compute it with python compute_memscore.py -1 config/digits.json "
         "(docs/defenses.md)"
     )
@@ -199,7 +199,7 @@ def test_loader_rejects_nan_and_a_shuffled_index(tmp_path, monkeypatch):
     with pytest.raises(MissingError, match="row 5 is not a number"):
         load_memscores(digits_args(), digits_train())
     write_csv(tmp_path, ",0\n" + "".join(rows[1:2] + rows[:1] + rows[2:]))
-    with pytest.raises(MissingError, match="index column must count 0..1436 in order"):
+    with pytest.raises(MissingError, match="index column must count 0..538 in order"):
         load_memscores(digits_args(), digits_train())
 
 

@@ -148,17 +148,17 @@ def test_cli_refuses_too_few_models_before_training(tmp_path):
         "-1",
         os.path.join(REPO, "config", "digits.json"),
         "--num_models",
-        "20",
+        "12",
         cwd=tmp_path,
         repo=repo,
         check=False,
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: --num_models 20 leaves ")
+    assert lines[0].startswith("error: --num_models 12 leaves ")
     assert lines[0].endswith(
-        " of 1437 samples without both an in and an out model; the smallest --num_models that "
-        "passes with --subset_ratio 0.7 and --seed 7 is 25, fewer with a --subset_ratio nearer "
+        " of 539 samples without both an in and an out model; the smallest --num_models that "
+        "passes with --subset_ratio 0.7 and --seed 7 is 19, fewer with a --subset_ratio nearer "
         "0.5 (a sample lacks one with probability r^K + (1-r)^K)"
     )
     scores = os.path.join(repo, "memscore")

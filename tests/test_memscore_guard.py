@@ -104,8 +104,8 @@ def test_sidecar_records_the_training_set_and_the_csv(here):
     assert record == {
         "dataset": "digits",
         "model": "columnfc",
-        "n_train": 1437,
-        "split": "seeded 80/20 split (random_state 0)",
+        "n_train": 539,
+        "split": "seeded 30/70 split (random_state 0)",
         "train_sha256": record["train_sha256"],
         "csv_sha256": hashlib.sha256(csv).hexdigest(),
     }
@@ -193,7 +193,7 @@ def test_scores_of_another_dataset_are_refused(here):
 def test_a_csv_that_disagrees_with_its_sidecar_is_refused(here):
     compute("digits")
     csv = (here / DIGITS_CSV).read_text().splitlines(keepends=True)
-    (here / DIGITS_CSV).write_text("".join(csv[:-10]))  # 1427 rows, the sidecar says 1437
+    (here / DIGITS_CSV).write_text("".join(csv[:-10]))  # 529 rows, the sidecar says 539
     assert refused("digits") == (
         f"mem-scores {DIGITS_CSV} and their fingerprint memscore/memscore_digits_columnfc.json were not written "
         f"together (an interrupted compute_memscore.py or an edited file); recompute them with "
@@ -205,7 +205,7 @@ def test_a_sidecar_edited_to_another_size_is_refused(here):
     compute("digits")
     path = here / "memscore" / "memscore_digits_columnfc.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "n_train": 1000}))
-    assert "they were made for digits [seeded 80/20 split (random_state 0), 1000 samples" in refused("digits")
+    assert "they were made for digits [seeded 30/70 split (random_state 0), 1000 samples" in refused("digits")
 
 
 def test_a_kill_between_sidecar_and_csv_leaves_a_refused_pair(here, monkeypatch):
@@ -221,7 +221,7 @@ def test_a_kill_between_sidecar_and_csv_leaves_a_refused_pair(here, monkeypatch)
     train = get_dataset("digits")[0]
     fields = fingerprint("digits", "columnfc", train.x, train.y, split_source("digits"))
     with pytest.raises(KeyboardInterrupt):
-        compute_memscore.write_memscores(DIGITS_CSV, scores_for(1437, seed=1), fields)
+        compute_memscore.write_memscores(DIGITS_CSV, scores_for(539, seed=1), fields)
     assert "were not written together" in refused("digits")
 
 
@@ -331,7 +331,7 @@ def test_a_broken_hash_list_is_refused(tmp_path, line):
 
 
 def test_a_file_the_authors_do_not_publish_needs_a_sidecar(here):
-    write_authors_csv(DIGITS_CSV, 1437)
+    write_authors_csv(DIGITS_CSV, 539)
     assert refused("digits") == (
         f"mem-scores {DIGITS_CSV} carry no fingerprint (memscore/memscore_digits_columnfc.json) and the authors "
         f"publish none for digits_columnfc, so nothing says which training set they score; recompute them with "
@@ -348,7 +348,7 @@ def test_shipped_digits_scores_load_with_their_sidecar(here):
         shutil.copy(os.path.join(REPO, "memscore", name), "memscore")
     record = json.loads(open("memscore/memscore_digits_columnfc.json").read())
     assert record["csv_sha256"] == hashlib.sha256(open(DIGITS_CSV, "rb").read()).hexdigest()
-    shipped = memscores.read_memscores(DIGITS_CSV, 1437, "")
+    shipped = memscores.read_memscores(DIGITS_CSV, 539, "")
     assert torch.equal(load("digits"), shipped)
 
 
@@ -368,7 +368,7 @@ def test_prune_modi_refuses_before_its_first_log_line(here):
         cwd=here,
         repo=here,
     )
-    write_authors_csv(DIGITS_CSV, 1437)
+    write_authors_csv(DIGITS_CSV, 539)
     proc = run_script(
         "prune_modi.py",
         "-1",

@@ -7,7 +7,7 @@ from sklearn.model_selection import train_test_split
 from common import MissingError, UsageError
 from splits import Split, make_split
 
-N_TRAIN, N_TEST = 1437, 360  # digits
+N_TRAIN, N_TEST = 1437, 360  # digits under an 80/20 split; any sizes do
 
 
 def reference_split(n_train, n_test, seed, shadow_num):
