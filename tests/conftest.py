@@ -18,6 +18,17 @@ import paths  # noqa: E402
 # waiting for each other (a 2-epoch attack: 9 s with 2 threads vs 0.5 s with 1).
 torch.set_num_threads(1)
 
+# The files whose tests take longest (the GPU check's CPU dry run alone is about 5 minutes), longest first.
+LONGEST_FIRST = ("tests/test_gpu_check.py", "tests/test_grid.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the longest files first. The two workers take whole files in collection order
+    (--dist loadfile --no-loadscope-reorder), so these run beside the others instead of alone at the end;
+    every worker sorts alike, as pytest-xdist requires."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 def run_script(script, *args, cwd, check=True, timeout=600, repo=REPO):
     """Run `python <repo>/script args...` with cwd as working directory (so result/ and log/ land
