@@ -4,6 +4,7 @@ The bottom layer with paths.py: it imports nothing of the project.
 """
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -14,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -220,6 +222,26 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM that arrive in the block act when it ends, as they would have. torch.save turns an
+    interrupt raised inside its writer into an I/O error (`unexpected pos`), which would report a Ctrl-C as
+    a failed write. Handlers, not a signal mask: any thread may take the signal, the main thread acts on it."""
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def atomic_write(path: str, write) -> None:
     """Call write(file_object) on a temp file next to path, fsync, then rename over path. The file gets
     the permissions the umask gives a new file (mkstemp alone would make it 0600). A write that fails
@@ -230,8 +252,9 @@ def atomic_write(path: str, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             try:
-                write(f)
-                f.flush()
+                with _interrupts_deferred():
+                    write(f)
+                    f.flush()
             except RuntimeError as err:  # torch.save's "file write failed"
                 full = shutil.disk_usage(directory).free < 16 << 20
                 code = errno.ENOSPC if full else errno.EIO

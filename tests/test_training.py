@@ -1,5 +1,7 @@
 """train.py: the fine-tuning loop (best-dev checkpoint, early stopping), passes, optimizers, checkpoints."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -253,6 +255,50 @@ def test_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch, capsys
         f"error: cannot read or write {path} (No space left on device); check that "
         f"path, its permissions and the free disk space\n"
     )
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
+@pytest.mark.parametrize("sig, message", [("SIGINT", "Ctrl-C"), ("SIGTERM", "SIGTERM")])
+def test_an_interrupt_while_torch_save_writes_is_an_interrupt(tmp_path, capsys, sig, message):
+    """A Ctrl-C or SIGTERM that arrives while torch.save is writing waits until the write ends (inside the
+    writer torch can turn it into an I/O error: `unexpected pos`), then ends the run as an interrupt, and the
+    old checkpoint stays."""
+    import signal
+
+    import common
+
+    path = tmp_path / "best.pth"
+    save_checkpoint(str(path), nn.Linear(4, 2), 0, 50.0, 1.0)
+    before = path.read_bytes()
+    real_save, inside = torch.save, []
+
+    class SignalOnFirstWrite:  # the file torch.save writes to; the signal comes from inside its writer
+        def __init__(self, f):
+            self.f, self.sent = f, False
+
+        def write(self, data):
+            if not self.sent:
+                self.sent = True
+                try:
+                    os.kill(os.getpid(), getattr(signal, sig))
+                    for _ in range(1000):  # bytecodes, where Python would act on the signal
+                        pass
+                except BaseException:  # arrived inside the writer: what torch can turn into an I/O error
+                    inside.append(sig)
+                    raise
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    def run():
+        common.atomic_write(str(path), lambda f: real_save({"x": torch.zeros(64)}, SignalOnFirstWrite(f)))
+
+    with pytest.raises(SystemExit) as exit_:
+        common.main_guard(run)
+    assert inside == [] and exit_.value.code == (130 if sig == "SIGINT" else 143)
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: interrupted ({message})"), err
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
 
 
