@@ -76,8 +76,9 @@ def as_repo(monkeypatch, folder):
 
 
 def write_run_record(folder, kind, run_id, results, log=None, scores=None, **run):
-    """A run record of digits_columnfc as records.py writes it, under folder/result/digits_columnfc/records/; `run`
-    overrides the Base run fields, `log` names its log block ({path, offset, end}) or None."""
+    """A run record of digits_columnfc as records.py writes it, under folder/result/<run_name>/records/ (its
+    path is returned); `run` overrides the Base run fields, `log` names its log block ({path, offset, end})
+    or None."""
     run = {
         "run_name": "digits_columnfc",
         "dataset": "digits",
@@ -107,7 +108,8 @@ def write_run_record(folder, kind, run_id, results, log=None, scores=None, **run
         "results": results,
         **({"scores": scores} if scores else {}),
     }
-    path = os.path.join(str(folder), "result", "digits_columnfc", "records", f"{kind}_{run_id}.json")
+    path = os.path.join(str(folder), "result", run["run_name"], "records", f"{kind}_{run_id}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(record, f)
+    return path

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ import attacks
 import records
 import report
 import results
-from conftest import REPO, run_script
+from conftest import REPO, run_script, write_run_record
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
 RUN = "digits_columnfc"
@@ -314,42 +315,19 @@ def test_report_command(run_dir):
 
 
 def write_record(folder, kind, seed, sparsity, run_id, results, **run):
-    run = {
-        "run_name": RUN if seed == 7 else f"{RUN}_seed{seed}",
-        "dataset": "digits",
-        "model": "columnfc",
-        "pruner": "iter_prunetxt",
-        "sparsity": sparsity,
-        "defense": "base",
-        "defend_arg": None,
-        "window": None,
-        "weight_decay_mem": 0.0005,
-        "semantics": "release",
-        "tag": "",
-        "seed": seed,
-        "prefix": f"iter_prunetxt_{sparsity}",
-        **run,
-    }
-    record = {
-        "format": 1,
-        "kind": kind,
-        "run_id": run_id,
-        "start": f"2025-01-01T00:00:{run_id}.000000Z",
-        "end": f"2025-01-01T00:00:{run_id}.500000Z",
-        "code": {"commit": None, "dirty": None},
-        "run": run,
-        "settings": {},
-        "log": {
-            "path": f"log/{run['run_name']}/iter_prunetxt_{sparsity}_base.txt",
-            "offset": 0 if kind == "prune" else 100,
-            "end": 200,
-        },
-        "results": results,
-    }
-    path = folder / "result" / run["run_name"] / "records" / f"{kind}_{run_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
-    return path
+    """A Base run record of one seed and sparsity, its log block at the place records.py would name."""
+    name = RUN if seed == 7 else f"{RUN}_seed{seed}"
+    log = {"path": f"log/{name}/iter_prunetxt_{sparsity}_base.txt", "offset": 0 if kind == "prune" else 100, "end": 200}
+    return Path(
+        write_run_record(
+            folder,
+            kind,
+            run_id,
+            results,
+            log=log,
+            **{"run_name": name, "sparsity": sparsity, "seed": seed, "prefix": f"iter_prunetxt_{sparsity}", **run},
+        )
+    )
 
 
 def synthetic_runs(folder):
