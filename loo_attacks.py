@@ -1,5 +1,5 @@
 """Leave-one-out online membership attacks over a population of M models (online LiRA, RMIA with IN
-references), the pooling of their decisions, and the audit metrics on them.
+references), the pooling of their decisions, and the audit metrics on them (docs/attacks.md).
 
 Every model trained on its own subset of the same N samples. Inputs, as numpy arrays or torch tensors:
   logits  (M, N, C)  model m's logits on sample n
