@@ -23,6 +23,7 @@ from train import make_optimizer, predict, train_pass
 
 SENS_DRAWS, SENS_EPS = 10, 1e-3
 ATTACK_EPOCHS, ATTACK_BATCH = 100, 128
+RMIA_GAMMA = 1.0  # --rmia_gamma's default: a sample beats z when ratio(x) / ratio(z) > 1
 
 
 @dataclass
@@ -244,7 +245,7 @@ def add_attack_flags(parser) -> None:
     parser.add_argument(
         "--rmia_gamma",
         type=float,
-        default=1.0,
+        default=RMIA_GAMMA,
         help="RMIA: a sample beats a population sample z when ratio(x) / ratio(z) > gamma",
     )
 
@@ -521,7 +522,7 @@ def rmia_tune(refs: References, gamma: float) -> tuple:
 def rmia(shadow, victim, num_cls, progress=Progress(), semantics="release", options=None):
     """Offline RMIA (Zarifzadeh et al. 2024), a tuned on a shadow. Its accuracy is shadow-calibrated: the
     threshold with the best balanced accuracy on the tuning shadow's scores, applied to the victim's."""
-    refs, gamma = victim.references, getattr(options, "rmia_gamma", 1.0)
+    refs, gamma = victim.references, getattr(options, "rmia_gamma", RMIA_GAMMA)
     a, aucs, (tune_scores, tune_member) = rmia_tune(refs, gamma)
     scores, member, _ = rmia_attack_model(refs, 0, list(range(1, len(refs.prob))), a, gamma)
     if not np.array_equal(member, victim.member.cpu().numpy()):

@@ -31,6 +31,14 @@ def test_bootstrap_bench_times_every_kind_and_checks_the_loop():
     assert "one resample at a time (300 samples, 40 resamples): True" in out
 
 
+def test_loo_bench_times_every_step_and_checks_rmia():
+    out = bench("bench/bench_loo.py", "--tiny")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("8 ")]
+    steps = ["lira_online_loo", "rmia_loo", "audit_metrics", "audit_metrics", "decile_table"]
+    assert [r[2] for r in rows] == steps and [r[1] for r in rows] == ["300"] * 5
+    assert "rmia_loo == rmia_pairwise's quadratic count (target 0): True" in out
+
+
 def test_train_bench_ratios_are_its_measured_times():
     """Each ratio column is the quotient of the two times it names, as printed (rounding aside), and the
     scaling table's us/row is seconds / rows."""

@@ -29,6 +29,7 @@ LAYERS = {
     "dp": 2,
     "defenses": 2,
     "attacks": 2,
+    "loo_attacks": 2,
     "records": 2,
     "intervals": 2,
     "results": 2,
