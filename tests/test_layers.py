@@ -32,6 +32,8 @@ LAYERS = {
     "records": 2,
     "intervals": 2,
     "results": 2,
+    "report_tables": 2,
+    "report_figures": 2,
     "report": 2,
     "grid_step": 2,
     "grid_spec": 2,
