@@ -8,6 +8,8 @@ import pytest
 
 import paths
 import report
+import report_figures
+import report_tables
 import results
 from attacks import _rankable
 from conftest import write_run_record
@@ -147,7 +149,7 @@ def test_intervals_reach_the_table_and_the_csv(synthetic):
     )
     assert base["nonmembers"] == N_NONMEMBERS
     assert list(table.columns[-3:]) == ["LiRA_tpr01", "nonmembers", "scores"]
-    md = report.report_table(report.aggregate(table))
+    md = report_tables.report_table(report_tables.aggregate(table))
     acc = round(
         100
         * 0.5
@@ -173,14 +175,14 @@ def test_not_measurable_tpr_and_seed_spread():
             {**row, "seed": 8, "Conf_tpr1": 3.5, "Conf_tpr01": 0.2, "nonmembers": 1300.0},
         ]
     )
-    md = report.report_table(report.aggregate(df))
+    md = report_tables.report_table(report_tables.aggregate(df))
     # 1 % of 1300 = 13 false positives: measured; 0.1 % = 1.3: not
     assert "| 3.000 ± 0.707 (2.500–3.500) | n/m | 1300 |" in md
 
 
 def test_paired_differences_equal_a_literal_loop(synthetic):
     root, collected, data, _ = synthetic
-    paired, problems = report.paired_table(collected.table, root, resamples=80)
+    paired, problems = report_tables.paired_table(collected.table, root, resamples=80)
     assert problems == [] and len(paired) == 1 and paired.iloc[0]["defense"] == "ml2"
     row = paired.iloc[0]
     for attack in ("Conf", "LiRA"):
@@ -196,7 +198,7 @@ def test_paired_differences_equal_a_literal_loop(synthetic):
             col = f"{attack}_{short}_diff"
             assert row[col] == pytest.approx(point, abs=1e-12)
             assert (row[f"{col}_lo"], row[f"{col}_hi"]) == pytest.approx(want, rel=1e-9, abs=1e-12)
-    md = report.paired_markdown(paired)
+    md = report_tables.paired_markdown(paired)
     low, high = row["LiRA_auc_diff_lo"], row["LiRA_auc_diff_hi"]
     header, _, line = md.splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
@@ -210,7 +212,7 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
     import matplotlib.pyplot as plt
 
     root, collected, data, memscores = synthetic
-    (panel,) = report.mechanism_table(collected.table, root)
+    (panel,) = report_tables.mechanism_table(collected.table, root)
     assert panel["attack"] == "LiRA" and panel["labels"] == ["unpruned", "Base", "ml2"]
     # literal: the decile edges of the members' mem-scores; a member goes to the first decile whose upper
     # edge is at or above its score (tied scores share a decile); deciles without members are left out
@@ -227,7 +229,7 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
             d = data[name]
             lira_of = {int(i): s for i, s, m in zip(d["index"], d["lira"], d["member"]) if m}
             assert b["means"][label] == pytest.approx(sum(lira_of[i] for i in part) / len(part), rel=1e-12)
-    fig = report.draw_mechanism([panel])
+    fig = report_figures.draw_mechanism([panel])
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines) == ["unpruned", "Base", "ml2"]
@@ -235,7 +237,7 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
     assert list(lines["Base"].get_xdata()) == [b["bin"] for b in panel["bins"]]
     assert ax.get_ylabel() == "mean LiRA member score" and ax.get_xlabel() == "mem-score decile (1 = lowest)"
     plt.close(fig)
-    md = report.mechanism_markdown([panel])
+    md = report_tables.mechanism_markdown([panel])
     first = panel["bins"][0]
     assert f"| 1 | {first['low']:.3f}–{first['high']:.3f} | {first['count']} | " in md
 
@@ -243,8 +245,8 @@ def test_mem_score_bins_equal_a_literal_loop_and_the_plot(synthetic):
 def test_no_mem_scores_no_mechanism(synthetic):
     root, collected, _, _ = synthetic
     (root / "memscore" / "memscore_digits_columnfc.csv").unlink()
-    with pytest.raises(report.NoData, match="has no mem-scores"):
-        report.mechanism_table(collected.table, root)
+    with pytest.raises(report_tables.NoData, match="has no mem-scores"):
+        report_tables.mechanism_table(collected.table, root)
 
 
 def twin_of(fig, ax):
@@ -255,10 +257,10 @@ def test_figure_axes_start_at_chance_show_the_unpruned_model_and_say_when_zoomed
     import matplotlib.pyplot as plt
 
     _, collected, _, _ = synthetic
-    agg = report.aggregate(collected.table)
+    agg = report_tables.aggregate(collected.table)
     base = agg[(agg["defense"] == "base") & (agg["setting"] == "base")].iloc[0]
     for zoom in (False, True):
-        fig = report.draw_bars(agg, zoom)
+        fig = report_figures.draw_bars(agg, zoom)
         ax = fig.axes[0]
         twin = twin_of(fig, ax)
         assert [t.get_text() for t in ax.get_xticklabels()] == ["unpruned", "Base", "ml2"]
@@ -277,7 +279,7 @@ def test_figure_axes_start_at_chance_show_the_unpruned_model_and_say_when_zoomed
         assert np.allclose(ends, [[y - 3, y + 4] for y in conf.get_ydata()])
         plt.close(fig)
 
-        fig = report.draw_tradeoff(agg, zoom)
+        fig = report_figures.draw_tradeoff(agg, zoom)
         ax = fig.axes[0]
         assert ax.get_xlabel() == "pruned victim test accuracy (%), axis zoomed"
         assert (ax.get_ylim()[0] == 50) != zoom

@@ -10,6 +10,11 @@ import pytest
 import grid
 from common import UsageError
 from conftest import REPO
+from grid_local import Schedule, Slot, local_slots, run_local
+from grid_plan import expand
+from grid_spec import Grid
+from grid_step import GPU, Step, read_record
+from grid_tracker import Tracker
 
 RUN = "digits_columnfc"
 
@@ -21,19 +26,19 @@ def digits_steps(monkeypatch, tmp_path):
         data = {**json.load(f), "original": False}
     path = tmp_path / "digits.json"
     path.write_text(json.dumps(data))
-    return grid.expand(grid.Grid(str(path), "grids/digits.json"))
+    return expand(Grid(str(path), "grids/digits.json"))
 
 
 def test_slots_are_handed_out_round_robin_over_the_gpus():
-    assert grid.local_slots(["3", "5"], 1, 2, cores=8) == [
-        grid.Slot("3", 2),
-        grid.Slot("5", 2),
-        grid.Slot("3", 2),
-        grid.Slot("5", 2),
+    assert local_slots(["3", "5"], 1, 2, cores=8) == [
+        Slot("3", 2),
+        Slot("5", 2),
+        Slot("3", 2),
+        Slot("5", 2),
     ]
-    assert grid.local_slots(["0"], 1, 3, cores=2) == [grid.Slot("0", 1)] * 3  # at least one thread each
-    assert grid.local_slots([], 2, 1, cores=16) == [grid.Slot(None, 8)] * 2
-    assert [slot.gpu_id for slot in grid.local_slots(["7"], 1, 1, 4) + grid.local_slots([], 1, 1, 4)] == ["0", "-1"]
+    assert local_slots(["0"], 1, 3, cores=2) == [Slot("0", 1)] * 3  # at least one thread each
+    assert local_slots([], 2, 1, cores=16) == [Slot(None, 8)] * 2
+    assert [slot.gpu_id for slot in local_slots(["7"], 1, 1, 4) + local_slots([], 1, 1, 4)] == ["0", "-1"]
 
 
 def test_steps_share_two_fake_gpus_two_at_a_time(monkeypatch, tmp_path):
@@ -41,7 +46,7 @@ def test_steps_share_two_fake_gpus_two_at_a_time(monkeypatch, tmp_path):
     each: what starts (and on which GPU) after each step ends, one prune failing."""
     steps = digits_steps(monkeypatch, tmp_path)
     by_name = {step.name: step for step in steps}
-    schedule = grid.Schedule(steps, set(), grid.local_slots(["3", "5"], 1, 2, cores=8))
+    schedule = Schedule(steps, set(), local_slots(["3", "5"], 1, 2, cores=8))
 
     def after(name, ok=True):
         if name:
@@ -73,12 +78,12 @@ def test_real_steps_see_their_gpu_and_thread_share(tmp_path, monkeypatch, capsys
     its CUDA_VISIBLE_DEVICES, GPU-ID 0 and cores // 4 threads."""
     monkeypatch.chdir(tmp_path)
     show = "import os, sys; print(os.environ['CUDA_VISIBLE_DEVICES'], os.environ['OMP_NUM_THREADS'], sys.argv[1])"
-    steps = [grid.Step(f"run/attack.s{i}", "attack", ["-c", show, grid.GPU], f"log/s{i}.txt") for i in range(3)]
-    tracker = grid.run_local(steps, set(), ["3", "5"], 1, retries=0, jobs_per_gpu=2)
+    steps = [Step(f"run/attack.s{i}", "attack", ["-c", show, GPU], f"log/s{i}.txt") for i in range(3)]
+    tracker = run_local(steps, set(), ["3", "5"], 1, retries=0, jobs_per_gpu=2)
     threads = max(1, len(os.sched_getaffinity(0)) // 4)
     seen = [open(step.output("out")).read().split() for step in steps]
     assert seen == [["3", str(threads), "0"], ["5", str(threads), "0"], ["3", str(threads), "0"]]
-    assert [grid.read_record(step.record)["cuda_visible_devices"] for step in steps] == ["3", "5", "3"]
+    assert [read_record(step.record)["cuda_visible_devices"] for step in steps] == ["3", "5", "3"]
     assert tracker.counts == {"done": 3}
     heads = [line.split(" | ")[0].split() for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert [head[:2] for head in heads] == [["[1/3]", "done"], ["[2/3]", "done"], ["[3/3]", "done"]]
@@ -94,7 +99,7 @@ def test_status_line_per_finished_step():
     """Counts, elapsed time and an ETA from the mean seconds of finished steps of each kind (of all kinds
     for a kind with none finished), over the slots; on Slurm also the pending jobs."""
     steps = [
-        grid.Step(f"r/{name}", kind, [], "log")
+        Step(f"r/{name}", kind, [], "log")
         for name, kind in [
             ("pretrain", "pretrain"),
             ("prune.a", "prune"),
@@ -104,7 +109,7 @@ def test_status_line_per_finished_step():
         ]
     ]
     out = io.StringIO()
-    tracker = grid.Tracker(steps, parallel=2, clock=fake_clock([100.0, 160.0, 200.4, 230.0, 3700.0, 3701.0]), out=out)
+    tracker = Tracker(steps, parallel=2, clock=fake_clock([100.0, 160.0, 200.4, 230.0, 3700.0, 3701.0]), out=out)
     tracker.finish(steps[0], "done", seconds=60.0, running=2)  # left: 2 prune, 2 attack at 60 s each
     tracker.finish(steps[1], "done", seconds=30.0, running=2)  # 1 prune at 30 s, 2 attacks at 45 s
     tracker.finish(steps[3], "failed", "exit 3: boom", running=1)  # 1 prune at 30 s, 1 attack at 45 s
@@ -116,7 +121,7 @@ def test_status_line_per_finished_step():
         "boom",
         "[4/5] done r/prune.b | 3 done, 1 failed, 0 skipped, 0 running | elapsed 1:00:00 | ETA 0:00:30",
     ]
-    slurm = grid.Tracker(steps[:2], clock=fake_clock([0.0, 5.0, 9.0]), out=out)
+    slurm = Tracker(steps[:2], clock=fake_clock([0.0, 5.0, 9.0]), out=out)
     assert (
         slurm.status(steps[0], "skipped", running=3, pending=4)
         == "[0/2] skipped r/pretrain | 0 done, 0 failed, 0 skipped, 3 running, 4 pending (squeue) | elapsed 0:00:05 | "

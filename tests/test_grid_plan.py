@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import grid as grid_module
+import grid_plan
+import grid_spec
+import grid_step
 import memscores
 from conftest import REPO, as_repo, copy_repo
 
@@ -30,16 +32,16 @@ def write_grid(folder, **changes):
 def no_scores(tmp_path, monkeypatch):
     """The repo's configs, no mem-score files (memscore/ of tmp_path), no job records (result/ of tmp_path)."""
     as_repo(monkeypatch, tmp_path)
-    monkeypatch.setattr(grid_module, "RESULT_ROOT", str(tmp_path / "result"))
-    monkeypatch.setattr(grid_module, "REPO", REPO)
+    monkeypatch.setattr(grid_step, "RESULT_ROOT", str(tmp_path / "result"))
+    monkeypatch.setattr(grid_spec, "REPO", REPO)
     for name in ("config", "grids"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     return tmp_path
 
 
 def load(folder, **changes):
-    grid = grid_module.Grid(write_grid(str(folder), **changes), "g.json")
-    return grid, grid_module.expand(grid)
+    grid = grid_spec.Grid(write_grid(str(folder), **changes), "g.json")
+    return grid, grid_plan.expand(grid)
 
 
 def fix():
@@ -53,26 +55,26 @@ def test_the_unpruned_attack_follows_its_pretraining(no_scores):
     assert names[:4] == ["pretrain", "attack.original", "prune.iter_prunetxt_0.5", "attack.iter_prunetxt_0.5"]
     assert steps[1].needs == [f"{RUN}/pretrain"]
     assert steps[2].after == [f"{RUN}/attack.original"]  # the same log file: the Base prune writes after it
-    todo, _ = grid_module.plan(steps)
+    todo, _ = grid_plan.plan(steps)
     assert todo[1].name == f"{RUN}/attack.original"
 
 
 def test_a_missing_csv_refuses_the_steps_that_need_it_and_names_the_rest(no_scores):
     grid, steps = load(no_scores, original=True)
-    todo, done = grid_module.plan(steps)
-    assert grid_module.missing_memscores(grid, todo) == [
+    todo, done = grid_plan.plan(steps)
+    assert grid_plan.missing_memscores(grid, todo) == [
         f"mem-scores {SCORES} not found (needed by slide_re, ml2, slide_ml2 on config/digits.json); {fix()}; "
         f"the other 4 steps need none: run them first with python grid.py g.json --only '*/pretrain' "
         f"--only '*.original' --only '*.iter_prunetxt_0.6'"
     ]
-    rest, _ = grid_module.plan(steps, ["*/pretrain", "*.original", "*.iter_prunetxt_0.6"])
+    rest, _ = grid_plan.plan(steps, ["*/pretrain", "*.original", "*.iter_prunetxt_0.6"])
     assert [s.name.split("/")[1] for s in rest] == [
         "pretrain",
         "attack.original",
         "prune.iter_prunetxt_0.6",
         "attack.iter_prunetxt_0.6",
     ]
-    assert grid_module.missing_memscores(grid, rest) == []
+    assert grid_plan.missing_memscores(grid, rest) == []
 
 
 def test_steps_that_need_no_scores_start(no_scores):
@@ -81,8 +83,8 @@ def test_steps_that_need_no_scores_start(no_scores):
         no_scores, defenses=[{"defend": "base"}, {"defend": "random", **window}, {"defend": "slide", **window}]
     )
     for only in ("*/pretrain", "*attack.iter_prunetxt_0.6", "*_random", "*--defend random*"):
-        assert grid_module.missing_memscores(grid, grid_module.plan(steps, only)[0]) == []
-    assert grid_module.missing_memscores(grid, grid_module.plan(steps, "*_slide")[0]) == [
+        assert grid_plan.missing_memscores(grid, grid_plan.plan(steps, only)[0]) == []
+    assert grid_plan.missing_memscores(grid, grid_plan.plan(steps, "*_slide")[0]) == [
         f"mem-scores {SCORES} not found (needed by slide on config/digits.json); {fix()}; the other step needs "
         f"none: run it first with python grid.py g.json --only '*/pretrain'"
     ]
@@ -94,12 +96,12 @@ def test_done_steps_need_no_scores_on_resume(no_scores):
     grid, steps = load(no_scores)
     for step in steps:
         if step.kind != "attack":
-            grid_module.write_record(step.record, {"sha256": step.sha256})
-    todo, done = grid_module.plan(steps)
+            grid_step.write_record(step.record, {"sha256": step.sha256})
+    todo, done = grid_plan.plan(steps)
     assert {s.name.split("/")[1] for s in todo} == {s.name.split("/")[1] for s in steps if s.kind == "attack"}
-    assert grid_module.missing_memscores(grid, todo) == []
-    todo, _ = grid_module.plan(steps, force=True)
-    line = grid_module.missing_memscores(grid, todo)[0]
+    assert grid_plan.missing_memscores(grid, todo) == []
+    todo, _ = grid_plan.plan(steps, force=True)
+    line = grid_plan.missing_memscores(grid, todo)[0]
     assert line.endswith(
         "the other 3 steps need none: run them first with python grid.py g.json "
         "--only '*/pretrain' --only '*.iter_prunetxt_0.6'"
@@ -143,12 +145,12 @@ def test_the_patterns_run_exactly_the_steps_that_need_no_scores(no_scores):
             {"defend": "ppb", "defend_arg": 4},
         ],
     )
-    todo, _ = grid_module.plan(steps)
-    line = grid_module.missing_memscores(grid, todo)[0]
+    todo, _ = grid_plan.plan(steps)
+    line = grid_plan.missing_memscores(grid, todo)[0]
     patterns = ["*/pretrain", "*.original", "*.iter_prunetxt_0.5", "*.*_random", "*.*_ppb_4.0", "*.iter_prunetxt_0.6"]
     assert line.endswith(
         "the other 14 steps need none: run them first with python grid.py g.json "
         + " ".join(f"--only '{p}'" for p in patterns)
     )
-    rest, _ = grid_module.plan(steps, patterns)
+    rest, _ = grid_plan.plan(steps, patterns)
     assert [s.name for s in rest] == [s.name for s in todo if "_slide" not in s.name]

@@ -20,9 +20,11 @@ from sklearn.metrics import roc_curve
 
 import attacks
 import records
-import report
+import report_figures
+import report_tables
 import results
 from conftest import REPO, run_script, write_run_record
+from report_tables import run_label
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
 RUN = "digits_columnfc"
@@ -204,14 +206,12 @@ def panels(fig):
 def test_roc_lines_are_sklearns_curves(run_dir, collected):
     import matplotlib.pyplot as plt
 
-    curves, problems = report.roc_curves(collected.table, run_dir)
+    curves, problems = report_figures.roc_curves(collected.table, run_dir)
     assert problems == []
-    fig = report.draw_roc(curves)
+    fig = report_figures.draw_roc(curves)
     got = panels(fig)
     assert sorted(got) == sorted(f"{RUN}, sparsity {s}: {a}" for s in ("0.5", "0.6") for a in ("Mentr", "LiRA"))
-    scores_of = {
-        report.run_label(row): row["scores"] for row in collected.table.to_dict("records") if row["sparsity"] == 0.6
-    }
+    scores_of = {run_label(row): row["scores"] for row in collected.table.to_dict("records") if row["sparsity"] == 0.6}
     for attack in ("Mentr", "LiRA"):
         ax = got[f"{RUN}, sparsity 0.6: {attack}"]
         assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
@@ -237,9 +237,9 @@ def from_chance(ax):
 def test_every_figure_from_the_digits_run(run_dir, collected):
     import matplotlib.pyplot as plt
 
-    agg = report.aggregate(collected.table)
+    agg = report_tables.aggregate(collected.table)
 
-    fig = report.draw_sparsity(agg)
+    fig = report_figures.draw_sparsity(agg)
     assert sorted(panels(fig)) == [f"{RUN}: {a} {m}" for a in ("LiRA", "Mentr") for m in ("AUC", "accuracy")]
     ax = panels(fig)[f"{RUN}: Mentr accuracy"]
     assert ax.get_xlabel() == "sparsity" and ax.get_ylabel() == "attack accuracy (%)"
@@ -250,7 +250,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert list(lines_of(ax)["Base"].get_ydata()) == list(base["Mentr_acc"])
     plt.close(fig)
 
-    fig = report.draw_bars(agg)
+    fig = report_figures.draw_bars(agg)
     ax = panels(fig)[f"{RUN}, sparsity 0.6"]
     labels = ["unpruned", "Base", "slide_re [s1w15]", "slide_re [s2w10]"]
     assert [t.get_text() for t in ax.get_xticklabels()] == labels
@@ -268,7 +268,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert from_chance(twin)
     plt.close(fig)
 
-    fig = report.draw_iterations(collected.records)
+    fig = report_figures.draw_iterations(collected.records)
     ax = panels(fig)[f"{RUN}, sparsity 0.6"]
     assert ax.get_xlabel() == "pruning iteration" and set(lines_of(ax)) == LABELS
     base = next(
@@ -280,7 +280,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert list(lines_of(ax)["Base"].get_xdata()) == [0, 1]
     plt.close(fig)
 
-    fig = report.draw_sensitivity(agg)
+    fig = report_figures.draw_sensitivity(agg)
     (ax,) = [a for a in fig.axes if a.get_title()]
     assert ax.get_title() == f"{RUN}, sparsity 0.6: slide_re" and ax.get_xlabel() == "stride-width"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1-15\n[s1w15]", "2-10\n[s2w10]"]
@@ -290,7 +290,7 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
     assert from_chance(twin) and twin.get_ylabel() == "attack accuracy (%)"
     plt.close(fig)
 
-    fig = report.draw_tradeoff(agg)
+    fig = report_figures.draw_tradeoff(agg)
     ax = panels(fig)[RUN]
     assert {c.get_label() for c in ax.collections} == {"Base", "slide_re"}
     plt.close(fig)
@@ -375,18 +375,18 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     synthetic_runs(tmp_path)
     collected = results.collect(tmp_path / "log", tmp_path / "result")
     assert collected.problems == [] and len(collected.table) == 4
-    agg = report.aggregate(collected.table)
+    agg = report_tables.aggregate(collected.table)
     assert list(agg["sparsity"]) == [0.6, 0.7] and list(agg["seeds"]) == ["7,8", "7,8"]
     first = agg.iloc[0]
     assert first["pruned_acc"] == 81.0 and first["pruned_acc_std"] == pytest.approx(math.sqrt(2))
     assert first["Conf_acc"] == 62.0 and first["Conf_acc_std"] == pytest.approx(math.sqrt(8))
     assert first["Conf_auc"] == pytest.approx(0.63) and first["defend_time_s_std"] == pytest.approx(math.sqrt(0.5))
     assert "Conf_tpr01" not in agg and agg.iloc[1]["pruned_acc_std"] == 0.0  # all nan: no column
-    table = report.report_table(agg)
+    table = report_tables.report_table(agg)
     assert "| 81.000 ± 1.414 (80.000–82.000) |" in table and "| 0.6300 ± 0.0283 (0.6100–0.6500) |" in table
     assert "| 7,8 |" in table
 
-    fig = report.draw_sparsity(agg)
+    fig = report_figures.draw_sparsity(agg)
     ax = panels(fig)[f"{RUN}: Conf accuracy"]
     (line,) = lines_of(ax).values()
     assert list(line.get_ydata()) == [62.0, 58.0] and line.get_label() == "Base"
@@ -394,7 +394,7 @@ def test_seeds_aggregate_into_mean_and_std(tmp_path):
     ends = np.array([seg[:, 1] for seg in bars.get_segments()])
     assert np.allclose(ends, [[62 - 8**0.5, 62 + 8**0.5], [58.0, 58.0]])
     plt.close(fig)
-    fig = report.draw_iterations(collected.records)
+    fig = report_figures.draw_iterations(collected.records)
     (line,) = lines_of(panels(fig)[f"{RUN}, sparsity 0.6"]).values()
     assert list(line.get_ydata()) == [82.0, 81.5]  # iteration means over seeds 7 and 8
     plt.close(fig)

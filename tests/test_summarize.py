@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import report  # noqa: E402
+import report_figures  # noqa: E402
 import results  # noqa: E402
 from conftest import write_run_record  # noqa: E402
 
@@ -399,7 +399,7 @@ def test_tradeoff_plot_data(log_dir):
     victim as a dashed line and its attack as an X."""
     import matplotlib.pyplot as plt
 
-    fig = report.draw_tradeoff(results.parse_logs(log_dir))
+    fig = report_figures.draw_tradeoff(results.parse_logs(log_dir))
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     assert sorted(panels) == ["cifar10_resnet18", "digits_columnfc"]
     ax = panels["digits_columnfc"]
