@@ -519,10 +519,17 @@ def merge_runs(df):
 def newest_models_only(df):
     """The rows of each configuration (KEY) that attacked the model of its newest row: after a configuration
     was pruned again, the attacks on the model it replaced are not merged with those on the new one. An
-    --original row's model is the pretrained one, whatever prune run its block follows."""
+    --original row's model is the pretrained one, whatever prune run its block follows. A prune run's row of
+    its own (no setting: no attack on its models yet) goes once a later prune run of the same configuration
+    (KEY but the setting) replaced its models: pruned again and attacked (a rerun, or a grid step retried
+    after its driver was killed), the later run's rows hold the prune numbers the attacks read."""
     model = df["_model"].where(df["setting"] != "original", "pretrained").fillna("")
     newest = model.groupby(df.groupby(KEY, dropna=False, sort=False).ngroup()).transform("last")
-    return df[model == newest]
+    pruned = df["_model"].where(df["setting"] != "original")  # the models of prune runs, oldest first
+    config = [key for key in KEY if key != "setting"]
+    newest_pruned = pruned.groupby(df.groupby(config, dropna=False, sort=False).ngroup()).transform("last")
+    replaced = df["setting"].isna() & (df["_model"] != newest_pruned)
+    return df[(model == newest) & ~replaced]
 
 
 def table(rows, newest_only):

@@ -1,0 +1,179 @@
+"""Fixes of issue 26, each tested where it fails without it: a prune run again before its attack gives one results row,
+not an extra empty one marked ok."""
+
+import hashlib
+import os
+import re
+import shutil
+
+import pandas as pd
+import pytest
+
+import results
+from conftest import REPO, run_script, write_run_record
+
+CONFIG = os.path.join(REPO, "config", "digits.json")
+RUN = "digits_columnfc"
+LOG = "iter_prunetxt_0.6_base.txt"
+SHADOWS = ["--shadow_num", "2"]
+PRUNE = ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "1", *SHADOWS, "--no_tensorboard"]
+ATTACK = ["--pruner_name", "iter_prunetxt", "--attacks", "threshold", *SHADOWS, "--no_tensorboard"]
+
+
+# ---------------------------------------------------------------- 1. a prune run again, then its attack
+
+
+def prune_block(pretrained, time, ended=None):
+    """A Base prune block as prune_modi.py writes it (2 iterations, one shadow), or one that ended early."""
+    lines = [
+        f"{RUN}_iter_prunetxt_0.6_0.0005",
+        "Semantics: release",
+        f"Pretrained Victim: Accuracy {pretrained:.3f}, Loss 2.214",
+        "victim iter 0 best model: Accuracy 39.679, Loss 2.124",
+    ]
+    if ended:
+        return "\n".join([*lines, f"Run ended early: {ended}"]) + "\n"
+    lines += [
+        "victim iter 1 best model: Accuracy 32.339, Loss 2.137",
+        f"Total Base defend time: {time:.3f}s",
+        "shadow 0 iter 0 best model: Accuracy 37.385, Loss 2.160",
+        "shadow 0 iter 1 best model: Accuracy 35.780, Loss 2.175",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def attack_block(victim, conf):
+    return (
+        f"Victim pruned model test accuracy: {victim:.3f}\nShadows: iter_prunetxt_0.6 (base)\nSemantics: release\n"
+        f"Conf attack accuracy: {conf:.3f}\nConf attack AUC: 0.5400\n"
+    )
+
+
+def write_log(tmp_path, blocks):
+    """log/<run>/<LOG> made of blocks; returns each block's byte offset."""
+    path = tmp_path / "log" / RUN / LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(blocks))
+    return [sum(len(b.encode()) for b in blocks[:i]) for i in range(len(blocks))]
+
+
+def table(tmp_path, result_dir=None, log_dir="log"):
+    collected = results.collect(tmp_path / log_dir, result_dir, newest_only=True)
+    assert collected.problems == []
+    return collected.table
+
+
+def values(df):
+    return [
+        (row.setting if isinstance(row.setting, str) else None, row.pretrained_acc, row.defend_time_s, row.status)
+        for row in df.itertuples()
+    ]
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        # pruned, pruned again (a rerun, or a grid step retried after its driver was killed), attacked
+        (["prune 81", "prune 82", "attack"], [("base", 82.0, 2.0, "ok")]),
+        # the grid killed during the second prune (SIGTERM: its block ends early), resumed: pruned a third time
+        (["prune 81", "killed", "prune 83", "attack"], [("base", 83.0, 3.0, "ok")]),
+        # the same, killed with kill -9 (no last line: unfinished)
+        (["prune 81", "prune 82 cut", "prune 83", "attack"], [("base", 83.0, 3.0, "ok")]),
+    ],
+)
+def test_a_prune_run_again_then_attacked_is_one_row(tmp_path, shapes, expected):
+    """One row for the setting, with the later prune run's numbers: not a second row of the first prune run
+    with an empty setting and no attack, marked ok."""
+    blocks = []
+    for shape in shapes:
+        if shape == "attack":
+            blocks.append(attack_block(33.216, 53.3))
+        elif shape == "killed":
+            blocks.append(prune_block(82, 0, ended="interrupted (SIGTERM)"))
+        elif shape.endswith("cut"):
+            blocks.append(prune_block(82, 0).split("Total")[0])
+        else:
+            acc = float(shape.split()[1])
+            blocks.append(prune_block(acc, acc - 80))
+    write_log(tmp_path, blocks)
+    df = table(tmp_path)
+    assert values(df) == expected
+    assert df.loc[0, "pruned_acc"] == 33.216 and df.loc[0, "Conf_acc"] == 53.3
+    assert len(results.parse_logs(tmp_path / "log", newest_only=False)) == len(shapes) - 1  # --all keeps them
+
+
+def test_a_prune_run_without_attacks_keeps_its_row(tmp_path):
+    """What stays as it was: pruned, attacked, pruned again (no attack yet): the attacked row and the new prune
+    run's own row; pruned twice without attacks: the newer run's row alone."""
+    write_log(tmp_path, [prune_block(81, 1), attack_block(33.216, 53.3), prune_block(82, 2)])
+    assert values(table(tmp_path)) == [(None, 82.0, 2.0, "ok"), ("base", 81.0, 1.0, "ok")]
+    write_log(tmp_path, [prune_block(81, 1), prune_block(82, 2)])
+    assert values(table(tmp_path)) == [(None, 82.0, 2.0, "ok")]
+
+
+def test_a_prune_run_again_is_one_row_from_records_too(tmp_path):
+    """The same from the run records (with their log, and alone): one row, the second prune run's values."""
+    at = write_log(tmp_path, [prune_block(81, 1), prune_block(82, 2), attack_block(33.216, 53.3)])
+    path = os.path.join("log", RUN, LOG)
+    for run_id, offset, acc, time in (("10", at[0], 81.0, 1.0), ("11", at[1], 82.0, 2.0)):
+        write_run_record(
+            tmp_path,
+            "prune",
+            run_id,
+            {"pretrained": {"accuracy": acc, "loss": 2.2}, "defend_time_s": time, "dp_epsilon": None},
+            log={"path": path, "offset": offset, "end": None},
+        )
+    attacks = [{"name": "Conf", "accuracy": 53.3, "AUC": 0.54}]
+    write_run_record(
+        tmp_path,
+        "attack",
+        "12",
+        {"victim": "pruned", "victim_test_acc": 33.216, "shadows": "x", "attacks": attacks},
+        log={"path": path, "offset": at[2], "end": None},
+        setting="base",
+    )
+    expected = [("base", 82.0, 2.0, "ok")]
+    assert values(table(tmp_path, tmp_path / "result")) == expected
+    assert values(table(tmp_path, tmp_path / "result", log_dir="no_logs")) == expected
+
+
+# ---------------------------------------------------------------- the scripts end to end
+
+
+def snapshot(folder):
+    """relative path -> sha256 of every file under folder."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("round4")
+    run_script("pretrain_modi.py", "-1", CONFIG, "--epochs", "1", *SHADOWS, "--no_tensorboard", cwd=folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_prune_prune_attack_summarize_is_one_row(pretrained, tmp_path):
+    """The issue's smallest case with the scripts: prune, prune again, attack, summarize: one row, the second
+    prune run's numbers (those of the models the attack read), from the logs and from the records alone."""
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained, folder)
+    run_script("prune_modi.py", "-1", CONFIG, *PRUNE, cwd=folder)
+    run_script("prune_modi.py", "-1", CONFIG, *PRUNE, cwd=folder)
+    run_script("mia_modi.py", "-1", CONFIG, *ATTACK, "--bootstrap", "0", cwd=folder)
+    log = (folder / "log" / RUN / LOG).read_text()
+    times = [float(t) for t in re.findall(r"Total Base defend time: (\S+)s", log)]
+    victim = float(re.search(r"Victim pruned model test accuracy: (\S+)", log).group(1))
+    conf = float(re.search(r"Conf attack accuracy: (\S+)", log).group(1))
+    assert len(times) == 2
+    run_script("summarize.py", "log", cwd=folder)
+    df = pd.read_csv(folder / "results.csv")
+    assert list(df["setting"]) == ["base"] and list(df["status"]) == ["ok"]
+    assert (df.loc[0, "defend_time_s"], df.loc[0, "pruned_acc"], df.loc[0, "Conf_acc"]) == (times[1], victim, conf)
+    run_script("summarize.py", "no_logs", "--result_dir", "result", "--allow_empty", "--out", "records.csv", cwd=folder)
+    alone = pd.read_csv(folder / "records.csv")
+    assert list(alone["setting"]) == ["base"] and alone.loc[0, "pruned_acc"] == victim
