@@ -435,7 +435,8 @@ Collected = namedtuple("Collected", "table records problems")
 
 def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> Collected:
     """Collected(table, records, problems): one DataFrame of all runs (with newest_only, one row per
-    configuration: merge_runs), the usable records, and one line per record that could not be used."""
+    configuration: merge_runs), the usable records, and one line "<file>: <why>" per record or log file
+    that could not be used (a log file in which no line of a run was found among them)."""
     problems = []
     records = usable_records(result_dir, problems)
     by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
@@ -443,10 +444,15 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
     for path, ds, model, seed in log_files(log_dir, problems):
         key = log_key(path)
         try:
-            mtime, parsed = os.path.getmtime(path), parse_file(path, ds, model, seed)
+            stat, parsed = os.stat(path), parse_file(path, ds, model, seed)
         except OSError as err:
             problems.append(f"{path}: cannot be read ({err.strerror or type(err).__name__})")
             continue
+        if not parsed:  # not one line of a prune or attack run: garbage, or another program's text
+            why = "empty" if stat.st_size == 0 else "no line of a prune or attack run in it"
+            problems.append(f"{path}: {why} (the format is in docs/results.md)")
+            continue
+        mtime = stat.st_mtime
         for row in parsed:
             prune_at, attack_at, ended, ours = row["_prune_at"], row["_attack_at"], row.pop("_ended"), row.pop("_ours")
             found = {}

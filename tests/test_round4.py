@@ -1,10 +1,12 @@
 """Fixes of issue 26, each tested where it fails without it: a prune run again before its attack gives one results row,
-not an extra empty one marked ok."""
+not an extra empty one marked ok; summarize names a log file with nothing of a run in it."""
 
 import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -135,6 +137,31 @@ def test_a_prune_run_again_is_one_row_from_records_too(tmp_path):
     expected = [("base", 82.0, 2.0, "ok")]
     assert values(table(tmp_path, tmp_path / "result")) == expected
     assert values(table(tmp_path, tmp_path / "result", log_dir="no_logs")) == expected
+
+
+# ---------------------------------------------------------------- 2. a log file with nothing of a run in it
+
+
+def test_a_log_without_a_run_is_named_as_skipped(tmp_path):
+    folder = tmp_path / "log" / RUN
+    folder.mkdir(parents=True)
+    (folder / LOG).write_text(prune_block(81, 1) + attack_block(33.216, 53.3))
+    (folder / "iter_prunetxt_0.8_base.txt").write_text("garbage\n")
+    (folder / "iter_prunetxt_0.7_base.txt").write_text("")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "summarize.py"), "log"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"skipped log/{RUN}/iter_prunetxt_0.7_base.txt: empty (the format is in docs/results.md)",
+        f"skipped log/{RUN}/iter_prunetxt_0.8_base.txt: no line of a prune or attack run in it (the format "
+        f"is in docs/results.md)",
+        "wrote 1 rows to results.csv",
+    ]
 
 
 # ---------------------------------------------------------------- the scripts end to end
