@@ -1,7 +1,9 @@
 """Fixes of issue 26, each tested where it fails without it: a prune run again before its attack gives one results row,
-not an extra empty one marked ok; summarize names a log file with nothing of a run in it."""
+not an extra empty one marked ok; summarize names a log file with nothing of a run in it; release mode refuses an
+RSW window that passes every class (the release's prune script stops there)."""
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -10,9 +12,15 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 import results
+from common import UsageError
 from conftest import REPO, run_script, write_run_record
+from datasets import TensorData
+from defenses import DEFENSES, DefenseSettings, window_at
+from models import build_model
+from splits import ModelSplit
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
 RUN = "digits_columnfc"
@@ -164,6 +172,52 @@ def test_a_log_without_a_run_is_named_as_skipped(tmp_path):
     ]
 
 
+# ---------------------------------------------------------------- 3. an RSW window past every class
+
+
+def two_three_classes(cls, semantics, prune_epochs=2):
+    """cls over classes of 2 and 3 samples, stride 3, width 5: epoch 1's window starts at 3, past both."""
+    data = TensorData(torch.rand(5, 4), torch.tensor([0, 1, 0, 1, 1]))
+    split = ModelSplit(torch.arange(5), torch.arange(0), torch.arange(0))
+    settings = DefenseSettings(
+        stride=3, width=5, prune_epochs=prune_epochs, num_cls=2, batch_size=4, mem_thre=0.5, semantics=semantics
+    )
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2], dtype=torch.float64)
+    return cls(build_model("columnfc", 2, 4), data, split, settings, scores)
+
+
+def refusal(name, largest=3, epoch=1, start=3):
+    return (
+        f"--defend {name}: the window of epoch {epoch} starts at {start}, past every class (the largest has "
+        f"{largest} samples), where the release's prune script stops (its DataLoader gets no sample); lower "
+        f"--stride or --prune_epochs, or pass --semantics corrected (such an epoch then trains nothing)"
+    )
+
+
+@pytest.mark.parametrize("name", ["slide", "slide_re", "random"])
+def test_rsw_release_refuses_a_window_past_every_class(name):
+    with pytest.raises(UsageError) as err:
+        two_three_classes(DEFENSES[name], "release")
+    assert str(err.value) == refusal(name)
+    # one epoch is not refused: class 0 (2 samples) lowers the shared end to 2, so class 1 gives 2 of its 3
+    assert len(two_three_classes(DEFENSES[name], "release", prune_epochs=1).window_indices(0)) == 2 + 2
+    corrected = two_three_classes(DEFENSES[name], "corrected")  # ours: the epoch trains nothing, as before
+    assert corrected.window_indices(0).tolist() == window_at(corrected.groups, 3, 5, 0).tolist()
+    assert sorted(corrected.window_indices(0).tolist()) == [0, 1, 2, 3, 4]
+    loss, acc = corrected.train_epoch(1)
+    assert math.isnan(loss) and math.isnan(acc)
+
+
+@pytest.mark.parametrize("semantics", ["release", "corrected"])
+def test_swmr_refusal_is_worded_as_before(semantics):
+    with pytest.raises(UsageError) as err:
+        two_three_classes(DEFENSES["slide_ml2"], semantics)
+    assert str(err.value) == (
+        "--defend slide_ml2: the window of epoch 1 starts at 3, past every class (the largest has 3 samples); "
+        "lower --stride or --prune_epochs"
+    )
+
+
 # ---------------------------------------------------------------- the scripts end to end
 
 
@@ -204,3 +258,22 @@ def test_prune_prune_attack_summarize_is_one_row(pretrained, tmp_path):
     run_script("summarize.py", "no_logs", "--result_dir", "result", "--allow_empty", "--out", "records.csv", cwd=folder)
     alone = pd.read_csv(folder / "records.csv")
     assert list(alone["setting"]) == ["base"] and alone.loc[0, "pruned_acc"] == victim
+
+
+@pytest.mark.slow
+def test_prune_refuses_a_window_past_every_class_under_release(pretrained, tmp_path):
+    """prune_modi.py --defend slide_re with a stride whose second epoch starts past every digits class: one
+    error line, exit 2, no file written or changed; --semantics corrected runs it as before."""
+    folder = tmp_path / "run"
+    shutil.copytree(pretrained, folder)
+    window = ["--defend", "slide_re", "--stride", "100", "--width", "5", "--prune_epochs", "2"]
+    before = snapshot(folder)
+    proc = run_script("prune_modi.py", "-1", CONFIG, *PRUNE, *window, cwd=folder, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    largest = re.search(r"the largest has (\d+) samples", proc.stderr)
+    assert largest and 20 < int(largest.group(1)) < 100, proc.stderr  # a digits model's largest class
+    assert lines == ["error: " + refusal("slide_re", int(largest.group(1)), start=100)], proc.stderr
+    assert snapshot(folder) == before
+    run_script("prune_modi.py", "-1", CONFIG, *PRUNE, *window, "--semantics", "corrected", cwd=folder)
+    assert "Total slide_re defend time" in (folder / "log" / RUN / "iter_prunetxt_0.6_slide_re.txt").read_text()
