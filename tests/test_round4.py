@@ -1,6 +1,7 @@
-"""Fixes of issue 26, each tested where it fails without it: a prune run again before its attack gives one results row,
-not an extra empty one marked ok; summarize names a log file with nothing of a run in it; release mode refuses an
-RSW window that passes every class (the release's prune script stops there)."""
+"""Four fixes, each tested where it fails without it: a prune run again before its attack gives one results
+row, not an extra empty one marked ok; summarize names a log file with nothing of a run in it; release mode
+refuses an RSW window that passes every class (the release's prune script stops there); pretraining keeps no
+epoch of 0 % dev accuracy, as the release's does."""
 
 import hashlib
 import math
@@ -9,17 +10,20 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+import pretrain_modi
 import results
-from common import UsageError
+from common import DivergedError, UsageError
 from conftest import REPO, run_script, write_run_record
 from datasets import TensorData
 from defenses import DEFENSES, DefenseSettings, window_at
 from models import build_model
+from progress import Progress
 from splits import ModelSplit
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
@@ -216,6 +220,54 @@ def test_swmr_refusal_is_worded_as_before(semantics):
         "--defend slide_ml2: the window of epoch 1 starts at 3, past every class (the largest has 3 samples); "
         "lower --stride or --prune_epochs"
     )
+
+
+# ---------------------------------------------------------------- 4. pretraining's best dev accuracy starts at 0
+
+
+def test_pretraining_keeps_no_epoch_of_zero_dev_accuracy(tmp_path):
+    """A real pretraining run whose every epoch scores 0 % on its dev set (lr 0 keeps the seeded initial
+    model, and the dev set is the samples it gets wrong): as in the release, no epoch is kept, so the run
+    ends with one error and writes no checkpoint. The dev set with one sample it gets right keeps epoch 0."""
+    generator = torch.Generator().manual_seed(0)
+    data = TensorData(torch.rand(200, 4, generator=generator), torch.randint(0, 3, (200,), generator=generator))
+    torch.manual_seed(3)
+    model = build_model("columnfc", 3, 4)
+    model.eval()
+    with torch.no_grad():
+        right = model(data.x).argmax(1) == data.y
+    wrong = (~right).nonzero().flatten()
+    assert len(wrong) >= 40 and right.any()
+    args = SimpleNamespace(
+        model_name="columnfc",
+        num_cls=3,
+        input_dim=4,
+        optimizer="adam",
+        lr=0.0,
+        weight_decay=0.0,
+        epochs=3,
+        early_stop=0,
+        batch_size=16,
+    )
+    split = ModelSplit(torch.arange(200), wrong[:20], wrong[20:])
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    torch.manual_seed(3)  # pretrain builds the same initial model
+    with pytest.raises(DivergedError) as err:
+        pretrain_modi.pretrain(args, data, split, str(folder), Progress())
+    assert str(err.value) == (
+        "the victim scored 0 % dev accuracy in every epoch, so no model was kept (as in the release, an epoch is "
+        "kept only above the best so far, which starts at 0); check the config's lr, or train longer (--epochs, "
+        "--early_stop)"
+    )
+    assert list(folder.iterdir()) == []
+
+    one_right = torch.cat([right.nonzero().flatten()[:1], wrong[:19]])
+    torch.manual_seed(3)
+    best, _ = pretrain_modi.pretrain(
+        args, data, ModelSplit(torch.arange(200), one_right, wrong[20:]), str(folder), Progress()
+    )
+    assert best["epoch"] == 0 and best["acc"] == pytest.approx(5.0)  # 1 of 20, in float32
 
 
 # ---------------------------------------------------------------- the scripts end to end
