@@ -35,7 +35,7 @@ class MissingError(Exception):
 
 
 class DivergedError(Exception):
-    """Training produced a non-finite loss (exit status 1)."""
+    """Training produced no usable model: a non-finite loss, or no epoch to keep (exit status 1)."""
 
     exit_code = 1
 

@@ -227,6 +227,29 @@ class WindowDefense(Defense):
         super().__init__(model, data, split, settings, memscores)
         scores = None if self.descending is None else memscores.to(split.train.device)
         self.groups = class_orderings(split.train, data.y[split.train], scores, bool(self.descending))
+        self.check_windows()
+
+    def check_windows(self):
+        """Under release, refuse a setting whose window passes every class before the last epoch: the
+        release's prune script stops at such an epoch (its DataLoader gets no sample). Under corrected
+        such an epoch trains nothing (train_epoch)."""
+        if self.settings.semantics == "release":
+            self.refuse_passed_windows(
+                ", where the release's prune script stops (its DataLoader gets no sample)",
+                ", or pass --semantics corrected (such an epoch then trains nothing)",
+            )
+
+    def refuse_passed_windows(self, why="", other_fix=""):
+        """UsageError when the last epoch's window is empty. Under both rules a class gives nothing exactly
+        when the window has passed it, so the windows are empty from the epoch whose start passes the
+        largest class on: checking the last covers all."""
+        last = self.settings.prune_epochs - 1
+        if len(self.window_indices(last)) == 0:
+            raise UsageError(
+                f"--defend {self.name}: the window of epoch {last} starts at {self.settings.stride * last}, "
+                f"past every class (the largest has {max(len(group) for group in self.groups)} "
+                f"samples){why}; lower --stride or --prune_epochs{other_fix}"
+            )
 
     @classmethod
     def check_args(cls, settings):
@@ -257,7 +280,7 @@ class WindowDefense(Defense):
 
     def train_epoch(self, epoch):
         idx = self.window_indices(epoch)
-        if len(idx) == 0:  # the window has passed every class: this epoch trains nothing
+        if len(idx) == 0:  # past every class (corrected only: check_windows refuses it under release)
             return float("nan"), float("nan")
         return train_pass(self.model, self.data, idx, self.optimizer, self.settings.batch_size)
 
@@ -370,19 +393,11 @@ class ML2(RiskMemory):
 
 class WindowRiskMemory(RiskMemory, WindowDefense):
     """SWMR: this epoch's RSW window (under either semantics' rule, see window_at), then RMR on it.
-    A setting whose last epoch's window is empty under that rule is refused when it is built."""
+    A setting whose last epoch's window is empty under that rule is refused when it is built, under both
+    semantics: an epoch without a sample on either side of --mem_thre has nothing to train."""
 
-    def __init__(self, model, data, split, settings, memscores=None):
-        super().__init__(model, data, split, settings, memscores)
-        # under both rules a class gives nothing exactly when the window has passed it, so the windows
-        # are empty from the epoch whose start passes the largest class on: checking the last covers all
-        last = settings.prune_epochs - 1
-        if len(self.window_indices(last)) == 0:
-            raise UsageError(
-                f"--defend {self.name}: the window of epoch {last} starts at {settings.stride * last}, "
-                f"past every class (the largest has {max(len(group) for group in self.groups)} "
-                f"samples); lower --stride or --prune_epochs"
-            )
+    def check_windows(self):
+        self.refuse_passed_windows()
 
     def train_epoch(self, epoch):
         return self.train_risk_then_general(self.window_indices(epoch), epoch)

@@ -6,6 +6,7 @@ python pretrain_modi.py GPU-ID CONFIG [--shadow_num 5] [--early_stop 5] [--seed 
 import os
 
 from common import (
+    DivergedError,
     MissingError,
     RunLog,
     UsageError,
@@ -69,12 +70,15 @@ def prepare_split(args, n_train, n_test):
 
 def pretrain(args, data, model_split, folder, progress, tag="victim"):
     """Train one target model with the plain recipe (shuffled cross-entropy epochs, the config's
-    optimizer); keep the best-dev checkpoint in folder. Per-epoch curves go to progress under `tag`."""
+    optimizer); keep the best-dev checkpoint in folder. Per-epoch curves go to progress under `tag`.
+    The best dev accuracy starts at 0, as in the release (and in prune_modi.py's --semantics release): an
+    epoch of exactly 0 % is never kept, and a model with no better epoch is an error. The pretrained models
+    serve both semantics, so there is no corrected rule here."""
     model = build_model(args.model_name, args.num_cls, args.input_dim).to(data.y.device)
     optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.weight_decay)
     path = checkpoint(folder)
     with progress.epochs(tag, args.epochs) as on_epoch:
-        fit(
+        best_acc, _ = fit(
             model,
             lambda epoch: train_pass(model, data, model_split.train, optimizer, args.batch_size),
             data,
@@ -84,6 +88,13 @@ def pretrain(args, data, model_split, folder, progress, tag="victim"):
             args.early_stop,
             on_best=lambda epoch, acc, loss: save_checkpoint(path, model, epoch, acc, loss),
             on_epoch=on_epoch,
+            start_acc=0.0,
+        )
+    if best_acc <= 0:  # no epoch beat the start
+        raise DivergedError(
+            f"the {tag.replace('_', ' ')} scored 0 % dev accuracy in every epoch, so no model was kept (as in "
+            f"the release, an epoch is kept only above the best so far, which starts at 0); check the "
+            f"config's lr, or train longer (--epochs, --early_stop)"
         )
     best = load_checkpoint(model, path, "checkpoint", "rerun pretrain_modi.py")
     return best, evaluate(model, data, model_split.test)

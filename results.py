@@ -435,7 +435,8 @@ Collected = namedtuple("Collected", "table records problems")
 
 def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> Collected:
     """Collected(table, records, problems): one DataFrame of all runs (with newest_only, one row per
-    configuration: merge_runs), the usable records, and one line per record that could not be used."""
+    configuration: merge_runs), the usable records, and one line "<file>: <why>" per record or log file
+    that could not be used (a log file in which no line of a run was found among them)."""
     problems = []
     records = usable_records(result_dir, problems)
     by_block = {(r["kind"], log_key(r["log"]["path"]), r["log"]["offset"]): r for r in records if r.get("log")}
@@ -443,10 +444,15 @@ def collect(log_dir: str, result_dir: str = None, newest_only: bool = True) -> C
     for path, ds, model, seed in log_files(log_dir, problems):
         key = log_key(path)
         try:
-            mtime, parsed = os.path.getmtime(path), parse_file(path, ds, model, seed)
+            stat, parsed = os.stat(path), parse_file(path, ds, model, seed)
         except OSError as err:
             problems.append(f"{path}: cannot be read ({err.strerror or type(err).__name__})")
             continue
+        if not parsed:  # not one line of a prune or attack run: garbage, or another program's text
+            why = "empty" if stat.st_size == 0 else "no line of a prune or attack run in it"
+            problems.append(f"{path}: {why} (the format is in docs/results.md)")
+            continue
+        mtime = stat.st_mtime
         for row in parsed:
             prune_at, attack_at, ended, ours = row["_prune_at"], row["_attack_at"], row.pop("_ended"), row.pop("_ours")
             found = {}
@@ -519,10 +525,17 @@ def merge_runs(df):
 def newest_models_only(df):
     """The rows of each configuration (KEY) that attacked the model of its newest row: after a configuration
     was pruned again, the attacks on the model it replaced are not merged with those on the new one. An
-    --original row's model is the pretrained one, whatever prune run its block follows."""
+    --original row's model is the pretrained one, whatever prune run its block follows. A prune run's row of
+    its own (no setting: no attack on its models yet) goes once a later prune run of the same configuration
+    (KEY but the setting) replaced its models: pruned again and attacked (a rerun, or a grid step retried
+    after its driver was killed), the later run's rows hold the prune numbers the attacks read."""
     model = df["_model"].where(df["setting"] != "original", "pretrained").fillna("")
     newest = model.groupby(df.groupby(KEY, dropna=False, sort=False).ngroup()).transform("last")
-    return df[model == newest]
+    pruned = df["_model"].where(df["setting"] != "original")  # the models of prune runs, oldest first
+    config = [key for key in KEY if key != "setting"]
+    newest_pruned = pruned.groupby(df.groupby(config, dropna=False, sort=False).ngroup()).transform("last")
+    replaced = df["setting"].isna() & (df["_model"] != newest_pruned)
+    return df[(model == newest) & ~replaced]
 
 
 def table(rows, newest_only):

@@ -118,8 +118,8 @@ def fit(
     dev_loss) when dev accuracy strictly improves on the best so far, which starts at start_acc; stop once
     `early_stop` (>0) epochs pass without improvement. Returns (best dev acc, last dev loss). The default
     -1 makes the first epoch a best one whatever its accuracy, so every call exports a model; the release
-    starts at 0 (prune_modi.py's --semantics release), where epochs of exactly 0% dev accuracy export
-    nothing."""
+    starts at 0 (pretraining, and prune_modi.py's --semantics release), where epochs of exactly 0% dev
+    accuracy export nothing."""
     best_acc, stall, dev_loss = start_acc, 0, float("nan")
     for epoch in range(epochs):
         train_loss, train_acc = train_epoch(epoch)
