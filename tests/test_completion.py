@@ -6,44 +6,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import run_script
+from helpers import DIGITS, attack_cmd, copy_run, pretrain_cmd, prune_cmd, start_script, wait_for
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end
 
-DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = os.path.join("result", "digits_columnfc")
-PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "2", "--no_tensorboard"]
-PRUNE = [
-    "prune_modi.py",
-    "-1",
-    DIGITS,
-    "--pruner_name",
-    "iter_prunetxt",
-    "--prune_iter",
-    "2",
-    "--prune_epochs",
-    "2",
-    "--shadow_num",
-    "2",
-    "--no_tensorboard",
-]
-ATTACK = [
-    "mia_modi.py",
-    "-1",
-    DIGITS,
-    "--pruner_name",
-    "iter_prunetxt",
-    "--shadow_num",
-    "2",
-    "--attacks",
-    "threshold",
-    "--no_tensorboard",
-]
+PRETRAIN = pretrain_cmd(2, 2)
+PRUNE = prune_cmd(2, 2, "--no_tensorboard")
+ATTACK = attack_cmd(2, "--no_tensorboard")
 PRUNE_FIX = f"run prune_modi.py -1 {DIGITS} --pruner_name iter_prunetxt --prune_sparsity 0.6 --shadow_num 2 first"
 
 
@@ -53,11 +27,6 @@ def finished(tmp_path_factory):
     run_script(*PRETRAIN, cwd=folder)
     run_script(*PRUNE, cwd=folder)
     return folder
-
-
-def copy(finished, tmp_path):
-    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
-    return tmp_path
 
 
 def test_every_model_gets_a_record_naming_its_checkpoint(finished):
@@ -82,7 +51,7 @@ def test_every_model_gets_a_record_naming_its_checkpoint(finished):
 
 
 def test_attack_refuses_a_shadow_without_record(finished, tmp_path):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     os.remove(folder / RUN / "shadow_iter_prunetxt_0.6_model_1" / "complete.json")
     logs = sorted((folder / "log").rglob("*.txt"))
     before = {p: p.read_bytes() for p in logs}
@@ -96,7 +65,7 @@ def test_attack_refuses_a_shadow_without_record(finished, tmp_path):
 
 
 def test_attack_refuses_a_checkpoint_changed_after_its_record(finished, tmp_path):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     best = folder / RUN / "iter_prunetxt_0.6_model" / "best.pth"
     shutil.copy(folder / RUN / "shadow_iter_prunetxt_0.6_model_0" / "best.pth", best)  # a newer, other model
     proc = run_script(*ATTACK, cwd=folder, check=False)
@@ -123,23 +92,11 @@ def test_a_killed_prune_leaves_the_finished_models(finished, tmp_path, sig):
     """Kill prune_modi.py once its new victim has improved: every model folder still holds the last finished
     run's files (byte for byte), and the attack takes them. SIGTERM/SIGINT discard the staged folders on the
     way out; SIGKILL leaves one, which the next prune run removes."""
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     before = model_files(folder)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(REPO, PRUNE[0]), *PRUNE[1:], "--prune_epochs", "30", "--early_stop", "0"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=folder,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_script(*PRUNE, "--prune_epochs", "30", "--early_stop", "0", cwd=folder, stdout=subprocess.DEVNULL)
     staged = lambda: list((folder / RUN).glob("iter_prunetxt_0.6_model.partial-*/best.pth"))
-    deadline = time.time() + 300
-    while time.time() < deadline and not staged() and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for(staged, 300, proc)
     assert staged(), "the victim never improved"
     os.kill(proc.pid, sig)
     _, stderr = proc.communicate(timeout=120)
@@ -166,7 +123,7 @@ def test_a_rebuilt_split_makes_the_models_trained_on_the_old_one_stale(finished,
     """pretrain_modi.py --force rebuilds the split: the models trained on the old one are refused, not taken."""
     from splits import Split
 
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     Split.create("digits", 539, 1258, 7, 3).save(str(folder / RUN / "split.npz"))  # what --force --shadow_num 3 writes
     proc = run_script(*PRUNE, cwd=folder, check=False)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
@@ -192,7 +149,7 @@ def release_copy(folder, source, target):
 
 
 def test_attack_refuses_a_dense_checkpoint_in_a_pruned_folder(finished, tmp_path):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     shutil.copy(folder / RUN / "iter_prunetxt_0.6_model" / "best_mask.pth", tmp_path / "mask.pth")
     release_copy(folder, "victim_model", "iter_prunetxt_0.6_model")
     shutil.copy(tmp_path / "mask.pth", folder / RUN / "iter_prunetxt_0.6_model" / "best_mask.pth")
@@ -207,7 +164,7 @@ def test_attack_refuses_a_dense_checkpoint_in_a_pruned_folder(finished, tmp_path
 
 
 def test_attack_refuses_a_model_pruned_to_another_sparsity(finished, tmp_path):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     for source, target in [("iter_prunetxt_0.6_model", "iter_prunetxt_0.5_model")] + [
         (f"shadow_iter_prunetxt_0.6_model_{i}", f"shadow_iter_prunetxt_0.5_model_{i}") for i in range(2)
     ]:
@@ -231,7 +188,7 @@ def test_attack_refuses_a_model_pruned_to_another_sparsity(finished, tmp_path):
     ],
 )
 def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     before = model_files(folder)
     proc = run_script(*PRUNE, *flags, cwd=folder, check=False)
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
@@ -253,7 +210,7 @@ def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
     ],
 )
 def test_attack_refuses_flags_that_would_be_logged_as_something_else(finished, tmp_path, flags, line):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     logs = {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")}
     proc = run_script(*ATTACK, *flags, cwd=folder, check=False)
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
@@ -261,7 +218,7 @@ def test_attack_refuses_flags_that_would_be_logged_as_something_else(finished, t
 
 
 def test_prune_refuses_an_unfinished_pretrained_model_and_skip_existing_retrains_it(finished, tmp_path):
-    folder = copy(finished, tmp_path)
+    folder = copy_run(finished, tmp_path)
     os.remove(folder / RUN / "shadow_model_1" / "complete.json")  # as a pretraining killed in shadow 1 leaves it
     proc = run_script(*PRUNE, cwd=folder, check=False)
     assert proc.returncode == 1

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 
@@ -21,6 +20,8 @@ from conftest import REPO
 from datasets import TensorData
 from defenses import Adv, DefenseSettings, Dp, adv_classifier_loss, inference_features, ppb_kl, ppb_loss, relaxloss_loss
 from dp import clipped_gradient_sum, dp_gradient
+from helpers import bn_model
+from helpers import one_thread as torch_on_one_thread
 from models import ColumnFC
 from splits import ModelSplit
 
@@ -33,10 +34,8 @@ LABELS = torch.tensor([0, 3, 2, 2, 1])
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: extra threads only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_on_one_thread():
+        yield
 
 
 def softmax_rows(rows):
@@ -214,19 +213,6 @@ def clipped_mean_reference(model, x, y, microbatch, clip=1.0):
         norms.append(g.norm().item())
         clipped.append(g * min(1.0, clip / g.norm().item()))
     return torch.stack(clipped).mean(0), norms
-
-
-def bn_model():
-    """A small conv net with BatchNorm2d, like the image models (8x8 digit-sized inputs)."""
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    )
 
 
 @pytest.mark.parametrize("make_model", [lambda: ColumnFC(64, 10), bn_model], ids=["vmap", "loop (BatchNorm)"])

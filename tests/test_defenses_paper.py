@@ -19,6 +19,7 @@ from common import UsageError
 from conftest import REPO, run_script
 from datasets import TensorData
 from defenses import DEFENSES, ML2, DefenseSettings, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
+from helpers import attack_cmd, pretrain_cmd, prune_cmd
 from models import build_model
 from splits import ModelSplit, make_split
 
@@ -214,18 +215,7 @@ def test_flag_checks(flags, message):
 
 # ---------------------------------------------------------------- end to end on digits
 
-DIGITS = os.path.join(REPO, "config", "digits.json")
 MEM_THRE = 0.3  # the digits mem_thre of run_shell.sh
-PRUNE = [
-    "--pruner_name",
-    "iter_prunetxt",
-    "--prune_sparsity",
-    "0.6",
-    "--shadow_num",
-    "1",
-    "--quiet",
-    "--no_tensorboard",
-]
 
 
 @pytest.fixture(scope="module")
@@ -243,18 +233,7 @@ def pretrained(tmp_path_factory, one_thread):
     os.makedirs(folder / "memscore")
     for name in ("memscore_digits_columnfc.csv", "memscore_digits_columnfc.json"):  # the scores and their fingerprint
         shutil.copy(os.path.join(REPO, "memscore", name), folder / "memscore")
-    run_script(
-        "pretrain_modi.py",
-        "-1",
-        DIGITS,
-        "--epochs",
-        "2",
-        "--shadow_num",
-        "1",
-        "--quiet",
-        "--no_tensorboard",
-        cwd=folder,
-    )
+    run_script(*pretrain_cmd(2, 1, "--quiet"), cwd=folder)
     return folder
 
 
@@ -265,27 +244,8 @@ def test_digits_end_to_end(pretrained, defend):
     flags = ["--defend", defend, "--weight_decay_mem", "0.1", "--mem_thre", str(MEM_THRE)]
     if window:
         flags += ["--stride", "1", "--width", "15"]
-    run_script(
-        "prune_modi.py", "-1", DIGITS, *PRUNE, "--prune_iter", "2", "--prune_epochs", "2", *flags, cwd=pretrained
-    )
-    run_script(
-        "mia_modi.py",
-        "-1",
-        DIGITS,
-        "--pruner_name",
-        "iter_prunetxt",
-        "--prune_sparsity",
-        "0.6",
-        "--attacks",
-        "threshold",
-        "--defend",
-        defend,
-        "--adaptive",
-        "--shadow_num",
-        "1",
-        "--quiet",
-        cwd=pretrained,
-    )
+    run_script(*prune_cmd(2, 1, "--quiet", "--no_tensorboard", *flags), cwd=pretrained)
+    run_script(*attack_cmd(1, "--defend", defend, "--adaptive", "--quiet"), cwd=pretrained)
     stem = f"iter_prunetxt_0.6_{defend}"
     result = pretrained / "result" / "digits_columnfc"
     for folder in (f"{stem}_model", f"shadow_{stem}_model_0"):

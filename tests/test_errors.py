@@ -20,6 +20,7 @@ import memscores
 from common import UsageError, pick_device
 from conftest import REPO, copy_repo, run_script
 from datasets import get_dataset
+from helpers import pretrain_cmd
 from models import build_model
 from train import save_checkpoint
 
@@ -38,18 +39,7 @@ def pretrained(tmp_path_factory):
     folder's own: the cases set them up there (write_purchase, write_memscores)."""
     folder = tmp_path_factory.mktemp("pretrained")
     copy_repo(folder, memscores=False)
-    run_script(
-        "pretrain_modi.py",
-        "-1",
-        DIGITS,
-        "--epochs",
-        "1",
-        "--shadow_num",
-        "1",
-        "--no_tensorboard",
-        cwd=folder,
-        repo=folder,
-    )
+    run_script(*pretrain_cmd(1, 1), cwd=folder, repo=folder)
     run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder, repo=folder)
     return folder
 
@@ -163,108 +153,69 @@ class Case:
 
 PRE, PRU, ATT = "pretrain_modi.py", "prune_modi.py", "mia_modi.py"
 SLIDE_RE = ["--defend", "slide_re", "--stride", "1", "--width", "15"]
+
+
+def bad_config(name, words, setup=None):
+    """pretrain_modi.py on a bad.json the setup writes: refused as usage (2)."""
+    return Case(name, PRE, ["-1", "bad.json"], 2, words, setup)
+
+
+def pretrain_case(name, flags, status, words, setup=None):
+    return Case(name, PRE, ["-1", DIGITS, *flags], status, words, setup)
+
+
+def prune_case(name, flags, status, words, setup=None):
+    """prune_modi.py on the pretrained run, Base (PRUNE) unless flags say otherwise."""
+    return Case(name, PRU, ["-1", DIGITS, *PRUNE, *flags], status, words, setup)
+
+
+def attack_case(name, flags, status, words, setup=None):
+    """mia_modi.py on the Base-pruned run (MIA) and flags."""
+    return Case(name, ATT, ["-1", DIGITS, *MIA, *flags], status, words, setup)
+
+
 CASES = [
     # config
     Case("config_missing", PRE, ["-1", "nope.json"], 2, ["nope.json", "not found", "config/digits.json"]),
-    Case(
+    bad_config(
         "config_invalid_json",
-        PRE,
-        ["-1", "bad.json"],
-        2,
         ["bad.json", "not valid JSON", "line 2", "fix"],
         write_config(text='{"dataset_name": "digits",\n "epochs": 5,,}'),
     ),
-    Case(
+    bad_config(
         "config_not_text",
-        PRE,
-        ["-1", "bad.json"],
-        2,
         ["bad.json", "not a text file", "config/digits.json"],
         write_bytes("bad.json", b"\xff\xfe{\x00\x93"),
     ),
-    Case(
-        "config_unknown_key",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["unknown key 'momentum'", "valid keys", "weight_decay"],
-        write_config(momentum=0.9),
+    bad_config(
+        "config_unknown_key", ["unknown key 'momentum'", "valid keys", "weight_decay"], write_config(momentum=0.9)
     ),
-    Case(
-        "config_wrong_type",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["'epochs' must be int", "'5'", "fix the config"],
-        write_config(epochs="5"),
-    ),
-    Case("config_missing_key", PRE, ["-1", "bad.json"], 2, ["missing key", "lr", "add them"], write_config(lr=None)),
-    Case(
+    bad_config("config_wrong_type", ["'epochs' must be int", "'5'", "fix the config"], write_config(epochs="5")),
+    bad_config("config_missing_key", ["missing key", "lr", "add them"], write_config(lr=None)),
+    bad_config(
         "config_unknown_dataset",
-        PRE,
-        ["-1", "bad.json"],
-        2,
         ["unknown dataset_name 'mnist'", "cifar10", "digits"],
         write_config(dataset_name="mnist"),
     ),
-    Case(
-        "config_unknown_model",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["unknown model_name 'mlp'", "columnfc", "resnet18"],
-        write_config(model_name="mlp"),
+    bad_config(
+        "config_unknown_model", ["unknown model_name 'mlp'", "columnfc", "resnet18"], write_config(model_name="mlp")
     ),
-    Case(
-        "config_num_cls",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["num_cls=12", "digits has num_cls=10", "fix the config"],
-        write_config(num_cls=12),
-    ),
-    Case(
-        "config_input_dim",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["input_dim=32", "input_dim=64", "fix the config"],
-        write_config(input_dim=32),
-    ),
-    Case(
+    bad_config("config_num_cls", ["num_cls=12", "digits has num_cls=10", "fix the config"], write_config(num_cls=12)),
+    bad_config("config_input_dim", ["input_dim=32", "input_dim=64", "fix the config"], write_config(input_dim=32)),
+    bad_config(
         "config_model_for_images",
-        PRE,
-        ["-1", "bad.json"],
-        2,
         ["'resnet18' does not fit dataset digits", "columnfc"],
         write_config(model_name="resnet18"),
     ),
-    Case(
-        "config_unknown_optimizer",
-        PRE,
-        ["-1", "bad.json"],
-        2,
-        ["unknown optimizer 'rmsprop'", "adam", "sgd"],
-        write_config(optimizer="rmsprop"),
+    bad_config(
+        "config_unknown_optimizer", ["unknown optimizer 'rmsprop'", "adam", "sgd"], write_config(optimizer="rmsprop")
     ),
-    Case("lr_not_positive", PRE, ["-1", DIGITS, "--lr", "0"], 2, ["lr must be > 0", "--lr"]),
+    pretrain_case("lr_not_positive", ["--lr", "0"], 2, ["lr must be > 0", "--lr"]),
     # flags
-    Case("flag_not_an_int", PRE, ["-1", DIGITS, "--epochs", "x"], 2, ["--epochs", "invalid int value", "--help"]),
-    Case(
-        "batch_size_zero",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--batch_size", "0"],
-        2,
-        ["--batch_size", "1..2147483647", "got 0"],
-    ),
+    pretrain_case("flag_not_an_int", ["--epochs", "x"], 2, ["--epochs", "invalid int value", "--help"]),
+    prune_case("batch_size_zero", ["--batch_size", "0"], 2, ["--batch_size", "1..2147483647", "got 0"]),
     Case("gpu_id_below_minus_one", PRE, ["-2", DIGITS], 2, ["GPU-ID -2", "-1 for the CPU"]),
-    Case(
-        "unknown_defend",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "wemem"],
-        2,
-        ["unknown defense 'wemem'", "slide_re", "ppb", "dp"],
-    ),
+    prune_case("unknown_defend", ["--defend", "wemem"], 2, ["unknown defense 'wemem'", "slide_re", "ppb", "dp"]),
     Case("unknown_attack", ATT, ["-1", DIGITS, "--attacks", "threshold,lria"], 2, ["unknown attack", "lria", "samia"]),
     Case(
         "unknown_pruner_prune",
@@ -280,10 +231,8 @@ CASES = [
         2,
         ["unknown pruner_name 'magnitude'", "iter_pruning"],
     ),
-    Case(
-        "sparsity_one", PRU, ["-1", DIGITS, *PRUNE, "--prune_sparsity", "1"], 2, ["--prune_sparsity", "(0, 1)", "1.0"]
-    ),
-    Case("sparsity_zero_mia", ATT, ["-1", DIGITS, *MIA, "--prune_sparsity", "0"], 2, ["--prune_sparsity", "(0, 1)"]),
+    prune_case("sparsity_one", ["--prune_sparsity", "1"], 2, ["--prune_sparsity", "(0, 1)", "1.0"]),
+    attack_case("sparsity_zero_mia", ["--prune_sparsity", "0"], 2, ["--prune_sparsity", "(0, 1)"]),
     Case(
         "prune_iter_zero",
         PRU,
@@ -291,39 +240,34 @@ CASES = [
         2,
         ["--prune_iter", ">= 1", "got 0"],
     ),
-    Case(
+    prune_case(
         "window_without_stride",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "slide_re", "--width", "15"],
+        ["--defend", "slide_re", "--width", "15"],
         2,
         ["--defend slide_re", "--stride", "--width", "--stride None"],
     ),
-    Case(
+    prune_case(
         "window_not_positive",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "slide", "--stride", "1", "--width", "0"],
+        ["--defend", "slide", "--stride", "1", "--width", "0"],
         2,
         ["--defend slide", "at least 1", "--width 0"],
     ),
-    Case(
+    prune_case(
         "mem_thre_outside_scores",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "ml2", "--mem_thre", "5"],
+        ["--defend", "ml2", "--mem_thre", "5"],
         2,
         ["--mem_thre 5", "range [0.000, 0.900]", "inside"],
         write_memscores(np.linspace(0, 0.9, N_TRAIN)),
     ),
-    Case(
+    prune_case(
         "dp_negative_noise",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "dp", "--defend_arg", "-0.5"],
+        ["--defend", "dp", "--defend_arg", "-0.5"],
         2,
         ["--defend dp", "--defend_arg >= 0", "noise", "-0.5"],
     ),
-    Case(
+    prune_case(
         "relaxloss_zero_alpha",
-        PRU,
-        ["-1", DIGITS, *PRUNE, "--defend", "relaxloss", "--defend_arg", "0"],
+        ["--defend", "relaxloss", "--defend_arg", "0"],
         2,
         ["--defend relaxloss", "--defend_arg > 0"],
     ),
@@ -335,19 +279,9 @@ CASES = [
         ["iter_prunetxt", "fc1/fc2", "--pruner_name iter_pruning"],
     ),
     Case("mia_without_shadows", ATT, ["-1", DIGITS, *MIA[:2], "--shadow_num", "0"], 2, ["--shadow_num", ">= 1"]),
-    Case(
-        "original_with_adaptive",
-        ATT,
-        ["-1", DIGITS, *MIA, "--original", "--adaptive"],
-        2,
-        ["--original", "drop --adaptive"],
-    ),
-    Case(
-        "force_with_skip_existing",
-        PRE,
-        ["-1", DIGITS, "--force", "--skip_existing"],
-        2,
-        ["--force", "stale", "drop --skip_existing"],
+    attack_case("original_with_adaptive", ["--original", "--adaptive"], 2, ["--original", "drop --adaptive"]),
+    pretrain_case(
+        "force_with_skip_existing", ["--force", "--skip_existing"], 2, ["--force", "stale", "drop --skip_existing"]
     ),
     # data
     Case(
@@ -381,42 +315,28 @@ CASES = [
         ["labels must be integers 1..100", "101", "dataset_purchase.tgz"],
         write_purchase(purchase_rows(label=101)),
     ),
-    Case(
-        "memscore_missing",
-        PRU,
-        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
-        1,
-        ["memscore/memscore_digits_columnfc.csv not found", "compute_memscore.py"],
+    prune_case(
+        "memscore_missing", [*SLIDE_RE], 1, ["memscore/memscore_digits_columnfc.csv not found", "compute_memscore.py"]
     ),
-    Case(
+    prune_case(
         "memscore_wrong_length",
-        PRU,
-        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
+        [*SLIDE_RE],
         1,
         ["100 rows", f"{N_TRAIN} samples"],
         write_memscores(np.linspace(0, 1, 100)),
     ),
-    Case(
+    prune_case(
         "memscore_not_numeric",
-        PRU,
-        ["-1", DIGITS, *PRUNE, *SLIDE_RE],
+        [*SLIDE_RE],
         1,
         ["memscore_digits_columnfc.csv", "numeric"],
         write_memscores(["0.5"] * (N_TRAIN - 1) + ["high"]),
     ),
     # order of steps and stale or broken files
-    Case(
-        "prune_before_pretrain",
-        PRU,
-        ["-1", DIGITS, *PRUNE],
-        1,
-        ["split.npz not found", "run pretrain_modi.py"],
-        remove("result"),
-    ),
-    Case(
+    prune_case("prune_before_pretrain", [], 1, ["split.npz not found", "run pretrain_modi.py"], remove("result")),
+    prune_case(
         "prune_shadow_not_pretrained",
-        PRU,
-        ["-1", DIGITS, *PRUNE],
+        [],
         1,
         ["shadow_model_0/best.pth not found", "pretrain_modi.py", "--shadow_num 1"],
         remove(f"{RUN}/shadow_model_0/best.pth"),
@@ -428,26 +348,17 @@ CASES = [
         2,
         ["the split has 1 shadows", "lower --shadow_num", "--force"],
     ),
-    Case(
+    attack_case(
         "mia_before_prune",
-        ATT,
-        ["-1", DIGITS, *MIA],
+        [],
         1,
         ["iter_prunetxt_0.6_model/best.pth not found", "prune_modi.py", "--pruner_name iter_prunetxt"],
         remove(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/shadow_iter_prunetxt_0.6_model_0"),
     ),
-    Case(
-        "mia_before_pretrain",
-        ATT,
-        ["-1", DIGITS, *MIA],
-        1,
-        ["split.npz not found", "pretrain_modi.py"],
-        remove("result"),
-    ),
-    Case(
+    attack_case("mia_before_pretrain", [], 1, ["split.npz not found", "pretrain_modi.py"], remove("result")),
+    attack_case(
         "adaptive_shadows_missing",
-        ATT,
-        ["-1", DIGITS, *MIA, "--defend", "ppb", "--defend_arg", "4", "--adaptive"],
+        ["--defend", "ppb", "--defend_arg", "4", "--adaptive"],
         1,
         [
             "shadow_iter_prunetxt_0.6_ppb_4.0_model_0/best.pth not found",
@@ -456,66 +367,51 @@ CASES = [
         ],
         copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_ppb_4.0_model"),
     ),
-    Case(
+    attack_case(
         "adaptive_window_shadows_missing",
-        ATT,
-        ["-1", DIGITS, *MIA, "--defend", "slide_re", "--adaptive"],
+        ["--defend", "slide_re", "--adaptive"],
         1,
         ["shadow_iter_prunetxt_0.6_slide_re_model_0", "prune_modi.py", "--defend slide_re --stride"],
         copy_folder(f"{RUN}/iter_prunetxt_0.6_model", f"{RUN}/iter_prunetxt_0.6_slide_re_model"),
     ),
-    Case(
+    prune_case(
         "checkpoint_for_other_num_cls",
-        PRU,
-        ["-1", DIGITS, *PRUNE],
+        [],
         1,
         ["victim_model/best.pth does not fit", "fc3.weight", "another dataset/model/num_cls"],
         checkpoint_for_five_classes,
     ),
-    Case(
+    attack_case(
         "checkpoint_truncated",
-        ATT,
-        ["-1", DIGITS, *MIA],
+        [],
         1,
         ["iter_prunetxt_0.6_model/best.pth is corrupt", "delete it", "prune_modi.py"],
         truncate(f"{RUN}/iter_prunetxt_0.6_model/best.pth"),
     ),
-    Case(
+    attack_case(
         "split_corrupt",
-        ATT,
-        ["-1", DIGITS, *MIA],
+        [],
         1,
         ["split.npz is unreadable", "--force"],
         write_bytes(f"{RUN}/split.npz", b"not an npz at all"),
     ),
-    Case(
-        "split_of_another_program",
-        PRU,
-        ["-1", DIGITS, *PRUNE],
-        1,
-        ["split.npz was not made by pretrain_modi.py", "--force"],
-        foreign_split,
+    prune_case(
+        "split_of_another_program", [], 1, ["split.npz was not made by pretrain_modi.py", "--force"], foreign_split
     ),
     # seed 8 has its own namespace (result/digits_columnfc_seed8); a seed-7 split copied there is refused
-    Case(
+    pretrain_case(
         "split_other_seed",
-        PRE,
-        ["-1", DIGITS, "--shadow_num", "1", "--seed", "8"],
+        ["--shadow_num", "1", "--seed", "8"],
         1,
         ["digits_columnfc_seed8/split.npz cannot be reused", "seed=7", "seed=8", "--force"],
         copy_folder(RUN, RUN + "_seed8"),
     ),
-    Case(
-        "split_too_few_shadows",
-        PRE,
-        ["-1", DIGITS, "--shadow_num", "2"],
-        1,
-        ["cannot be reused", "1 shadows", "asks for 2", "--force"],
+    pretrain_case(
+        "split_too_few_shadows", ["--shadow_num", "2"], 1, ["cannot be reused", "1 shadows", "asks for 2", "--force"]
     ),
-    Case(
+    pretrain_case(
         "output_folder_is_a_file",
-        PRE,
-        ["-1", DIGITS, "--shadow_num", "1"],
+        ["--shadow_num", "1"],
         1,
         ["cannot read or write result/digits_columnfc", "Not a directory", "permissions"],
         result_is_a_file,

@@ -26,6 +26,9 @@ import pytest
 import results
 from conftest import REPO, copy_repo
 
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from bench_grid import log_numbers  # noqa: E402  (the benchmark's own check that two runs logged the same numbers)
+
 pytestmark = pytest.mark.slow  # runs the scripts end to end
 
 RUN = "digits_columnfc"
@@ -73,23 +76,6 @@ class Run:
 
 def grid(copy, *args, env=ENV):
     return Run([sys.executable, os.path.join(copy, "grid.py"), *args], copy, env)
-
-
-RESULT_LINE = re.compile(r"Accuracy|accuracy|Loss|AUC|TPR@|epsilon")  # not: defend time, file names
-
-
-def log_numbers(copy):
-    """The result lines of every log of the run (defend-time lines, wall clock, aside)."""
-    folder = os.path.join(copy, "log", RUN)
-    return {
-        name: [
-            line
-            for line in open(os.path.join(folder, name)).read().splitlines()
-            if RESULT_LINE.search(line) and "defend time" not in line
-        ]
-        for name in sorted(os.listdir(folder))
-        if name.endswith(".txt")
-    }
 
 
 def records(copy):

@@ -16,6 +16,8 @@ from common import MissingError, UsageError
 from conftest import REPO, as_repo, copy_repo, run_script
 from datasets import TensorData, get_dataset, split_source
 from defenses import ML2, DefenseSettings
+from helpers import memscore_recipe as recipe
+from helpers import one_thread as torch_on_one_thread
 from memscores import fingerprint, load_memscores, write_sidecar
 
 DIGITS = os.path.join(REPO, "config", "digits.json")
@@ -25,28 +27,8 @@ N_DIGITS_TRAIN = 539
 @pytest.fixture
 def one_thread():
     """Small models train much faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def recipe(**overrides):
-    args = SimpleNamespace(
-        model_name="columnfc",
-        num_cls=10,
-        input_dim=64,
-        optimizer="adam",
-        lr=0.005,
-        weight_decay=0.0,
-        epochs=40,
-        batch_size=32,
-        num_models=12,
-        subset_ratio=0.5,
-        seed=3,
-    )
-    vars(args).update(overrides)
-    return args
+    with torch_on_one_thread():
+        yield
 
 
 def digits_subset(n, flipped=()):

@@ -2,7 +2,6 @@
 the plan and its cost, and --budget_minutes (with an injected clock: no timed test)."""
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import compute_memscore
 from common import UsageError
 from conftest import REPO, copy_repo, run_script
 from datasets import TensorData
+from helpers import memscore_recipe
 
 
 def literal_smallest(n, ratio, seed):
@@ -67,22 +67,7 @@ def test_budget_picks_the_largest_models_and_epochs_that_fit(budget, cap, picked
 
 
 def tiny_args(**overrides):
-    args = SimpleNamespace(
-        model_name="columnfc",
-        num_cls=10,
-        input_dim=64,
-        optimizer="adam",
-        lr=0.005,
-        weight_decay=0.0,
-        epochs=3,
-        batch_size=32,
-        num_models=14,
-        subset_ratio=0.5,
-        seed=5,
-        budget_minutes=None,
-    )
-    vars(args).update(overrides)
-    return args
+    return memscore_recipe(**{"epochs": 3, "num_models": 14, "seed": 5, "budget_minutes": None, **overrides})
 
 
 def tiny_data(n=60):

@@ -19,6 +19,7 @@ import memscores
 from common import MissingError
 from conftest import REPO, as_repo, copy_repo, run_script
 from datasets import TensorData, get_dataset, split_source
+from helpers import pretrain_cmd, prune_cmd
 from memscores import fingerprint, load_memscores
 from paths import memscore_path
 from test_datasets import write_location
@@ -355,42 +356,10 @@ def test_shipped_digits_scores_load_with_their_sidecar(here):
 @pytest.mark.slow
 def test_prune_modi_refuses_before_its_first_log_line(here):
     copy_repo(here, memscores=False)  # the scripts run from here: its memscore/ is theirs
-    run_script(
-        "pretrain_modi.py",
-        "-1",
-        os.path.join(REPO, "config", "digits.json"),
-        "--epochs",
-        "1",
-        "--shadow_num",
-        "1",
-        "--quiet",
-        "--no_tensorboard",
-        cwd=here,
-        repo=here,
-    )
+    run_script(*pretrain_cmd(1, 1, "--quiet"), cwd=here, repo=here)
     write_authors_csv(DIGITS_CSV, 539)
-    proc = run_script(
-        "prune_modi.py",
-        "-1",
-        os.path.join(REPO, "config", "digits.json"),
-        "--pruner_name",
-        "iter_prunetxt",
-        "--prune_sparsity",
-        "0.6",
-        "--shadow_num",
-        "1",
-        "--quiet",
-        "--no_tensorboard",
-        "--defend",
-        "slide_re",
-        "--stride",
-        "1",
-        "--width",
-        "15",
-        cwd=here,
-        check=False,
-        repo=here,
-    )
+    slide_re = ["--defend", "slide_re", "--stride", "1", "--width", "15"]
+    proc = run_script(*prune_cmd(2, 1, "--quiet", "--no_tensorboard", *slide_re), cwd=here, check=False, repo=here)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: mem-scores {here / DIGITS_CSV} carry no fingerprint")
     assert os.listdir(here / "log" / "digits_columnfc") == ["pretrain.txt"]

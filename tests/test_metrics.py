@@ -1,7 +1,6 @@
 """AUC / TPR@low-FPR lines, offline LiRA, and the unchanged accuracy lines of mia_modi.py."""
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -11,12 +10,10 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 import attacks
-import mia_modi
-import pretrain_modi
 import results
 from attacks import ATTACKS, AttackResult, Outputs
-from conftest import REPO
 from datasets import TensorData, get_dataset
+from helpers import DIGITS, one_thread, run_main
 from models import build_model
 from splits import Split
 from train import evaluate, load_checkpoint, predict
@@ -249,32 +246,11 @@ def metric_reference(name, scores, member):
 
 def test_mia_log_keeps_accuracy_lines_and_adds_metrics(tmp_path, monkeypatch):
     """A tiny digits run of the scripts' main() in this process (a subprocess costs seconds of imports)."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: on a busy machine more threads only spin
-    try:
-        for script, args in (
-            (pretrain_modi, ["--epochs", "3"]),
-            (mia_modi, ["--original", "--attacks", "lira,threshold"]),
-        ):
-            monkeypatch.setattr(
-                sys,
-                "argv",
-                [
-                    script.__file__,
-                    "-1",
-                    f"{REPO}/config/digits.json",
-                    *args,
-                    "--shadow_num",
-                    "2",
-                    "--quiet",
-                    "--no_tensorboard",
-                ],
-            )
-            script.main()
+    tiny = ["--shadow_num", "2", "--quiet", "--no_tensorboard"]
+    with one_thread():
+        run_main("pretrain_modi", ["-1", DIGITS, "--epochs", "3", *tiny], tmp_path, monkeypatch)
+        run_main("mia_modi", ["-1", DIGITS, "--original", "--attacks", "lira,threshold", *tiny], tmp_path, monkeypatch)
         shadow, victim, victim_model, data, split, shadow_logits = reference_outputs(tmp_path, 2)
-    finally:
-        torch.set_num_threads(threads)
     lines = (tmp_path / "log" / "digits_columnfc" / "l1unstructure_0.6_base.txt").read_text().splitlines()
     scores = lines.pop()  # the run's last line names its scores file (tests/test_report.py reads it)
     assert scores.startswith("Scores: result/digits_columnfc/scores/l1unstructure_0.6_original_release_")

@@ -3,11 +3,9 @@ derived seeds overflow, failures after the first byte, log blocks that end early
 missing, empty or oddly named inputs, mem-scores that are no mem-scores. Real subprocesses, no mocks."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -15,26 +13,14 @@ import pytest
 import results
 from common import MissingError, RunLog, UsageError, main_guard
 from conftest import REPO, as_repo, run_script
+from helpers import copy_run, pretrain_cmd, prune_cmd, start_script, wait_for
 from memscores import load_memscores
 from test_memscore import N_DIGITS_TRAIN, digits_args, digits_train, write_csv
 
-DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = "result/digits_columnfc"
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "1", "--shadow_num", "1", "--no_tensorboard"]
-PRUNE = [
-    "prune_modi.py",
-    "-1",
-    DIGITS,
-    "--pruner_name",
-    "iter_prunetxt",
-    "--prune_iter",
-    "2",
-    "--prune_epochs",
-    "1",
-    "--shadow_num",
-    "1",
-]
+PRETRAIN = pretrain_cmd(1, 1)
+PRUNE = prune_cmd(1, 1)
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 UNWRITABLE = "/proc/1"  # a folder nobody, root included, can create files in
 
@@ -68,11 +54,6 @@ def pretrained(tmp_path_factory):
     return folder
 
 
-def copy_of(pretrained, tmp_path):
-    shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True)
-    return tmp_path
-
-
 # ---------------------------------------------------------------- seeds
 
 
@@ -102,7 +83,7 @@ def test_seed_range_covers_the_derived_seeds(tmp_path):
 def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, tmp_path):
     """The victim and shadow 0 would train fine; shadow 1's folder cannot be written: refused before the first
     byte, so the completion records and the log are byte-identical."""
-    folder = copy_of(pretrained, tmp_path)
+    folder = copy_run(pretrained, tmp_path)
     os.symlink(UNWRITABLE, folder / RUN / "shadow_model_1")
     before = snapshot(folder)
     proc = run_script(*PRETRAIN[:-3], "--shadow_num", "2", "--force", "--no_tensorboard", cwd=folder, check=False)
@@ -115,32 +96,9 @@ def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, t
 def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tmp_path):
     """Ctrl-C while shadow 0 trains: the victim had finished, but a pretrain publishes all its models (and a
     new split) or none, so the run folder holds nothing; the log block ends with `Run ended early`."""
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "pretrain_modi.py"),
-        "-1",
-        DIGITS,
-        "--epochs",
-        "100",
-        "--early_stop",
-        "0",
-        "--shadow_num",
-        "1",
-        "--no_tensorboard",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start_script(*pretrain_cmd(100, 1, "--early_stop", "0"), cwd=tmp_path)
     victim_done = lambda: list((tmp_path / RUN).glob("victim_model.partial-*/complete.json"))
-    deadline = time.time() + 900
-    while not victim_done() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(victim_done, 900, proc)
     assert victim_done() and proc.poll() is None  # the shadow's 100 epochs have just begun
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -153,7 +111,7 @@ def test_ctrl_c_while_pretraining_publishes_no_model_and_closes_the_log_block(tm
 
 @pytest.mark.slow
 def test_prune_refuses_a_tensorboard_file_and_an_unwritable_folder_before_its_log_header(pretrained, tmp_path):
-    folder = copy_of(pretrained, tmp_path)
+    folder = copy_run(pretrained, tmp_path)
     (folder / "log/digits_columnfc/tb").write_text("not a folder\n")
     before = snapshot(folder)
     proc = run_script(*PRUNE, cwd=folder, check=False)
@@ -207,23 +165,11 @@ def test_main_guard_closes_an_open_log_block_with_its_reason(tmp_path):
 
 def interrupted_prune(folder, sig):
     """Start a long prune, wait for its block's "Pretrained Victim" line, send sig; (exit status, stderr)."""
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "prune_modi.py"),
-        *PRUNE[1:],
-        "--no_tensorboard",
-        "--prune_epochs",
-        "500",
-        "--early_stop",
-        "0",
-    ]
     log = folder / PRUNE_LOG
     blocks = lambda: log.read_text().count("Pretrained Victim") if log.exists() else 0
     before = blocks()
-    proc = subprocess.Popen(cmd, cwd=folder, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 900
-    while blocks() == before and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_script(*PRUNE, "--no_tensorboard", "--prune_epochs", "500", "--early_stop", "0", cwd=folder)
+    wait_for(lambda: blocks() != before, 900)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
@@ -231,7 +177,7 @@ def interrupted_prune(folder, sig):
 
 @pytest.mark.slow
 def test_interrupted_and_killed_prunes_are_failed_and_unfinished_rows(pretrained, tmp_path):
-    folder = copy_of(pretrained, tmp_path)
+    folder = copy_run(pretrained, tmp_path)
     code, stderr = interrupted_prune(folder, signal.SIGTERM)
     assert code == 143, stderr
     assert (folder / PRUNE_LOG).read_text().splitlines()[-1] == "Run ended early: interrupted (SIGTERM)"

@@ -8,28 +8,9 @@ import pytest
 
 import paths
 from conftest import REPO, copy_repo, run_script
+from helpers import pretrain_cmd, prune_cmd
 
-PRETRAIN = ["--epochs", "1", "--shadow_num", "1", "--quiet", "--no_tensorboard"]
-PRUNE = [
-    "--pruner_name",
-    "iter_prunetxt",
-    "--prune_sparsity",
-    "0.6",
-    "--prune_iter",
-    "2",
-    "--prune_epochs",
-    "1",
-    "--shadow_num",
-    "1",
-    "--defend",
-    "slide_re",
-    "--stride",
-    "2",
-    "--width",
-    "10",
-    "--quiet",
-    "--no_tensorboard",
-]
+SLIDE_RE = ["--prune_sparsity", "0.6", "--defend", "slide_re", "--stride", "2", "--width", "10", "--quiet"]
 MEMSCORE = os.path.join("memscore", "memscore_digits_columnfc.csv")
 
 
@@ -47,8 +28,9 @@ def test_scripts_run_from_another_folder_find_the_repos_memscores(tmp_path):
     repo, work = copy_repo(tmp_path / "repo"), tmp_path / "work"  # repo: a copy with the shipped mem-scores
     work.mkdir()
     config = os.path.join(repo, "config", "digits.json")
-    run_script("pretrain_modi.py", "-1", config, *PRETRAIN, cwd=work, repo=repo)
-    proc = run_script("prune_modi.py", "-1", config, *PRUNE, cwd=work, repo=repo, check=False)
+    prune = prune_cmd(1, 1, *SLIDE_RE, "--no_tensorboard", config=config)
+    run_script(*pretrain_cmd(1, 1, "--quiet", config=config), cwd=work, repo=repo)
+    proc = run_script(*prune, cwd=work, repo=repo, check=False)
     assert proc.returncode == 0, proc.stderr  # a slide_re run reads the mem-scores before its first log line
     assert sorted(os.listdir(work)) == ["log", "result"]
     assert os.path.isfile(work / "log" / "digits_columnfc" / "iter_prunetxt_0.6_slide_re.txt")
@@ -60,7 +42,7 @@ def test_scripts_run_from_another_folder_find_the_repos_memscores(tmp_path):
     bare = copy_repo(tmp_path / "bare", memscores=False)
     (work / "memscore").mkdir()  # a memscore/ in the working directory is not looked at
     shutil.copy(os.path.join(repo, MEMSCORE), work / MEMSCORE)
-    proc = run_script("prune_modi.py", "-1", config, *PRUNE, cwd=work, repo=bare, check=False)
+    proc = run_script(*prune, cwd=work, repo=bare, check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith(
         f"error: mem-scores {os.path.join(bare, MEMSCORE)} not found; compute it with "

@@ -8,7 +8,6 @@ models take minutes on a busy CPU), `--original`, and a second pretraining for t
 
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch
 import attacks
 from conftest import REPO, run_script
 from datasets import TensorData, get_dataset
+from helpers import run_main
 from models import build_model
 from splits import Split
 from train import evaluate, load_checkpoint
@@ -39,14 +39,6 @@ def run_dir(tmp_path_factory):
     run_script("prune_modi.py", -1, CONFIG, *PRUNE, "--prune_iter", 3, "--prune_epochs", 2, "--shadow_num", 2, cwd=cwd)
     run_script("mia_modi.py", -1, CONFIG, *PRUNE, "--attacks", "threshold", "--shadow_num", 2, cwd=cwd)
     return cwd
-
-
-def run_main(script, args, cwd, monkeypatch):
-    """script.main() in-process with the command line `args`, working directory cwd."""
-    module = __import__(script)
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
-    module.main()
 
 
 def read_lines(path):

@@ -20,6 +20,8 @@ from conftest import REPO
 from datasets import TensorData
 from defenses import Adv, DefenseSettings, Dp, Slide, SlideML2, window_at
 from dp import dp_gradient
+from helpers import bn_model
+from helpers import one_thread as torch_on_one_thread
 from models import ColumnFC, build_model
 from splits import ModelSplit
 
@@ -27,10 +29,8 @@ from splits import ModelSplit
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: extra threads only fight over the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_on_one_thread():
+        yield
 
 
 # ---------------------------------------------------------------- references, from the descriptions
@@ -304,19 +304,6 @@ def dp_settings(semantics, **overrides):
     )
     settings.update(overrides)
     return DefenseSettings(**settings)
-
-
-def bn_model():
-    """A small conv net with BatchNorm2d (its microbatch gradients take the loop path)."""
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    )
 
 
 def test_dp_release_optimizer_is_momentum_free_sgd():

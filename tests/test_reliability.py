@@ -14,29 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import run_script
+from helpers import attack_cmd, pretrain_cmd, prune_cmd
 from models import build_model
 from splits import Split
 from train import load_checkpoint, save_checkpoint
 
-DIGITS = os.path.join(REPO, "config", "digits.json")
 RUN = "result/digits_columnfc"
-PRETRAIN = ["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1", "--no_tensorboard"]
-PRUNE = [
-    "prune_modi.py",
-    "-1",
-    DIGITS,
-    "--pruner_name",
-    "iter_prunetxt",
-    "--prune_iter",
-    "2",
-    "--prune_epochs",
-    "2",
-    "--shadow_num",
-    "1",
-    "--no_tensorboard",
-]
-ATTACK = ["mia_modi.py", "-1", DIGITS, "--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", "1"]
+PRETRAIN = pretrain_cmd(2, 1)
+PRUNE = prune_cmd(2, 1, "--no_tensorboard")
+ATTACK = attack_cmd(1)
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
 PRETRAIN_LOG = "log/digits_columnfc/pretrain.txt"
 RUN_ID = re.compile(r"\d{8}T\d{12}Z_[\w-]+_\d+")  # start time, host, pid: in run records' and scores' names

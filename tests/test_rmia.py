@@ -1,17 +1,15 @@
 """Offline RMIA against a literal reference written from its definition, its tuning of a, the references'
 membership taken from the split, and a tiny mia_modi.py run."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import attacks
 import mia_modi
-import pretrain_modi
 from attacks import References
 from conftest import REPO
+from helpers import DIGITS, one_thread, run_main
 from splits import Split
 
 
@@ -172,31 +170,15 @@ def test_membership_comes_from_the_split():
 
 
 def test_mia_modi_logs_rmia_and_saves_its_scores(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for script, args in (
-            (pretrain_modi, ["--epochs", "3"]),
-            (mia_modi, ["--original", "--attacks", "rmia", "--rmia_gamma", "1.5"]),
-        ):
-            monkeypatch.setattr(
-                sys,
-                "argv",
-                [
-                    script.__file__,
-                    "-1",
-                    f"{REPO}/config/digits.json",
-                    *args,
-                    "--shadow_num",
-                    "3",
-                    "--quiet",
-                    "--no_tensorboard",
-                ],
-            )
-            script.main()
-    finally:
-        torch.set_num_threads(threads)
+    tiny = ["--shadow_num", "3", "--quiet", "--no_tensorboard"]
+    with one_thread():
+        run_main("pretrain_modi", ["-1", DIGITS, "--epochs", "3", *tiny], tmp_path, monkeypatch)
+        run_main(
+            "mia_modi",
+            ["-1", DIGITS, "--original", "--attacks", "rmia", "--rmia_gamma", "1.5", *tiny],
+            tmp_path,
+            monkeypatch,
+        )
     from test_metrics import metric_reference, reference_outputs
 
     shadow, victim, victim_model, data, split, shadow_logits = reference_outputs(tmp_path, 3)

@@ -96,52 +96,38 @@ RELEASE_LOG = f"""\
 {P}NNCl Attack Accuracy 59.87654321
 """
 
+
+def prune_block(name, semantics, *lines):
+    """A prune block's first lines: its name, semantics, the pretrained victim, then `lines`."""
+    return "\n".join([name, f"Semantics: {semantics}", "Pretrained Victim: Accuracy 81.234, Loss 0.567", *lines]) + "\n"
+
+
+def attack_block(semantics, conf, victim="80.000"):
+    """One attack with Base-pruned shadows: the victim's test accuracy, the shadows, semantics and Conf."""
+    lines = [f"Victim pruned model test accuracy: {victim}", "Shadows: iter_prunetxt_0.6 (base)"]
+    return "\n".join([*lines, f"Semantics: {semantics}", f"Conf attack accuracy: {conf}"]) + "\n"
+
+
 # Release and corrected runs in one file: a Base prune block attacked in both modes, then a dp run
 # pruned and attacked with --semantics corrected, then a corrected dp prune block not attacked yet.
-SEMANTICS_BASE_LOG = """\
-digits_columnfc_iter_prunetxt_0.6_0.0005
-Semantics: release
-Pretrained Victim: Accuracy 81.234, Loss 0.567
-Total Base defend time: 10.000s
-Victim pruned model test accuracy: 80.000
-Shadows: iter_prunetxt_0.6 (base)
-Semantics: release
-Conf attack accuracy: 55.000
-Victim pruned model test accuracy: 80.000
-Shadows: iter_prunetxt_0.6 (base)
-Semantics: corrected
-Conf attack accuracy: 55.500
-Victim pruned model test accuracy: 80.000
-Shadows: iter_prunetxt_0.6 (base)
-Semantics: release
-Conf attack accuracy: 56.000
-"""
-
-SEMANTICS_DP_LOG = """\
-digits_columnfc_iter_prunetxt_0.6_dp_0.1_0.0005
-Semantics: release
-Pretrained Victim: Accuracy 81.234, Loss 0.567
-DP epsilon: 1.500 (delta 1e-5)
-Total dp defend time: 40.000s
-Victim pruned model test accuracy: 57.000
-Shadows: iter_prunetxt_0.6 (base)
-Semantics: release
-Conf attack accuracy: 50.500
-digits_columnfc_iter_prunetxt_0.6_dp_0.1_corrected_0.0005
-Semantics: corrected
-Pretrained Victim: Accuracy 81.234, Loss 0.567
-DP epsilon: 20.000 (delta 1e-5)
-Total dp defend time: 400.000s
-Victim pruned model test accuracy: 68.000
-Shadows: iter_prunetxt_0.6 (base)
-Semantics: corrected
-Conf attack accuracy: 52.000
-digits_columnfc_iter_prunetxt_0.6_dp_0.1_corrected_0.0005
-Semantics: corrected
-Pretrained Victim: Accuracy 81.234, Loss 0.567
-DP epsilon: 30.000 (delta 1e-5)
-Total dp defend time: 410.000s
-"""
+SEMANTICS_BASE_LOG = (
+    prune_block("digits_columnfc_iter_prunetxt_0.6_0.0005", "release", "Total Base defend time: 10.000s")
+    + attack_block("release", "55.000")
+    + attack_block("corrected", "55.500")
+    + attack_block("release", "56.000")
+)
+DP_0_1 = "digits_columnfc_iter_prunetxt_0.6_dp_0.1"
+SEMANTICS_DP_LOG = (
+    prune_block(f"{DP_0_1}_0.0005", "release", "DP epsilon: 1.500 (delta 1e-5)", "Total dp defend time: 40.000s")
+    + attack_block("release", "50.500", victim="57.000")
+    + prune_block(
+        f"{DP_0_1}_corrected_0.0005", "corrected", "DP epsilon: 20.000 (delta 1e-5)", "Total dp defend time: 400.000s"
+    )
+    + attack_block("corrected", "52.000", victim="68.000")
+    + prune_block(
+        f"{DP_0_1}_corrected_0.0005", "corrected", "DP epsilon: 30.000 (delta 1e-5)", "Total dp defend time: 410.000s"
+    )
+)
 
 
 @pytest.fixture

@@ -1,0 +1,122 @@
+"""Helpers that several test files share: the digits scripts' command lines, a script's main() run in this
+process, a script started in the background (to signal it), a copy of a finished run, and the small models
+and recipes more than one file builds. Fixtures stay in conftest.py; these are plain functions."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from conftest import REPO
+
+DIGITS = os.path.join(REPO, "config", "digits.json")
+
+
+def pretrain_cmd(epochs, shadows, *more, config=DIGITS):
+    """pretrain_modi.py's command line (for run_script) on the CPU with the digits config, no TensorBoard."""
+    flags = ["--epochs", str(epochs), "--shadow_num", str(shadows), "--no_tensorboard"]
+    return ["pretrain_modi.py", "-1", config, *flags, *more]
+
+
+def prune_cmd(epochs, shadows, *more, iterations=2, config=DIGITS):
+    """prune_modi.py's command line: Base pruning (unless `more` names a defense) of the digits run with
+    iter_prunetxt to the default sparsity 0.6 in `iterations` iterations of `epochs` epochs (TensorBoard on
+    unless `more` turns it off)."""
+    pruning = ["--pruner_name", "iter_prunetxt", "--prune_iter", str(iterations), "--prune_epochs", str(epochs)]
+    return ["prune_modi.py", "-1", config, *pruning, "--shadow_num", str(shadows), *more]
+
+
+def attack_cmd(shadows, *more, config=DIGITS):
+    """mia_modi.py's command line: the threshold attacks on the Base-pruned digits run."""
+    attack = ["--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", str(shadows)]
+    return ["mia_modi.py", "-1", config, *attack, *more]
+
+
+def start_script(script, *args, cwd, stdout=subprocess.PIPE):
+    """Start `python <repo>/script args` as run_script runs it (CPU, one thread) and return the Popen without
+    waiting: stderr piped, text. Ctrl-C (SIGINT) acts as in a terminal: a shell's background job would
+    ignore it."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def wait_for(done, timeout, proc=None):
+    """Poll done() every 50 ms until it holds, `timeout` seconds pass or proc (if given) ends; done()'s last value."""
+    deadline = time.time() + timeout
+    while not done() and time.time() < deadline and (proc is None or proc.poll() is None):
+        time.sleep(0.05)
+    return done()
+
+
+def run_main(script, args, cwd, monkeypatch):
+    """script.main() in-process with the command line `args`, working directory cwd (a subprocess costs
+    seconds of imports)."""
+    module = __import__(script)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
+    module.main()
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread inside (tiny models: on a busy machine more threads only spin), as before after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def copy_run(finished, tmp_path):
+    """tmp_path holding a copy of the folder of a finished run (a module fixture's), to change freely."""
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def bn_model():
+    """A small conv net with BatchNorm2d, like the image models (8x8 digit-sized inputs): its microbatch
+    gradients take dp's loop path, not vmap."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def memscore_recipe(**overrides):
+    """compute_memscore.py's arguments for a small digits estimate (ColumnFC, 12 models of 40 epochs)."""
+    args = SimpleNamespace(
+        model_name="columnfc",
+        num_cls=10,
+        input_dim=64,
+        optimizer="adam",
+        lr=0.005,
+        weight_decay=0.0,
+        epochs=40,
+        batch_size=32,
+        num_models=12,
+        subset_ratio=0.5,
+        seed=3,
+    )
+    vars(args).update(overrides)
+    return args
