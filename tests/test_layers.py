@@ -22,6 +22,7 @@ LAYERS = {
     "datasets": 1,
     "models": 1,
     "train": 1,
+    "ensemble": 1,
     "progress": 1,
     "splits": 2,
     "pruning": 2,
