@@ -38,7 +38,6 @@ import torch
 
 import audit_report
 from _standin import audit_metrics, decile_table, fit_ensemble, lira_online_loo, predict_ensemble, rmia_loo
-from attacks import add_attack_flags
 from audit_plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, membership, model_seed
 from common import (
     MissingError,
@@ -132,9 +131,7 @@ def add_prune_flags(parser) -> None:
     parser.set_defaults(defend_arg=None)
 
 
-def get_args(step: str, argv=None):
-    if step not in STEPS:
-        raise UsageError(f"unknown step '{step}'; valid: {', '.join(STEPS)} (python audit.py STEP GPU-ID CONFIG ...)")
+def build_parser(step: str) -> argparse.ArgumentParser:
     parser = common_parser(step)
     if step in ("prepare", "all"):
         parser.add_argument("--models", type=int, default=32, help="M, the audited models")
@@ -150,7 +147,7 @@ def get_args(step: str, argv=None):
     if step == "prune":
         parser.add_argument("--sequential", action="store_true", help="Base model by model, not batched")
     if step in ("attack", "all"):
-        add_attack_flags(parser)
+        parser.add_argument("--rmia_gamma", type=float, default=1.0, help="RMIA's gamma (> 0)")
         parser.add_argument("--bootstrap", type=int, default=RESAMPLES, help="cluster-bootstrap resamples")
     if step == "attack":
         parser.add_argument("--original", action="store_true", help="attack the unpruned (pretrained) models")
@@ -166,8 +163,22 @@ def get_args(step: str, argv=None):
         parser.add_argument("--defense", action="append", default=None, help="NAME[:flag=value,...], repeatable")
         parser.add_argument("--with_dp", action="store_true", help="add the utility-matched DP-SGD baseline")
         parser.add_argument("--group_size", type=int, default=8)
-    args = parse_args(parser, argv)
-    args.step, args.argv = step, list(argv or [])
+    return parser
+
+
+def get_args(argv=None):
+    """argv: STEP GPU-ID CONFIG [flags]. With -h alone: the usage of every step (one paragraph, all flags) and
+    this docstring; `STEP --help` shows the step's own."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        flags = sorted({o for step in STEPS for a in build_parser(step)._actions for o in a.option_strings})
+        print(f"usage: audit.py {{{','.join(STEPS)}}} GPU-ID CONFIG [{'] ['.join(flags)}]\n\n{__doc__}")
+        raise SystemExit(0)
+    step = argv[0]
+    if step not in STEPS:
+        raise UsageError(f"unknown step '{step}'; valid: {', '.join(STEPS)} (python audit.py STEP GPU-ID CONFIG ...)")
+    args = parse_args(build_parser(step), argv[1:])
+    args.step, args.argv = step, argv[1:]
     check_config(args)
     check_step_args(args)
     return args
@@ -184,6 +195,8 @@ def check_step_args(args) -> None:
         raise UsageError(f"--group must be >= 0 and --group_size >= 1, got {args.group} and {args.group_size}")
     if getattr(args, "tuning_models", 2) < 1:
         raise UsageError(f"--tuning_models must be >= 1, got {args.tuning_models}")
+    if not (math.isfinite(getattr(args, "rmia_gamma", 1.0)) and getattr(args, "rmia_gamma", 1.0) > 0):
+        raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
     if getattr(args, "bootstrap", 0) < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if hasattr(args, "noise"):
@@ -304,7 +317,7 @@ def require_finished(args, folders: list, plan_sha: str, info: dict, group_size:
 
 
 def for_groups(groups) -> str:
-    return f" for G in {', '.join(map(str, groups))} (--group_size 8)"
+    return f" for G in {', '.join(map(str, groups))}"
 
 
 def pretrain_info(args) -> dict:
@@ -1132,7 +1145,7 @@ def run_all(args) -> None:
     for s in steps:
         started = time.time()
         print(f"== audit step {s.name}: python {shlex.join(s.argv)}", flush=True)
-        run_step(s.argv[1], s.argv[2:])
+        main(s.argv[1:])
         print(f"== audit step {s.name} done in {time.time() - started:.1f}s", flush=True)
 
 
@@ -1149,17 +1162,9 @@ RUNNERS = {
 }
 
 
-def run_step(step: str, argv: list) -> None:
-    args = get_args(step, argv)
-    RUNNERS[step](args)
-
-
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    run_step(argv[0], argv[1:])
+    args = get_args(argv)
+    RUNNERS[args.step](args)
 
 
 if __name__ == "__main__":
