@@ -249,7 +249,12 @@ def test_audit_csv_rows_equal_the_attacks_recomputed_from_the_saved_logits(tiny)
         assert row["test_acc"] == pytest.approx(acc.mean()) and row["test_acc_std"] == pytest.approx(acc.std(ddof=1))
         scores = {
             "LiRA": audit.lira_online_loo(logits[:, :n], labels, member),
-            "RMIA": audit.rmia_loo(logits[:, :n], labels, member, gamma=1.0),
+            "RMIA": audit.rmia_loo(
+                logits,
+                np.concatenate([labels, _test_labels(plan)]),
+                np.concatenate([member, np.zeros((4, len(plan.test)), bool)], 1),
+                gamma=1.0,
+            )[:, :n],
         }
         for attack, s in scores.items():
             for subset, rows in (("audited", plan.audited), ("all", np.arange(n))):
