@@ -522,7 +522,9 @@ def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
     splits = {m: model_split(plan, member[m], device) for m in todo}
     nets = build_models(args, [model_seed(args.seed, "init", offset + m) for m in todo], device)
     gens = generators([model_seed(args.seed, "shuffle", offset + m) for m in todo], device)
-    log = RunLog(audit_log_path(args, "tuning_pretrained" if tuning else AUDIT_PRETRAINED))
+    # a group's own log: groups run in parallel, and a RunLog holds its file from the first line to the last
+    name = "tuning_pretrained" if tuning else f"{AUDIT_PRETRAINED}.group{args.group}"
+    log = RunLog(audit_log_path(args, name))
     log.write(f"{run_name(args)} audit pretrain {what}: models {todo[0]}..{todo[-1]}, epochs {args.epochs}")
     start = time.time()
     with Staging([folders[m] for m in todo]) as staging:
@@ -644,7 +646,7 @@ def prune(args) -> None:
     if memscores is not None:
         defense.check_memscores(memscores, settings, audit_memscore_path(args))
     splits = {m: model_split(plan, plan.member[m], device) for m in todo}
-    log = RunLog(audit_log_path(args, stage))
+    log = RunLog(audit_log_path(args, f"{stage}.group{args.group}"))  # its own: groups run in parallel
     log.write(f"{run_name(args)} audit prune {stage} group {args.group}: models {todo[0]}..{todo[-1]}")
     log.write(f"Semantics: {args.semantics}")
     if forced_line(args, defense):

@@ -181,6 +181,8 @@ def test_a_finished_step_run_again_does_nothing_and_changes_no_file(tiny, capsys
     said = capsys.readouterr().out
     assert said.count("Nothing to do") == 8, said
     assert snapshot(tiny) == before
+    logs = sorted(os.listdir(os.path.join("log", "digits_columnfc", "audit")))
+    assert "iter_prunetxt_0.6_slide_re.group0.txt" in logs and "iter_prunetxt_0.6_slide_re.group1.txt" in logs
 
 
 @pytest.mark.slow
