@@ -43,12 +43,16 @@ LAYERS = {
     "grid_tracker": 2,
     "grid_local": 2,
     "grid_slurm": 2,
+    "audit_plan": 2,
+    "audit_report": 2,
+    "_standin": 2,  # temporary (issue 27): ensemble.py (train layer) and loo_attacks.py (attacks layer) replace it
     "pretrain_modi": 3,
     "prune_modi": 3,
     "mia_modi": 3,
     "compute_memscore": 3,
     "summarize": 3,
     "grid": 3,
+    "audit": 3,
 }
 
 
