@@ -7,7 +7,7 @@ python audit.py pretrain  GPU-ID CONFIG --group G [--group_size 8]
 python audit.py memscore  GPU-ID CONFIG
 python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
 python audit.py attack    GPU-ID CONFIG (--original | --defend NAME [defense flags] [pruning flags])
-python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4] [--tuning_models 4] [pruning flags]
+python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [--tuning_models 4] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
 python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
                           [--with_dp] [--group_size 8]
@@ -37,7 +37,6 @@ import pandas as pd
 import torch
 
 import audit_report
-from _standin import audit_metrics, decile_table, fit_ensemble, lira_online_loo, predict_ensemble, rmia_loo
 from audit_plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, membership, model_seed
 from common import (
     MissingError,
@@ -52,7 +51,9 @@ from common import (
 )
 from datasets import TensorData, get_dataset
 from defenses import DEFENSES, DefenseSettings, add_defense_flags, get_defense
+from ensemble import EnsembleOptimizer, fit_ensemble, predict_ensemble
 from intervals import FPR_TARGETS, RESAMPLES, measurable
+from loo_attacks import audit_metrics, decile_table, lira_online_loo, rmia_loo
 from memscores import fingerprint, read_memscores, read_sidecar, sidecar_path, train_sha256, write_with_sidecar
 from models import build_model
 from paths import (
@@ -93,7 +94,6 @@ from train import (
     file_sha256,
     is_finished,
     load_model,
-    make_optimizer,
     mark_finished,
     save_checkpoint,
 )
@@ -102,7 +102,7 @@ STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "summa
 ATTACKS = ("LiRA", "RMIA")
 SUBSETS = ("audited", "all")  # the audited rows (canaries or top mem-score rows) and every pool row
 METRICS = ("AUC",) + tuple(FPR_TARGETS)
-DEFAULT_NOISE = (0.5, 1.0, 2.0, 4.0)
+DEFAULT_NOISE = (0.5, 1.0, 2.0, 4.0, 8.0)
 TUNING_MODELS = 4
 
 
@@ -542,7 +542,7 @@ def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
             gens,
             early_stop=args.early_stop_pretrain,
         )
-        for m, net, staged, (_, epoch) in zip(todo, nets, staging.staged, best):
+        for m, net, staged, epoch in zip(todo, nets, staging.staged, [fit.best_epoch for fit in best]):
             dev_acc, dev_loss = evaluate(net, data, dev)
             test_acc, test_loss = evaluate(net, data, splits[m].test)
             save_checkpoint(checkpoint(staged), net, epoch, dev_acc, dev_loss)
@@ -705,7 +705,7 @@ def prune_batched(args, nets, data, splits, targets, models, log) -> list:
     own shuffling stream, going on from the last epoch; after the last iteration each model is at its best
     epoch, which is exported. Returns [(sparsity, history)]."""
     pruners = [Pruner(net, args.pruner_name, args.prune_sparsity, args.prune_iter, in_forward=False) for net in nets]
-    optimizers = [make_optimizer(net.parameters(), args.optimizer, args.lr, args.weight_decay) for net in nets]
+    optimizer = EnsembleOptimizer(args.optimizer, args.lr, args.weight_decay)  # per-model state, kept throughout
     gens = generators([model_seed(args.seed, "prune", m) for m in models], data.y.device)
     histories = [[] for _ in nets]
     schedule = pruners[0].schedule
@@ -721,21 +721,20 @@ def prune_batched(args, nets, data, splits, targets, models, log) -> list:
             args.prune_epochs,
             args.batch_size,
             args.lr,
-            args.optimizer,
+            optimizer,
             args.weight_decay,
             gens,
             masks=[p.masks for p in pruners],
             early_stop=args.early_stop,
             start_acc=0.0 if args.semantics == "release" else -1.0,
-            optimizers=optimizers,
             restore_best=iteration == len(schedule) - 1,
         )
-        for m, history, (acc, _) in zip(models, histories, best):
-            log.write(f"model {m} iter {iteration} best model: Accuracy {acc:.3f}")
-            history.append({"accuracy": logged(acc)})
+        for m, history, fit in zip(models, histories, best):
+            log.write(f"model {m} iter {iteration} best model: Accuracy {fit.best_acc:.3f}")
+            history.append({"accuracy": logged(fit.best_acc)})
     out = []
-    for net, pruner, target, history, (acc, epoch) in zip(nets, pruners, targets, histories, best):
-        pruner.export(target, epoch, acc, evaluate(net, data, splits[0].dev)[1])
+    for net, pruner, target, history, fit in zip(nets, pruners, targets, histories, best):
+        pruner.export(target, fit.best_epoch, fit.best_acc, evaluate(net, data, splits[0].dev)[1])
         out.append((masked_fraction(pruner.masks.values()), history))
     return out
 
@@ -890,7 +889,7 @@ def wemem_records(args) -> list:
 
 
 def tune_dp(args) -> None:
-    """Pick the dp noise multiplier whose mean pruned test accuracy on the tuning shadows is closest to the target."""
+    """Pick the dp noise multiplier of the utility-matched baseline on the tuning shadows (choose_noise)."""
     plan, plan_sha = load_plan(args)
     args.defend = "dp"
     if args.target_acc is None:
@@ -944,19 +943,20 @@ def tune_dp(args) -> None:
 
     for noise in args.noise_grid:
         trial(noise)
-    for _ in range(args.refine):  # bisect (in log noise) the neighbours whose accuracies bracket the target
-        grid = sorted(tried)
-        pairs = [(a, b) for a, b in zip(grid, grid[1:]) if (trial(a) - target) * (trial(b) - target) < 0]
-        if not pairs:
+    for _ in range(args.refine):  # bisect (in log noise) towards the privacy edge of the tolerance band
+        between = refine_between({s: trial(s) for s in tried}, target, args.tolerance)
+        if between is None:
             break
-        a, b = pairs[0]
-        trial(float(f"{math.sqrt(a * b):.4g}"))
-    noise = min(tried, key=lambda s: (abs(trial(s) - target), s))
+        trial(float(f"{math.sqrt(between[0] * between[1]):.4g}"))
+    noise, within = choose_noise({s: trial(s) for s in tried}, target, args.tolerance)
     gap = trial(noise) - target
-    within = abs(gap) <= args.tolerance
     log.write(
         f"Chosen noise {noise:g}: mean test accuracy {trial(noise):.3f}, {gap:+.3f} from the target "
-        + ("(within tolerance)" if within else f"(NOT within the tolerance {args.tolerance:g}: widen --noise)")
+        + (
+            "(the largest noise within tolerance)"
+            if within
+            else f"(NOT within the tolerance {args.tolerance:g}: the closest; widen --noise)"
+        )
     )
     record = {
         **request,
@@ -971,6 +971,29 @@ def tune_dp(args) -> None:
     write_json(path, record)
     log.write(f"Wrote {path}")
     log.close()
+
+
+def choose_noise(accuracy: dict, target: float, tolerance: float) -> tuple:
+    """(noise, within): the LARGEST noise multiplier whose mean tuning accuracy (accuracy: noise -> mean %) is
+    within tolerance of the target, the most private DP-SGD at the defenses' utility (the fair baseline of
+    Aerni et al.); when none is, the one closest to the target (ties: the larger noise), within False."""
+    accepted = [s for s, acc in accuracy.items() if abs(acc - target) <= tolerance]
+    if accepted:
+        return max(accepted), True
+    return min(accuracy, key=lambda s: (abs(accuracy[s] - target), -s)), False
+
+
+def refine_between(accuracy: dict, target: float, tolerance: float):
+    """The two tried noises to bisect next, or None: the largest accepted noise and the next larger one tried
+    (not accepted), so the search moves the choice towards more noise; with none accepted yet, the first pair
+    of neighbours whose accuracies bracket the target."""
+    grid = sorted(accuracy)
+    ok = [s for s in grid if abs(accuracy[s] - target) <= tolerance]
+    if ok:
+        above = [s for s in grid if s > max(ok)]
+        return (max(ok), above[0]) if above else None
+    pairs = [(a, b) for a, b in zip(grid, grid[1:]) if (accuracy[a] - target) * (accuracy[b] - target) < 0]
+    return pairs[0] if pairs else None
 
 
 def dp_trial(args, plan, data, sources, member, noise) -> tuple:

@@ -45,7 +45,6 @@ LAYERS = {
     "grid_slurm": 2,
     "audit_plan": 2,
     "audit_report": 2,
-    "_standin": 2,  # temporary (issue 27): ensemble.py (train layer) and loo_attacks.py (attacks layer) replace it
     "pretrain_modi": 3,
     "prune_modi": 3,
     "mia_modi": 3,
