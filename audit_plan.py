@@ -13,11 +13,13 @@ and model m's seeds do not depend on the group it trains in.
 """
 
 import os
+from collections import namedtuple
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from common import MissingError, atomic_write
+from common import MissingError, UsageError, atomic_write
+from defenses import get_defense
 
 STREAMS = {"canaries": 0, "membership": 1, "init": 2, "shuffle": 3, "prune": 4, "tuning": 5}
 TUNING_OFFSET = 1_000_000  # tuning shadow j uses the model seeds of model TUNING_OFFSET + j: never an audited one
@@ -144,3 +146,78 @@ class Plan:
         if meta.get("format") != FORMAT or not set(Plan.ARRAYS) <= set(arrays):
             raise MissingError(f"audit plan {path} was not written by this audit.py; delete it and {fix}")
         return cls(arrays, meta)
+
+
+# ---------------------------------------------------------------- the steps in order (audit.py all, grid.py)
+
+AuditStep = namedtuple("AuditStep", "name argv needs")
+
+
+DEFENSE_FLAGS = ("defend_arg", "stride", "width", "weight_decay_mem", "mem_thre", "dp_microbatch", "semantics", "tag")
+
+
+def parse_defense(spec: str) -> dict:
+    """'slide_re:stride=1,width=5' -> {'defend': 'slide_re', 'stride': '1', 'width': '5'}."""
+    name, _, rest = spec.partition(":")
+    entry = {"defend": get_defense(name.strip()).name}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in DEFENSE_FLAGS:
+            raise UsageError(f"--defense {spec}: '{item}' is not flag=value with a flag of {', '.join(DEFENSE_FLAGS)}")
+        entry[key] = value
+    return entry
+
+
+def audit_steps(
+    config,
+    gpu="GPU-ID",
+    models=32,
+    group_size=8,
+    audited=(),
+    defenses=({"defend": "base"},),
+    pruning=(),
+    with_dp=False,
+    dp=(),
+    attack=(),
+    common=(),
+    out=None,
+) -> list:
+    """Every step's argv (after "python") in dependency order, each with the names of the steps it needs:
+    prepare; pretrain per group; memscore; attack --original; per defense entry ({defend, flag: value}) prune per
+    group and its attack; with_dp: tune_dp (after the defenses' attacks: its default target is their accuracy),
+    prune dp per group, attack dp; summarize. audited: prepare's flags (--canaries K ...); pruning: the pruning
+    flags of every prune, attack and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the attack
+    flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet)."""
+    common, pruning = list(common), list(pruning)
+    groups = range(-(-models // group_size))
+    step = lambda name, *flags: ["audit.py", name, gpu, config, *flags, *common]
+    by_group = lambda g: ["--group", str(g), "--group_size", str(group_size)]
+    steps = [AuditStep("prepare", step("prepare", "--models", str(models), *audited), [])]
+    pretrain_steps = [AuditStep(f"pretrain.g{g}", step("pretrain", *by_group(g)), ["prepare"]) for g in groups]
+    steps += pretrain_steps
+    pretrained = [s.name for s in pretrain_steps]
+    steps.append(AuditStep("memscore", step("memscore"), pretrained))
+    steps.append(AuditStep("attack.unpruned", step("attack", "--original", *attack), pretrained))
+    entries = [dict(e) for e in defenses]
+    defense_attacks = []
+
+    def add(entry, name, extra_needs):
+        flags = [f for k, v in entry.items() for f in (f"--{k}", str(v))]
+        prunes = [
+            AuditStep(f"prune.{name}.g{g}", step("prune", *by_group(g), *pruning, *flags), ["memscore", *extra_needs])
+            for g in groups
+        ]
+        attack_step = AuditStep(f"attack.{name}", step("attack", *pruning, *flags, *attack), [p.name for p in prunes])
+        steps.extend(prunes + [attack_step])
+        return attack_step.name
+
+    for i, entry in enumerate(entries):
+        label = "_".join([entry["defend"]] + [f"{k}{v}" for k, v in entry.items() if k != "defend"])
+        defense_attacks.append(add(entry, f"{i}.{label}", []))
+    if with_dp:
+        dp_semantics = ["--semantics", "corrected"]
+        steps.append(AuditStep("tune_dp", step("tune_dp", *pruning, *dp_semantics, *dp), defense_attacks))
+        add({"defend": "dp", "semantics": "corrected"}, "dp", ["tune_dp"])
+    summary = step("summarize") + (["--out", out] if out else [])
+    steps.append(AuditStep("summarize", summary, [s.name for s in steps if s.name.startswith("attack.")]))
+    return steps

@@ -1,6 +1,7 @@
-"""The audit (audit.py, audit_plan.py, audit_report.py): canaries, the membership matrix and the mem-score estimate
-against slow literal references; the steps' refusals, resume, batched == sequential Base pruning, and audit.csv
-against numbers recomputed from the saved logits. The end-to-end part runs one tiny audit (M = 4, 2 epochs) once."""
+"""The audit (audit.py and its step modules, audit_plan.py, audit_report.py): canaries, the membership matrix and
+the mem-score estimate against slow literal references; the tuned DP noise rule; the steps' refusals, resume,
+batched == sequential Base pruning, and audit.csv against numbers recomputed from the saved logits. The
+end-to-end part runs one tiny audit (M = 4, 2 epochs) once."""
 
 import hashlib
 import os
@@ -11,7 +12,10 @@ import pytest
 import torch
 
 import audit
+import audit_dp
 import audit_plan
+import audit_report
+import loo_attacks
 from common import MissingError, UsageError
 from conftest import REPO, as_repo, run_script
 from intervals import measurable
@@ -100,7 +104,7 @@ def test_default_canaries_make_tpr_at_1pct_measurable_in_expectation():
 
 def test_steps_come_in_dependency_order():
     defenses = [{"defend": "base"}, {"defend": "slide_re", "stride": 1, "width": 5}]
-    steps = audit.audit_steps("config/digits.json", models=32, group_size=8, defenses=defenses, with_dp=True)
+    steps = audit_plan.audit_steps("config/digits.json", models=32, group_size=8, defenses=defenses, with_dp=True)
     seen = set()
     for step in steps:
         assert set(step.needs) <= seen, step.name
@@ -116,11 +120,11 @@ def test_steps_come_in_dependency_order():
 
 
 def test_a_bad_defense_spec_is_refused():
-    assert audit.parse_defense("slide_re:stride=1,width=5") == {"defend": "slide_re", "stride": "1", "width": "5"}
+    assert audit_plan.parse_defense("slide_re:stride=1,width=5") == {"defend": "slide_re", "stride": "1", "width": "5"}
     with pytest.raises(UsageError, match="is not flag=value"):
-        audit.parse_defense("slide_re:stride")
+        audit_plan.parse_defense("slide_re:stride")
     with pytest.raises(UsageError, match="unknown defense"):
-        audit.parse_defense("nodefense")
+        audit_plan.parse_defense("nodefense")
 
 
 # ---------------------------------------------------------------- one tiny audit, end to end
@@ -252,8 +256,8 @@ def test_audit_csv_rows_equal_the_attacks_recomputed_from_the_saved_logits(tiny)
         acc = 100 * (logits[:, n:].argmax(2) == _test_labels(plan)[None]).mean(1)
         assert row["test_acc"] == pytest.approx(acc.mean()) and row["test_acc_std"] == pytest.approx(acc.std(ddof=1))
         scores = {
-            "LiRA": audit.lira_online_loo(logits[:, :n], labels, member),
-            "RMIA": audit.rmia_loo(
+            "LiRA": loo_attacks.lira_online_loo(logits[:, :n], labels, member),
+            "RMIA": loo_attacks.rmia_loo(
                 logits,
                 np.concatenate([labels, _test_labels(plan)]),
                 np.concatenate([member, np.zeros((4, len(plan.test)), bool)], 1),
@@ -262,13 +266,13 @@ def test_audit_csv_rows_equal_the_attacks_recomputed_from_the_saved_logits(tiny)
         }
         for attack, s in scores.items():
             for subset, rows in (("audited", plan.audited), ("all", np.arange(n))):
-                found = audit.audit_metrics(s, member, rows, resamples=50, seed=7)
+                found = loo_attacks.audit_metrics(s, member, rows, resamples=50, seed=7)
                 for metric, short in (("AUC", "auc"), ("TPR@1%FPR", "tpr1"), ("TPR@0.1%FPR", "tpr01")):
                     key = f"{attack}_{subset}_{short}"
                     assert [row[key], row[key + "_lo"], row[key + "_hi"]] == pytest.approx(list(found[metric]))
                 assert row[f"{subset}_nonmembers"] == int((~member[:, rows]).sum())
     assert not measurable("TPR@1%FPR", int(table["audited_nonmembers"][0]))  # 4 models x 8 canaries: far too few
-    assert "n/m" in audit.audit_report.markdown_table(table)
+    assert "n/m" in audit_report.markdown_table(table)
 
 
 def _test_labels(plan):
@@ -332,11 +336,11 @@ def test_tune_dp_picks_the_largest_noise_within_tolerance_not_the_closest():
     """Accuracy hardly moves with the noise: every noise is within tolerance, and the most private one wins
     (the closest to the target would be 0.5); outside the band the closest is taken and flagged."""
     flat = {0.5: 88.6, 1.0: 88.5, 2.0: 88.2, 4.0: 87.9, 8.0: 85.0}
-    assert audit.choose_noise(flat, 88.5, 1.0) == (4.0, True)
-    assert audit.choose_noise(flat, 88.5, 0.2) == (1.0, True)
-    assert audit.choose_noise({1.0: 80.0, 2.0: 70.0}, 90.0, 1.0) == (1.0, False)
-    assert audit.choose_noise({1.0: 91.0, 2.0: 89.0}, 90.0, 0.5) == (2.0, False)  # a tie: the larger noise
+    assert audit_dp.choose_noise(flat, 88.5, 1.0) == (4.0, True)
+    assert audit_dp.choose_noise(flat, 88.5, 0.2) == (1.0, True)
+    assert audit_dp.choose_noise({1.0: 80.0, 2.0: 70.0}, 90.0, 1.0) == (1.0, False)
+    assert audit_dp.choose_noise({1.0: 91.0, 2.0: 89.0}, 90.0, 0.5) == (2.0, False)  # a tie: the larger noise
     # refinement moves towards more noise: between the largest accepted (4) and the next tried (8)
-    assert audit.refine_between(flat, 88.5, 1.0) == (4.0, 8.0)
-    assert audit.refine_between({0.5: 88.6, 1.0: 88.5}, 88.5, 1.0) is None  # the largest tried is accepted
-    assert audit.refine_between({1.0: 95.0, 2.0: 92.0, 4.0: 80.0}, 88.0, 1.0) == (2.0, 4.0)  # none yet: bracket
+    assert audit_dp.refine_between(flat, 88.5, 1.0) == (4.0, 8.0)
+    assert audit_dp.refine_between({0.5: 88.6, 1.0: 88.5}, 88.5, 1.0) is None  # the largest tried is accepted
+    assert audit_dp.refine_between({1.0: 95.0, 2.0: 92.0, 4.0: 80.0}, 88.0, 1.0) == (2.0, 4.0)  # none yet: bracket

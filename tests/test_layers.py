@@ -52,6 +52,10 @@ LAYERS = {
     "summarize": 3,
     "grid": 3,
     "audit": 3,
+    "audit_common": 3,
+    "audit_train": 3,
+    "audit_attack": 3,
+    "audit_dp": 3,
 }
 
 
