@@ -2,6 +2,7 @@
 over the M models of a stage, its attack record and scores, and audit.csv with its figure and decile tables."""
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -34,7 +35,7 @@ from common import (
 )
 from ensemble import predict_ensemble
 from intervals import FPR_TARGETS, measurable
-from loo_attacks import audit_metrics, decile_table, lira_online_loo, rmia_loo
+from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo
 from memscores import read_memscores
 from paths import (
     AUDIT_CSV,
@@ -192,6 +193,7 @@ def summarize(args) -> None:
     out = args.out or audit_dir(args)
     os.makedirs(out, exist_ok=True)
     table = audit_report.audit_table(records)
+    add_paired_with_base(table, records)
     changed = write_if_changed(os.path.join(out, AUDIT_CSV), table.to_csv(index=False).encode())
     plane = audit_report.draw_plane(table)
     changed |= write_if_changed(os.path.join(out, AUDIT_PLANE), audit_report.png_bytes(plane))
@@ -208,4 +210,44 @@ def summarize(args) -> None:
     text = audit_report.deciles_markdown(panels, plan)
     changed |= write_if_changed(os.path.join(out, AUDIT_DECILES), text.encode())
     print(audit_report.markdown_table(table))
+    print("\n" + audit_report.paired_markdown(table))
     print(("Wrote" if changed else "Nothing to do: unchanged") + f" {out}/{AUDIT_CSV}, {AUDIT_PLANE}, {AUDIT_DECILES}")
+
+
+def add_paired_with_base(table, records) -> None:
+    """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first base
+    row) on the same decisions, with loo_attacks.paired_difference's paired cluster bootstrap (Base's
+    resamples and seed); nan on Base's own row and when no Base stage was attacked. Every stage's models train
+    on the plan's halves, so the decisions pair up."""
+    ordered = audit_report.ordered(records)
+    base = next((r for r in ordered if r["defense"] == "base"), None)
+    columns = {
+        f"{attack_name}_{subset}_{short}_vs_base{suffix}": [math.nan] * len(ordered)
+        for attack_name in ATTACKS
+        for subset in SUBSETS
+        for short in audit_report.SHORT.values()
+        for suffix in ("", "_lo", "_hi")
+    }
+    if base is not None:
+        settings = base["attack_settings"]
+        with np.load(base["scores"], allow_pickle=False) as base_scores:
+            for i, record in enumerate(ordered):
+                if record is base:
+                    continue
+                with np.load(record["scores"], allow_pickle=False) as z:
+                    for attack_name in ATTACKS:
+                        for subset in SUBSETS:
+                            found = paired_difference(
+                                z[f"score_{attack_name}"],
+                                base_scores[f"score_{attack_name}"],
+                                z["member"],
+                                z["audited"] if subset == "audited" else None,
+                                resamples=settings["bootstrap"],
+                                seed=settings["seed"],
+                            )
+                            for metric, short in audit_report.SHORT.items():
+                                key = f"{attack_name}_{subset}_{short}_vs_base"
+                                for suffix, value in zip(("", "_lo", "_hi"), found[metric]):
+                                    columns[key + suffix][i] = value
+    for key, values in columns.items():
+        table[key] = values

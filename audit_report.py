@@ -113,6 +113,29 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def paired_markdown(table: pd.DataFrame) -> str:
+    """Each row minus Base on the same decisions (paired cluster-bootstrap 95 % intervals): the audited rows'
+    TPR@1%FPR and AUC per attack. An interval that excludes 0 is a difference; one that holds 0 is none."""
+    picks = [(a, "audited", m) for a in ATTACKS for m in ("TPR@1%FPR", "AUC")]
+    head = ["defense minus Base (paired)"] + [f"{a} {s} {m}" for a, s, m in picks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        if row["defense"] == "base" or not math.isfinite(row.get("LiRA_audited_auc_vs_base", math.nan)):
+            continue
+        cells = []
+        for attack, subset, metric in picks:
+            key = f"{attack}_{subset}_{SHORT[metric]}_vs_base"
+            digits = 3 if metric == "AUC" else 1
+            if not measurable(metric, int(row[f"{subset}_nonmembers"])):
+                cells.append(NOT_MEASURABLE)
+            else:
+                cells.append(f"{row[key]:+.{digits}f} [{row[key + '_lo']:+.{digits}f}, {row[key + '_hi']:+.{digits}f}]")
+        lines.append(
+            "| " + " | ".join([row["defense"] + (f" ({row['setting']})" if row["setting"] else "")] + cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def pyplot():
     import matplotlib
 

@@ -275,6 +275,32 @@ def test_audit_csv_rows_equal_the_attacks_recomputed_from_the_saved_logits(tiny)
     assert "n/m" in audit_report.markdown_table(table)
 
 
+@pytest.mark.slow
+def test_audit_csv_pairs_each_row_with_base_on_the_saved_scores(tiny):
+    table = pd.read_csv(os.path.join(AUDIT, "audit.csv"), keep_default_na=False, na_values=[""])
+    rows = dict(zip(table["stage"], table.to_dict("records")))
+    assert all(np.isnan(v) for k, v in rows["iter_prunetxt_0.6"].items() if "_vs_base" in k)  # Base's own row
+    with np.load(os.path.join(AUDIT, "scores", "iter_prunetxt_0.6.npz")) as z:
+        base = {a: z[f"score_{a}"] for a in ("LiRA", "RMIA")}
+    for stage in ("pretrained", "iter_prunetxt_0.6_slide_re"):
+        with np.load(os.path.join(AUDIT, "scores", f"{stage}.npz")) as z:
+            for attack in ("LiRA", "RMIA"):
+                for subset, subset_rows in (("audited", z["audited"]), ("all", None)):
+                    found = loo_attacks.paired_difference(
+                        z[f"score_{attack}"], base[attack], z["member"], subset_rows, resamples=50, seed=7
+                    )
+                    for metric, short in (("AUC", "auc"), ("TPR@1%FPR", "tpr1")):
+                        key = f"{attack}_{subset}_{short}_vs_base"
+                        got = [rows[stage][key], rows[stage][key + "_lo"], rows[stage][key + "_hi"]]
+                        assert got == pytest.approx(list(found[metric]), nan_ok=True)
+                        unpaired = (
+                            rows[stage][f"{attack}_{subset}_{short}"]
+                            - rows["iter_prunetxt_0.6"][f"{attack}_{subset}_{short}"]
+                        )
+                        assert rows[stage][key] == pytest.approx(unpaired)  # the point: the plain difference
+    assert "defense minus Base (paired)" in audit_report.paired_markdown(table)
+
+
 def _test_labels(plan):
     from datasets import get_dataset
 
