@@ -95,9 +95,17 @@ def test_audit_bench_times_every_step_of_the_one_command():
     assert "tune_dp" in steps and sum(s.startswith("prune.") for s in steps) == 5
     assert "Total wall time" in out
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.strip("| ").split(" (")[0] for r in rows[1:]] == [
+    paired = rows.index("| defense minus Base (paired)")  # the second table: each row minus Base, paired
+    assert [r.strip("| ").split(" (")[0] for r in rows[1:paired]] == [
         "unpruned",
         "base",
+        "slide_re",
+        "ml2",
+        "slide_ml2",
+        "dp",
+    ]
+    assert [r.strip("| ").split(" (")[0] for r in rows[paired + 1 :]] == [
+        "unpruned",
         "slide_re",
         "ml2",
         "slide_ml2",
