@@ -14,7 +14,11 @@ The grid file (JSON; grids/ holds the release's digits runs and the paper's grid
   original false (true: also attack the unpruned models, --original, once per config and seed),
   adaptive true (false: attack the defenses with Base-pruned shadows; needs a "base" entry),
   overrides {"pretrain": {flag: value}, "prune": {...}, "attack": {...}}: flags added to every command
-      of that kind (true: the bare flag, false: left out), e.g. {"pretrain": {"epochs": 2}}.
+      of that kind (true: the bare flag, false: left out), e.g. {"pretrain": {"epochs": 2}};
+      "audit": flags of every audit step,
+  audit {models, group_size, canaries | audit_top_memscore, with_dp, bootstrap, rmia_gamma, prune_epochs,
+      early_stop, early_stop_pretrain, audit_tag, dp: {noise, tuning_models, tolerance, refine, target_acc}}:
+      an audit grid, whose steps are audit.py's (docs/audit.md, docs/grid.md; one sparsity).
 A defense entry's settings: stride and width (window defenses: required), mem_thre (ml2, slide_ml2,
 slide_re_ml2: required), weight_decay_mem (those three: optional), defend_arg (the baselines: required).
 Each is a value or a list (every combination is one setting); "per_config" replaces settings for one
@@ -214,7 +218,7 @@ def main():
             )
             sys.exit(code)
     report(path, tracker, done)
-    if not args.no_summary and (tracker.counts["done"] or done):
+    if not args.no_summary and not grid.audit and (tracker.counts["done"] or done):  # the audit summarizes itself
         summarize()
     if tracker.failed or tracker.skipped:
         sys.exit(1)

@@ -27,7 +27,10 @@ def flags_of(overrides):
 
 def expand(grid):
     """Every step of the grid, in an order that respects its dependencies; each config's unpruned attack
-    (original) comes right after its pretraining, so that the reference arrives first."""
+    (original) comes right after its pretraining, so that the reference arrives first. An audit grid's
+    steps are audit.py's (expand_audit)."""
+    if grid.audit:
+        return expand_audit(grid)
     steps = []
     over = {kind: flags_of(grid["overrides"].get(kind, {})) for kind in SCRIPTS}
     semantics = ["--semantics", grid["semantics"]] if grid["semantics"] != "release" else []
@@ -161,6 +164,63 @@ def expand(grid):
     return steps
 
 
+def expand_audit(grid):
+    """The audit's steps (audit_plan.audit_steps: one per model group for pretrain and prune) for every config
+    and seed, named <run>/audit.<its step name>, each needing what it needs there. The grid's defenses (with
+    their --tag where two share a name), pruner, sparsity, prune_iter and semantics become audit.py's flags,
+    the audit section's keys too; overrides.audit goes to every step."""
+    from audit_plan import audit_steps
+
+    section, steps = grid["audit"], []
+    flags = lambda keys, values: [f for k in keys if k in values for f in (f"--{k}", str(values[k]))]
+    audited = flags(("canaries", "audit_top_memscore"), section)
+    semantics = ["--semantics", grid["semantics"]] if grid["semantics"] != "release" else []
+    attack = flags(("rmia_gamma", "bootstrap"), section)
+    dp = flags(("target_acc", "noise", "tuning_models", "tolerance", "refine"), section.get("dp", {}))
+    tag = flags(("audit_tag",), section)
+    for config in grid.configs:
+        cfg, pruner = grid.loaded[config], grid.pruners[config]
+        pruning = ["--pruner_name", pruner, "--prune_sparsity", str(grid.sparsities[0])]
+        pruning += ["--prune_iter", str(grid["prune_iter"]), *flags(("prune_epochs", "early_stop"), section)]
+        pruning += semantics
+        defenses = []
+        for (_, cls, setting), setting_tag in zip(grid.settings[config], grid.tags(config)):
+            ordered = {k: setting[k] for k in SETTINGS if k in setting}  # a stable order: names and hashes stay
+            defenses.append({"defend": cls.name, **ordered, **({"tag": setting_tag} if setting_tag else {})})
+        for seed in grid["seeds"]:
+            ns = SimpleNamespace(dataset_name=cfg["dataset_name"], model_name=cfg["model_name"], seed=seed)
+            run = run_name(ns)
+            seeded = ["--seed", str(seed)] if seed != DEFAULT_SEED else []
+            common = [*seeded, *tag, *flags(("early_stop_pretrain",), section)]
+            common += [*flags_of(grid["overrides"].get("audit", {})), "--quiet"]
+            listed = audit_steps(
+                config,
+                GPU,
+                section.get("models", 32),
+                section.get("group_size", 8),
+                audited,
+                defenses,
+                pruning,
+                section.get("with_dp", False),
+                dp,
+                attack,
+                common,
+            )
+            for s in listed:
+                steps.append(
+                    Step(
+                        f"{run}/audit.{s.name}",
+                        "audit",
+                        s.argv,
+                        os.path.join(log_dir(ns), tagged("audit", section.get("audit_tag", "")), f"{s.name}.txt"),
+                        needs=[f"{run}/audit.{n}" for n in s.needs],
+                        origin=f"config {config}, seed {seed}, audit step {s.name}",
+                    )
+                )
+    check_unique(grid, steps)
+    return steps
+
+
 def check_unique(grid, steps):
     """No two steps share a name, and so a record, an output file or a model folder (result/<run>/<prefix>_model):
     two config files of one dataset and model would."""
@@ -181,9 +241,10 @@ def check_commands(grid, steps):
     seen = set()
     for step in steps:
         script, config = step.argv[0], step.argv[2]
-        if (script, config) in seen:
+        key = (script, step.argv[1], step.argv[3]) if step.kind == "audit" else (script, config)  # each audit step
+        if key in seen:
             continue
-        seen.add((script, config))
+        seen.add(key)
         argv = ["-1" if a == GPU else a for a in step.argv[1:]]
         try:
             args = importlib.import_module(script[:-3]).get_args(argv)
@@ -291,7 +352,7 @@ def only_patterns(todo, blocked):
 def dry_run(path, todo, done, gpu, cuda, warnings):
     """Print the steps as a bash script, in dependency order."""
     counts = Counter(step.kind for step in todo)
-    kinds = ", ".join(f"{kind} {counts[kind]}" for kind in SCRIPTS)
+    kinds = ", ".join(f"{kind} {counts[kind]}" for kind in SCRIPTS if kind != "audit" or counts[kind])
     lines = [
         "#!/usr/bin/env bash",
         f"# {path}: {len(todo)} steps ({kinds}), in dependency order"

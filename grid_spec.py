@@ -21,6 +21,7 @@ GRID_KEYS = {
     "original": bool,
     "adaptive": bool,
     "overrides": dict,
+    "audit": dict,
 }
 DEFAULTS = {
     "prune_iter": 5,
@@ -31,7 +32,24 @@ DEFAULTS = {
     "original": False,
     "adaptive": True,
     "overrides": {},
+    "audit": {},
 }
+# An "audit" section makes the grid an audit grid (audit.py's steps, docs/audit.md): its keys, as audit.py's flags.
+AUDIT_KEYS = {
+    "models": int,
+    "group_size": int,
+    "canaries": int,
+    "audit_top_memscore": int,
+    "with_dp": bool,
+    "bootstrap": int,
+    "rmia_gamma": float,
+    "prune_epochs": int,
+    "early_stop": int,
+    "early_stop_pretrain": int,
+    "audit_tag": str,
+    "dp": dict,
+}
+AUDIT_DP_KEYS = {"noise": str, "tuning_models": int, "tolerance": float, "refine": int, "target_acc": float}
 SETTINGS = {"stride": int, "width": int, "mem_thre": float, "weight_decay_mem": float, "defend_arg": float}
 EXAMPLES = {"stride": 1, "width": 15, "mem_thre": 0.6, "defend_arg": 4}
 TAG_LETTERS = {"stride": "s", "width": "w", "mem_thre": "t", "weight_decay_mem": "wd"}
@@ -108,6 +126,7 @@ class Grid:
             )
         self.check_configs()
         self.check_values()
+        self.check_audit("audit" in data)
         self.settings = {config: [] for config in self.configs}
         for i, entry in enumerate(self.keys["defenses"]):
             self.add_entry(i, entry)
@@ -199,6 +218,41 @@ class Grid:
                     f"overrides.{kind}",
                     f"--{flag} must be a string, a number or true/false",
                 )
+
+    def check_audit(self, given):
+        """The audit section: known keys of the right types, one sparsity (the audit's stage names hold no
+        sparsity of their own), and overrides.audit flags that are not the section's own."""
+        section = self.keys["audit"]
+        self.audit = bool(section)
+        if not given:
+            return
+        self.check(section, "key 'audit'", 'must name at least one setting, e.g. {"models": 32}')
+        for key, value in section.items():
+            self.check(key in AUDIT_KEYS, f"audit: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_KEYS)}")
+            want = AUDIT_KEYS[key]
+            self.check(is_a(value, want), f"audit.{key}", f"must be {want.__name__}, got {value!r}")
+        self.check(
+            not ("canaries" in section and "audit_top_memscore" in section),
+            "key 'audit'",
+            "give canaries or audit_top_memscore, not both",
+        )
+        for key, value in section.get("dp", {}).items():
+            self.check(
+                key in AUDIT_DP_KEYS, f"audit.dp: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_DP_KEYS)}"
+            )
+            want = AUDIT_DP_KEYS[key]
+            self.check(is_a(value, want), f"audit.dp.{key}", f"must be {want.__name__}, got {value!r}")
+        self.check(
+            len(self.sparsities) == 1,
+            "sparsities",
+            f"an audit grid takes one sparsity, got {self.sparsities}; one grid per sparsity, each its own audit_tag",
+        )
+        for flag in self.keys["overrides"].get("audit", {}):
+            self.check(
+                flag not in AUDIT_KEYS and flag not in AUDIT_DP_KEYS,
+                "overrides.audit",
+                f"--{flag} is a key of the audit section; set it there",
+            )
 
     def refused(self, call, where):
         """call(); a UsageError it raises becomes one naming `where` in this grid."""

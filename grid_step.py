@@ -24,14 +24,14 @@ from paths import LOG_ROOT, RESULT_ROOT
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 GPU = "GPU-ID"  # stands for the GPU-ID in a step's argv until it runs
-SCRIPTS = {"pretrain": "pretrain_modi.py", "prune": "prune_modi.py", "attack": "mia_modi.py"}
+SCRIPTS = {"pretrain": "pretrain_modi.py", "prune": "prune_modi.py", "attack": "mia_modi.py", "audit": "audit.py"}
 FINAL_EXITS = (1, 2)  # the scripts' refusals (usage, missing prerequisite): a retry would be refused again
 
 
 @dataclass
 class Step:
-    name: str  # <run>/pretrain, <run>/prune.<prefix>, <run>/attack.<prefix>, <run>/attack.original
-    kind: str  # pretrain | prune | attack
+    name: str  # <run>/pretrain, <run>/prune.<prefix>, <run>/attack.<prefix>, <run>/attack.original, <run>/audit.<step>
+    kind: str  # pretrain | prune | attack | audit
     argv: list  # after "python"; GPU stands for the GPU-ID
     log: str  # the log file it appends to
     needs: list = field(default_factory=list)  # steps whose outputs it reads

@@ -234,6 +234,22 @@ def audit_metrics(scores, member, rows=None, resamples: int = RESAMPLES, seed: i
     "measurable": {metric: intervals.measurable(metric, non-member decisions)}; a TPR that is not measurable
     keeps its value, as in results.csv.
     """
+    flat_member, point, draws = _metric_draws(scores, member, rows, resamples, seed)
+    samples = len(flat_member) // len(_numpy(scores))
+    nonmembers = int((~flat_member).sum())
+    out = {metric: (float(point[metric][0]), *percentile_interval(draws[metric], level)) for metric in METRICS}
+    out.update(
+        samples=samples,
+        decisions=len(flat_member),
+        members=len(flat_member) - nonmembers,
+        nonmembers=nonmembers,
+        measurable={metric: measurable(metric, nonmembers) for metric in METRICS},
+    )
+    return out
+
+
+def _metric_draws(scores, member, rows, resamples: int, seed: int) -> tuple:
+    """(pooled truths, point metrics, {metric: [per-resample value arrays]}) of audit_metrics' cluster bootstrap."""
     flat_scores, flat_member, _ = pool(scores, member, rows)
     models = len(_numpy(scores))
     samples = len(flat_member) // models
@@ -250,15 +266,24 @@ def audit_metrics(scores, member, rows=None, resamples: int = RESAMPLES, seed: i
             values = decisions.metrics(part)
             for metric in METRICS:
                 draws[metric].append(values[metric])
-    nonmembers = int((~flat_member).sum())
-    out = {metric: (float(point[metric][0]), *percentile_interval(draws[metric], level)) for metric in METRICS}
-    out.update(
-        samples=samples,
-        decisions=len(flat_member),
-        members=len(flat_member) - nonmembers,
-        nonmembers=nonmembers,
-        measurable={metric: measurable(metric, nonmembers) for metric in METRICS},
-    )
+    return flat_member, point, draws
+
+
+def paired_difference(
+    scores, base_scores, member, rows=None, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> dict:
+    """{metric: (difference, lower, upper)}: a stage's pooled metric minus another's (Base's) on the same
+    decisions, the M models of both trained on the same halves (one membership matrix), with a PAIRED cluster
+    bootstrap: each resample draws the same samples for both stages (audit_metrics' draws, one seed), so the
+    interval is that of the difference itself, narrower than two unpaired intervals when the stages' errors
+    move together; resamples where either metric is undefined are left out."""
+    _, point, draws = _metric_draws(scores, member, rows, resamples, seed)
+    _, base_point, base_draws = _metric_draws(base_scores, member, rows, resamples, seed)
+    out = {}
+    for metric in METRICS:
+        diff = [a - b for a, b in zip(draws[metric], base_draws[metric])]
+        value = float(point[metric][0]) - float(base_point[metric][0])
+        out[metric] = (value, *percentile_interval(diff, level))
     return out
 
 

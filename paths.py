@@ -107,3 +107,53 @@ def staging_dir(folder: str, pid=None) -> str:
 def split_of(folder: str) -> str:
     """The split.npz that the models in a run's model folder were trained on."""
     return os.path.join(os.path.dirname(folder), SPLIT_FILE)
+
+
+# ---------------------------------------------------------------- the audit (audit.py, docs/audit.md)
+
+AUDIT_PLAN = "plan.npz"  # canaries, membership matrix, dev/test rows
+AUDIT_MEMSCORE = "memscore.csv"  # mem-scores estimated from the audit's pretrained models (+ memscore.json)
+AUDIT_DP_NOISE = "dp_noise.json"  # the noise multiplier tune_dp picked
+AUDIT_CSV = "audit.csv"
+AUDIT_PLANE = "audit_plane.png"
+AUDIT_DECILES = "audit_deciles.md"
+AUDIT_PRETRAINED = "pretrained"  # the stage of the unpruned models
+
+
+def audit_dir(args) -> str:
+    """result/<ds>_<model>[_seed<k>]/audit[_tag-<audit_tag>]/: everything one audit writes but its logs."""
+    return os.path.join(result_dir(args), tagged("audit", getattr(args, "audit_tag", "")))
+
+
+def audit_plan_path(args) -> str:
+    return os.path.join(audit_dir(args), AUDIT_PLAN)
+
+
+def audit_model_dir(args, stage: str, model: int, tuning: bool = False) -> str:
+    """<audit>/<stage>/model_<m>: model m of a stage (AUDIT_PRETRAINED or a pruned run's prefix); the DP tuning
+    shadows live apart, under <audit>/tuning/<stage>/."""
+    parts = ["tuning"] if tuning else []
+    return os.path.join(audit_dir(args), *parts, stage, f"model_{model}")
+
+
+def audit_memscore_path(args) -> str:
+    return os.path.join(audit_dir(args), AUDIT_MEMSCORE)
+
+
+def audit_scores_path(args, stage: str) -> str:
+    """Every pool and test row's logits on every model of a stage, and the attacks' scores (.npz)."""
+    return os.path.join(audit_dir(args), "scores", f"{stage}.npz")
+
+
+def audit_record_path(args, stage: str) -> str:
+    """The attack record of a stage (JSON): what audit.csv's row is built from."""
+    return os.path.join(audit_dir(args), "records", f"{stage}.json")
+
+
+def audit_dp_noise_path(args) -> str:
+    return os.path.join(audit_dir(args), AUDIT_DP_NOISE)
+
+
+def audit_log_path(args, stage: str) -> str:
+    """log/<ds>_<model>[_seed<k>]/audit[_tag-<audit_tag>]/<stage>.txt (a folder, which summarize.py passes by)."""
+    return os.path.join(log_dir(args), tagged("audit", getattr(args, "audit_tag", "")), f"{stage}.txt")

@@ -92,11 +92,31 @@ def check_prerequisites(args, defense, settings, data, model_splits, memscores):
 
 
 def prune_one(args, defense, settings, data, model_split, source, target, log, tag, memscores, progress, history):
-    """Load the pretrained model from `source`, prune + fine-tune it under `defense`, export bests into
-    `target`. The same procedure serves the victim and every shadow. TensorBoard steps count fine-tuning
-    epochs from the first iteration (iteration * prune_epochs + epoch); iteration-level curves use the
-    iteration. Each iteration's logged numbers are appended to `history` (for the run's record)."""
+    """Load the pretrained model from `source`, prune + fine-tune it under `defense` (prune_model), export bests
+    into `target` and mark it finished. The same procedure serves the victim and every shadow."""
     model, _ = load_model(args, checkpoint(source), data.y.device, "pretrained checkpoint", pretrained_fix(args))
+    _, pruner, _ = prune_model(
+        args, model, defense, settings, data, model_split, target, log, tag, memscores, progress, history
+    )
+    mark_finished(
+        target,
+        split_path(args),
+        script="prune_modi.py",
+        target_sparsity=args.prune_sparsity,
+        sparsity=masked_fraction(pruner.masks.values()),
+    )
+    return model
+
+
+def prune_model(args, model, defense, settings, data, model_split, target, log, tag, memscores, progress, history):
+    """Prune `model` iteratively (args.pruner_name, args.prune_sparsity, args.prune_iter) and fine-tune it under
+    `defense` for args.prune_epochs per iteration with early stopping on model_split.dev; every new best of an
+    iteration is exported into `target` (best.pth, best_mask.pth), so the folder ends with the best epoch of the
+    last iteration, while the next iteration goes on from the last epoch's weights (the defense and its
+    optimizers live through all iterations). TensorBoard steps count fine-tuning epochs from the first
+    iteration (iteration * prune_epochs + epoch); iteration-level curves use the iteration. Each iteration's
+    logged numbers are appended to `history`. Returns (model, pruner, trainer). prune_modi.py and audit.py
+    share it."""
     pruner = Pruner(model, args.pruner_name, args.prune_sparsity, args.prune_iter)
     trainer = defense(model, data, model_split, settings, memscores)
     model_tag = tag.replace(" ", "_")
@@ -126,14 +146,7 @@ def prune_one(args, defense, settings, data, model_split, source, target, log, t
         history.append({"accuracy": logged(best_acc), "loss": logged(last_loss)})
         if callable(getattr(trainer, "epsilon", None)):  # dp: the total so far, as its log line says
             history[-1]["dp_epsilon"] = logged(trainer.epsilon())
-    mark_finished(
-        target,
-        split_path(args),
-        script="prune_modi.py",
-        target_sparsity=args.prune_sparsity,
-        sparsity=masked_fraction(pruner.masks.values()),
-    )
-    return model
+    return model, pruner, trainer
 
 
 def main():

@@ -91,13 +91,18 @@ def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, sparsity: float) ->
 
 
 class Pruner:
-    def __init__(self, model, pruner_name, sparsity, prune_iter):
+    """The masks of one model. With in_forward (the default) the masks are multiplied into the weights before
+    every forward (forward pre-hooks); without, the caller applies them (a batched trainer that runs the model
+    functionally, where an in-place hook on the module's own weight would not reach the weights in use)."""
+
+    def __init__(self, model, pruner_name, sparsity, prune_iter, in_forward=True):
         self.model = model
         self.layers = prunable_layers(model, pruner_name)
         self.schedule = sparsity_schedule(pruner_name, sparsity, prune_iter)
         self.masks = {n: torch.ones_like(m.weight) for n, m in self.layers.items()}
-        for name, layer in self.layers.items():
-            layer.register_forward_pre_hook(self._hook(name))
+        if in_forward:
+            for name, layer in self.layers.items():
+                layer.register_forward_pre_hook(self._hook(name))
 
     def _hook(self, name):
         def apply_mask(module, inputs):

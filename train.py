@@ -42,10 +42,11 @@ def full_precision(out):
     return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
-def minibatches(idx: torch.Tensor, batch_size: int, shuffle: bool = True) -> tuple:
-    """Index tensors of one pass over idx (shuffled with the global torch RNG)."""
+def minibatches(idx: torch.Tensor, batch_size: int, shuffle: bool = True, generator=None) -> tuple:
+    """Index tensors of one pass over idx, shuffled with `generator` (a torch.Generator on idx's device) or,
+    without one, the global torch RNG."""
     if shuffle:
-        idx = idx[torch.randperm(len(idx), device=idx.device)]
+        idx = idx[torch.randperm(len(idx), generator=generator, device=idx.device)]
     return idx.split(batch_size)
 
 

@@ -83,3 +83,31 @@ def test_pipeline_bench_times_every_python_step(tmp_path):
     steps = [line.split(None, 1) for line in out.splitlines()[3:] if line.strip()]
     assert [s[1].strip() for s in steps] == ["-c print(1)", "-c import time; time.sleep(0.2) --flag"]
     assert float(steps[1][0]) >= 0.2
+
+
+def test_audit_bench_times_every_step_of_the_one_command():
+    """The digits audit's command at toy size (2 models, 2 epochs): every step is timed and the table has a row
+    for the unpruned models, the four defenses and dp."""
+    tiny = ["--canaries", "4", "--epochs", "2", "--prune_iter", "2", "--prune_epochs", "2", "--noise", "1"]
+    out = bench("bench/bench_audit.py", "--models", "2", "--", *tiny, "--tuning_models", "1", "--bootstrap", "20")
+    steps = [line.split()[0] for line in out.split("Seconds per step\n")[1].split("\n\n")[0].splitlines()[1:]]
+    assert steps[:4] == ["prepare", "pretrain.g0", "memscore", "attack.unpruned"] and steps[-1] == "summarize"
+    assert "tune_dp" in steps and sum(s.startswith("prune.") for s in steps) == 5
+    assert "Total wall time" in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    paired = rows.index("| defense minus Base (paired)")  # the second table: each row minus Base, paired
+    assert [r.strip("| ").split(" (")[0] for r in rows[1:paired]] == [
+        "unpruned",
+        "base",
+        "slide_re",
+        "ml2",
+        "slide_ml2",
+        "dp",
+    ]
+    assert [r.strip("| ").split(" (")[0] for r in rows[paired + 1 :]] == [
+        "unpruned",
+        "slide_re",
+        "ml2",
+        "slide_ml2",
+        "dp",
+    ]

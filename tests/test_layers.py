@@ -22,6 +22,7 @@ LAYERS = {
     "datasets": 1,
     "models": 1,
     "train": 1,
+    "ensemble": 1,
     "progress": 1,
     "splits": 2,
     "pruning": 2,
@@ -42,12 +43,19 @@ LAYERS = {
     "grid_tracker": 2,
     "grid_local": 2,
     "grid_slurm": 2,
+    "audit_plan": 2,
+    "audit_report": 2,
     "pretrain_modi": 3,
     "prune_modi": 3,
     "mia_modi": 3,
     "compute_memscore": 3,
     "summarize": 3,
     "grid": 3,
+    "audit": 3,
+    "audit_common": 3,
+    "audit_train": 3,
+    "audit_attack": 3,
+    "audit_dp": 3,
 }
 
 

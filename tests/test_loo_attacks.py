@@ -412,3 +412,30 @@ def test_decile_table_by_hand():
     assert all(r["TPR@1%FPR"] == 0.0 and r["AUC"] == 1.0 for r in table[:-1])
     with pytest.raises(ValueError, match="finite"):
         decile_table(scores, member, np.where(memscore > 0.5, np.nan, memscore))
+
+
+def test_paired_difference_equals_the_literal_paired_bootstrap():
+    """Each resample draws the same samples for both stages; the interval is over the per-resample differences."""
+    scores, member = example_scores(seed=12)
+    base, _ = example_scores(seed=13)
+    rows = np.arange(3, 50)
+    resamples = 40
+    got = loo_attacks.paired_difference(scores, base, member, rows, resamples=resamples, seed=6)
+
+    def decisions(s, positions):
+        s = _rankable(s)
+        picked = [(s[m][rows[j]], member[m][rows[j]]) for j in positions for m in range(len(s))]
+        return literal_metrics([v for v, _ in picked], [t for _, t in picked])
+
+    point, base_point = decisions(scores, range(len(rows))), decisions(base, range(len(rows)))
+    diffs = {metric: [] for metric in loo_attacks.METRICS}
+    for drawn in literal_draws(len(rows), resamples, 6):
+        a, b = decisions(scores, drawn), decisions(base, drawn)
+        for metric in loo_attacks.METRICS:
+            diffs[metric].append(a[metric] - b[metric])
+    for metric in loo_attacks.METRICS:
+        values = [v for v in diffs[metric] if np.isfinite(v)]
+        expected = (point[metric] - base_point[metric], *np.percentile(values, [2.5, 97.5]))
+        assert got[metric] == pytest.approx(expected, rel=1e-9, abs=1e-12), metric
+    same = loo_attacks.paired_difference(scores, scores, member, rows, resamples=resamples, seed=6)
+    assert all(same[m] == (0.0, 0.0, 0.0) for m in loo_attacks.METRICS)  # a stage against itself: exactly none

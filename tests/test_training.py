@@ -10,7 +10,7 @@ import train
 from common import MissingError, UsageError
 from datasets import TensorData
 from models import ColumnFC
-from train import fit, load_checkpoint, make_optimizer, save_checkpoint, train_pass
+from train import fit, load_checkpoint, make_optimizer, minibatches, save_checkpoint, train_pass
 
 
 def scripted_fit(monkeypatch, tmp_path, dev_accs, early_stop, epochs=None):
@@ -320,3 +320,12 @@ def test_fit_epochs_of_zero_dev_accuracy(monkeypatch, tmp_path, start_acc, expor
         start_acc=start_acc,
     )
     assert calls == exported and result == (max(start_acc, 0.0), 1.0)
+
+
+def test_minibatches_with_a_generator_are_the_global_rngs():
+    idx = torch.arange(50, 100)
+    torch.manual_seed(5)
+    by_global = minibatches(idx, 16)
+    by_generator = minibatches(idx, 16, generator=torch.Generator().manual_seed(5))
+    assert [b.tolist() for b in by_global] == [b.tolist() for b in by_generator]
+    assert [len(b) for b in by_global] == [16, 16, 16, 2]

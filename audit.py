@@ -1,0 +1,230 @@
+"""The worst-case privacy audit of every defense (docs/audit.md): canaries, M models on random halves of the
+pool, iterative pruning under a defense, leave-one-out LiRA and RMIA pooled over the M targets, TPR at 0.1 % and
+1 % FPR next to test accuracy, and a DP-SGD baseline tuned to the same test accuracy.
+
+python audit.py prepare   GPU-ID CONFIG [--models 32] [--canaries K | --audit_top_memscore K]
+python audit.py pretrain  GPU-ID CONFIG --group G [--group_size 8]
+python audit.py memscore  GPU-ID CONFIG
+python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
+python audit.py attack    GPU-ID CONFIG (--original | --defend NAME [defense flags] [pruning flags])
+python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [--tuning_models 4] [pruning flags]
+python audit.py summarize GPU-ID CONFIG [--out DIR]
+python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
+                          [--with_dp] [--group_size 8]
+
+Every step is idempotent: what it would write and is already there, made from the same inputs and settings,
+is skipped ("Nothing to do"), so a rerun (or a grid that resumes) does only the missing work. Model folders are
+written through train.Staging and finished with a completion record; every other file atomically. Flags shared
+by all steps: --seed (the audit's draws and its folder, as in the other scripts), --audit_tag T (a second audit
+of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The dp defense without
+--defend_arg reads the noise multiplier tune_dp picked. audit_plan.audit_steps() lists the steps in dependency order.
+
+This file is the command line (flags, checks, the step dispatch, `all`); the steps live in audit_train.py
+(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize) and audit_dp.py (tune_dp), what they
+share in audit_common.py.
+"""
+
+import argparse
+import math
+import shlex
+import sys
+import time
+
+from audit_attack import attack, summarize
+from audit_dp import DEFAULT_NOISE, TUNING_MODELS, parse_noise, tune_dp
+from audit_plan import audit_steps, parse_defense
+from audit_train import memscore, prepare, pretrain, prune
+from common import (
+    UsageError,
+    base_parser,
+    main_guard,
+    parse_args,
+)
+from defenses import add_defense_flags, get_defense
+from intervals import RESAMPLES
+from models import build_model
+from pruning import (
+    add_pruning_flags,
+    check_prune_iter,
+    check_pruning_flags,
+    prunable_layers,
+    tag_type,
+)
+from splits import check_config
+
+STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "summarize", "all")
+
+
+def common_parser(step: str) -> argparse.ArgumentParser:
+    parser = base_parser(f"audit.py {step}: " + __doc__.split("\n\n")[0])
+    parser.prog = f"audit.py {step}"
+    parser.add_argument("--audit_tag", default="", type=tag_type, help="a second audit of this run: audit_tag-<T>/")
+    return parser
+
+
+def add_group_flags(parser) -> None:
+    parser.add_argument("--group", type=int, required=True, help="model group: models G*S .. G*S+S-1")
+    parser.add_argument("--group_size", type=int, default=8, help="models per group (S)")
+
+
+def add_prune_flags(parser) -> None:
+    """prune_modi.py's pruning and defense flags; --defend_arg has no default here (dp: the tuned noise)."""
+    add_pruning_flags(parser)
+    parser.add_argument("--prune_iter", type=int, default=5)
+    parser.add_argument("--prune_epochs", type=int, default=21, help="fine-tuning epochs per iteration")
+    parser.add_argument("--early_stop", type=int, default=5, help="epochs without dev improvement; 0 = off")
+    add_defense_flags(parser)
+    parser.set_defaults(defend_arg=None)
+
+
+def build_parser(step: str) -> argparse.ArgumentParser:
+    parser = common_parser(step)
+    if step in ("prepare", "all"):
+        parser.add_argument("--models", type=int, default=32, help="M, the audited models")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--canaries", type=int, default=None, help="K mislabelled pool rows (default: see --help)")
+        group.add_argument("--audit_top_memscore", type=int, default=None, help="audit the K top mem-score rows")
+    if step in ("pretrain", "prune"):
+        add_group_flags(parser)
+    if step in ("pretrain", "tune_dp", "all"):
+        parser.add_argument("--early_stop_pretrain", type=int, default=5, help="pretraining's early stop")
+    if step in ("prune", "attack", "tune_dp", "all"):
+        add_prune_flags(parser)
+    if step == "prune":
+        parser.add_argument("--sequential", action="store_true", help="Base model by model, not batched")
+    if step in ("attack", "all"):
+        parser.add_argument("--rmia_gamma", type=float, default=1.0, help="RMIA's gamma (> 0)")
+        parser.add_argument("--bootstrap", type=int, default=RESAMPLES, help="cluster-bootstrap resamples")
+    if step == "attack":
+        parser.add_argument("--original", action="store_true", help="attack the unpruned (pretrained) models")
+    if step in ("tune_dp", "all"):
+        parser.add_argument("--target_acc", type=float, default=None, help="default: mean of the WeMeM rows")
+        parser.add_argument("--noise", default=None, help=f"noise multipliers tried (default {DEFAULT_NOISE})")
+        parser.add_argument("--tuning_models", type=int, default=TUNING_MODELS, help="DP tuning shadows")
+        parser.add_argument("--tolerance", type=float, default=1.0, help="accepted |accuracy - target| (points)")
+        parser.add_argument("--refine", type=int, default=2, help="bisection steps after the grid")
+    if step in ("summarize", "all"):
+        parser.add_argument("--out", default=None, help="folder for audit.csv and the figures (default: the audit's)")
+    if step == "all":
+        parser.add_argument("--defense", action="append", default=None, help="NAME[:flag=value,...], repeatable")
+        parser.add_argument("--with_dp", action="store_true", help="add the utility-matched DP-SGD baseline")
+        parser.add_argument("--group_size", type=int, default=8)
+    return parser
+
+
+def get_args(argv=None):
+    """argv: STEP GPU-ID CONFIG [flags]. With -h alone: the usage of every step (one paragraph, all flags) and
+    this docstring; `STEP --help` shows the step's own."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        flags = sorted({o for step in STEPS for a in build_parser(step)._actions for o in a.option_strings})
+        print(f"usage: audit.py {{{','.join(STEPS)}}} GPU-ID CONFIG [{'] ['.join(flags)}]\n\n{__doc__}")
+        raise SystemExit(0)
+    step = argv[0]
+    if step not in STEPS:
+        raise UsageError(f"unknown step '{step}'; valid: {', '.join(STEPS)} (python audit.py STEP GPU-ID CONFIG ...)")
+    args = parse_args(build_parser(step), argv[1:])
+    args.step, args.argv = step, argv[1:]
+    check_config(args)
+    check_step_args(args)
+    return args
+
+
+def check_step_args(args) -> None:
+    if getattr(args, "models", 2) < 2:
+        raise UsageError(f"--models must be >= 2 (leave-one-out needs other models), got {args.models}")
+    for flag in ("canaries", "audit_top_memscore"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
+    if getattr(args, "group_size", 1) < 1 or getattr(args, "group", 0) < 0:
+        raise UsageError(f"--group must be >= 0 and --group_size >= 1, got {args.group} and {args.group_size}")
+    if getattr(args, "tuning_models", 2) < 1:
+        raise UsageError(f"--tuning_models must be >= 1, got {args.tuning_models}")
+    if not (math.isfinite(getattr(args, "rmia_gamma", 1.0)) and getattr(args, "rmia_gamma", 1.0) > 0):
+        raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
+    if getattr(args, "bootstrap", 0) < 0:
+        raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if hasattr(args, "noise"):
+        args.noise_grid = parse_noise(args.noise)
+    if hasattr(args, "prune_iter"):
+        if getattr(args, "original", False) and args.defend not in ("", "base"):
+            raise UsageError(
+                f"--original attacks the unpruned models, which have no defense; drop --defend {args.defend}"
+            )
+        check_pruning_flags(args.pruner_name, args.prune_sparsity)
+        if args.prune_iter < 1 or args.prune_epochs < 1:
+            raise UsageError(
+                f"--prune_iter and --prune_epochs must be >= 1, got {args.prune_iter} and {args.prune_epochs}"
+            )
+        check_prune_iter(args.pruner_name, args.prune_iter)
+        prunable_layers(build_model(args.model_name, args.num_cls, args.input_dim), args.pruner_name)
+        get_defense(args.defend)
+
+
+def run_all(args) -> None:
+    """Every step of audit_steps() in order, in this process."""
+    explicit = set()
+    for token in args.argv:
+        if token.startswith("--"):
+            explicit.add(token[2:].split("=")[0])
+    flag_value = lambda k: [f"--{k}", str(getattr(args, k))]
+    common = [f for k in ("seed", "audit_tag", "batch_size", *CONFIG_FLAGS) if k in explicit for f in flag_value(k)]
+    common += [f"--{k}" for k in ("quiet", "amp", "no_tensorboard") if getattr(args, k)]
+    audited = [f for k in ("canaries", "audit_top_memscore") if k in explicit for f in flag_value(k)]
+    pruning = [
+        f for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop") for f in flag_value(k)
+    ]
+    if "early_stop_pretrain" in explicit:
+        common += flag_value("early_stop_pretrain")
+    dp = [
+        f
+        for k in ("target_acc", "noise", "tuning_models", "tolerance", "refine")
+        if k in explicit
+        for f in flag_value(k)
+    ]
+    attack_flags = [f for k in ("rmia_gamma", "bootstrap") for f in flag_value(k)]
+    defenses = [parse_defense(s) for s in (args.defense or ["base"])]
+    steps = audit_steps(
+        args.config_path,
+        str(args.gpu_id),
+        args.models,
+        args.group_size,
+        audited,
+        defenses,
+        pruning,
+        args.with_dp,
+        dp,
+        attack_flags,
+        common,
+        args.out,
+    )
+    for s in steps:
+        started = time.time()
+        print(f"== audit step {s.name}: python {shlex.join(s.argv)}", flush=True)
+        main(s.argv[1:])
+        print(f"== audit step {s.name} done in {time.time() - started:.1f}s", flush=True)
+
+
+CONFIG_FLAGS = ("dataset_name", "model_name", "epochs", "num_cls", "input_dim", "optimizer", "lr", "weight_decay")
+
+
+RUNNERS = {
+    "prepare": prepare,
+    "pretrain": pretrain,
+    "memscore": memscore,
+    "prune": prune,
+    "attack": attack,
+    "tune_dp": tune_dp,
+    "summarize": summarize,
+    "all": run_all,
+}
+
+
+def main(argv=None) -> None:
+    args = get_args(argv)
+    RUNNERS[args.step](args)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,253 @@
+"""The audit's attack and summarize steps (audit.py attack, summarize): leave-one-out LiRA and RMIA pooled
+over the M models of a stage, its attack record and scores, and audit.csv with its figure and decile tables."""
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+import torch
+
+import audit_report
+from audit_common import (
+    again,
+    audit_data,
+    for_groups,
+    load_models,
+    load_plan,
+    models_sha256,
+    prepare_prune_args,
+    prune_flags_of,
+    prune_info,
+    read_json,
+    require_finished,
+    require_pretrained,
+    stage_of,
+    test_accuracy,
+    write_if_changed,
+    write_json,
+)
+from common import (
+    MissingError,
+    RunLog,
+    atomic_write,
+    pick_device,
+)
+from ensemble import predict_ensemble
+from intervals import FPR_TARGETS, measurable
+from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo
+from memscores import read_memscores
+from paths import (
+    AUDIT_CSV,
+    AUDIT_DECILES,
+    AUDIT_PLANE,
+    AUDIT_PRETRAINED,
+    audit_dir,
+    audit_log_path,
+    audit_memscore_path,
+    audit_model_dir,
+    audit_record_path,
+    audit_scores_path,
+    run_name,
+)
+from records import code_version, iso, number, utc_now
+from train import (
+    completion_record,
+)
+
+ATTACKS = ("LiRA", "RMIA")
+
+
+SUBSETS = ("audited", "all")  # the audited rows (canaries or top mem-score rows) and every pool row
+
+
+METRICS = ("AUC",) + tuple(FPR_TARGETS)
+
+
+def attack(args) -> None:
+    plan, plan_sha = load_plan(args)
+    if args.original:
+        stage, defense_name = AUDIT_PRETRAINED, "unpruned"
+        folders = require_pretrained(args, plan, plan_sha)
+        settings = {}
+    else:
+        defense, settings = prepare_prune_args(args, plan_sha)
+        stage, defense_name = stage_of(args, defense), defense.name
+        stamp = None
+        if defense.needs_memscore:
+            stamp = models_sha256(require_pretrained(args, plan, plan_sha))
+        info = prune_info(args, settings, stamp)
+        folders = [audit_model_dir(args, stage, m) for m in range(plan.models)]
+        flags = prune_flags_of(args)
+        how = lambda groups: again(args, "prune", "--group", "G", *flags) + for_groups(groups)
+        require_finished(args, folders, plan_sha, info, 8, how)
+        settings = dataclasses.asdict(settings)
+    attack_settings = {"rmia_gamma": args.rmia_gamma, "bootstrap": args.bootstrap, "seed": args.seed}
+    stamp = models_sha256(folders)
+    record_path = audit_record_path(args, stage)
+    if os.path.isfile(record_path):
+        old = read_json(record_path, again(args, "attack"))
+        if old.get("models_sha256") == stamp and old.get("attack_settings") == attack_settings:
+            print(f"Nothing to do: {record_path} holds this attack on these models")
+            return
+    device = pick_device(args.gpu_id)
+    data = audit_data(args, plan, device)
+    rows = np.concatenate([np.arange(plan.n), plan.test])
+    logits = predict_ensemble(load_models(args, folders, device), data, torch.from_numpy(rows).to(device)).cpu().numpy()
+    pool_logits = logits[:, : plan.n]
+    test_labels = data.y[torch.from_numpy(plan.test).to(device)].cpu().numpy()
+    test_acc = test_accuracy(logits[:, plan.n :], test_labels)
+    scores = {
+        "LiRA": lira_online_loo(pool_logits, plan.labels, plan.member),
+        "RMIA": rmia_population_loo(logits, plan, test_labels, args.rmia_gamma),
+    }
+    subsets = {"audited": plan.audited, "all": np.arange(plan.n)}
+    results = {}
+    for name, s in scores.items():
+        results[name] = {}
+        for subset, subset_rows in subsets.items():
+            found = audit_metrics(s, plan.member, subset_rows, resamples=args.bootstrap, seed=args.seed)
+            outs = int((~plan.member[:, subset_rows]).sum())
+            results[name][subset] = {
+                "nonmembers": outs,
+                "members": int(plan.member[:, subset_rows].sum()),
+                **{m: [number(v) for v in found[m]] for m in METRICS},
+            }
+    scores_file = audit_scores_path(args, stage)
+    arrays = {"rows": rows, "logits": logits.astype(np.float32), "member": plan.member, "labels": plan.labels}
+    arrays.update(audited=plan.audited, test_acc=test_acc, **{f"score_{k}": v for k, v in scores.items()})
+    atomic_write(scores_file, lambda f: np.savez(f, **arrays))
+    epsilons = [completion_record(f).get("dp_epsilon") for f in folders]
+    epsilon = epsilons[0] if epsilons and all(e == epsilons[0] for e in epsilons) else None
+    log = RunLog(audit_log_path(args, stage))
+    first = f"{run_name(args)} audit attack {stage} ({defense_name}): {plan.models} models"
+    log.write(first)
+    offset = os.path.getsize(log.path) - len((first + "\n").encode())
+    log.write(
+        f"Test accuracy: mean {test_acc.mean():.3f}, std {test_acc.std(ddof=1):.3f} "
+        f"({test_acc.min():.3f}-{test_acc.max():.3f}) over {plan.models} models on {len(plan.test)} test rows"
+    )
+    if epsilon is not None:
+        log.write(f"DP epsilon: {float(epsilon):.3f} (delta 1e-5)")
+    for name in ATTACKS:
+        for subset in SUBSETS:
+            r = results[name][subset]
+            for metric in METRICS:
+                value, lo, hi = (float(x) for x in r[metric])
+                note = "" if measurable(metric, r["nonmembers"]) else " (not measurable)"
+                digits = 4 if metric == "AUC" else 3
+                log.write(
+                    f"{name} {subset} {metric}: {value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{note} "
+                    f"({r['members']} member and {r['nonmembers']} non-member decisions)"
+                )
+    log.write(f"Scores: {scores_file}")
+    record = {
+        "format": 1,
+        "kind": "audit_attack",
+        "stage": stage,
+        "defense": defense_name,
+        "settings": settings,
+        "semantics": getattr(args, "semantics", None) if not args.original else None,
+        "pruning": None
+        if args.original
+        else {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")},
+        "dp_noise": args.defend_arg if defense_name == "dp" else None,
+        "dp_epsilon": None if epsilon is None else number(epsilon),
+        "models": plan.models,
+        "audited": plan.meta["mode"],
+        "audited_rows": len(plan.audited),
+        "test_acc": [number(a) for a in test_acc],
+        "attacks": results,
+        "attack_settings": attack_settings,
+        "models_sha256": stamp,
+        "plan_sha256": plan_sha,
+        "scores": scores_file,
+        "code": code_version(),
+        "end": iso(utc_now()),
+        "log": {"path": log.path, "offset": offset, "end": os.path.getsize(log.path)},
+    }
+    write_json(record_path, record)
+    log.close()
+
+
+def rmia_population_loo(logits, plan, test_labels, gamma) -> np.ndarray:
+    """(M, N) RMIA scores of the pool rows, with each target's population z = the pool rows it did not train on
+    and every test row (a non-member of every model): logits (M, N + T, C) on the pool rows then the test rows.
+    RMIA's score is a fraction of z, so the test rows make its grid finer than the pool's half alone (on digits
+    1100 z instead of 270), which matters at low FPR where tied top scores would otherwise fill the 1 %."""
+    labels = np.concatenate([plan.labels, test_labels])
+    member = np.concatenate([plan.member, np.zeros((plan.models, len(test_labels)), dtype=bool)], axis=1)
+    return rmia_loo(logits, labels, member, gamma=gamma)[:, : plan.n]
+
+
+def summarize(args) -> None:
+    """audit.csv (one row per attacked stage: defense and setting), the privacy-utility figure and the mem-score
+    decile tables, from the attack records and their scores files; files that would not change are left alone."""
+    folder = os.path.dirname(audit_record_path(args, "x"))
+    records = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.startswith(".tmp_"):
+            records.append(read_json(os.path.join(folder, name), again(args, "attack")))
+    if not records:
+        raise MissingError(f"no audit attack records under {folder}; {again(args, 'attack', '--original')}")
+    out = args.out or audit_dir(args)
+    os.makedirs(out, exist_ok=True)
+    table = audit_report.audit_table(records)
+    add_paired_with_base(table, records)
+    changed = write_if_changed(os.path.join(out, AUDIT_CSV), table.to_csv(index=False).encode())
+    plane = audit_report.draw_plane(table)
+    changed |= write_if_changed(os.path.join(out, AUDIT_PLANE), audit_report.png_bytes(plane))
+    plan, _ = load_plan(args)
+    path = audit_memscore_path(args)
+    estimate = read_memscores(path, plan.n, again(args, "memscore")).numpy() if os.path.isfile(path) else None
+    panels = []
+    for record in audit_report.ordered(records):
+        with np.load(record["scores"], allow_pickle=False) as z:
+            for attack_name in ATTACKS:
+                if estimate is not None:
+                    rows = decile_table(z[f"score_{attack_name}"], z["member"], estimate)
+                    panels.append((audit_report.row_label(record), attack_name, rows))
+    text = audit_report.deciles_markdown(panels, plan)
+    changed |= write_if_changed(os.path.join(out, AUDIT_DECILES), text.encode())
+    print(audit_report.markdown_table(table))
+    print("\n" + audit_report.paired_markdown(table))
+    print(("Wrote" if changed else "Nothing to do: unchanged") + f" {out}/{AUDIT_CSV}, {AUDIT_PLANE}, {AUDIT_DECILES}")
+
+
+def add_paired_with_base(table, records) -> None:
+    """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first base
+    row) on the same decisions, with loo_attacks.paired_difference's paired cluster bootstrap (Base's
+    resamples and seed); nan on Base's own row and when no Base stage was attacked. Every stage's models train
+    on the plan's halves, so the decisions pair up."""
+    ordered = audit_report.ordered(records)
+    base = next((r for r in ordered if r["defense"] == "base"), None)
+    columns = {
+        f"{attack_name}_{subset}_{short}_vs_base{suffix}": [math.nan] * len(ordered)
+        for attack_name in ATTACKS
+        for subset in SUBSETS
+        for short in audit_report.SHORT.values()
+        for suffix in ("", "_lo", "_hi")
+    }
+    if base is not None:
+        settings = base["attack_settings"]
+        with np.load(base["scores"], allow_pickle=False) as base_scores:
+            for i, record in enumerate(ordered):
+                if record is base:
+                    continue
+                with np.load(record["scores"], allow_pickle=False) as z:
+                    for attack_name in ATTACKS:
+                        for subset in SUBSETS:
+                            found = paired_difference(
+                                z[f"score_{attack_name}"],
+                                base_scores[f"score_{attack_name}"],
+                                z["member"],
+                                z["audited"] if subset == "audited" else None,
+                                resamples=settings["bootstrap"],
+                                seed=settings["seed"],
+                            )
+                            for metric, short in audit_report.SHORT.items():
+                                key = f"{attack_name}_{subset}_{short}_vs_base"
+                                for suffix, value in zip(("", "_lo", "_hi"), found[metric]):
+                                    columns[key + suffix][i] = value
+    for key, values in columns.items():
+        table[key] = values

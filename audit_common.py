@@ -1,0 +1,295 @@
+"""What the audit's steps (audit.py) share: command lines that say which step to run first, the plan and its
+data, model folders and their completion records, the stages' settings and the tuned DP noise, JSON files."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+
+import numpy as np
+import torch
+
+from audit_plan import Plan
+from common import (
+    MissingError,
+    UsageError,
+    atomic_write,
+)
+from datasets import TensorData, get_dataset
+from defenses import DefenseSettings, get_defense
+from memscores import read_memscores, read_sidecar, sidecar_path, train_sha256
+from models import build_model
+from paths import (
+    AUDIT_PRETRAINED,
+    audit_dir,
+    audit_dp_noise_path,
+    audit_memscore_path,
+    audit_model_dir,
+    audit_plan_path,
+    checkpoint,
+    tagged,
+)
+from prune_modi import force_defense_flags
+from splits import ModelSplit
+from train import (
+    completion_record,
+    file_sha256,
+    is_finished,
+    load_model,
+)
+
+
+def again(args, step: str, *flags) -> str:
+    """'run python audit.py <step> GPU-ID CONFIG [flags] first'."""
+    extra = []
+    if args.seed != 7:
+        extra += ["--seed", str(args.seed)]
+    if args.audit_tag:
+        extra += ["--audit_tag", args.audit_tag]
+    return (
+        "run " + shlex.join(["python", "audit.py", step, str(args.gpu_id), args.config_path, *flags, *extra]) + " first"
+    )
+
+
+def load_plan(args) -> tuple:
+    """(plan, its SHA-256)."""
+    path = audit_plan_path(args)
+    plan = Plan.load(path, again(args, "prepare"))
+    return plan, file_sha256(path)
+
+
+def audit_data(args, plan: Plan, device) -> TensorData:
+    """The pool (the dataset's training set, with the plan's training labels: canaries relabelled) then the test
+    set, on device."""
+    train, test = get_dataset(args.dataset_name)
+    if (len(train), len(test)) != (plan.n, int(plan.meta["n_test"])) or train_sha256(train.x, train.y) != plan.meta[
+        "data_sha256"
+    ]:
+        raise MissingError(
+            f"the data of {args.dataset_name} is not the data the audit plan {audit_plan_path(args)} was made for; "
+            f"restore it, or delete {audit_dir(args)} and start again from audit.py prepare"
+        )
+    labelled = TensorData(train.x, torch.from_numpy(plan.labels), train.mean, train.std)
+    return TensorData.concat(labelled, test).to(device, amp=args.amp)
+
+
+def model_split(plan: Plan, member: np.ndarray, device) -> ModelSplit:
+    rows = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
+    return ModelSplit(rows(np.flatnonzero(member)), rows(plan.dev), rows(plan.test))
+
+
+def group_models(args, models: int) -> list:
+    first = args.group * args.group_size
+    if first >= models:
+        groups = -(-models // args.group_size)
+        raise UsageError(
+            f"--group {args.group} holds no model: {models} models in groups of {args.group_size} are "
+            f"groups 0..{groups - 1}"
+        )
+    return list(range(first, min(first + args.group_size, models)))
+
+
+def groups_of(models: list, group_size: int) -> list:
+    return sorted({m // group_size for m in models})
+
+
+def finished(folder: str, plan_sha: str, info: dict) -> bool:
+    """folder holds a finished model made from this plan with these settings."""
+    if not is_finished(folder):
+        return False
+    record = completion_record(folder)
+    return record.get("split_sha256") == plan_sha and all(record.get(k) == v for k, v in info.items())
+
+
+def check_other_settings(folders: list, plan_sha: str, info: dict, fix: str) -> None:
+    """A finished model of this stage made with other settings is not overwritten silently."""
+    for folder in folders:
+        record = completion_record(folder) if is_finished(folder) else None
+        if record is not None and record.get("split_sha256") == plan_sha and not finished(folder, plan_sha, info):
+            changed = sorted(k for k, v in info.items() if record.get(k) != v)
+            raise UsageError(f"{folder} holds a model made with other settings ({', '.join(changed)}); {fix}")
+
+
+def models_sha256(folders: list) -> str:
+    """One hash of the checkpoints of a stage (from their completion records)."""
+    return hashlib.sha256(" ".join(completion_record(f)["checkpoint_sha256"] for f in folders).encode()).hexdigest()
+
+
+def require_finished(args, folders: list, plan_sha: str, info: dict, group_size: int, how) -> None:
+    missing = [m for m, folder in enumerate(folders) if not finished(folder, plan_sha, info)]
+    if missing:
+        groups = groups_of(missing, group_size)
+        raise MissingError(
+            f"{len(missing)} of {len(folders)} models are not finished (e.g. {folders[missing[0]]}); {how(groups)}"
+        )
+
+
+def for_groups(groups) -> str:
+    return f" for G in {', '.join(map(str, groups))}"
+
+
+def pretrain_info(args) -> dict:
+    recipe = {k: getattr(args, k) for k in ("epochs", "optimizer", "lr", "weight_decay", "batch_size")}
+    return {"stage": AUDIT_PRETRAINED, "recipe": {**recipe, "early_stop": args.early_stop_pretrain}}
+
+
+PRETRAINED = {"stage": AUDIT_PRETRAINED}  # what later steps ask of a pretrained model (any recipe of this plan)
+
+
+def pretrained_folders(args, plan, tuning=False) -> list:
+    count = args.tuning_models if tuning else plan.models
+    return [audit_model_dir(args, AUDIT_PRETRAINED, m, tuning) for m in range(count)]
+
+
+def require_pretrained(args, plan, plan_sha) -> list:
+    folders = pretrained_folders(args, plan)
+    group_size = getattr(args, "group_size", 8)
+    how = lambda groups: again(args, "pretrain", "--group", "G", "--group_size", str(group_size)) + for_groups(groups)
+    require_finished(args, folders, plan_sha, PRETRAINED, group_size, how)
+    return folders
+
+
+def load_models(args, folders, device) -> list:
+    return [load_model(args, checkpoint(f), device, "audit checkpoint", "rerun its audit.py step")[0] for f in folders]
+
+
+def stage_of(args, defense) -> str:
+    """The pruned stage's name: prune_modi.py's result prefix (with --tag)."""
+    return tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+
+
+def prune_info(args, settings, memscore_sha) -> dict:
+    return {
+        "stage": stage_of(args, get_defense(args.defend)),
+        "defense": get_defense(args.defend).name,
+        "settings": dataclasses.asdict(settings),
+        "pruning": {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "early_stop")},
+        "memscore_sha256": memscore_sha,
+    }
+
+
+def tuned_for(args) -> dict:
+    """What the tuned noise depends on besides the plan: dp_noise.json holds it, prune --defend dp compares."""
+    keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics", "dp_microbatch")
+    keys += ("epochs", "optimizer", "lr", "weight_decay", "batch_size")
+    return {k: getattr(args, k) for k in keys}
+
+
+def resolve_dp_noise(args, plan_sha) -> None:
+    """--defend dp without --defend_arg: the noise multiplier tune_dp picked (for these settings); the other
+    defenses' --defend_arg defaults to prune_modi.py's 4."""
+    if args.defend_arg is not None:
+        return
+    if get_defense(args.defend).name != "dp":
+        args.defend_arg = 4.0
+        return
+    path = audit_dp_noise_path(args)
+    fix = again(args, "tune_dp", *dp_flags(args))
+    if not os.path.isfile(path):
+        raise MissingError(
+            f"--defend dp without --defend_arg reads the tuned noise multiplier {path}, not found; {fix}"
+        )
+    tuned = read_json(path, fix)
+    if tuned.get("plan_sha256") != plan_sha or tuned.get("tuned_for") != json.loads(json.dumps(tuned_for(args))):
+        raise MissingError(f"{path} was tuned for another plan or other pruning/DP settings than these; {fix}")
+    args.defend_arg = float(tuned["noise"])
+
+
+def dp_flags(args) -> list:
+    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity)]
+    flags += ["--prune_iter", str(args.prune_iter), "--semantics", args.semantics]
+    return flags
+
+
+def read_json(path, fix):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise MissingError(f"{path} is unreadable ({type(err).__name__}); delete it and {fix}")
+
+
+def write_json(path, record) -> None:
+    text = json.dumps(record, indent=1, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_if_changed(path, content: bytes) -> bool:
+    """Write content atomically unless the file already holds exactly it (a rerun changes no file)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == content:
+                return False
+    atomic_write(path, lambda f: f.write(content))
+    return True
+
+
+class NullLog:
+    def write(self, line):
+        pass
+
+
+def generators(seeds, device) -> list:
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def build_models(args, seeds, device) -> list:
+    """Fresh models of the config's architecture, model i initialised under torch.manual_seed(seeds[i])."""
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(build_model(args.model_name, args.num_cls, args.input_dim).to(device))
+    return out
+
+
+def test_accuracy(logits, labels) -> np.ndarray:
+    """(M,) accuracy % of each model's logits (M, n, C) on labels (n,)."""
+    return 100.0 * (np.asarray(logits).argmax(2) == np.asarray(labels)[None]).mean(1)
+
+
+def prepare_prune_args(args, plan_sha) -> tuple:
+    resolve_dp_noise(args, plan_sha)
+    force_defense_flags(args)
+    defense, settings = get_defense(args.defend), DefenseSettings.from_args(args)
+    defense.check_args(settings)
+    return defense, settings
+
+
+def prune_flags_of(args) -> list:
+    """The flags that name this pruned stage, for the message that says how to make it."""
+    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity)]
+    flags += ["--prune_iter", str(args.prune_iter), "--defend", get_defense(args.defend).name]
+    for flag in ("stride", "width"):
+        if getattr(args, flag) is not None:
+            flags += [f"--{flag}", str(getattr(args, flag))]
+    if get_defense(args.defend).needs_memscore:
+        flags += ["--mem_thre", str(args.mem_thre), "--weight_decay_mem", str(args.weight_decay_mem)]
+    if args.semantics != "release":
+        flags += ["--semantics", args.semantics]
+    return flags + (["--tag", args.tag] if args.tag else [])
+
+
+def memscore_current(args, path, stamp) -> bool:
+    if not (os.path.isfile(path) and os.path.isfile(sidecar_path(path))):
+        return False
+    try:
+        sidecar = read_sidecar(sidecar_path(path), "")
+    except MissingError:
+        return False
+    with open(path, "rb") as f:
+        csv_sha = hashlib.sha256(f.read()).hexdigest()
+    return sidecar.get("models_sha256") == stamp and sidecar["csv_sha256"] == csv_sha
+
+
+def read_audit_memscores(args, plan, plan_sha, data) -> tuple:
+    """(mem-scores tensor, models stamp) written by the memscore step for the current pretrained models."""
+    path = audit_memscore_path(args)
+    stamp = models_sha256(require_pretrained(args, plan, plan_sha))
+    fix = again(args, "memscore")
+    if not memscore_current(args, path, stamp):
+        raise MissingError(f"the audit's mem-scores {path} are missing or were made from other models; {fix}")
+    sidecar = read_sidecar(sidecar_path(path), fix)
+    if sidecar["train_sha256"] != train_sha256(data.x[: plan.n], data.y[: plan.n]):
+        raise MissingError(f"the audit's mem-scores {path} score another pool or other labels; {fix}")
+    return read_memscores(path, plan.n, fix), stamp

@@ -1,0 +1,229 @@
+"""audit.py summarize's outputs (docs/audit.md): the audit table (audit.csv, one row per attacked stage, i.e. per
+defense and setting, plus the unpruned models), the privacy-utility plane (TPR at 1 % and 0.1 % FPR on the
+audited rows against test accuracy) and the mechanism tables by mem-score decile.
+
+Cells of the Markdown tables read `value [95 % interval]`; a TPR at an FPR that rests on fewer than ten false
+positives (intervals.measurable over the pooled non-member decisions) is `n/m`, as in summarize.py's report.
+audit.csv keeps every value and the non-member decision counts (<subset>_nonmembers) to tell, as results.csv does.
+"""
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+
+from defenses import DEFENSES
+from intervals import measurable
+
+ATTACKS = ("LiRA", "RMIA")
+SUBSETS = ("audited", "all")
+SHORT = {"AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
+NOT_MEASURABLE = "n/m"
+ORDER = ["unpruned"] + list(DEFENSES)
+
+
+def setting_text(record) -> str:
+    """The settings that tell one run of a defense from another, in words."""
+    cls, s = DEFENSES.get(record["defense"]), record.get("settings") or {}
+    if cls is None:
+        return ""
+    parts = []
+    if cls.window:
+        parts.append(f"stride {s.get('stride')}, width {s.get('width')}")
+    if hasattr(cls, "risk_split"):  # RMR and SWMR: the risk side's threshold and weight decay
+        parts.append(f"mem_thre {s.get('mem_thre'):g}, weight_decay_mem {s.get('weight_decay_mem'):g}")
+    if cls.arg_in_name:
+        parts.append(f"{'noise' if cls.name == 'dp' else 'defend_arg'} {float(s.get('defend_arg')):g}")
+    return "; ".join(parts)
+
+
+def row_label(record) -> str:
+    setting = setting_text(record)
+    return record["defense"] + (f" ({setting})" if setting else "")
+
+
+def ordered(records) -> list:
+    rank = lambda r: (ORDER.index(r["defense"]) if r["defense"] in ORDER else len(ORDER), r["stage"])
+    return sorted(records, key=rank)
+
+
+def audit_table(records) -> pd.DataFrame:
+    """One row per record: the run, test accuracy over the models (mean, std, min, max), and per attack and subset
+    (audited rows, all rows) AUC, TPR@1%FPR, TPR@0.1%FPR with their 95 % cluster-bootstrap bounds (_lo, _hi),
+    and the subset's member and non-member decision counts."""
+    rows = []
+    for r in ordered(records):
+        acc = np.array([float(a) for a in r["test_acc"]])
+        row = {
+            "defense": r["defense"],
+            "setting": setting_text(r),
+            "stage": r["stage"],
+            "semantics": r.get("semantics") or "",
+            "models": r["models"],
+            "audited": r["audited"],
+            "audited_rows": r["audited_rows"],
+            "test_acc": acc.mean(),
+            "test_acc_std": acc.std(ddof=1) if len(acc) > 1 else math.nan,
+            "test_acc_min": acc.min(),
+            "test_acc_max": acc.max(),
+            "dp_noise": math.nan if r.get("dp_noise") is None else float(r["dp_noise"]),
+            "dp_epsilon": math.nan if r.get("dp_epsilon") is None else float(r["dp_epsilon"]),
+        }
+        for subset in SUBSETS:
+            first = r["attacks"][ATTACKS[0]][subset]
+            row[f"{subset}_members"], row[f"{subset}_nonmembers"] = first["members"], first["nonmembers"]
+        for attack in ATTACKS:
+            for subset in SUBSETS:
+                found = r["attacks"][attack][subset]
+                for metric, short in SHORT.items():
+                    value, lo, hi = (float(x) for x in found[metric])
+                    key = f"{attack}_{subset}_{short}"
+                    row[key], row[f"{key}_lo"], row[f"{key}_hi"] = value, lo, hi
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cell(row, attack, subset, metric) -> str:
+    key = f"{attack}_{subset}_{SHORT[metric]}"
+    if not measurable(metric, int(row[f"{subset}_nonmembers"])):
+        return NOT_MEASURABLE
+    digits = 3 if metric == "AUC" else 1
+    return f"{row[key]:.{digits}f} [{row[key + '_lo']:.{digits}f}, {row[key + '_hi']:.{digits}f}]"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The audit table as Markdown: test accuracy mean ± std, then per attack the audited rows' TPRs and AUC and
+    all rows' TPR@1%FPR and AUC."""
+    head = ["defense", "test acc (%)"]
+    picks = [(a, "audited", m) for a in ATTACKS for m in ("TPR@0.1%FPR", "TPR@1%FPR", "AUC")]
+    picks += [(a, "all", m) for a in ATTACKS for m in ("TPR@1%FPR", "AUC")]
+    head += [f"{a} {s} {m}" for a, s, m in picks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        label = row["defense"] + (f" ({row['setting']})" if row["setting"] else "")
+        acc = f"{row['test_acc']:.1f} ± {row['test_acc_std']:.1f}"
+        lines.append("| " + " | ".join([label, acc] + [cell(row, *p) for p in picks]) + " |")
+    counts = table.iloc[0]
+    lines.append(
+        f"\n{counts['models']} models; audited rows: {counts['audited_rows']} ({counts['audited']}), "
+        f"{counts['audited_nonmembers']} non-member decisions pooled over the models; all rows: "
+        f"{counts['all_nonmembers']}. {NOT_MEASURABLE}: the FPR rests on fewer than ten false positives."
+    )
+    return "\n".join(lines)
+
+
+def paired_markdown(table: pd.DataFrame) -> str:
+    """Each row minus Base on the same decisions (paired cluster-bootstrap 95 % intervals): the audited rows'
+    TPR@1%FPR and AUC per attack. An interval that excludes 0 is a difference; one that holds 0 is none."""
+    picks = [(a, "audited", m) for a in ATTACKS for m in ("TPR@1%FPR", "AUC")]
+    head = ["defense minus Base (paired)"] + [f"{a} {s} {m}" for a, s, m in picks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        if row["defense"] == "base" or not math.isfinite(row.get("LiRA_audited_auc_vs_base", math.nan)):
+            continue
+        cells = []
+        for attack, subset, metric in picks:
+            key = f"{attack}_{subset}_{SHORT[metric]}_vs_base"
+            digits = 3 if metric == "AUC" else 1
+            if not measurable(metric, int(row[f"{subset}_nonmembers"])):
+                cells.append(NOT_MEASURABLE)
+            else:
+                cells.append(f"{row[key]:+.{digits}f} [{row[key + '_lo']:+.{digits}f}, {row[key + '_hi']:+.{digits}f}]")
+        lines.append(
+            "| " + " | ".join([row["defense"] + (f" ({row['setting']})" if row["setting"] else "")] + cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_plane(table: pd.DataFrame):
+    """Two panels (TPR@1%FPR, TPR@0.1%FPR on the audited rows) against mean test accuracy: one colour per row
+    (defense and setting), LiRA filled circles, RMIA open squares, error bars the models' test-accuracy std and
+    the TPR's 95 % interval. A TPR that is not measurable is not drawn: the panel says so instead."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    colors = plt.get_cmap("tab10")
+    for ax, metric in zip(axes, ("TPR@1%FPR", "TPR@0.1%FPR")):
+        drawn = 0
+        for i, (_, row) in enumerate(table.iterrows()):
+            if not measurable(metric, int(row["audited_nonmembers"])):
+                continue
+            label = row["defense"] + (f" ({row['setting']})" if row["setting"] else "")
+            for attack, marker, face in (("LiRA", "o", colors(i % 10)), ("RMIA", "s", "none")):
+                key = f"{attack}_audited_{SHORT[metric]}"
+                ax.errorbar(
+                    row["test_acc"],
+                    row[key],
+                    xerr=row["test_acc_std"],
+                    yerr=[[row[key] - row[key + "_lo"]], [row[key + "_hi"] - row[key]]],
+                    fmt=marker,
+                    color=colors(i % 10),
+                    markerfacecolor=face,
+                    capsize=3,
+                    label=f"{label}, {attack}",
+                )
+                drawn += 1
+        ax.set_xlabel("test accuracy (%), mean ± std over the models")
+        ax.set_ylabel(f"{metric} on the audited rows (%)")
+        ax.set_title(f"{metric} (95 % intervals over the audited rows)", fontsize=10)
+        if not drawn:
+            outs = int(table["audited_nonmembers"].max())
+            need = math.ceil(10 / {"TPR@1%FPR": 0.01, "TPR@0.1%FPR": 0.001}[metric])
+            ax.text(
+                0.5,
+                0.5,
+                f"{NOT_MEASURABLE}: {outs} non-member decisions on\nthe audited rows; {metric} needs {need}",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 2) if handles else 0, 1, 1))
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120)
+    finally:
+        pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def deciles_markdown(panels, plan) -> str:
+    """panels: (row label, attack, decile rows as loo_attacks.decile_table gives them)."""
+    lines = [
+        "# Attack success by mem-score decile",
+        "",
+        f"Mem-scores: the audit's own estimate from its {plan.models} pretrained models (Feldman's estimator on the "
+        "training labels, canaries included). Decile 1 holds the lowest scores. The threshold is fixed on all pooled "
+        "non-member decisions, so the deciles are comparable.",
+    ]
+    for label, attack, rows in panels:
+        if not rows:
+            continue
+        keys = list(rows[0])
+        lines += ["", f"## {label}, {attack}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+        lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,576 @@
+"""Batched training of M models of one architecture as one ensemble: their parameters stacked along a leading
+model dimension and run together (torch.func.functional_call under torch.func.vmap), for audits that train
+many small models.
+
+fit_ensemble gives model m what train.py's loop gives one model, step by step. One at a time, model m would be
+
+    torch.manual_seed(seed_m)                       # generators[m] = torch.Generator().manual_seed(seed_m)
+    optimizer = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
+    pruner = Pruner(model, ...); pruner.prune(i)    # only for masked fine-tuning: masks[m] = pruner.masks
+    fit(model, lambda epoch: train_pass(model, data, train_idx[m], optimizer, batch_size), data, dev_idx[m], ...)
+
+and here, for every model at once:
+- batches: train.minibatches over train_idx[m], shuffled once an epoch with generators[m];
+- dropout: nn.Dropout's masks, drawn from generators[m] with the call nn.Dropout makes on the CPU
+  (bernoulli_(1 - p), then / (1 - p)) in the order of the forward's dropout calls, so model m's generator
+  goes through exactly the draws the global RNG goes through one model at a time, and ends in the same state;
+- loss: model m's mean cross-entropy over its batch; the models' losses are summed before backward, so each
+  model's gradient is its own;
+- optimizer: make_optimizer's Adam or SGD (EnsembleOptimizer), elementwise on the stacked tensors, with a
+  step count per model, since models stop (early_stop) at different epochs;
+- masks: masks[m] = {layer name: 0/1 tensor of that layer's weight}, as pruning.Pruner.masks holds them, are
+  multiplied into the weights before every forward, as Pruner's forward pre-hook does: pruned weights are
+  zero whenever a model runs and in every state returned, while the optimizer (and its Adam state) keeps
+  updating them in between, never rewound;
+- dev selection: accuracy and loss as train.evaluate after every epoch; a model's best state is taken when
+  its dev accuracy strictly improves on its best so far (from start_acc), and the model stops after
+  `early_stop` stalled epochs while the others go on (train.fit's rule, per model);
+- precision: float32, with data.amp's bfloat16 autocast on CUDA as in train_pass.
+
+The results equal the one-at-a-time loop's up to float rounding: stacked matrix products add in another order
+than one model's (about 1e-6 after a few epochs; tests/test_ensemble.py). On CUDA nn.Dropout draws its masks
+with a fused kernel of its own, so there model m's dropout masks are another draw (equally random).
+"""
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from common import DivergedError, UsageError
+from datasets import TensorData
+from train import EVAL_BATCH, OPTIMIZERS, autocast, full_precision, minibatches
+
+# Random layers other than nn.Dropout: their draws are not reproduced, so the ensemble refuses them.
+UNSUPPORTED_RANDOM = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
+
+
+class _Noise:
+    """What the DrawnDropout layers of one ensemble share: the masks of the running forward (queue, in call
+    order) or, during the shape probe, the list the calls are recorded in (shapes)."""
+
+    def __init__(self):
+        self.queue = None
+        self.shapes = None
+
+
+class DrawnDropout(nn.Module):
+    """nn.Dropout whose masks come from outside: under vmap one random call cannot draw from M generators, so
+    the ensemble draws model m's masks from its generator before the forward and each call takes the next.
+    Without masks (evaluation) it is the identity, as nn.Dropout in eval mode."""
+
+    def __init__(self, p: float, noise: _Noise):
+        super().__init__()
+        self.p = p
+        self.noise = noise
+
+    def forward(self, x):
+        if self.noise.shapes is not None:  # the probe: record the mask this call takes
+            if 0 < self.p < 1:
+                self.noise.shapes.append((tuple(x.shape), self.p))
+            return x
+        if self.noise.queue is None or self.p == 0:  # F.dropout with p = 0 draws nothing
+            return x
+        if self.p == 1:
+            return x * torch.zeros_like(x)
+        mask = self.noise.queue.pop(0)
+        return x * (mask if mask.dtype == x.dtype else mask.to(x.dtype))
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of model on the meta device (no memory) without hooks. The ensemble runs the model's own
+    forward only: a hook of the caller's (e.g. a Pruner's mask hook) acts on its own model's tensors, and
+    masks come in as tensors instead."""
+    skeleton = copy.deepcopy(model).to("meta")
+    for module in skeleton.modules():
+        for attr in (
+            "_forward_pre_hooks",
+            "_forward_pre_hooks_with_kwargs",
+            "_forward_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            getattr(module, attr, {}).clear()
+    return skeleton
+
+
+def _with_drawn_dropout(model: nn.Module, noise: _Noise) -> nn.Module:
+    """model with every nn.Dropout replaced by a DrawnDropout (a layer used twice stays one layer)."""
+    replaced = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, UNSUPPORTED_RANDOM):
+                raise ValueError(
+                    f"the ensemble reproduces nn.Dropout's random draws only; layer {name} is {type(child).__name__}"
+                )
+            if type(child) is nn.Dropout:
+                if id(child) not in replaced:
+                    replaced[id(child)] = DrawnDropout(child.p, noise)
+                setattr(parent, name, replaced[id(child)])
+    return model
+
+
+def _signature(model: nn.Module) -> list:
+    return [(n, tuple(t.shape), t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+
+
+class Ensemble:
+    """M models of one architecture as stacked tensors: params[name] and buffers[name] are [M, ...], named as in
+    the model's named_parameters() / named_buffers(); model m is index m."""
+
+    def __init__(self, model: nn.Module, params: dict, buffers: dict):
+        self.plain = _plain_copy(model)
+        self.noise = _Noise()
+        self.net = _with_drawn_dropout(copy.deepcopy(self.plain), self.noise)
+        self.params, self.buffers = params, buffers
+        self.state_keys = list(self.plain.state_dict().keys())
+        self._dropout_calls = {}
+
+    @classmethod
+    def from_models(cls, models: list) -> "Ensemble":
+        """Stacked copies of the models' parameters and buffers: torch.func.stack_module_state's stacking,
+        without its demand that the models be in one train/eval mode (the ensemble sets the mode itself)."""
+        models = list(models)
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        for i, model in enumerate(models[1:], 1):
+            if type(model) is not type(models[0]) or _signature(model) != _signature(models[0]):
+                raise ValueError(f"model {i} is not of model 0's architecture (parameters, buffers, dtypes)")
+        if len(list(models[0].named_parameters(remove_duplicate=False))) != len(list(models[0].parameters())):
+            raise ValueError("the ensemble does not take models with tied (shared) parameters")
+        named = [dict([*model.named_parameters(), *model.named_buffers()]) for model in models]
+        params = {
+            name: torch.stack([tensors[name].detach() for tensors in named]).requires_grad_(p.requires_grad)
+            for name, p in models[0].named_parameters()
+        }
+        buffers = {name: torch.stack([tensors[name] for tensors in named]) for name, _ in models[0].named_buffers()}
+        return cls(models[0], params, buffers)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.params.values())))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def _tensors(self) -> dict:
+        return {**self.params, **self.buffers}
+
+    def to_models(self) -> list:
+        """M new models (without hooks), model m holding exactly the ensemble's tensors of index m."""
+        models = []
+        for m in range(len(self)):
+            model = copy.deepcopy(self.plain).to_empty(device=self.device)
+            self._write(model, m, self._tensors())
+            models.append(model)
+        return models
+
+    def write_into(self, models: list, states: list = None) -> None:
+        """Copy model m's tensors into models[m] in place (its parameters stay the same objects); states[m], a
+        stacked-state index, overrides with that state when given (see fit_ensemble)."""
+        for m, model in enumerate(models):
+            self._write(model, m, self._tensors() if states is None or states[m] is None else states[m])
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(model: nn.Module, m: int, tensors: dict) -> None:
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in tensors:
+                t.copy_(tensors[name][m])
+
+    def state_dict(self, m: int, tensors: dict = None) -> dict:
+        """Model m's state_dict (copies), from the ensemble's tensors or from `tensors` (same names)."""
+        tensors = self._tensors() if tensors is None else tensors
+        return {k: tensors[k][m].detach().clone() for k in self.state_keys}
+
+    def _forward(self, xs: torch.Tensor, per_model: bool, noise: tuple = None, rows: list = None) -> torch.Tensor:
+        """[R, B, C]: the logits of models `rows` (None: all), R of them, on xs ([B, ...] for all or [R, B, ...]);
+        in training mode with the dropout masks `noise` (one [R, ...] tensor a call), else in eval mode."""
+        params, buffers, index = self.params, self.buffers, None
+        if rows is not None:  # index_select is differentiable: the gradients land in the stacked tensors
+            index = torch.tensor(rows, device=self.device)
+            params = {k: v.index_select(0, index) for k, v in params.items()}
+            buffers = {k: v.index_select(0, index) for k, v in buffers.items()}
+
+        def one(params, buffers, x, masks):
+            self.noise.queue = None if noise is None else list(masks)
+            try:
+                out = functional_call(self.net, (params, buffers), (x,))
+                if self.noise.queue:
+                    raise RuntimeError("the forward made fewer dropout calls than its probe recorded")
+                return out
+            finally:
+                self.noise.queue = None
+
+        self.net.train(noise is not None)
+        out = vmap(one, in_dims=(0, 0, 0 if per_model else None, 0))(params, buffers, xs, noise or ())
+        if index is not None and noise is not None:  # training may update buffers (BatchNorm's running stats)
+            with torch.no_grad():
+                for k, v in buffers.items():
+                    self.buffers[k].index_copy_(0, index, v)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, rows: list = None) -> torch.Tensor:
+        """[M, B, C]: every model's eval-mode logits on the same inputs x [B, ...] (as train.predict); with
+        rows, only those models'."""
+        return self._forward(x, per_model=False, rows=rows)
+
+    @torch.inference_mode()
+    def logits_per_model(self, xs: torch.Tensor, rows: list = None) -> torch.Tensor:
+        """[M, B, C]: model m's eval-mode logits on xs[m] (xs: [M, B, ...]); with rows, xs[i] goes to model
+        rows[i]."""
+        return self._forward(xs, per_model=True, rows=rows)
+
+    def train_logits(self, xs: torch.Tensor, generators: list, rows: list = None) -> torch.Tensor:
+        """[M, B, C]: model m's training-mode logits on xs[m], with gradients, its dropout masks drawn from
+        generators[m]; with rows, xs[i] goes to model rows[i] and only those models draw."""
+        rows_or_all = range(len(self)) if rows is None else rows
+        return self._forward(xs, True, self.draw_dropout(xs, [generators[m] for m in rows_or_all]), rows)
+
+    def draw_dropout(self, xs: torch.Tensor, generators: list) -> tuple:
+        """One [R, ...] mask per dropout call of a training forward on xs [R, B, ...], xs[i]'s drawn from
+        generators[i] as nn.Dropout draws it on the CPU. Call by call, model by model: each generator sees its
+        own model's calls in the forward's order, the only order that matters (the generators are independent)."""
+        calls = self._probe(tuple(xs.shape[1:]), xs.dtype)
+        masks = tuple(torch.empty((len(xs), *shape), device=xs.device) for shape, _ in calls)
+        for mask, (_, p) in zip(masks, calls):
+            for i, generator in enumerate(generators):
+                mask[i].bernoulli_(1 - p, generator=generator)
+            mask.div_(1 - p)
+        return masks
+
+    def _probe(self, shape: tuple, dtype: torch.dtype) -> list:
+        """(input shape, p) of each dropout call, in order, of one model's training forward on an input of
+        `shape`: a forward on the meta device (no compute), done once per shape."""
+        if shape not in self._dropout_calls:
+            self.noise.shapes = []
+            try:
+                self.net.train()
+                with torch.no_grad():
+                    self.net(torch.empty(shape, dtype=dtype, device="meta"))
+                self._dropout_calls[shape] = self.noise.shapes
+            finally:
+                self.noise.shapes = None
+        return self._dropout_calls[shape]
+
+    def stack_masks(self, masks: list) -> dict:
+        """{'<layer>.weight': [M, ...] mask} from masks[m] = {layer: mask} (pruning.Pruner.masks' form)."""
+        if masks is None:
+            return {}
+        if len(masks) != len(self):
+            raise ValueError(f"{len(masks)} mask dicts for {len(self)} models")
+        names = set(masks[0])
+        stacked = {}
+        for m, mask in enumerate(masks):
+            if set(mask) != names:
+                raise ValueError(f"masks[{m}] covers layers {sorted(mask)}, masks[0] {sorted(names)}")
+        for name in sorted(names):
+            key = f"{name}.weight"
+            if key not in self.params:
+                raise ValueError(f"masks name layer {name}, which has no weight in this model")
+            weight = self.params[key]
+            stacked[key] = torch.stack([mask[name] for mask in masks]).to(weight.device, weight.dtype)
+            if stacked[key].shape != weight.shape:
+                raise ValueError(
+                    f"the masks of {name} are {tuple(stacked[key].shape[1:])}, its weight {tuple(weight.shape[1:])}"
+                )
+        return stacked
+
+    @torch.no_grad()
+    def apply_masks(self, stacked: dict) -> None:
+        """Multiply the masks into the weights: what Pruner's forward pre-hook does before every forward."""
+        for key, mask in stacked.items():
+            self.params[key].mul_(mask)
+
+
+class EnsembleOptimizer:
+    """train.make_optimizer's optimizer for an ensemble: Adam (betas 0.9, 0.999; eps 1e-8) or SGD (momentum
+    0.9), each with weight decay added to the gradient, on the [M, ...] stacked parameters. Both update
+    elementwise, so model m's slice gets the arithmetic torch.optim gives one model; the code follows
+    torch.optim.adam._single_tensor_adam and torch.optim.sgd._single_tensor_sgd line by line. What torch
+    keeps per parameter tensor, the step count, is kept per model: a model that stopped (early_stop) takes no
+    steps while the others go on, and its later bias correction is its own. Keep one across fit_ensemble
+    calls where the one-model code keeps its optimizer (a Defense's, through every pruning iteration)."""
+
+    BETAS, EPS, MOMENTUM = (0.9, 0.999), 1e-8, 0.9
+
+    def __init__(self, name: str, lr: float, weight_decay: float):
+        if name not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
+        self.name, self.lr, self.weight_decay = name, lr, weight_decay
+        self.state = {}  # parameter name -> {state name: [M, ...] tensor}
+        self.steps = None  # steps each model has taken
+
+    @torch.no_grad()
+    def step(self, params: dict, active: list) -> None:
+        """One step of the models in `active` (bools, one a model) with the gradients in params[name].grad."""
+        if self.steps is None:
+            self.steps = [0] * len(active)
+        if len(self.steps) != len(active):
+            raise ValueError(f"this optimizer serves {len(self.steps)} models, not {len(active)}")
+        groups = {}
+        for m, on in enumerate(active):
+            if on:
+                groups.setdefault(self.steps[m], []).append(m)
+        for count, members in groups.items():  # models with the same step count share the bias correction
+            whole = len(members) == len(active)
+            for name, param in params.items():
+                if param.grad is None:
+                    continue
+                state = self.state.setdefault(name, self._new_state(param))
+                if whole:
+                    self._update(param, param.grad, state, count + 1)
+                    continue
+                index = torch.tensor(members, device=param.device)
+                part = {k: v.index_select(0, index) for k, v in state.items()}
+                value = param.index_select(0, index)
+                self._update(value, param.grad.index_select(0, index), part, count + 1)
+                param.index_copy_(0, index, value)
+                for k, v in part.items():
+                    state[k].index_copy_(0, index, v)
+        for members in groups.values():
+            for m in members:
+                self.steps[m] += 1
+
+    def _new_state(self, param: torch.Tensor) -> dict:
+        names = ("exp_avg", "exp_avg_sq") if self.name == "adam" else ("momentum_buffer",)
+        return {k: torch.zeros_like(param, memory_format=torch.preserve_format) for k in names}
+
+    def _update(self, param, grad, state, step: int) -> None:
+        if self.weight_decay != 0:
+            grad = grad.add(param, alpha=self.weight_decay)
+        if self.name == "sgd":
+            buf = state["momentum_buffer"]
+            if step == 1:
+                buf.copy_(grad)
+            else:
+                buf.mul_(self.MOMENTUM).add_(grad, alpha=1)
+            param.add_(buf, alpha=-self.lr)
+            return
+        beta1, beta2 = self.BETAS
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** float(step)
+        bias_correction2 = 1 - beta2 ** float(step)
+        step_size = self.lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.EPS)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _stacked_rows(data: TensorData, idx: torch.Tensor) -> tuple:
+    """(x [M, B, ...], y [M, B]) of data at the rows idx [M, B]."""
+    x, y = data.batch(idx.flatten())
+    return x.view(*idx.shape, *x.shape[1:]), y.view(idx.shape)
+
+
+def ensemble_pass(
+    ens: Ensemble,
+    data: TensorData,
+    train_idx: list,
+    optimizer: EnsembleOptimizer,
+    batch_size: int,
+    generators: list,
+    active: list,
+    masks: dict = None,
+) -> tuple:
+    """train.train_pass for the models in `active` (bools, one a model): each a shuffled pass over its
+    train_idx[m]; the others are left out of the computation. Returns (losses, accs %), one a model (nan for
+    those not active)."""
+    rows = [m for m, on in enumerate(active) if on]
+    subset = None if len(rows) == len(ens) else rows
+    orders = [minibatches(train_idx[m], batch_size, generator=generators[m]) for m in rows]
+    total_loss = torch.zeros(len(rows), device=ens.device)
+    correct = torch.zeros(len(rows), dtype=torch.long, device=ens.device)
+    for step in range(len(orders[0])):
+        batch = torch.stack([order[step] for order in orders])
+        x, y = _stacked_rows(data, batch)
+        ens.apply_masks(masks or {})
+        with autocast(data):
+            out = full_precision(ens.train_logits(x, generators, subset))
+            losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        for param in ens.params.values():
+            param.grad = None
+        losses.sum().backward()
+        optimizer.step(ens.params, active)
+        total_loss += losses.detach() * batch.shape[1]
+        correct += (out.detach().argmax(-1) == y).sum(1)
+    n = max(len(train_idx[0]), 1)
+    losses, accs = [math.nan] * len(ens), [math.nan] * len(ens)
+    for m, loss, c in zip(rows, total_loss.tolist(), correct.tolist()):
+        losses[m], accs[m] = loss / n, 100.0 * c / n
+    return losses, accs
+
+
+@torch.inference_mode()
+def ensemble_logits(
+    ens: Ensemble, data: TensorData, idx: torch.Tensor, rows: list = None, batch_size: int = EVAL_BATCH
+) -> torch.Tensor:
+    """[M, N, C] eval-mode logits, as train.predict per model: idx [N] (the same rows for every model) or
+    [M, N] (model m's rows idx[m]). With rows, [len(rows), N, C] of those models only."""
+    with autocast(data):
+        if idx.dim() == 1:
+            chunks = [ens.logits(data.batch(b)[0], rows) for b in idx.split(batch_size)]
+        else:
+            idx = idx if rows is None else idx[rows]
+            chunks = [ens.logits_per_model(_stacked_rows(data, b)[0], rows) for b in idx.split(batch_size, dim=1)]
+        return torch.cat([full_precision(c) for c in chunks], dim=1)
+
+
+@torch.inference_mode()
+def ensemble_evaluate(ens: Ensemble, data: TensorData, idx: torch.Tensor, rows: list = None) -> tuple:
+    """train.evaluate per model: ([accuracy %], [mean cross-entropy]) on idx [N] or [M, N], one a model; with
+    rows, only those models are evaluated (nan for the others)."""
+    logits = ensemble_logits(ens, data, idx, rows)
+    y = data.y[idx if idx.dim() == 1 or rows is None else idx[rows]].expand(logits.shape[:2])
+    hits = (logits.argmax(-1) == y).float().mean(-1).tolist()
+    sums = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1).tolist()
+    accs, losses = [math.nan] * len(ens), [math.nan] * len(ens)
+    for m, hit, total in zip(range(len(ens)) if rows is None else rows, hits, sums):
+        accs[m], losses[m] = 100.0 * hit, total / y.shape[1]
+    return accs, losses
+
+
+def predict_ensemble(models: list, data: TensorData, idx: torch.Tensor) -> torch.Tensor:
+    """[M, len(idx), C]: model m's logits on data[idx] (eval mode, as train.predict), all models at once."""
+    return ensemble_logits(Ensemble.from_models(models), data, idx)
+
+
+class EnsembleFit(NamedTuple):
+    """One model's result of fit_ensemble; the first two are (best dev acc, best epoch)."""
+
+    best_acc: float  # best dev accuracy %; start_acc when no epoch beat it
+    best_epoch: int  # -1 when no epoch beat start_acc
+    best_loss: float  # dev loss of the best epoch (what save_checkpoint stores as "loss"); nan without one
+    last_loss: float  # dev loss of the model's last epoch (train.fit's second return value)
+    epochs: int  # epochs the model trained (fewer than asked once early_stop stopped it)
+    best_state: dict  # the model's state_dict at its best epoch (masks applied); None without one
+
+
+def _check_inputs(models, train_idx, dev_idx, generators, device):
+    count = len(models)
+    if not (len(train_idx) == len(generators) == count):
+        raise ValueError(f"{count} models need as many train_idx and generators ({len(train_idx)}, {len(generators)})")
+    sizes = {len(idx) for idx in train_idx}
+    if len(sizes) != 1:
+        raise ValueError(f"every model's train_idx must have the same size; got sizes {sorted(sizes)}")
+    if isinstance(dev_idx, (list, tuple)):
+        if len(dev_idx) != count or len({len(idx) for idx in dev_idx}) != 1:
+            raise ValueError("dev_idx: one index tensor a model, all of the same size, or one tensor for all")
+        dev_idx = torch.stack(list(dev_idx))
+    for m, generator in enumerate(generators):
+        if generator.device.type != device.type:
+            raise ValueError(
+                f"generators[{m}] is on {generator.device}, the data on {device}; make it with "
+                f"torch.Generator(device={str(device)!r})"
+            )
+    return dev_idx.to(device)
+
+
+def fit_ensemble(
+    models: list,
+    data: TensorData,
+    train_idx: list,
+    dev_idx,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer,
+    weight_decay: float,
+    generators: list,
+    masks: list = None,
+    early_stop: int = 0,
+    start_acc: float = -1.0,
+    restore_best: bool = True,
+    on_epoch=None,
+) -> list:
+    """Train the M models together, model m as train.fit trains it one at a time (module docstring): on
+    train_idx[m] (all of one size), shuffled and with dropout drawn from generators[m] (torch.Generators on
+    the data's device), under masks[m] ({layer name: 0/1 weight mask}, pruning.Pruner.masks' form) if given,
+    selected on dev_idx (one tensor for all, or one a model). `optimizer` is a name of train.OPTIMIZERS (a
+    fresh one, as pretraining makes) or an EnsembleOptimizer kept across calls (as a Defense keeps its
+    optimizer through the pruning iterations; its lr and weight decay must be these).
+
+    The models are written back in place: with restore_best, each holds its best state (as pretraining
+    reloads best.pth); without, its last one (as prune_modi.py continues from the last epoch into the next
+    iteration while best.pth holds the best). on_epoch(epoch, rows), if given, gets after every epoch one
+    dict a model (train_loss, train_acc, dev_loss, dev_acc), None for a model that had stopped. Returns one
+    EnsembleFit a model."""
+    models = list(models)
+    data_device = data.y.device
+    dev_idx = _check_inputs(models, train_idx, dev_idx, generators, data_device)
+    train_idx = [idx.to(data_device) for idx in train_idx]
+    if isinstance(optimizer, EnsembleOptimizer):
+        if (optimizer.lr, optimizer.weight_decay) != (lr, weight_decay):
+            raise ValueError(
+                f"the optimizer has lr {optimizer.lr}, weight decay {optimizer.weight_decay}; "
+                f"asked for {lr}, {weight_decay}"
+            )
+    else:
+        optimizer = EnsembleOptimizer(optimizer, lr, weight_decay)
+    ens = Ensemble.from_models(models)
+    stacked_masks = ens.stack_masks(masks)
+    count = len(ens)
+    best_acc, best_epoch = [start_acc] * count, [-1] * count
+    best_loss, last_loss = [math.nan] * count, [math.nan] * count
+    stall, ran, active = [0] * count, [0] * count, [True] * count
+    best = None  # stacked tensors of every model's best state so far
+    for epoch in range(epochs):
+        if not any(active):
+            break
+        train_loss, train_acc = ensemble_pass(
+            ens, data, train_idx, optimizer, batch_size, generators, active, stacked_masks
+        )
+        for m in range(count):
+            if active[m] and math.isfinite(train_acc[m]) and not math.isfinite(train_loss[m]):
+                raise DivergedError(
+                    f"training diverged: model {m}'s loss of epoch {epoch} is {train_loss[m]} (nothing of "
+                    f"this epoch is kept); lower the lr, or check the lr and weight decays"
+                )
+        ens.apply_masks(stacked_masks)  # the evaluation's forward runs the masked weights
+        rows = None if all(active) else [m for m in range(count) if active[m]]
+        dev_acc, dev_loss = ensemble_evaluate(ens, data, dev_idx, rows)
+        metrics = [None] * count
+        improved = []
+        for m in range(count):
+            if not active[m]:
+                continue
+            metrics[m] = {"train_loss": train_loss[m], "train_acc": train_acc[m]}
+            metrics[m].update(dev_loss=dev_loss[m], dev_acc=dev_acc[m])
+            ran[m], last_loss[m] = epoch + 1, dev_loss[m]
+            if dev_acc[m] > best_acc[m]:
+                best_acc[m], best_epoch[m], best_loss[m], stall[m] = dev_acc[m], epoch, dev_loss[m], 0
+                improved.append(m)
+            else:
+                stall[m] += 1
+                if early_stop > 0 and stall[m] > early_stop:
+                    active[m] = False
+        if improved:
+            with torch.no_grad():
+                if best is None:
+                    best = {k: t.detach().clone() for k, t in ens._tensors().items()}
+                index = torch.tensor(improved, device=ens.device)
+                for k, t in ens._tensors().items():
+                    best[k].index_copy_(0, index, t.detach().index_select(0, index))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    restore = [best if restore_best and best_epoch[m] >= 0 else None for m in range(count)]
+    ens.write_into(models, restore)
+    return [
+        EnsembleFit(
+            best_acc[m],
+            best_epoch[m],
+            best_loss[m],
+            last_loss[m],
+            ran[m],
+            None if best_epoch[m] < 0 else ens.state_dict(m, best),
+        )
+        for m in range(count)
+    ]

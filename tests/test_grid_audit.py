@@ -1,0 +1,161 @@
+"""grid.py on an audit grid (an "audit" section: audit.py's steps, docs/audit.md): the steps and their order, the
+section's checks, --dry_run, and a tiny audit run by the local pool that gives audit.py all's audit.csv and
+reruns nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import audit_plan
+import grid_plan
+import grid_spec
+from common import UsageError
+from conftest import REPO, copy_repo, run_script
+
+RUN = "digits_columnfc"
+DEFENSES = [{"defend": "base"}, {"defend": "slide_re", "width": 5, "stride": 1}]
+TINY_AUDIT = {
+    "models": 4,
+    "group_size": 2,
+    "canaries": 8,
+    "prune_epochs": 2,
+    "bootstrap": 50,
+    "with_dp": True,
+    "dp": {"noise": "1", "tuning_models": 2, "target_acc": 80.0},
+}
+TINY_GRID = {
+    "configs": ["config/digits.json"],
+    "pruners": "iter_prunetxt",
+    "sparsities": [0.6],
+    "prune_iter": 2,
+    "audit": TINY_AUDIT,
+    "overrides": {"audit": {"epochs": 2, "batch_size": 64, "no_tensorboard": True}},
+    "defenses": DEFENSES,
+}
+# audit.py all with the tiny grid's settings
+TINY_ALL = [
+    *("--models", "4", "--group_size", "2", "--canaries", "8", "--epochs", "2", "--batch_size", "64"),
+    *("--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--prune_iter", "2", "--prune_epochs", "2"),
+    *("--defense", "base", "--defense", "slide_re:stride=1,width=5", "--bootstrap", "50"),
+    *("--with_dp", "--noise", "1", "--tuning_models", "2", "--target_acc", "80"),
+    *("--quiet", "--no_tensorboard"),
+]
+
+
+def grid_of(tmp_path, monkeypatch, **changes):
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps({**TINY_GRID, **changes}))
+    return grid_spec.Grid(str(path), "audit.json")
+
+
+def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypatch):
+    grid = grid_of(tmp_path, monkeypatch)
+    steps = grid_plan.expand(grid)
+    listed = audit_plan.audit_steps(
+        "config/digits.json",
+        "GPU-ID",
+        4,
+        2,
+        ["--canaries", "8"],
+        [{"defend": "base"}, {"defend": "slide_re", "stride": 1, "width": 5}],
+        ["--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--prune_iter", "2", "--prune_epochs", "2"],
+        True,
+        ["--target_acc", "80.0", "--noise", "1", "--tuning_models", "2"],
+        ["--bootstrap", "50"],
+        ["--epochs", "2", "--batch_size", "64", "--no_tensorboard", "--quiet"],
+    )
+    assert [s.name for s in steps] == [f"{RUN}/audit.{a.name}" for a in listed]
+    assert [s.argv for s in steps] == [a.argv for a in listed]
+    assert [s.name.split("/audit.")[1] for s in steps] == [
+        "prepare",
+        "pretrain.g0",
+        "pretrain.g1",
+        "memscore",
+        "attack.unpruned",
+        "prune.0.base.g0",
+        "prune.0.base.g1",
+        "attack.0.base",
+        "prune.1.slide_re_stride1_width5.g0",
+        "prune.1.slide_re_stride1_width5.g1",
+        "attack.1.slide_re_stride1_width5",
+        "tune_dp",
+        "prune.dp.g0",
+        "prune.dp.g1",
+        "attack.dp",
+        "summarize",
+    ]
+    seen = set()
+    for step in steps:  # every step comes after what it needs
+        assert step.kind == "audit" and set(step.needs) <= seen
+        seen.add(step.name)
+    assert set(steps[-1].needs) == {s.name for s in steps if "/audit.attack." in s.name}
+    assert steps[2].command("-1") == (
+        "python audit.py pretrain -1 config/digits.json --group 1 --group_size 2 --epochs 2 --batch_size 64 "
+        "--no_tensorboard --quiet"
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"audit": {"modles": 4}}, "audit: unknown key 'modles'"),
+        ({"audit": {"models": "4"}}, "audit.models: must be int"),
+        ({"audit": {"dp": {"noise": 1}}}, "audit.dp.noise: must be str"),
+        ({"audit": {"canaries": 4, "audit_top_memscore": 4}}, "canaries or audit_top_memscore, not both"),
+        ({"audit": {}}, "key 'audit': must name at least one setting"),
+        ({"sparsities": [0.5, 0.6]}, "an audit grid takes one sparsity"),
+        ({"overrides": {"audit": {"models": 4}}}, "--models is a key of the audit section"),
+    ],
+)
+def test_bad_audit_sections_are_refused(tmp_path, monkeypatch, changes, message):
+    with pytest.raises(UsageError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        grid_of(tmp_path, monkeypatch, **changes)
+
+
+@pytest.mark.slow
+def test_dry_run_lists_the_audit_steps(tmp_path):
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(TINY_GRID))
+    out = run_script("grid.py", str(path), "--dry_run", cwd=tmp_path).stdout
+    lines = out.splitlines()
+    assert "16 steps (pretrain 0, prune 0, attack 0, audit 16)" in lines[1]
+    names = [line[2:] for line in lines if line.startswith(f"# {RUN}/")]
+    commands = [line for line in lines if line.startswith("python ")]
+    assert names[0] == f"{RUN}/audit.prepare" and names[-1] == f"{RUN}/audit.summarize" and len(names) == 16
+    assert commands[0] == "python audit.py prepare -1 config/digits.json --models 4 --canaries 8 " + (
+        "--epochs 2 --batch_size 64 --no_tensorboard --quiet"
+    )
+    assert all(c.startswith("python audit.py ") for c in commands) and len(commands) == 16
+
+
+@pytest.mark.slow
+def test_a_tiny_audit_grid_gives_audit_py_alls_table_and_a_rerun_does_nothing(tmp_path):
+    copy = copy_repo(str(tmp_path / "repo"))
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(TINY_GRID))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
+    grid = [sys.executable, os.path.join(copy, "grid.py"), str(path), "--jobs", "2"]
+    first = subprocess.run(grid, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "16 steps to run: 16 done, 0 failed, 0 skipped" in first.stderr
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    run_script("audit.py", "all", "-1", os.path.join(copy, "config", "digits.json"), *TINY_ALL, cwd=alone, repo=copy)
+    table = os.path.join(RUN, "audit", "audit.csv")
+    by_grid = pd.read_csv(os.path.join(copy, "result", table))
+    by_all = pd.read_csv(alone / "result" / table)
+    assert by_grid["defense"].tolist() == ["unpruned", "base", "slide_re", "dp"]
+    pd.testing.assert_frame_equal(by_grid, by_all)
+    jobs = os.path.join(copy, "result", RUN, "jobs")
+    stamps = {name: os.path.getmtime(os.path.join(jobs, name)) for name in os.listdir(jobs)}
+    csv_stamp = os.path.getmtime(os.path.join(copy, "result", table))
+    again = subprocess.run(grid, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 steps to run: 0 done, 0 failed, 0 skipped; 16 done before were not rerun" in again.stderr
+    assert {name: os.path.getmtime(os.path.join(jobs, name)) for name in os.listdir(jobs)} == stamps
+    assert os.path.getmtime(os.path.join(copy, "result", table)) == csv_stamp
