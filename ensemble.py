@@ -27,9 +27,13 @@ and here, for every model at once:
   `early_stop` stalled epochs while the others go on (train.fit's rule, per model);
 - precision: float32, with data.amp's bfloat16 autocast on CUDA as in train_pass.
 
-The results equal the one-at-a-time loop's up to float rounding: stacked matrix products add in another order
-than one model's (about 1e-6 after a few epochs; tests/test_ensemble.py). On CUDA nn.Dropout draws its masks
-with a fused kernel of its own, so there model m's dropout masks are another draw (equally random).
+The results equal the one-at-a-time loop's up to float rounding: the stacked matrix products add in another
+order than one model's (about 1e-8 a step; tests/test_ensemble.py holds short runs to 1e-5). Over long runs
+rounding can decide a ReLU whose input is within rounding of zero, and so that step's gradient; from there
+that model's weights drift apart, as they would between two BLAS builds or thread counts (in
+bench/bench_ensemble.py's 100-epoch pretraining of 32 digits models, one model ends 1.4e-2 apart, its chosen
+epoch the same). On CUDA nn.Dropout draws its masks with a fused kernel of its own, so there model m's
+dropout masks are another draw (equally random).
 """
 
 import copy
