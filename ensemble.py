@@ -27,9 +27,13 @@ and here, for every model at once:
   `early_stop` stalled epochs while the others go on (train.fit's rule, per model);
 - precision: float32, with data.amp's bfloat16 autocast on CUDA as in train_pass.
 
-The results equal the one-at-a-time loop's up to float rounding: stacked matrix products add in another order
-than one model's (about 1e-6 after a few epochs; tests/test_ensemble.py). On CUDA nn.Dropout draws its masks
-with a fused kernel of its own, so there model m's dropout masks are another draw (equally random).
+The results equal the one-at-a-time loop's up to float rounding: the stacked matrix products add in another
+order than one model's (about 1e-8 a step; tests/test_ensemble.py holds short runs to 1e-5). Over long runs
+rounding can decide a ReLU whose input is within rounding of zero, and so that step's gradient; from there
+that model's weights drift apart, as they would between two BLAS builds or thread counts (in
+bench/bench_ensemble.py's 100-epoch pretraining of 32 digits models, one model ends 1.4e-2 apart, its chosen
+epoch the same). On CUDA nn.Dropout draws its masks with a fused kernel of its own, so there model m's
+dropout masks are another draw (equally random).
 """
 
 import copy
@@ -189,14 +193,28 @@ class Ensemble:
         tensors = self._tensors() if tensors is None else tensors
         return {k: tensors[k][m].detach().clone() for k in self.state_keys}
 
-    def _forward(self, xs: torch.Tensor, per_model: bool, noise: tuple = None, rows: list = None) -> torch.Tensor:
-        """[R, B, C]: the logits of models `rows` (None: all), R of them, on xs ([B, ...] for all or [R, B, ...]);
-        in training mode with the dropout masks `noise` (one [R, ...] tensor a call), else in eval mode."""
-        params, buffers, index = self.params, self.buffers, None
-        if rows is not None:  # index_select is differentiable: the gradients land in the stacked tensors
-            index = torch.tensor(rows, device=self.device)
-            params = {k: v.index_select(0, index) for k, v in params.items()}
-            buffers = {k: v.index_select(0, index) for k, v in buffers.items()}
+    def select(self, rows: list) -> "Ensemble":
+        """An ensemble of the models `rows` (copies of their tensors, in that order) sharing this one's network."""
+        part = copy.copy(self)
+        index = torch.tensor(rows, device=self.device)
+        part.params = {
+            k: v.detach().index_select(0, index).requires_grad_(v.requires_grad) for k, v in self.params.items()
+        }
+        part.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        return part
+
+    @torch.no_grad()
+    def put(self, rows: list, part: "Ensemble") -> None:
+        """Copy the tensors of `part` (made by select(rows)) back into models `rows`."""
+        if part is self:
+            return
+        index = torch.tensor(rows, device=self.device)
+        for k, v in self._tensors().items():
+            v.index_copy_(0, index, part._tensors()[k].detach())
+
+    def _forward(self, xs: torch.Tensor, per_model: bool, noise: tuple = None) -> torch.Tensor:
+        """[M, B, C] logits on xs ([B, ...] for every model, or [M, B, ...]): in training mode with the dropout
+        masks `noise` (one [M, ...] tensor a dropout call), else in eval mode."""
 
         def one(params, buffers, x, masks):
             self.noise.queue = None if noise is None else list(masks)
@@ -209,34 +227,26 @@ class Ensemble:
                 self.noise.queue = None
 
         self.net.train(noise is not None)
-        out = vmap(one, in_dims=(0, 0, 0 if per_model else None, 0))(params, buffers, xs, noise or ())
-        if index is not None and noise is not None:  # training may update buffers (BatchNorm's running stats)
-            with torch.no_grad():
-                for k, v in buffers.items():
-                    self.buffers[k].index_copy_(0, index, v)
-        return out
+        return vmap(one, in_dims=(0, 0, 0 if per_model else None, 0))(self.params, self.buffers, xs, noise or ())
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor, rows: list = None) -> torch.Tensor:
-        """[M, B, C]: every model's eval-mode logits on the same inputs x [B, ...] (as train.predict); with
-        rows, only those models'."""
-        return self._forward(x, per_model=False, rows=rows)
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, B, C]: every model's eval-mode logits on the same inputs x [B, ...] (as train.predict)."""
+        return self._forward(x, per_model=False)
 
     @torch.inference_mode()
-    def logits_per_model(self, xs: torch.Tensor, rows: list = None) -> torch.Tensor:
-        """[M, B, C]: model m's eval-mode logits on xs[m] (xs: [M, B, ...]); with rows, xs[i] goes to model
-        rows[i]."""
-        return self._forward(xs, per_model=True, rows=rows)
+    def logits_per_model(self, xs: torch.Tensor) -> torch.Tensor:
+        """[M, B, C]: model m's eval-mode logits on xs[m] (xs: [M, B, ...])."""
+        return self._forward(xs, per_model=True)
 
-    def train_logits(self, xs: torch.Tensor, generators: list, rows: list = None) -> torch.Tensor:
+    def train_logits(self, xs: torch.Tensor, generators: list) -> torch.Tensor:
         """[M, B, C]: model m's training-mode logits on xs[m], with gradients, its dropout masks drawn from
-        generators[m]; with rows, xs[i] goes to model rows[i] and only those models draw."""
-        rows_or_all = range(len(self)) if rows is None else rows
-        return self._forward(xs, True, self.draw_dropout(xs, [generators[m] for m in rows_or_all]), rows)
+        generators[m]."""
+        return self._forward(xs, True, self.draw_dropout(xs, generators))
 
     def draw_dropout(self, xs: torch.Tensor, generators: list) -> tuple:
-        """One [R, ...] mask per dropout call of a training forward on xs [R, B, ...], xs[i]'s drawn from
-        generators[i] as nn.Dropout draws it on the CPU. Call by call, model by model: each generator sees its
+        """One [M, ...] mask per dropout call of a training forward on xs [M, B, ...], model m's drawn from
+        generators[m] as nn.Dropout draws it on the CPU. Call by call, model by model: each generator sees its
         own model's calls in the forward's order, the only order that matters (the generators are independent)."""
         calls = self._probe(tuple(xs.shape[1:]), xs.dtype)
         masks = tuple(torch.empty((len(xs), *shape), device=xs.device) for shape, _ in calls)
@@ -293,11 +303,12 @@ class Ensemble:
 class EnsembleOptimizer:
     """train.make_optimizer's optimizer for an ensemble: Adam (betas 0.9, 0.999; eps 1e-8) or SGD (momentum
     0.9), each with weight decay added to the gradient, on the [M, ...] stacked parameters. Both update
-    elementwise, so model m's slice gets the arithmetic torch.optim gives one model; the code follows
-    torch.optim.adam._single_tensor_adam and torch.optim.sgd._single_tensor_sgd line by line. What torch
-    keeps per parameter tensor, the step count, is kept per model: a model that stopped (early_stop) takes no
-    steps while the others go on, and its later bias correction is its own. Keep one across fit_ensemble
-    calls where the one-model code keeps its optimizer (a Defense's, through every pruning iteration)."""
+    elementwise, so model m's slice gets the arithmetic torch.optim gives one model (the same operations as
+    torch.optim.adam._single_tensor_adam and torch.optim.sgd._single_tensor_sgd; equal bit for bit, tested).
+    What torch keeps per parameter tensor, Adam's step count, is kept per model: a model that stopped
+    (early_stop) takes no steps while the others go on, so its later bias correction is its own. Keep one
+    across fit_ensemble calls where the one-model code keeps its optimizer (a Defense's, through every pruning
+    iteration)."""
 
     BETAS, EPS, MOMENTUM = (0.9, 0.999), 1e-8, 0.9
 
@@ -305,64 +316,69 @@ class EnsembleOptimizer:
         if name not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer '{name}'; valid: {', '.join(OPTIMIZERS)}")
         self.name, self.lr, self.weight_decay = name, lr, weight_decay
-        self.state = {}  # parameter name -> {state name: [M, ...] tensor}
+        self.state = {}  # parameter name -> {state name: [M, ...] tensor}, zeros before a model's first step
         self.steps = None  # steps each model has taken
 
-    @torch.no_grad()
-    def step(self, params: dict, active: list) -> None:
-        """One step of the models in `active` (bools, one a model) with the gradients in params[name].grad."""
+    def prepare(self, params: dict) -> None:
+        """The state for these stacked parameters (zeros, no steps) unless it is there."""
+        count = len(next(iter(params.values())))
         if self.steps is None:
-            self.steps = [0] * len(active)
-        if len(self.steps) != len(active):
-            raise ValueError(f"this optimizer serves {len(self.steps)} models, not {len(active)}")
-        groups = {}
-        for m, on in enumerate(active):
-            if on:
-                groups.setdefault(self.steps[m], []).append(m)
-        for count, members in groups.items():  # models with the same step count share the bias correction
-            whole = len(members) == len(active)
-            for name, param in params.items():
-                if param.grad is None:
-                    continue
-                state = self.state.setdefault(name, self._new_state(param))
-                if whole:
-                    self._update(param, param.grad, state, count + 1)
-                    continue
-                index = torch.tensor(members, device=param.device)
-                part = {k: v.index_select(0, index) for k, v in state.items()}
-                value = param.index_select(0, index)
-                self._update(value, param.grad.index_select(0, index), part, count + 1)
-                param.index_copy_(0, index, value)
-                for k, v in part.items():
-                    state[k].index_copy_(0, index, v)
-        for members in groups.values():
-            for m in members:
-                self.steps[m] += 1
-
-    def _new_state(self, param: torch.Tensor) -> dict:
+            self.steps = [0] * count
+        if len(self.steps) != count:
+            raise ValueError(f"this optimizer serves {len(self.steps)} models, not {count}")
         names = ("exp_avg", "exp_avg_sq") if self.name == "adam" else ("momentum_buffer",)
-        return {k: torch.zeros_like(param, memory_format=torch.preserve_format) for k in names}
+        for name, param in params.items():
+            if name not in self.state:
+                self.state[name] = {k: torch.zeros_like(param, memory_format=torch.preserve_format) for k in names}
 
-    def _update(self, param, grad, state, step: int) -> None:
-        if self.weight_decay != 0:
-            grad = grad.add(param, alpha=self.weight_decay)
-        if self.name == "sgd":
-            buf = state["momentum_buffer"]
-            if step == 1:
-                buf.copy_(grad)
-            else:
-                buf.mul_(self.MOMENTUM).add_(grad, alpha=1)
-            param.add_(buf, alpha=-self.lr)
+    def select(self, rows: list) -> "EnsembleOptimizer":
+        """The state of the models `rows` (copies, in that order), for Ensemble.select(rows)."""
+        part = EnsembleOptimizer(self.name, self.lr, self.weight_decay)
+        part.steps = [self.steps[m] for m in rows]
+        for name, state in self.state.items():
+            index = torch.tensor(rows, device=next(iter(state.values())).device)
+            part.state[name] = {k: v.index_select(0, index) for k, v in state.items()}
+        return part
+
+    def put(self, rows: list, part: "EnsembleOptimizer") -> None:
+        """Copy the state of `part` (made by select(rows)) back into models `rows`."""
+        if part is self:
             return
-        beta1, beta2 = self.BETAS
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** float(step)
-        bias_correction2 = 1 - beta2 ** float(step)
-        step_size = self.lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.EPS)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        for m, steps in zip(rows, part.steps):
+            self.steps[m] = steps
+        for name, state in self.state.items():
+            index = torch.tensor(rows, device=next(iter(state.values())).device)
+            for k, v in state.items():
+                v.index_copy_(0, index, part.state[name][k])
+
+    @torch.no_grad()
+    def step(self, params: dict) -> None:
+        """One step of every model with the gradients in params[name].grad."""
+        self.prepare(params)
+        self.steps = [s + 1 for s in self.steps]
+        for name, param in params.items():
+            if param.grad is None:
+                continue
+            grad, state = param.grad, self.state[name]
+            if self.weight_decay != 0:
+                grad = grad.add(param, alpha=self.weight_decay)
+            if self.name == "sgd":
+                # torch starts the buffer as a copy of the first gradient; 0 * momentum + grad is that, exactly
+                state["momentum_buffer"].mul_(self.MOMENTUM).add_(grad, alpha=1)
+                param.add_(state["momentum_buffer"], alpha=-self.lr)
+                continue
+            beta1, beta2 = self.BETAS
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            # torch's Python-float step size and bias correction, one a model, in the float32 its kernels use
+            shape = (len(self.steps),) + (1,) * (param.dim() - 1)
+            step_size = [-(self.lr / (1 - beta1 ** float(s))) for s in self.steps]
+            bias_correction2_sqrt = [(1 - beta2 ** float(s)) ** 0.5 for s in self.steps]
+            step_size = torch.tensor(step_size, dtype=param.dtype, device=param.device).view(shape)
+            bias_correction2_sqrt = torch.tensor(bias_correction2_sqrt, dtype=param.dtype, device=param.device)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.view(shape)).add_(self.EPS)
+            param.add_(step_size * exp_avg / denom)  # addcdiv_'s self + value * t1 / t2, in that order
 
 
 def _stacked_rows(data: TensorData, idx: torch.Tensor) -> tuple:
@@ -378,64 +394,50 @@ def ensemble_pass(
     optimizer: EnsembleOptimizer,
     batch_size: int,
     generators: list,
-    active: list,
     masks: dict = None,
 ) -> tuple:
-    """train.train_pass for the models in `active` (bools, one a model): each a shuffled pass over its
-    train_idx[m]; the others are left out of the computation. Returns (losses, accs %), one a model (nan for
-    those not active)."""
-    rows = [m for m, on in enumerate(active) if on]
-    subset = None if len(rows) == len(ens) else rows
-    orders = [minibatches(train_idx[m], batch_size, generator=generators[m]) for m in rows]
-    total_loss = torch.zeros(len(rows), device=ens.device)
-    correct = torch.zeros(len(rows), dtype=torch.long, device=ens.device)
+    """train.train_pass for every model of ens: model m a shuffled pass over train_idx[m] (batches and dropout
+    drawn from generators[m]), under its masks. Returns (losses, accs %), one a model."""
+    orders = [minibatches(idx, batch_size, generator=g) for idx, g in zip(train_idx, generators)]
+    total_loss = torch.zeros(len(ens), device=ens.device)
+    correct = torch.zeros(len(ens), dtype=torch.long, device=ens.device)
     for step in range(len(orders[0])):
         batch = torch.stack([order[step] for order in orders])
         x, y = _stacked_rows(data, batch)
         ens.apply_masks(masks or {})
         with autocast(data):
-            out = full_precision(ens.train_logits(x, generators, subset))
+            out = full_precision(ens.train_logits(x, generators))
             losses = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
         for param in ens.params.values():
             param.grad = None
         losses.sum().backward()
-        optimizer.step(ens.params, active)
+        optimizer.step(ens.params)
         total_loss += losses.detach() * batch.shape[1]
         correct += (out.detach().argmax(-1) == y).sum(1)
     n = max(len(train_idx[0]), 1)
-    losses, accs = [math.nan] * len(ens), [math.nan] * len(ens)
-    for m, loss, c in zip(rows, total_loss.tolist(), correct.tolist()):
-        losses[m], accs[m] = loss / n, 100.0 * c / n
-    return losses, accs
+    return [loss / n for loss in total_loss.tolist()], [100.0 * c / n for c in correct.tolist()]
 
 
 @torch.inference_mode()
-def ensemble_logits(
-    ens: Ensemble, data: TensorData, idx: torch.Tensor, rows: list = None, batch_size: int = EVAL_BATCH
-) -> torch.Tensor:
+def ensemble_logits(ens: Ensemble, data: TensorData, idx: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """[M, N, C] eval-mode logits, as train.predict per model: idx [N] (the same rows for every model) or
-    [M, N] (model m's rows idx[m]). With rows, [len(rows), N, C] of those models only."""
+    [M, N] (model m's rows idx[m])."""
     with autocast(data):
         if idx.dim() == 1:
-            chunks = [ens.logits(data.batch(b)[0], rows) for b in idx.split(batch_size)]
+            chunks = [ens.logits(data.batch(b)[0]) for b in idx.split(batch_size)]
         else:
-            idx = idx if rows is None else idx[rows]
-            chunks = [ens.logits_per_model(_stacked_rows(data, b)[0], rows) for b in idx.split(batch_size, dim=1)]
+            chunks = [ens.logits_per_model(_stacked_rows(data, b)[0]) for b in idx.split(batch_size, dim=1)]
         return torch.cat([full_precision(c) for c in chunks], dim=1)
 
 
 @torch.inference_mode()
-def ensemble_evaluate(ens: Ensemble, data: TensorData, idx: torch.Tensor, rows: list = None) -> tuple:
-    """train.evaluate per model: ([accuracy %], [mean cross-entropy]) on idx [N] or [M, N], one a model; with
-    rows, only those models are evaluated (nan for the others)."""
-    logits = ensemble_logits(ens, data, idx, rows)
-    y = data.y[idx if idx.dim() == 1 or rows is None else idx[rows]].expand(logits.shape[:2])
-    hits = (logits.argmax(-1) == y).float().mean(-1).tolist()
+def ensemble_evaluate(ens: Ensemble, data: TensorData, idx: torch.Tensor) -> tuple:
+    """train.evaluate per model: ([accuracy %], [mean cross-entropy]) on idx [N] or [M, N], one a model."""
+    logits = ensemble_logits(ens, data, idx)
+    y = data.y[idx].expand(logits.shape[:2])
+    hits = (logits.argmax(-1) == y).float().mean(-1).tolist()  # train.evaluate's float32 mean, per model
     sums = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).sum(1).tolist()
-    accs, losses = [math.nan] * len(ens), [math.nan] * len(ens)
-    for m, hit, total in zip(range(len(ens)) if rows is None else rows, hits, sums):
-        accs[m], losses[m] = 100.0 * hit, total / y.shape[1]
-    return accs, losses
+    return [100.0 * hit for hit in hits], [total / y.shape[1] for total in sums]
 
 
 def predict_ensemble(models: list, data: TensorData, idx: torch.Tensor) -> torch.Tensor:
@@ -494,19 +496,19 @@ def fit_ensemble(
     """Train the M models together, model m as train.fit trains it one at a time (module docstring): on
     train_idx[m] (all of one size), shuffled and with dropout drawn from generators[m] (torch.Generators on
     the data's device), under masks[m] ({layer name: 0/1 weight mask}, pruning.Pruner.masks' form) if given,
-    selected on dev_idx (one tensor for all, or one a model). `optimizer` is a name of train.OPTIMIZERS (a
-    fresh one, as pretraining makes) or an EnsembleOptimizer kept across calls (as a Defense keeps its
-    optimizer through the pruning iterations; its lr and weight decay must be these).
+    selected on dev_idx (one tensor for all, or one a model, of one size). `optimizer` is a name of
+    train.OPTIMIZERS (a fresh one, as pretraining makes) or an EnsembleOptimizer kept across calls (as a
+    Defense keeps its optimizer through the pruning iterations; its lr and weight decay must be these).
 
     The models are written back in place: with restore_best, each holds its best state (as pretraining
-    reloads best.pth); without, its last one (as prune_modi.py continues from the last epoch into the next
+    reloads best.pth); without, its last one (as prune_modi.py goes on from the last epoch into the next
     iteration while best.pth holds the best). on_epoch(epoch, rows), if given, gets after every epoch one
     dict a model (train_loss, train_acc, dev_loss, dev_acc), None for a model that had stopped. Returns one
-    EnsembleFit a model."""
+    EnsembleFit a model. Models that stop leave the stacked computation (the others go on without them)."""
     models = list(models)
-    data_device = data.y.device
-    dev_idx = _check_inputs(models, train_idx, dev_idx, generators, data_device)
-    train_idx = [idx.to(data_device) for idx in train_idx]
+    device = data.y.device
+    dev_idx = _check_inputs(models, train_idx, dev_idx, generators, device)
+    train_idx = [idx.to(device) for idx in train_idx]
     if isinstance(optimizer, EnsembleOptimizer):
         if (optimizer.lr, optimizer.weight_decay) != (lr, weight_decay):
             raise ValueError(
@@ -516,51 +518,64 @@ def fit_ensemble(
     else:
         optimizer = EnsembleOptimizer(optimizer, lr, weight_decay)
     ens = Ensemble.from_models(models)
-    stacked_masks = ens.stack_masks(masks)
+    optimizer.prepare(ens.params)
+    all_masks = ens.stack_masks(masks)
     count = len(ens)
     best_acc, best_epoch = [start_acc] * count, [-1] * count
-    best_loss, last_loss = [math.nan] * count, [math.nan] * count
-    stall, ran, active = [0] * count, [0] * count, [True] * count
+    best_loss, last_loss, stall, ran = [math.nan] * count, [math.nan] * count, [0] * count, [0] * count
     best = None  # stacked tensors of every model's best state so far
+    rows = list(range(count))  # the models still training; `work` holds them, in this order
+    work, work_optimizer, work_masks = ens, optimizer, all_masks
     for epoch in range(epochs):
-        if not any(active):
+        if not rows:
             break
+        gens = [generators[m] for m in rows]
         train_loss, train_acc = ensemble_pass(
-            ens, data, train_idx, optimizer, batch_size, generators, active, stacked_masks
+            work, data, [train_idx[m] for m in rows], work_optimizer, batch_size, gens, work_masks
         )
-        for m in range(count):
-            if active[m] and math.isfinite(train_acc[m]) and not math.isfinite(train_loss[m]):
+        for i, m in enumerate(rows):
+            if math.isfinite(train_acc[i]) and not math.isfinite(train_loss[i]):
                 raise DivergedError(
-                    f"training diverged: model {m}'s loss of epoch {epoch} is {train_loss[m]} (nothing of "
+                    f"training diverged: model {m}'s loss of epoch {epoch} is {train_loss[i]} (nothing of "
                     f"this epoch is kept); lower the lr, or check the lr and weight decays"
                 )
-        ens.apply_masks(stacked_masks)  # the evaluation's forward runs the masked weights
-        rows = None if all(active) else [m for m in range(count) if active[m]]
-        dev_acc, dev_loss = ensemble_evaluate(ens, data, dev_idx, rows)
-        metrics = [None] * count
-        improved = []
-        for m in range(count):
-            if not active[m]:
-                continue
-            metrics[m] = {"train_loss": train_loss[m], "train_acc": train_acc[m]}
-            metrics[m].update(dev_loss=dev_loss[m], dev_acc=dev_acc[m])
-            ran[m], last_loss[m] = epoch + 1, dev_loss[m]
-            if dev_acc[m] > best_acc[m]:
-                best_acc[m], best_epoch[m], best_loss[m], stall[m] = dev_acc[m], epoch, dev_loss[m], 0
-                improved.append(m)
+        work.apply_masks(work_masks)  # the evaluation's forward runs the masked weights
+        dev_acc, dev_loss = ensemble_evaluate(work, data, dev_idx if dev_idx.dim() == 1 else dev_idx[rows])
+        metrics, improved, going_on = [None] * count, [], []
+        for i, m in enumerate(rows):
+            metrics[m] = {"train_loss": train_loss[i], "train_acc": train_acc[i]}
+            metrics[m].update(dev_loss=dev_loss[i], dev_acc=dev_acc[i])
+            ran[m], last_loss[m] = epoch + 1, dev_loss[i]
+            if dev_acc[i] > best_acc[m]:
+                best_acc[m], best_epoch[m], best_loss[m], stall[m] = dev_acc[i], epoch, dev_loss[i], 0
+                improved.append(i)
             else:
                 stall[m] += 1
-                if early_stop > 0 and stall[m] > early_stop:
-                    active[m] = False
+            if not (early_stop > 0 and stall[m] > early_stop):
+                going_on.append(i)
         if improved:
             with torch.no_grad():
                 if best is None:
                     best = {k: t.detach().clone() for k, t in ens._tensors().items()}
-                index = torch.tensor(improved, device=ens.device)
-                for k, t in ens._tensors().items():
-                    best[k].index_copy_(0, index, t.detach().index_select(0, index))
+                source = torch.tensor(improved, device=ens.device)
+                target = torch.tensor([rows[i] for i in improved], device=ens.device)
+                for k, t in work._tensors().items():
+                    best[k].index_copy_(0, target, t.detach().index_select(0, source))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if len(going_on) < len(rows):  # the stopped models leave the stacked computation
+            if work is not ens:
+                ens.put(rows, work)
+                optimizer.put(rows, work_optimizer)
+            rows = [rows[i] for i in going_on]
+            if rows:
+                work, work_optimizer = ens.select(rows), optimizer.select(rows)
+                work_masks = {k: v[rows] for k, v in all_masks.items()}
+            else:
+                work = ens
+    if work is not ens:
+        ens.put(rows, work)
+        optimizer.put(rows, work_optimizer)
     restore = [best if restore_best and best_epoch[m] >= 0 else None for m in range(count)]
     ens.write_into(models, restore)
     return [

@@ -111,3 +111,16 @@ def test_audit_bench_times_every_step_of_the_one_command():
         "slide_ml2",
         "dp",
     ]
+
+
+def test_ensemble_bench_speedups_are_its_times_and_the_arms_agree():
+    """Each speed-up is the quotient of the two times before it (wall, CPU), and on the tiny run (3 models, a
+    few epochs) both arms choose the same epochs and end within float rounding of each other."""
+    out = bench("bench/bench_ensemble.py", "--tiny", "--repeat", "1")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("pretraining ", "base_pruning "))]
+    assert [(r[0], r[1]) for r in rows] == [("pretraining", "3"), ("base_pruning", "3")]
+    for _step, _models, one_at_a_time, ensemble, speedup, cpu_one, cpu_ensemble, cpu_speedup in rows:
+        assert quotient_fits(speedup, one_at_a_time, ensemble)
+        assert quotient_fits(cpu_speedup, cpu_one, cpu_ensemble)
+    for step in ("pretraining", "base_pruning"):
+        assert f"{step}: best epochs (every iteration's) equal for 3/3 models; weights within 1e-4 for 3/3" in out

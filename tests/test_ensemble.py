@@ -83,24 +83,30 @@ def pretrain_one_at_a_time(models, data, train_idx, dev_idx, epochs, name, early
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_stacked_optimizer_is_make_optimizers_bit_for_bit(name):
     """EnsembleOptimizer on [M, ...] tensors == M torch optimizers from make_optimizer, bit for bit, also when
-    models skip steps (stopped by early_stop) and so have different step counts."""
+    models skip steps (stopped by early_stop: fit_ensemble then steps the others as select(rows), put back),
+    so that their step counts differ."""
     g = torch.Generator().manual_seed(0)
     shapes = {"w": (256, 64), "b": (10,), "odd": (7, 3)}
-    stacked = {k: torch.randn(4, *s, generator=g).requires_grad_() for k, s in shapes.items()}
-    singles = [{k: stacked[k][m].detach().clone().requires_grad_() for k in shapes} for m in range(4)]
+    stacked = {k: torch.randn(4, *s, generator=g) for k, s in shapes.items()}
+    singles = [{k: stacked[k][m].clone().requires_grad_() for k in shapes} for m in range(4)]
     torch_opts = [make_optimizer(list(p.values()), name, 1e-3, 5e-4) for p in singles]
     ours = EnsembleOptimizer(name, 1e-3, 5e-4)
+    ours.prepare(stacked)
     for step in range(25):
-        active = [True, step % 3 != 1, step < 8, step >= 5]
+        rows = [m for m, on in enumerate([True, step % 3 != 1, step < 8, step >= 5]) if on]
         grads = {k: torch.randn(4, *s, generator=g) for k, s in shapes.items()}
+        part = {k: stacked[k][rows].clone().requires_grad_() for k in shapes}
         for k in shapes:
-            stacked[k].grad = grads[k].clone()
-        ours.step(stacked, active)
-        for m in range(4):
-            if active[m]:
-                for k in shapes:
-                    singles[m][k].grad = grads[k][m].clone()
-                torch_opts[m].step()
+            part[k].grad = grads[k][rows]
+        optimizer = ours if len(rows) == 4 else ours.select(rows)
+        optimizer.step(part)
+        ours.put(rows, optimizer)
+        for k in shapes:
+            stacked[k][rows] = part[k].detach()
+        for m in rows:
+            for k in shapes:
+                singles[m][k].grad = grads[k][m].clone()
+            torch_opts[m].step()
     assert ours.steps == [25, 17, 8, 20]
     for m in range(4):
         for k in shapes:
@@ -120,12 +126,12 @@ def test_training_forward_draws_nn_dropouts_masks():
         model.train()
         assert torch.allclose(got[m], model(xs[m]), rtol=0, atol=1e-6)
         assert torch.equal(gens[m].get_state(), torch.get_rng_state())
-    # a subset of the models: the others draw nothing
+    # models 2 and 0 alone (as fit_ensemble runs the models that have not stopped)
     gens = generators()
-    got = ens.train_logits(xs[[2, 0]], gens, rows=[2, 0])
-    torch.manual_seed(SEEDS[2])
-    assert torch.allclose(got[0], models[2](xs[2]), rtol=0, atol=1e-6)
-    assert torch.equal(gens[1].get_state(), generators()[1].get_state())
+    got = ens.select([2, 0]).train_logits(xs[[2, 0]], [gens[2], gens[0]])
+    for i, m in enumerate([2, 0]):
+        torch.manual_seed(SEEDS[m])
+        assert torch.allclose(got[i], models[m](xs[m]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, per_model_dev", [("adam", False), ("sgd", True)])
