@@ -2,6 +2,7 @@
 process, a script started in the background (to signal it), a copy of a finished run, and the small models
 and recipes more than one file builds. Fixtures stay in conftest.py; these are plain functions."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,6 +39,44 @@ def attack_cmd(shadows, *more, config=DIGITS):
     """mia_modi.py's command line: the threshold attacks on the Base-pruned digits run."""
     attack = ["--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", str(shadows)]
     return ["mia_modi.py", "-1", config, *attack, *more]
+
+
+# Each script's __main__ in turn inside ONE Python process: importing torch, scikit-learn and torch's
+# compiler (its optimizers load it) costs about 4 s of CPU per process, a tiny digits run about one.
+ONE_PROCESS = """
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as end:
+        if end.code:
+            raise
+"""
+
+
+def run_scripts(*commands, cwd, repo=REPO, timeout=900):
+    """Run each command (script, args...: what run_script takes) in turn as `python <repo>/script args` would,
+    but all inside one Python process, on the CPU with one thread: the same files and numbers without paying
+    the start-up per script. For runs that a test then reads; a test about a script's exit status, output or
+    signals runs it alone (run_script). A non-zero exit fails the test with the output."""
+    runs = [[os.path.join(repo, command[0]), *map(str, command[1:])] for command in commands]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    if os.path.abspath(repo) != REPO:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a copy's files stay as copied, as with run_script
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, json.dumps(runs)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{runs} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        )
+    return proc
 
 
 def start_script(script, *args, cwd, stdout=subprocess.PIPE):

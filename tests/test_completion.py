@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from conftest import run_script
-from helpers import DIGITS, attack_cmd, copy_run, pretrain_cmd, prune_cmd, start_script, wait_for
+from helpers import DIGITS, attack_cmd, copy_run, pretrain_cmd, prune_cmd, run_scripts, start_script, wait_for
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end
 
@@ -24,8 +24,7 @@ PRUNE_FIX = f"run prune_modi.py -1 {DIGITS} --pruner_name iter_prunetxt --prune_
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished")
-    run_script(*PRETRAIN, cwd=folder)
-    run_script(*PRUNE, cwd=folder)
+    run_scripts(PRETRAIN, PRUNE, cwd=folder)
     return folder
 
 

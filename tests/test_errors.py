@@ -20,7 +20,7 @@ import memscores
 from common import UsageError, pick_device
 from conftest import REPO, copy_repo, run_script
 from datasets import get_dataset
-from helpers import pretrain_cmd
+from helpers import pretrain_cmd, run_scripts
 from models import build_model
 from train import save_checkpoint
 
@@ -39,8 +39,9 @@ def pretrained(tmp_path_factory):
     folder's own: the cases set them up there (write_purchase, write_memscores)."""
     folder = tmp_path_factory.mktemp("pretrained")
     copy_repo(folder, memscores=False)
-    run_script(*pretrain_cmd(1, 1), cwd=folder, repo=folder)
-    run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder, repo=folder)
+    run_scripts(
+        pretrain_cmd(1, 1), ("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard"), cwd=folder, repo=folder
+    )
     return folder
 
 
