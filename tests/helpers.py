@@ -2,12 +2,14 @@
 process, a script started in the background (to signal it), a copy of a finished run, and the small models
 and recipes more than one file builds. Fixtures stay in conftest.py; these are plain functions."""
 
+import atexit
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -77,6 +79,48 @@ def run_scripts(*commands, cwd, repo=REPO, timeout=900):
             f"{runs} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+class ScriptServer:
+    """tests/script_server.py, started once: run() is run_script(..., check=False) without the start-up."""
+
+    def __init__(self):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        server = os.path.join(REPO, "tests", "script_server.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.streams, self.jobs = tempfile.mkdtemp(prefix="wemem-streams-"), 0
+
+    def run(self, script, *args, cwd, repo=REPO, text=True):
+        """`python <repo>/script args` in cwd as a forked child of the server: a CompletedProcess with its exit
+        status, stdout and stderr (str, or bytes when not text)."""
+        self.jobs += 1
+        out, err = (os.path.join(self.streams, f"{self.jobs}.{name}") for name in ("out", "err"))
+        job = {"script": os.path.join(repo, script), "args": [str(a) for a in args], "cwd": str(cwd), "repo": str(repo)}
+        self.proc.stdin.write(json.dumps({**job, "stdout": out, "stderr": err}) + "\n")
+        self.proc.stdin.flush()
+        status = json.loads(self.proc.stdout.readline())
+        read = (lambda path: open(path).read()) if text else (lambda path: open(path, "rb").read())
+        return subprocess.CompletedProcess([script, *job["args"]], status, read(out), read(err))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.streams, ignore_errors=True)
+
+
+_server = []  # this process's ScriptServer, started by the first run_forked
+
+
+def run_forked(script, *args, cwd, repo=REPO, text=True):
+    """run_script(script, *args, cwd=cwd, repo=repo, check=False) through one ScriptServer per test process
+    (closed at exit): the same exit status, output and files, without seconds of imports per run. For runs
+    whose exit status, output and files a test checks; signals and timing stay with real processes."""
+    if not _server:
+        _server.append(ScriptServer())
+        atexit.register(_server[0].close)
+    return _server[0].run(script, *args, cwd=cwd, repo=repo, text=text)
 
 
 def start_script(script, *args, cwd, stdout=subprocess.PIPE):

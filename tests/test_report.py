@@ -24,7 +24,7 @@ import report_figures
 import report_tables
 import results
 from conftest import REPO, run_script, write_run_record
-from helpers import run_scripts
+from helpers import run_forked, run_scripts
 from report_tables import run_label
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
@@ -298,7 +298,8 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
 @pytest.mark.slow
 def test_report_command(run_dir):
     out = run_dir / "report"
-    proc = run_script("summarize.py", "--report", out, cwd=run_dir)
+    proc = run_forked("summarize.py", "--report", out, cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
     assert re.search(r"wrote \S+report.md \(\d+\.\ds\)", proc.stderr)
     text = (out / "report.md").read_text()
     for name in ("roc", "sparsity", "bars", "iterations", "sensitivity", "tradeoff", "mechanism"):
@@ -418,7 +419,8 @@ def test_damaged_records_are_named_and_skipped(tmp_path):
     assert any("not valid JSON" in p for p in collected.problems)
     assert any("a JSON list, not an object" in p for p in collected.problems)
 
-    proc = run_script("summarize.py", "log", "--report", "out", "--allow_empty", cwd=tmp_path)
+    proc = run_forked("summarize.py", "log", "--report", "out", "--allow_empty", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     for name in damaged:
         assert f"skipped {folder / name}" in proc.stderr or f"skipped result/{RUN}/records/{name}" in proc.stderr
     text = (tmp_path / "out" / "report.md").read_text()
