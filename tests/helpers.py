@@ -2,15 +2,19 @@
 process, a script started in the background (to signal it), a copy of a finished run, and the small models
 and recipes more than one file builds. Fixtures stay in conftest.py; these are plain functions."""
 
+import atexit
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,6 +41,86 @@ def attack_cmd(shadows, *more, config=DIGITS):
     """mia_modi.py's command line: the threshold attacks on the Base-pruned digits run."""
     attack = ["--pruner_name", "iter_prunetxt", "--attacks", "threshold", "--shadow_num", str(shadows)]
     return ["mia_modi.py", "-1", config, *attack, *more]
+
+
+# Each script's __main__ in turn inside ONE Python process: importing torch, scikit-learn and torch's
+# compiler (its optimizers load it) costs about 4 s of CPU per process, a tiny digits run about one.
+ONE_PROCESS = """
+import json, runpy, sys
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as end:
+        if end.code:
+            raise
+"""
+
+
+def run_scripts(*commands, cwd, repo=REPO, timeout=900):
+    """Run each command (script, args...: what run_script takes) in turn as `python <repo>/script args` would,
+    but all inside one Python process, on the CPU with one thread: the same files and numbers without paying
+    the start-up per script. For runs that a test then reads; a test about a script's exit status, output or
+    signals runs it alone (run_script). A non-zero exit fails the test with the output."""
+    runs = [[os.path.join(repo, command[0]), *map(str, command[1:])] for command in commands]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1", PYTHONPATH=repo)
+    if os.path.abspath(repo) != REPO:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a copy's files stay as copied, as with run_script
+    proc = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, json.dumps(runs)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"{runs} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+class ScriptServer:
+    """tests/script_server.py, started once: run() is run_script(..., check=False) without the start-up."""
+
+    def __init__(self):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        server = os.path.join(REPO, "tests", "script_server.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.streams, self.jobs = tempfile.mkdtemp(prefix="wemem-streams-"), 0
+
+    def run(self, script, *args, cwd, repo=REPO, text=True):
+        """`python <repo>/script args` in cwd as a forked child of the server: a CompletedProcess with its exit
+        status, stdout and stderr (str, or bytes when not text)."""
+        self.jobs += 1
+        out, err = (os.path.join(self.streams, f"{self.jobs}.{name}") for name in ("out", "err"))
+        job = {"script": os.path.join(repo, script), "args": [str(a) for a in args], "cwd": str(cwd), "repo": str(repo)}
+        self.proc.stdin.write(json.dumps({**job, "stdout": out, "stderr": err}) + "\n")
+        self.proc.stdin.flush()
+        status = json.loads(self.proc.stdout.readline())
+        read = (lambda path: open(path).read()) if text else (lambda path: open(path, "rb").read())
+        return subprocess.CompletedProcess([script, *job["args"]], status, read(out), read(err))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.streams, ignore_errors=True)
+
+
+_server = []  # this process's ScriptServer, started by the first run_forked
+
+
+def run_forked(script, *args, cwd, repo=REPO, text=True):
+    """run_script(script, *args, cwd=cwd, repo=repo, check=False) through one ScriptServer per test process
+    (closed at exit): the same exit status, output and files, without seconds of imports per run. For runs
+    whose exit status, output and files a test checks; signals and timing stay with real processes."""
+    if not _server:
+        _server.append(ScriptServer())
+        atexit.register(_server[0].close)
+    return _server[0].run(script, *args, cwd=cwd, repo=repo, text=text)
 
 
 def start_script(script, *args, cwd, stdout=subprocess.PIPE):

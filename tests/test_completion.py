@@ -10,7 +10,17 @@ import subprocess
 import pytest
 
 from conftest import run_script
-from helpers import DIGITS, attack_cmd, copy_run, pretrain_cmd, prune_cmd, start_script, wait_for
+from helpers import (
+    DIGITS,
+    attack_cmd,
+    copy_run,
+    pretrain_cmd,
+    prune_cmd,
+    run_forked,
+    run_scripts,
+    start_script,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # runs the scripts end to end
 
@@ -24,8 +34,7 @@ PRUNE_FIX = f"run prune_modi.py -1 {DIGITS} --pruner_name iter_prunetxt --prune_
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished")
-    run_script(*PRETRAIN, cwd=folder)
-    run_script(*PRUNE, cwd=folder)
+    run_scripts(PRETRAIN, PRUNE, cwd=folder)
     return folder
 
 
@@ -55,7 +64,7 @@ def test_attack_refuses_a_shadow_without_record(finished, tmp_path):
     os.remove(folder / RUN / "shadow_iter_prunetxt_0.6_model_1" / "complete.json")
     logs = sorted((folder / "log").rglob("*.txt"))
     before = {p: p.read_bytes() for p in logs}
-    proc = run_script(*ATTACK, cwd=folder, check=False)
+    proc = run_forked(*ATTACK, cwd=folder)
     path = f"{RUN}/shadow_iter_prunetxt_0.6_model_1"
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {path}/best.pth belongs to a run that did not finish (no {path}/complete.json: it was killed or "
@@ -68,7 +77,7 @@ def test_attack_refuses_a_checkpoint_changed_after_its_record(finished, tmp_path
     folder = copy_run(finished, tmp_path)
     best = folder / RUN / "iter_prunetxt_0.6_model" / "best.pth"
     shutil.copy(folder / RUN / "shadow_iter_prunetxt_0.6_model_0" / "best.pth", best)  # a newer, other model
-    proc = run_script(*ATTACK, cwd=folder, check=False)
+    proc = run_forked(*ATTACK, cwd=folder)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"error: {RUN}/iter_prunetxt_0.6_model/best.pth changed after its run finished")
 
@@ -111,7 +120,7 @@ def test_a_killed_prune_leaves_the_finished_models(finished, tmp_path, sig):
             (143, [INTERRUPTED.format("SIGTERM")]) if sig == signal.SIGTERM else (130, [INTERRUPTED.format("Ctrl-C")])
         )
         assert left == []
-    attack = run_script(*ATTACK, cwd=folder, check=False)
+    attack = run_forked(*ATTACK, cwd=folder)
     assert attack.returncode == 0, attack.stderr
     if sig == signal.SIGKILL:
         run_script(*PRUNE, cwd=folder)  # a dead run's staged folder is removed by the next run
@@ -125,12 +134,12 @@ def test_a_rebuilt_split_makes_the_models_trained_on_the_old_one_stale(finished,
 
     folder = copy_run(finished, tmp_path)
     Split.create("digits", 539, 1258, 7, 3).save(str(folder / RUN / "split.npz"))  # what --force --shadow_num 3 writes
-    proc = run_script(*PRUNE, cwd=folder, check=False)
+    proc = run_forked(*PRUNE, cwd=folder)
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"error: {RUN}/victim_model/best.pth was trained on another data split than {RUN}/split.npz (the split was "
         f"rebuilt after it finished); run pretrain_modi.py -1 {DIGITS} --shadow_num 2 first"
     ]
-    attack = run_script(*ATTACK, cwd=folder, check=False)
+    attack = run_forked(*ATTACK, cwd=folder)
     assert attack.returncode == 1 and "was trained on another data split" in attack.stderr
 
 
@@ -154,7 +163,7 @@ def test_attack_refuses_a_dense_checkpoint_in_a_pruned_folder(finished, tmp_path
     release_copy(folder, "victim_model", "iter_prunetxt_0.6_model")
     shutil.copy(tmp_path / "mask.pth", folder / RUN / "iter_prunetxt_0.6_model" / "best_mask.pth")
     logs = {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")}
-    proc = run_script(*ATTACK, cwd=folder, check=False)
+    proc = run_forked(*ATTACK, cwd=folder)
     path = f"{RUN}/iter_prunetxt_0.6_model"
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
         f"error: {path}/best.pth is not pruned as its mask {path}/best_mask.pth says (masked weights of fc1 are not "
@@ -170,7 +179,7 @@ def test_attack_refuses_a_model_pruned_to_another_sparsity(finished, tmp_path):
     ]:
         (folder / RUN / target).mkdir()
         release_copy(folder, source, target)
-    proc = run_script(*ATTACK, "--prune_sparsity", "0.5", cwd=folder, check=False)
+    proc = run_forked(*ATTACK, "--prune_sparsity", "0.5", cwd=folder)
     path = f"{RUN}/iter_prunetxt_0.5_model"
     assert proc.returncode == 1 and proc.stderr.splitlines()[-1].startswith(
         f"error: {path}/best_mask.pth prunes 0.600 of the weights, not the requested --prune_sparsity 0.5; "
@@ -190,7 +199,7 @@ def test_attack_refuses_a_model_pruned_to_another_sparsity(finished, tmp_path):
 def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
     folder = copy_run(finished, tmp_path)
     before = model_files(folder)
-    proc = run_script(*PRUNE, *flags, cwd=folder, check=False)
+    proc = run_forked(*PRUNE, *flags, cwd=folder)
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
     assert model_files(folder) == before
 
@@ -212,7 +221,7 @@ def test_prune_refuses_one_iteration(finished, tmp_path, flags, line):
 def test_attack_refuses_flags_that_would_be_logged_as_something_else(finished, tmp_path, flags, line):
     folder = copy_run(finished, tmp_path)
     logs = {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")}
-    proc = run_script(*ATTACK, *flags, cwd=folder, check=False)
+    proc = run_forked(*ATTACK, *flags, cwd=folder)
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
     assert {p: p.read_bytes() for p in (folder / "log").rglob("*.txt")} == logs
 
@@ -220,7 +229,7 @@ def test_attack_refuses_flags_that_would_be_logged_as_something_else(finished, t
 def test_prune_refuses_an_unfinished_pretrained_model_and_skip_existing_retrains_it(finished, tmp_path):
     folder = copy_run(finished, tmp_path)
     os.remove(folder / RUN / "shadow_model_1" / "complete.json")  # as a pretraining killed in shadow 1 leaves it
-    proc = run_script(*PRUNE, cwd=folder, check=False)
+    proc = run_forked(*PRUNE, cwd=folder)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [
         f"error: {RUN}/shadow_model_1/best.pth belongs to a run that did not finish (no {RUN}/shadow_model_1/"

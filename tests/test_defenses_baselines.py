@@ -1,11 +1,9 @@
 """The baseline defenses (ppb, relaxloss, adv, dp): losses against hand computations, the ADV game,
 DP-SGD's clipping, noise and accounting, and each one end to end on digits."""
 
-import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from conftest import REPO
 from datasets import TensorData
 from defenses import Adv, DefenseSettings, Dp, adv_classifier_loss, inference_features, ppb_kl, ppb_loss, relaxloss_loss
 from dp import clipped_gradient_sum, dp_gradient
-from helpers import bn_model
+from helpers import bn_model, run_scripts
 from helpers import one_thread as torch_on_one_thread
 from models import ColumnFC
 from splits import ModelSplit
@@ -342,22 +340,12 @@ def test_bad_defend_args_are_one_line_usage_errors(flags, needle):
 
 BASELINE_RUNS = [("ppb", "4"), ("adv", "2"), ("relaxloss", "1"), ("dp", "0.1")]
 
-# Runs each script's __main__ in turn inside ONE subprocess: importing torch & co. costs several
-# seconds per process on a shared CPU, the runs themselves well under one.
-DRIVER = """
-import json, runpy, sys
-for argv in json.loads(sys.argv[1]):
-    sys.argv = argv
-    runpy.run_path(argv[0], run_name="__main__")
-"""
-
 
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory):
-    """Pretrain (2 epochs, 1 shadow), then prune + adaptively attack under each baseline."""
+    """Pretrain (2 epochs, 1 shadow), then prune + adaptively attack under each baseline (one process)."""
     folder = tmp_path_factory.mktemp("digits_baselines")
-    script = lambda name: os.path.join(REPO, name)
-    runs = [[script("pretrain_modi.py"), "-1", DIGITS, "--epochs", "2", "--shadow_num", "1"]]
+    runs = [["pretrain_modi.py", "-1", DIGITS, "--epochs", "2", "--shadow_num", "1"]]
     for defend, arg in BASELINE_RUNS:
         common = [
             "-1",
@@ -376,18 +364,9 @@ def digits_runs(tmp_path_factory):
         # dp under release runs 5 iterations of 21 epochs whatever the flags say (and logs that it overrides
         # them): one config epoch and no early stop keep it at 21 x len(train)//128 steps per iteration
         quick = ["--epochs", "1", "--early_stop", "0"] if defend == "dp" else []
-        runs.append([script("prune_modi.py"), *common, "--prune_iter", "2", "--prune_epochs", "2", *quick])
-        runs.append([script("mia_modi.py"), *common, "--attacks", "threshold", "--adaptive"])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(runs)],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append(["prune_modi.py", *common, "--prune_iter", "2", "--prune_epochs", "2", *quick])
+        runs.append(["mia_modi.py", *common, "--attacks", "threshold", "--adaptive"])
+    run_scripts(*runs, cwd=folder, timeout=600)
     return folder
 
 

@@ -16,10 +16,10 @@ import memscores
 import prune_modi
 import train
 from common import UsageError
-from conftest import REPO, run_script
+from conftest import REPO
 from datasets import TensorData
 from defenses import DEFENSES, ML2, DefenseSettings, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
-from helpers import attack_cmd, pretrain_cmd, prune_cmd
+from helpers import attack_cmd, pretrain_cmd, prune_cmd, run_scripts
 from models import build_model
 from splits import ModelSplit, make_split
 
@@ -216,36 +216,32 @@ def test_flag_checks(flags, message):
 # ---------------------------------------------------------------- end to end on digits
 
 MEM_THRE = 0.3  # the digits mem_thre of run_shell.sh
+PAPER_DEFENSES = ["slide", "slide_re", "random", "ml2", "slide_ml2", "slide_re_ml2"]
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Subprocesses on one thread: tiny models train faster that way than on two contended threads."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, one_thread):
-    """One tiny pretrained digits run (victim + 1 shadow) with the shipped mem-scores beside it."""
+def pretrained(tmp_path_factory):
+    """One tiny pretrained digits run (victim + 1 shadow) with the shipped mem-scores beside it, then each
+    paper defense's prune and adaptive attack on it: all in one process (helpers.run_scripts)."""
     folder = tmp_path_factory.mktemp("digits_paper")
     os.makedirs(folder / "memscore")
     for name in ("memscore_digits_columnfc.csv", "memscore_digits_columnfc.json"):  # the scores and their fingerprint
         shutil.copy(os.path.join(REPO, "memscore", name), folder / "memscore")
-    run_script(*pretrain_cmd(2, 1, "--quiet"), cwd=folder)
+    runs = [pretrain_cmd(2, 1, "--quiet")]
+    for defend in PAPER_DEFENSES:
+        flags = ["--defend", defend, "--weight_decay_mem", "0.1", "--mem_thre", str(MEM_THRE)]
+        if DEFENSES[defend].window:
+            flags += ["--stride", "1", "--width", "15"]
+        runs.append(prune_cmd(2, 1, "--quiet", "--no_tensorboard", *flags))
+        runs.append(attack_cmd(1, "--defend", defend, "--adaptive", "--quiet"))
+    run_scripts(*runs, cwd=folder)
     return folder
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defend", ["slide", "slide_re", "random", "ml2", "slide_ml2", "slide_re_ml2"])
+@pytest.mark.parametrize("defend", PAPER_DEFENSES)
 def test_digits_end_to_end(pretrained, defend):
     window = DEFENSES[defend].window
-    flags = ["--defend", defend, "--weight_decay_mem", "0.1", "--mem_thre", str(MEM_THRE)]
-    if window:
-        flags += ["--stride", "1", "--width", "15"]
-    run_script(*prune_cmd(2, 1, "--quiet", "--no_tensorboard", *flags), cwd=pretrained)
-    run_script(*attack_cmd(1, "--defend", defend, "--adaptive", "--quiet"), cwd=pretrained)
     stem = f"iter_prunetxt_0.6_{defend}"
     result = pretrained / "result" / "digits_columnfc"
     for folder in (f"{stem}_model", f"shadow_{stem}_model_0"):

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +18,7 @@ import memscores
 from common import UsageError, pick_device
 from conftest import REPO, copy_repo, run_script
 from datasets import get_dataset
-from helpers import pretrain_cmd
+from helpers import pretrain_cmd, run_forked, run_scripts
 from models import build_model
 from train import save_checkpoint
 
@@ -39,8 +37,9 @@ def pretrained(tmp_path_factory):
     folder's own: the cases set them up there (write_purchase, write_memscores)."""
     folder = tmp_path_factory.mktemp("pretrained")
     copy_repo(folder, memscores=False)
-    run_script(*pretrain_cmd(1, 1), cwd=folder, repo=folder)
-    run_script("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard", cwd=folder, repo=folder)
+    run_scripts(
+        pretrain_cmd(1, 1), ("prune_modi.py", "-1", DIGITS, *PRUNE, "--no_tensorboard"), cwd=folder, repo=folder
+    )
     return folder
 
 
@@ -435,83 +434,20 @@ def prepare(case, pretrained, folder):
     return snapshot(folder)
 
 
-# ---------------------------------------------------------------- a fork server for the many cases
-# Starting python and importing torch costs seconds per run, the failing part milliseconds. The
-# server (this file run as `python test_errors.py`) imports the scripts' modules once and forks a
-# child per case that runs the script as __main__ with its own argv, cwd, stdout and stderr, exactly
-# like `python script ...` of the repo copy in the case's folder minus the start-up (the child points
-# paths.DATA_ROOT and MEMSCORE_ROOT there, as the copy's own paths.py would).
-# test_fork_server_matches_a_real_run checks that claim.
-
-
-def serve():
-    import runpy
-    import traceback
-
-    import mia_modi  # noqa: F401  (the shared start-up cost, paid once)
-    import paths
-
-    for line in sys.stdin:
-        job = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.chdir(job["cwd"])
-                paths.DATA_ROOT = os.path.join(job["cwd"], "data", "datasets")  # the case folder is the repo
-                paths.MEMSCORE_ROOT = os.path.join(job["cwd"], "memscore")
-                for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.argv = [job["script"], *job["args"]]
-                runpy.run_path(job["script"], run_name="__main__")
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])), flush=True)
+# ---------------------------------------------------------------- the cases through a fork server
+# Starting python and importing torch costs seconds per run, the failing part milliseconds: the cases run as
+# forked children of tests/script_server.py (helpers.run_forked), each case folder being the repo of its
+# run. test_fork_server_matches_a_real_run checks that this is `python script ...` minus the start-up.
 
 
 @pytest.fixture(scope="module")
-def fork_server(tmp_path_factory):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", PYTHONPATH=REPO)  # as conftest.run_script
-    server = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    streams = tmp_path_factory.mktemp("streams")
-
-    def run(script, args, cwd, name):
-        out, err = streams / f"{name}.out", streams / f"{name}.err"
-        job = {
-            "script": os.path.join(REPO, script),
-            "args": list(map(str, args)),
-            "cwd": str(cwd),
-            "stdout": str(out),
-            "stderr": str(err),
-        }
-        server.stdin.write(json.dumps(job) + "\n")
-        server.stdin.flush()
-        status = json.loads(server.stdout.readline())
-        return subprocess.CompletedProcess(job["args"], status, out.read_text(), err.read_text())
-
-    yield run
-    server.stdin.close()
-    server.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def outcomes(pretrained, fork_server, tmp_path_factory):
+def outcomes(pretrained, tmp_path_factory):
     """case name -> (completed run, files before, files after), each case in its own copy of the tiny run."""
     results = {}
     for case in CASES:
         folder = tmp_path_factory.mktemp(case.name)
         before = prepare(case, pretrained, folder)
-        proc = fork_server(case.script, case.args, folder, case.name)
+        proc = run_forked(case.script, *case.args, cwd=folder, repo=folder)
         results[case.name] = proc, before, snapshot(folder)
     return results
 
@@ -553,14 +489,10 @@ def test_every_case_hits_its_own_check(outcomes):
 
 
 @pytest.mark.slow
-def test_cpu_said_once(pretrained, fork_server, tmp_path):
+def test_cpu_said_once(pretrained, tmp_path):
     shutil.copytree(pretrained, tmp_path, dirs_exist_ok=True)
-    proc = fork_server(
-        "pretrain_modi.py",
-        ["-1", DIGITS, "--shadow_num", "1", "--skip_existing", "--no_tensorboard"],
-        tmp_path,
-        "cpu_said_once",
-    )
+    flags = ["--shadow_num", "1", "--skip_existing", "--no_tensorboard"]
+    proc = run_forked("pretrain_modi.py", "-1", DIGITS, *flags, cwd=tmp_path, repo=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Running on CPU") == 1 and "GPU-ID is -1" in proc.stdout
 
@@ -572,7 +504,3 @@ def test_gpu_id_that_does_not_exist_is_a_usage_error(monkeypatch):
         pick_device(2)
     assert UsageError.exit_code == 2
     assert pick_device(1) == torch.device("cuda:1")
-
-
-if __name__ == "__main__":
-    serve()

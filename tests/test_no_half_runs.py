@@ -4,21 +4,18 @@ missing, empty or oddly named inputs, mem-scores that are no mem-scores. Real su
 
 import os
 import signal
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 import results
 from common import MissingError, RunLog, UsageError, main_guard
-from conftest import REPO, as_repo, run_script
-from helpers import copy_run, pretrain_cmd, prune_cmd, start_script, wait_for
+from conftest import as_repo, run_script
+from helpers import copy_run, pretrain_cmd, prune_cmd, run_forked, start_script, wait_for
 from memscores import load_memscores
 from test_memscore import N_DIGITS_TRAIN, digits_args, digits_train, write_csv
 
 RUN = "result/digits_columnfc"
-ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 PRETRAIN = pretrain_cmd(1, 1)
 PRUNE = prune_cmd(1, 1)
 PRUNE_LOG = "log/digits_columnfc/iter_prunetxt_0.6_base.txt"
@@ -61,12 +58,12 @@ def pretrained(tmp_path_factory):
 def test_seed_range_covers_the_derived_seeds(tmp_path):
     """Shadow k and its split use seed + k + 1 and seed + k: the largest accepted seed is 2**32 - 1 - shadow_num,
     it runs to the end, and one more is refused before anything is written."""
-    proc = run_script(*PRETRAIN[:-3], "--shadow_num", "5", "--seed", "4294967291", "--force", cwd=tmp_path, check=False)
+    proc = run_forked(*PRETRAIN[:-3], "--shadow_num", "5", "--seed", "4294967291", "--force", cwd=tmp_path)
     assert one_error(proc, 2) == (
         "error: --seed must be in 0..4294967290 (numpy's seed range 0..4294967295 less "
         "--shadow_num 5: shadow k uses seed + k + 1), got 4294967291"
     )
-    proc = run_script(*PRETRAIN, "--seed", "4294967295", "--force", cwd=tmp_path, check=False)
+    proc = run_forked(*PRETRAIN, "--seed", "4294967295", "--force", cwd=tmp_path)
     assert "error: --seed must be in 0..4294967294 " in one_error(proc, 2)
     assert os.listdir(tmp_path) == []
     run_script(*PRETRAIN, "--seed", "4294967294", "--force", cwd=tmp_path)
@@ -86,7 +83,7 @@ def test_pretrain_with_an_unwritable_shadow_folder_changes_no_file(pretrained, t
     folder = copy_run(pretrained, tmp_path)
     os.symlink(UNWRITABLE, folder / RUN / "shadow_model_1")
     before = snapshot(folder)
-    proc = run_script(*PRETRAIN[:-3], "--shadow_num", "2", "--force", "--no_tensorboard", cwd=folder, check=False)
+    proc = run_forked(*PRETRAIN[:-3], "--shadow_num", "2", "--force", "--no_tensorboard", cwd=folder)
     assert one_error(proc, 1).startswith(f"error: cannot read or write {RUN}/shadow_model_1 (")
     assert snapshot(folder) == before
     assert not [p for p in os.listdir(folder / RUN) if ".partial-" in p]
@@ -114,12 +111,12 @@ def test_prune_refuses_a_tensorboard_file_and_an_unwritable_folder_before_its_lo
     folder = copy_run(pretrained, tmp_path)
     (folder / "log/digits_columnfc/tb").write_text("not a folder\n")
     before = snapshot(folder)
-    proc = run_script(*PRUNE, cwd=folder, check=False)
+    proc = run_forked(*PRUNE, cwd=folder)
     assert one_error(proc, 1).startswith("error: cannot read or write log/digits_columnfc/tb")
     assert snapshot(folder) == before and not (folder / PRUNE_LOG).exists()
     os.symlink(UNWRITABLE, folder / RUN / "shadow_iter_prunetxt_0.6_model_0")
     before = snapshot(folder)
-    proc = run_script(*PRUNE, "--no_tensorboard", cwd=folder, check=False)
+    proc = run_forked(*PRUNE, "--no_tensorboard", cwd=folder)
     assert one_error(proc, 1).startswith(f"error: cannot read or write {RUN}/shadow_iter_prunetxt_0.6_model_0 (")
     assert snapshot(folder) == before and not (folder / PRUNE_LOG).exists()
 
@@ -228,9 +225,8 @@ def test_summarize_shows_ended_blocks_as_failed_and_keeps_the_finished_run(tmp_p
 
 
 def summarize(*args, cwd):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "summarize.py"), *args], cwd=cwd, capture_output=True, timeout=300, env=ENV
-    )
+    """`python summarize.py args` in cwd, its output as bytes (a forked child: helpers.run_forked)."""
+    return run_forked("summarize.py", *args, cwd=cwd, text=False)
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import attacks
-from conftest import REPO, run_script
+from conftest import REPO
 from datasets import TensorData, get_dataset
-from helpers import run_main
+from helpers import run_main, run_scripts
 from models import build_model
 from splits import Split
 from train import evaluate, load_checkpoint
@@ -35,9 +35,12 @@ ATTACK_LINES = ["SAMIA", "Conf", "Entr", "Mentr", "Hconf", "NN", "Top3-NN", "NNC
 def run_dir(tmp_path_factory):
     """One pipeline run shared by the tests below: pretrain, prune, attack (threshold) on the CLI."""
     cwd = tmp_path_factory.mktemp("pipeline")
-    run_script("pretrain_modi.py", -1, CONFIG, "--epochs", 3, "--shadow_num", 2, cwd=cwd)
-    run_script("prune_modi.py", -1, CONFIG, *PRUNE, "--prune_iter", 3, "--prune_epochs", 2, "--shadow_num", 2, cwd=cwd)
-    run_script("mia_modi.py", -1, CONFIG, *PRUNE, "--attacks", "threshold", "--shadow_num", 2, cwd=cwd)
+    run_scripts(
+        ("pretrain_modi.py", -1, CONFIG, "--epochs", 3, "--shadow_num", 2),
+        ("prune_modi.py", -1, CONFIG, *PRUNE, "--prune_iter", 3, "--prune_epochs", 2, "--shadow_num", 2),
+        ("mia_modi.py", -1, CONFIG, *PRUNE, "--attacks", "threshold", "--shadow_num", 2),
+        cwd=cwd,
+    )
     return cwd
 
 

@@ -11,7 +11,7 @@ import torch
 import results
 from common import MissingError
 from conftest import REPO, run_script
-from helpers import attack_cmd, pretrain_cmd, prune_cmd
+from helpers import attack_cmd, pretrain_cmd, prune_cmd, run_scripts
 from models import build_model
 from pruning import load_masks
 from train import load_model
@@ -93,10 +93,8 @@ def attack_lines(folder):
 def test_release_format_pruned_checkpoints_attack_like_ours(tmp_path):
     """Prune a tiny digits run, attack it, rewrite the pruned victim's and shadow's files in the
     release's formats, attack again: the same numbers."""
-    run_script(*pretrain_cmd(1, 1), cwd=tmp_path)
-    run_script(*prune_cmd(1, 1, "--no_tensorboard"), cwd=tmp_path)
     mia = attack_cmd(1, "--no_tensorboard")
-    run_script(*mia, cwd=tmp_path)
+    run_scripts(pretrain_cmd(1, 1), prune_cmd(1, 1, "--no_tensorboard"), mia, cwd=tmp_path)
     ours = attack_lines(tmp_path)
     assert any(" attack accuracy: " in line for line in ours)
 

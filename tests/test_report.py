@@ -24,6 +24,7 @@ import report_figures
 import report_tables
 import results
 from conftest import REPO, run_script, write_run_record
+from helpers import run_forked, run_scripts
 from report_tables import run_label
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
@@ -35,9 +36,10 @@ WINDOWS = {"s1w15": (1, 15), "s2w10": (2, 10)}
 LABELS = {"Base", "slide_re [s1w15]", "slide_re [s2w10]"}  # the runs at sparsity 0.6
 
 
-def in_parallel(cwd, commands):
+def in_parallel(cwd, *lanes):
+    """Each lane (a list of commands) in one process of its own (helpers.run_scripts), two lanes at a time."""
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda command: run_script(*command, cwd=cwd), commands))
+        list(pool.map(lambda commands: run_scripts(*commands, cwd=cwd), lanes))
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +49,13 @@ def run_dir(tmp_path_factory):
     run_script("pretrain_modi.py", -1, CONFIG, "--epochs", 2, *QUIET, cwd=cwd)
     window = lambda tag: ["--defend", "slide_re", "--stride", WINDOWS[tag][0], "--width", WINDOWS[tag][1], "--tag", tag]
     sparsity = ["--prune_sparsity", 0.5]
-    in_parallel(
-        cwd,
-        [("prune_modi.py", -1, CONFIG, *PRUNE), ("prune_modi.py", -1, CONFIG, *PRUNE, *sparsity)]
-        + [("prune_modi.py", -1, CONFIG, *PRUNE, *window(tag)) for tag in WINDOWS],
-    )
-    in_parallel(
-        cwd,
-        [("mia_modi.py", -1, CONFIG, *ATTACK), ("mia_modi.py", -1, CONFIG, *ATTACK, *sparsity)]
-        + [("mia_modi.py", -1, CONFIG, *ATTACK, "--defend", "slide_re", "--adaptive", "--tag", tag) for tag in WINDOWS],
-    )
+    base = [("prune_modi.py", -1, CONFIG, *PRUNE), ("prune_modi.py", -1, CONFIG, *PRUNE, *sparsity)]
+    base += [("mia_modi.py", -1, CONFIG, *ATTACK), ("mia_modi.py", -1, CONFIG, *ATTACK, *sparsity)]
+    windows = [("prune_modi.py", -1, CONFIG, *PRUNE, *window(tag)) for tag in WINDOWS]
+    windows += [
+        ("mia_modi.py", -1, CONFIG, *ATTACK, "--defend", "slide_re", "--adaptive", "--tag", tag) for tag in WINDOWS
+    ]
+    in_parallel(cwd, base, windows)
     return cwd
 
 
@@ -299,7 +298,8 @@ def test_every_figure_from_the_digits_run(run_dir, collected):
 @pytest.mark.slow
 def test_report_command(run_dir):
     out = run_dir / "report"
-    proc = run_script("summarize.py", "--report", out, cwd=run_dir)
+    proc = run_forked("summarize.py", "--report", out, cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
     assert re.search(r"wrote \S+report.md \(\d+\.\ds\)", proc.stderr)
     text = (out / "report.md").read_text()
     for name in ("roc", "sparsity", "bars", "iterations", "sensitivity", "tradeoff", "mechanism"):
@@ -419,7 +419,8 @@ def test_damaged_records_are_named_and_skipped(tmp_path):
     assert any("not valid JSON" in p for p in collected.problems)
     assert any("a JSON list, not an object" in p for p in collected.problems)
 
-    proc = run_script("summarize.py", "log", "--report", "out", "--allow_empty", cwd=tmp_path)
+    proc = run_forked("summarize.py", "log", "--report", "out", "--allow_empty", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     for name in damaged:
         assert f"skipped {folder / name}" in proc.stderr or f"skipped result/{RUN}/records/{name}" in proc.stderr
     text = (tmp_path / "out" / "report.md").read_text()

@@ -1,7 +1,6 @@
 import io
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ sys.path.insert(0, str(ROOT))
 import report_figures  # noqa: E402
 import results  # noqa: E402
 from conftest import write_run_record  # noqa: E402
+from helpers import run_forked  # noqa: E402
 
 BASE_LOG = """\
 digits_columnfc_iter_prunetxt_0.6_0.0005
@@ -164,13 +164,8 @@ def nan(value):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "summarize.py"), *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """`python summarize.py args` in cwd (a forked child of the tests' script server: helpers.run_forked)."""
+    return run_forked("summarize.py", *args, cwd=cwd)
 
 
 def test_tags_and_seeds_are_rows_of_their_own(tmp_path):
