@@ -176,8 +176,9 @@ class Ensemble:
         return models
 
     def write_into(self, models: list, states: list = None) -> None:
-        """Copy model m's tensors into models[m] in place (its parameters stay the same objects); states[m], a
-        stacked-state index, overrides with that state when given (see fit_ensemble)."""
+        """Copy model m's tensors into models[m] in place (its parameters stay the same objects). With states,
+        a states[m] that is not None (stacked tensors named as the ensemble's, e.g. the best states) gives
+        model m its index m instead."""
         for m, model in enumerate(models):
             self._write(model, m, self._tensors() if states is None or states[m] is None else states[m])
 

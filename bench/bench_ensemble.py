@@ -5,7 +5,7 @@ then Base fine-tuning under iterative pruning as prune_modi.py runs it (iter_pru
 of up to 21 epochs, early_stop 5, the release's start_acc 0; Pruner and defenses.Base one model at a time).
 
 Every model trains on its own random half of digits' 539 training rows (269 rows, as the audit gives each
-model half of the pool) and is selected on the same 428 dev rows of the test set. The one-model loop gets a
+model half of the pool) and is selected on the same 427 dev rows of the test set. The one-model loop gets a
 one-row test set: train.fit evaluates a test set every epoch for its curves, which the ensemble does not,
 so both arms evaluate the same rows. Both arms start from the same weights and seeds; the script prints how
 far apart they end (float rounding, but for the rare model whose path a ReLU input at zero splits:
