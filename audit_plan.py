@@ -18,7 +18,7 @@ from collections import namedtuple
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from common import MissingError, UsageError, atomic_write
+from common import MissingError, UsageError, read_npz, save_npz
 from defenses import get_defense
 
 STREAMS = {"canaries": 0, "membership": 1, "init": 2, "shuffle": 3, "prune": 4, "tuning": 5}
@@ -129,18 +129,14 @@ class Plan:
         return cls(arrays, meta)
 
     def save(self, path: str) -> None:
-        payload = dict(self.arrays)
-        payload.update({f"meta_{k}": np.asarray(v) for k, v in self.meta.items()})
-        atomic_write(path, lambda f: np.savez(f, **payload))
+        save_npz(path, self.arrays, self.meta)
 
     @classmethod
     def load(cls, path: str, fix: str) -> "Plan":
         if not os.path.isfile(path):
             raise MissingError(f"audit plan {path} not found; {fix}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
-                meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
+            arrays, meta = read_npz(path)
         except Exception as err:
             raise MissingError(f"audit plan {path} is unreadable ({type(err).__name__}); delete it and {fix}")
         if meta.get("format") != FORMAT or not set(Plan.ARRAYS) <= set(arrays):

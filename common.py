@@ -287,6 +287,22 @@ def save_torch(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_npz(path: str, arrays: dict, meta: dict) -> None:
+    """Arrays plus a flat dict of scalars (stored as 0-d arrays named meta_<key>) in one .npz, written
+    atomically; nothing in it is pickled."""
+    payload = dict(arrays)
+    payload.update({f"meta_{k}": np.asarray(v) for k, v in meta.items()})
+    atomic_write(path, lambda f: np.savez(f, **payload))
+
+
+def read_npz(path: str) -> tuple:
+    """(arrays, meta) of a save_npz file. Raises what np.load raises: each caller words its own error."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
+        meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
+    return arrays, meta
+
+
 def load_torch(path: str, what: str, fix: str):
     """torch.load with weights_only=True and a readable error for missing or broken files."""
     if not os.path.isfile(path):

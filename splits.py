@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from common import MissingError, UsageError, atomic_write
+from common import MissingError, UsageError, read_npz, save_npz
 from datasets import DATASETS, TensorData, get_dataset
 from models import TARGET_MODELS
 from paths import split_path
@@ -74,9 +74,7 @@ class Split:
         return ModelSplit(*(torch.from_numpy(self.arrays[f"{who}_{part}{tail}"]) for part in ("train", "dev", "test")))
 
     def save(self, path: str) -> None:
-        payload = dict(self.arrays)
-        payload.update({f"meta_{k}": np.asarray(v) for k, v in self.meta.items()})
-        atomic_write(path, lambda f: np.savez(f, **payload))
+        save_npz(path, self.arrays, self.meta)
 
     @classmethod
     def create(cls, dataset_name: str, n_train: int, n_test: int, seed: int, shadow_num: int) -> "Split":
@@ -88,9 +86,7 @@ class Split:
         if not os.path.isfile(path):
             raise MissingError(f"data split {path} not found; run pretrain_modi.py with this config first")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
-                meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
+            arrays, meta = read_npz(path)
         except Exception as err:
             raise MissingError(
                 f"data split {path} is unreadable ({type(err).__name__}); "
