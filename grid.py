@@ -64,7 +64,7 @@ import os
 import subprocess
 import sys
 
-from common import MissingError, Terminated, UsageError, main_guard
+from common import MissingError, Terminated, UsageError, atomic_write, main_guard
 from grid_local import run_local
 from grid_plan import check_commands, dry_run, expand, missing_memscores, plan
 from grid_slurm import require_slurm, slurm_gpus, squeue, submit_slurm, wait_slurm
@@ -90,20 +90,18 @@ def report(path, tracker, done):
 
 
 def summarize():
-    """python summarize.py log --markdown --plot, its table also kept in log/grid/results.md."""
+    """python summarize.py log --markdown --plot, its table also kept in log/grid/results.md. A failing
+    summarize.py is this command's error (exit 1); the table it had written before stays as it was."""
     table = os.path.join(LOG_ROOT, "grid", "results.md")
-    os.makedirs(os.path.dirname(table), exist_ok=True)
-    with open(table, "w") as out:
-        proc = subprocess.run(
-            [sys.executable, "summarize.py", LOG_ROOT, "--markdown", "--plot"],
-            stdout=out,
-            stderr=subprocess.PIPE,
-            text=True,
+    args = [LOG_ROOT, "--markdown", "--plot"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "summarize.py"), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = last_line(proc.stderr).removeprefix("error: ") or f"exit status {proc.returncode}"
+        raise MissingError(
+            f"the steps ran, but summarize.py failed: {why}; once fixed, run summarize.py {' '.join(args)}"
         )
-    if proc.returncode == 0:
-        print(f"results: table in results.csv and {table} (Markdown), plot in tradeoff.png", file=sys.stderr)
-    else:
-        print(f"summarize.py: {last_line(proc.stderr)}", file=sys.stderr)
+    atomic_write(table, lambda f: f.write(proc.stdout.encode(errors="surrogateescape")))
+    print(f"results: table in results.csv and {table} (Markdown), plot in tradeoff.png", file=sys.stderr)
 
 
 class Parser(argparse.ArgumentParser):

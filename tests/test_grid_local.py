@@ -8,7 +8,7 @@ import os
 import pytest
 
 import grid
-from common import UsageError
+from common import UsageError, main_guard
 from conftest import REPO
 from grid_local import Schedule, Slot, local_slots, run_local
 from grid_plan import expand
@@ -149,3 +149,25 @@ def test_jobs_per_gpu_is_refused_where_it_means_nothing(argv, message):
     with pytest.raises(UsageError, match=message):
         grid.get_args(["grids/digits.json", *argv])
     assert grid.get_args(["grids/digits.json", "--gpus", "0,1", "--jobs_per_gpu", "3"]).jobs_per_gpu == 3
+
+
+@pytest.mark.slow  # runs summarize.py
+def test_a_failing_summary_is_the_grids_error_and_keeps_the_last_table(tmp_path, monkeypatch, capsys):
+    """The grid's last step, summarize.py, failing (here: a log without a run and no run records) ends
+    grid.py with one error line naming it and the command to rerun; log/grid/results.md is not emptied."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "log" / RUN).mkdir(parents=True)
+    (tmp_path / "log" / RUN / "iter_prunetxt_0.6_base.txt").write_text("garbage\n")
+    table = tmp_path / "log" / "grid" / "results.md"
+    table.parent.mkdir()
+    table.write_text("| the table of the last summary |\n")
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: grid.summarize())
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: the steps ran, but summarize.py failed: no results under log and no run records under "
+        f"{tmp_path / 'result'}; run prune_modi.py and mia_modi.py first, or pass the folder they log to; "
+        f"once fixed, run summarize.py log --markdown --plot"
+    ]
+    assert table.read_text() == "| the table of the last summary |\n"
+    assert sorted(os.listdir(table.parent)) == ["results.md"]  # and no temp file
