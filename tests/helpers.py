@@ -1,9 +1,11 @@
 """Helpers that several test files share: the digits scripts' command lines, a script's main() run in this
-process, a script started in the background (to signal it), a copy of a finished run, and the small models
-and recipes more than one file builds. Fixtures stay in conftest.py; these are plain functions."""
+process, a script started in the background (to signal it), a copy of a finished run, the one row of a
+results table that matches, and the small models and recipes more than one file builds. Fixtures stay in
+conftest.py; these are plain functions."""
 
 import atexit
 import json
+import math
 import os
 import shutil
 import signal
@@ -171,6 +173,21 @@ def copy_run(finished, tmp_path):
     """tmp_path holding a copy of the folder of a finished run (a module fixture's), to change freely."""
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     return tmp_path
+
+
+def one_row(df, **where):
+    """The one row of a results table whose columns equal `where` (None: the column is empty); fails unless exactly
+    one matches."""
+    hit = df
+    for col, value in where.items():
+        hit = hit[hit[col].isna()] if value is None else hit[hit[col] == value]
+    assert len(hit) == 1, f"{len(hit)} rows match {where}"
+    return hit.iloc[0]
+
+
+def is_nan(value):
+    """An empty cell of a results table."""
+    return isinstance(value, float) and math.isnan(value)
 
 
 def bn_model():
