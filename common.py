@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -248,7 +249,9 @@ def atomic_write(path: str, write) -> None:
     the way torch.save fails on a full disk (RuntimeError) becomes an OSError naming the file."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path))
+    remove_dead_temps(directory)
+    owner = f"{_owner_mark()}{os.getpid()}."  # whose it is, for remove_dead_temps
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.path.basename(path)[:100]}{owner}")
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -266,6 +269,38 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _owner_mark() -> str:
+    return f".{socket.gethostname()}-"
+
+
+def remove_dead_temps(directory: str) -> None:
+    """Remove atomic_write's temp files in directory whose writer ran on this host and no longer runs: a
+    write killed with -9 leaves its .tmp_<name>.<host>-<pid>.XXXX, and the next write in the folder, which is
+    usually the same step run again, clears it."""
+    mark = _owner_mark()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(".tmp_") or mark not in name:
+            continue
+        pid = name[name.rfind(mark) + len(mark) :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def check_writable(folder: str) -> None:

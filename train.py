@@ -14,7 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import DivergedError, MissingError, UsageError, atomic_write, check_writable, load_torch, save_torch
+from common import (
+    DivergedError,
+    MissingError,
+    UsageError,
+    atomic_write,
+    check_writable,
+    load_torch,
+    pid_alive,
+    save_torch,
+)
 from datasets import TensorData
 from models import build_model
 from paths import checkpoint, completion_file, split_of, staging_dir
@@ -263,16 +272,6 @@ def remove_dead_staging(folder: str) -> None:
         pid = path.rsplit("-", 1)[1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def completion_record(folder: str) -> dict:

@@ -43,8 +43,9 @@ GRID = {
         "attack": {"no_tensorboard": True, "bootstrap": 0},
     },
 }
-# What the scripts write for a moment only: common.atomic_write's and grid.write_record's temp files
-# (.tmp_<name>XXXX, beside the file they become) and train.Staging's model folders (<folder>.partial-<host>-<pid>).
+# What the scripts write for a moment only: common.atomic_write's temp files (.tmp_<name>.<host>-<pid>.XXXX, beside
+# the file they become; a killed step's are cleared by the next write in their folder), grid_step.write_record's
+# (.tmp_XXXX) and train.Staging's model folders (<folder>.partial-<host>-<pid>).
 TRANSIENT = (".tmp_", ".partial-")
 # Files of result/ that differ between two runs by design: when a model finished (complete.json), a step's
 # times (jobs/), the run records and scores named by their run's start time and pid.

@@ -7,6 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from common import atomic_write
 from conftest import run_script
-from helpers import attack_cmd, pretrain_cmd, prune_cmd
+from helpers import attack_cmd, pretrain_cmd, prune_cmd, wait_for
 from models import build_model
 from splits import Split
 from train import load_checkpoint, save_checkpoint
@@ -174,3 +179,29 @@ def test_interrupted_split_save_keeps_the_previous_split(tmp_path, monkeypatch, 
     assert (tmp_path / "split.npz").read_bytes() == before
     assert os.listdir(tmp_path) == ["split.npz"]
     assert Split.load(path).meta["seed"] == 7
+
+
+def test_a_temp_file_left_by_a_write_killed_with_9_goes_with_the_next_write_in_its_folder(tmp_path):
+    """SIGKILL mid-write leaves the temp file; the folder's next atomic write removes it, and only temp files whose
+    writer ran on this host and is gone: not a running writer's, not another host's, not one of unknown writer."""
+    host = socket.gethostname()
+    child = os.fork()
+    if child == 0:  # a writer that stops mid-write, as a step killed while it saves its scores
+        try:
+            atomic_write(str(tmp_path / "scores.npz"), lambda f: (f.write(b"half"), f.flush(), time.sleep(120)))
+        finally:
+            os._exit(1)
+    killed = f".tmp_scores.npz.{host}-{child}."
+    assert wait_for(lambda: any(n.startswith(killed) for n in os.listdir(tmp_path)), 30)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    [left] = os.listdir(tmp_path)
+    assert left.startswith(killed)
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as running:
+        kept = [f".tmp_record.json.{host}-{running.pid}.ab12", f".tmp_b.npz.elsewhere-{child}.cd34", ".tmp_c.npzef56"]
+        for name in kept:
+            (tmp_path / name).write_bytes(b"x")
+        atomic_write(str(tmp_path / "record.json"), lambda f: f.write(b"{}"))
+        running.kill()
+    assert sorted(os.listdir(tmp_path)) == sorted([*kept, "record.json"])
+    assert (tmp_path / "record.json").read_bytes() == b"{}"
