@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -250,8 +249,7 @@ def atomic_write(path: str, write) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     remove_dead_temps(directory)
-    owner = f"{_owner_mark()}{os.getpid()}."  # whose it is, for remove_dead_temps
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.path.basename(path)[:100]}{owner}")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.path.basename(path)[:100]}{_host_mark()}{os.getpid()}.")
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -271,15 +269,16 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
-def _owner_mark() -> str:
-    return f".{socket.gethostname()}-"
+def _host_mark() -> str:
+    """.<host>- before the writer's pid in atomic_write's temp names (the host as in paths.staging_dir's)."""
+    return f".{os.uname().nodename}-"
 
 
 def remove_dead_temps(directory: str) -> None:
     """Remove atomic_write's temp files in directory whose writer ran on this host and no longer runs: a
     write killed with -9 leaves its .tmp_<name>.<host>-<pid>.XXXX, and the next write in the folder, which is
     usually the same step run again, clears it."""
-    mark = _owner_mark()
+    mark = _host_mark()
     try:
         names = os.listdir(directory)
     except OSError:
@@ -288,7 +287,7 @@ def remove_dead_temps(directory: str) -> None:
         if not name.startswith(".tmp_") or mark not in name:
             continue
         pid = name[name.rfind(mark) + len(mark) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(directory, name))
 
