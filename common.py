@@ -1,7 +1,11 @@
 """Run plumbing shared by the scripts: errors, seeding, device, config + flags, safe files.
 
-The bottom layer with paths.py: it imports nothing of the project.
+The bottom layer with paths.py: it imports nothing of the project. It imports torch only inside the functions
+that use it, so that a grid's Slurm job (grid_step.py) writes its record with atomic_write in a fraction of the
+seconds that importing torch takes.
 """
+
+from __future__ import annotations
 
 import argparse
 import contextlib
@@ -16,10 +20,13 @@ import signal
 import sys
 import tempfile
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(Exception):
@@ -70,8 +77,6 @@ def main_guard(main):
             code,
             f"interrupted ({name})",
         )
-    except torch.cuda.OutOfMemoryError:
-        fail("out of GPU memory; lower --batch_size or pass another GPU-ID", 1)
     except OSError as err:  # disk full, permission denied, a file where a folder should be...
         where = f" {err.filename}" if err.filename else ""
         fail(
@@ -80,6 +85,9 @@ def main_guard(main):
             1,
         )
     except BaseException as err:  # a bug or sys.exit: the traceback (or exit status) as it is, the block closed
+        torch = sys.modules.get("torch")  # a run that ran out of GPU memory has imported it
+        if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
+            fail("out of GPU memory; lower --batch_size or pass another GPU-ID", 1)
         RunLog.end_open(f"{type(err).__name__}: {err}" if not isinstance(err, SystemExit) else f"exit {err.code}")
         raise
     RunLog.end_open("the run returned before its last log line")
@@ -93,6 +101,8 @@ def fail(message: str, code: int, why: str = None) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -100,6 +110,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(gpu_id: int) -> torch.device:
     """GPU-ID k -> cuda:k; -1 or no CUDA -> cpu (said once)."""
+    import torch
+
     if gpu_id < -1:
         raise UsageError(f"GPU-ID {gpu_id} is not valid; pass a CUDA device index (0, 1, ...) or -1 for the CPU")
     if gpu_id < 0 or not torch.cuda.is_available():
@@ -249,7 +261,10 @@ def atomic_write(path: str, write) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     remove_dead_temps(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp_{os.path.basename(path)[:100]}{_host_mark()}{os.getpid()}.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(os.path.basename(path)[:100]))
+    except OSError as err:  # named after the file the user asked for, not the temp file
+        raise OSError(err.errno, err.strerror, path)
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -263,15 +278,22 @@ def atomic_write(path: str, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.filename == tmp:  # os.replace onto a folder, say
+            raise OSError(err.errno, err.strerror, path)
         raise
 
 
 def _host_mark() -> str:
     """.<host>- before the writer's pid in atomic_write's temp names (the host as in paths.staging_dir's)."""
     return f".{os.uname().nodename}-"
+
+
+def _temp_prefix(name: str) -> str:
+    """.tmp_<name>.<host>-<pid>. : every temp file this process makes, so remove_dead_temps can tell its owner."""
+    return f".tmp_{name}{_host_mark()}{os.getpid()}."
 
 
 def remove_dead_temps(directory: str) -> None:
@@ -310,7 +332,8 @@ def check_writable(folder: str) -> None:
     if not os.path.isdir(folder):
         raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp_probe")
+        remove_dead_temps(folder)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=_temp_prefix("probe"))
     except OSError as err:
         raise OSError(err.errno, err.strerror, folder)
     os.close(fd)
@@ -318,6 +341,8 @@ def check_writable(folder: str) -> None:
 
 
 def save_torch(obj, path: str) -> None:
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -341,6 +366,8 @@ def load_torch(path: str, what: str, fix: str):
     """torch.load with weights_only=True and a readable error for missing or broken files."""
     if not os.path.isfile(path):
         raise MissingError(f"{what} {path} not found; {fix}")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:  # unreadable (permissions, I/O): the file itself may be fine, so do not delete it
@@ -408,6 +435,8 @@ def log_gpu_usage(device: torch.device, log: RunLog = None) -> None:
     for more steps per GPU (grid.py --jobs_per_gpu)."""
     if device.type != "cuda":
         return
+    import torch
+
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     line = f"GPU: {torch.cuda.get_device_name(device)}, peak memory allocated {peak:.3f} GiB"
     try:

@@ -1,8 +1,9 @@
 """One step of a grid: a command of one of the three scripts run from the repo, its resume record, and
 running it (on the local pool, or as the body of a Slurm job).
 
-This module imports nothing of the project but paths.py (no torch): grid_slurm.py sends it to each Slurm job by
-value, so a job starts in a second and needs the repo only for the command itself.
+This module imports nothing of the project but paths.py at its top (no torch): grid_slurm.py sends it to each
+Slurm job by value, so a job starts in a second. The job puts the repo on its path and imports common.py (which
+loads torch only where a function needs it) for the one writer of every output file.
 """
 
 import ctypes
@@ -16,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -78,14 +78,10 @@ def read_record(path):
 
 
 def write_record(path, record):
-    # Not common.atomic_write: importing common loads torch, seconds per Slurm job for a 1 kB file.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # Imported here, not at the top: a Slurm job unpickles this module before slurm_job puts the repo on its path.
+    from common import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def die_with_parent(prctl, parent):
@@ -154,6 +150,8 @@ def slurm_job(repo, step, gpu, retries):
             f"in it, so it must be on a filesystem shared with the compute nodes"
         )
     os.chdir(repo)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     code, record = run_step(step, gpu, env, retries)
     if code != 0:

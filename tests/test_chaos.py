@@ -44,8 +44,8 @@ GRID = {
     },
 }
 # What the scripts write for a moment only: common.atomic_write's temp files (.tmp_<name>.<host>-<pid>.XXXX, beside
-# the file they become; a killed step's are cleared by the next write in their folder), grid_step.write_record's
-# (.tmp_XXXX) and train.Staging's model folders (<folder>.partial-<host>-<pid>).
+# the file they become, the grid's job records' too; a killed step's are cleared by the next write in their folder)
+# and train.Staging's model folders (<folder>.partial-<host>-<pid>).
 TRANSIENT = (".tmp_", ".partial-")
 # Files of result/ that differ between two runs by design: when a model finished (complete.json), a step's
 # times (jobs/), the run records and scores named by their run's start time and pid.

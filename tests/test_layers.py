@@ -132,3 +132,20 @@ def test_bottom_modules_import_alone():
             check=True,
         ).stdout
         assert json.loads(out) == [module]
+
+
+@pytest.mark.slow
+def test_a_grid_job_writes_its_record_without_loading_torch(tmp_path):
+    """A Slurm job runs grid_step's body and writes its record with common.atomic_write; neither loads torch, whose
+    import takes seconds per job."""
+    code = (
+        "import sys, grid_step; grid_step.write_record(sys.argv[1], {'a': 1}); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
+    )
+    record = str(tmp_path / "jobs" / "s.json")
+    out = subprocess.run(
+        [sys.executable, "-c", code, record], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    with open(record) as f:
+        assert json.load(f) == {"a": 1}

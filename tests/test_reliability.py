@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import atomic_write
+import grid_step
+from common import atomic_write, check_writable
 from conftest import run_script
 from helpers import attack_cmd, pretrain_cmd, prune_cmd, wait_for
 from models import build_model
@@ -205,3 +207,43 @@ def test_a_temp_file_left_by_a_write_killed_with_9_goes_with_the_next_write_in_i
         running.kill()
     assert sorted(os.listdir(tmp_path)) == sorted([*kept, "record.json"])
     assert (tmp_path / "record.json").read_bytes() == b"{}"
+
+
+def killed_mid_call(tmp_path, call):
+    """Fork a child that runs call() with os.remove, os.replace and os.rename made to SIGKILL it: a kill at the
+    moment a probe or temp file is to be removed or renamed into place. Returns the names left in tmp_path."""
+    child = os.fork()
+    if child == 0:
+        try:
+            die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+            os.remove = os.replace = os.rename = die
+            call()
+        finally:
+            os._exit(1)
+    os.waitpid(child, 0)
+    return child, sorted(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("writer", ["check_writable", "grid_step.write_record"])
+def test_a_probe_or_job_record_killed_midway_leaves_a_named_temp_file_that_the_next_write_removes(tmp_path, writer):
+    """check_writable's probe and a grid job's record name their temp files .tmp_<name>.<host>-<pid>.XXXX as every
+    other write does, so the folder's next write (or probe) removes what a kill left; a job record gets the same
+    0644 as every other output file, not mkstemp's 0600."""
+    host = socket.gethostname()
+    if writer == "check_writable":
+        child, left = killed_mid_call(tmp_path, lambda: check_writable(str(tmp_path)))
+        name = "probe"
+    else:
+        child, left = killed_mid_call(tmp_path, lambda: grid_step.write_record(str(tmp_path / "s.json"), {"a": 1}))
+        name = "s.json"
+    [temp] = left
+    assert temp.startswith(f".tmp_{name}.{host}-{child}.")
+    check_writable(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    old = os.umask(0o022)
+    try:
+        grid_step.write_record(str(tmp_path / "jobs" / "s.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert json.loads((tmp_path / "jobs" / "s.json").read_text()) == {"a": 1}
+    assert stat.S_IMODE(os.stat(tmp_path / "jobs" / "s.json").st_mode) == 0o644
