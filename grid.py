@@ -89,16 +89,21 @@ def report(path, tracker, done):
         print("  skipped, as a step they need failed: " + ", ".join(tracker.skipped), file=sys.stderr)
 
 
-def summarize():
-    """python summarize.py log --markdown --plot, its table also kept in log/grid/results.md. A failing
-    summarize.py is this command's error (exit 1); the table it had written before stays as it was."""
+def summarize(ran_now: int, ran_before: int):
+    """python summarize.py log --markdown --plot, its table also kept in log/grid/results.md, and the files it
+    left out (its `skipped <file>: <why>` lines) passed on. A failing summarize.py is this command's error
+    (exit 1); the table it had written before stays as it was."""
     table = os.path.join(LOG_ROOT, "grid", "results.md")
     args = [LOG_ROOT, "--markdown", "--plot"]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "summarize.py"), *args], capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if line.startswith("skipped "):
+            print(line, file=sys.stderr)
     if proc.returncode != 0:
         why = last_line(proc.stderr).removeprefix("error: ") or f"exit status {proc.returncode}"
         raise MissingError(
-            f"the steps ran, but summarize.py failed: {why}; once fixed, run summarize.py {' '.join(args)}"
+            f"summarize.py failed after the steps ({ran_now} ran now, {ran_before} before): {why}; "
+            f"once fixed, run python summarize.py {' '.join(args)}"
         )
     atomic_write(table, lambda f: f.write(proc.stdout.encode(errors="surrogateescape")))
     print(f"results: table in results.csv and {table} (Markdown), plot in tradeoff.png", file=sys.stderr)
@@ -217,7 +222,7 @@ def main():
             sys.exit(code)
     report(path, tracker, done)
     if not args.no_summary and not grid.audit and (tracker.counts["done"] or done):  # the audit summarizes itself
-        summarize()
+        summarize(tracker.counts["done"], len(done))
     if tracker.failed or tracker.skipped:
         sys.exit(1)
 

@@ -162,12 +162,59 @@ def test_a_failing_summary_is_the_grids_error_and_keeps_the_last_table(tmp_path,
     table.parent.mkdir()
     table.write_text("| the table of the last summary |\n")
     with pytest.raises(SystemExit) as exit_:
-        main_guard(lambda: grid.summarize())
+        main_guard(lambda: grid.summarize(0, 4))
     assert exit_.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"error: the steps ran, but summarize.py failed: no results under log and no run records under "
-        f"{tmp_path / 'result'}; run prune_modi.py and mia_modi.py first, or pass the folder they log to; "
-        f"once fixed, run summarize.py log --markdown --plot"
+        f"skipped log/{RUN}/iter_prunetxt_0.6_base.txt: no line of a prune or attack run in it (the format is in "
+        f"docs/results.md)",
+        f"error: summarize.py failed after the steps (0 ran now, 4 before): no results under log and no run records "
+        f"under {tmp_path / 'result'}; run prune_modi.py and mia_modi.py first, or pass the folder they log to; "
+        f"once fixed, run python summarize.py log --markdown --plot",
     ]
     assert table.read_text() == "| the table of the last summary |\n"
     assert sorted(os.listdir(table.parent)) == ["results.md"]  # and no temp file
+
+
+def a_base_run_and_a_garbage_record(tmp_path):
+    """log/: one Base prune block and its attack; result/: a run record that is not JSON."""
+    (tmp_path / "log" / RUN).mkdir(parents=True)
+    (tmp_path / "log" / RUN / "iter_prunetxt_0.6_base.txt").write_text(
+        "digits_columnfc_iter_prunetxt_0.6_base_0.0005\nSemantics: corrected\n"
+        "Pretrained Victim: Accuracy 81.234, Loss 0.567\nTotal Base defend time: 10.000s\n"
+        "Victim pruned model test accuracy: 80.000\nShadows: iter_prunetxt_0.6 (base)\nSemantics: corrected\n"
+        "Conf attack accuracy: 55.000\n"
+    )
+    garbage = tmp_path / "result" / RUN / "records" / "attack_x.json"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_text("{not json")
+    return garbage
+
+
+@pytest.mark.slow  # runs summarize.py
+def test_a_summary_passes_on_the_files_it_left_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    garbage = a_base_run_and_a_garbage_record(tmp_path)
+    grid.summarize(1, 0)
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("skipped ")] == [
+        f"skipped {garbage}: not valid JSON (Expecting property name enclosed in double quotes at line 1)"
+    ]
+    assert err[-1] == "results: table in results.csv and log/grid/results.md (Markdown), plot in tradeoff.png"
+    assert "| 80.0 |" in (tmp_path / "log" / "grid" / "results.md").read_text()
+
+
+@pytest.mark.slow  # runs summarize.py
+def test_a_table_that_cannot_be_written_is_named_not_its_temp_file(tmp_path, monkeypatch, capsys):
+    """results.md is a folder: the error names log/grid/results.md (not the temp file next to it) and leaves
+    no temp file."""
+    monkeypatch.chdir(tmp_path)
+    a_base_run_and_a_garbage_record(tmp_path)
+    (tmp_path / "log" / "grid" / "results.md").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(lambda: grid.summarize(1, 0))
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: cannot read or write log/grid/results.md (Is a directory); check that path, its permissions and "
+        "the free disk space"
+    )
+    assert os.listdir(tmp_path / "log" / "grid") == ["results.md"]
