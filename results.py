@@ -8,7 +8,9 @@ that a record names takes the record's values; a record whose block is in no log
 row of its own, and a block without a record is read from the log alone. The table holds one row per
 configuration (KEY), merged from all its runs: each attack's newest result, the newest of everything else.
 Each row has a status (run_status): ok, "failed: <why>" for a block closed by `Run ended early: <why>`, or
-unfinished; a configuration's failed and unfinished runs are shown only while it has no run that is ok.
+unfinished; a configuration's failed and unfinished runs are shown only while it has no run that is ok. A
+setting whose attacks read a model that a later prune run replaced is STALE: the new model's numbers, no
+attack's (newest_models_only).
 """
 
 import math
@@ -26,6 +28,8 @@ from records import find_records, record_time
 ATTACKS = report_names()  # the attacks' log names, in log order
 METRICS = {"accuracy": "acc", "AUC": "auc", "TPR@1%FPR": "tpr1", "TPR@0.1%FPR": "tpr01"}
 BOUNDS = ("lo", "hi")  # <attack>_<metric>_lo / _hi: the 95 % bootstrap interval from the run record
+MODEL_COLUMNS = ["pretrained_acc", "pruned_acc", "defend_time_s", "dp_epsilon"]  # the pruned model's, not an attack's
+STALE = "stale: pruned again after its attacks; rerun mia_modi.py for this setting (--all shows the earlier attacks)"
 EXTRA = ("nonmembers", "scores")  # the columns after the attacks' (as far as any row has them)
 ARG_DEFENSES = {name for name, cls in DEFENSES.items() if cls.arg_in_name}  # defend_arg is in their names
 KEY = [
@@ -528,14 +532,33 @@ def newest_models_only(df):
     --original row's model is the pretrained one, whatever prune run its block follows. A prune run's row of
     its own (no setting: no attack on its models yet) goes once a later prune run of the same configuration
     (KEY but the setting) replaced its models: pruned again and attacked (a rerun, or a grid step retried
-    after its driver was killed), the later run's rows hold the prune numbers the attacks read."""
+    after its driver was killed), the later run's rows hold the prune numbers the attacks read. A setting
+    whose newest attack read a model that a later prune run replaced is one row of STALE (stale_rows), and
+    the newest prune run's row of its own then goes: the stale rows hold its numbers with their setting."""
     model = df["_model"].where(df["setting"] != "original", "pretrained").fillna("")
     newest = model.groupby(df.groupby(KEY, dropna=False, sort=False).ngroup()).transform("last")
     pruned = df["_model"].where(df["setting"] != "original")  # the models of prune runs, oldest first
-    config = [key for key in KEY if key != "setting"]
-    newest_pruned = pruned.groupby(df.groupby(config, dropna=False, sort=False).ngroup()).transform("last")
+    config = df.groupby([key for key in KEY if key != "setting"], dropna=False, sort=False).ngroup()
+    newest_pruned = pruned.groupby(config).transform("last")
     replaced = df["setting"].isna() & (df["_model"] != newest_pruned)
-    return df[(model == newest) & ~replaced]
+    kept = df[(model == newest) & ~replaced]
+    stale = kept["setting"].notna() & (kept["setting"] != "original") & (kept["_model"] != newest_pruned[kept.index])
+    if not stale.any():
+        return kept
+    own_row = kept["setting"].isna() & config[kept.index].isin(config[stale[stale].index])
+    current = kept[~stale & (kept["setting"] != "original")]  # the rows of each configuration's newest model
+    return pd.concat([kept[~stale & ~own_row], stale_rows(kept[stale], current, config)])
+
+
+def stale_rows(attacked, current, config):
+    """One row per configuration (KEY) of `attacked`, rows whose attacks read a model that a later prune run of
+    their configuration replaced: its setting, the newest model's numbers (MODEL_COLUMNS, the newest value in
+    `current`, that model's rows), no attack's numbers (they are the replaced model's) and the status STALE."""
+    numbers = current.groupby(config[current.index])[MODEL_COLUMNS].last()  # per column the newest value
+    rows = attacked.groupby(KEY, dropna=False, sort=False).tail(1)[KEY].copy()
+    rows[MODEL_COLUMNS] = numbers.loc[config[rows.index]].to_numpy()
+    rows["status"] = STALE
+    return rows.reindex(columns=attacked.columns)
 
 
 def table(rows, newest_only):

@@ -116,11 +116,11 @@ def test_a_prune_run_again_then_attacked_is_one_row(tmp_path, shapes, expected):
     assert len(results.parse_logs(tmp_path / "log", newest_only=False)) == len(shapes) - 1  # --all keeps them
 
 
-def test_a_prune_run_without_attacks_keeps_its_row(tmp_path):
-    """What stays as it was: pruned, attacked, pruned again (no attack yet): the attacked row and the new prune
-    run's own row; pruned twice without attacks: the newer run's row alone."""
+def test_a_prune_run_again_after_an_attack_or_without_any(tmp_path):
+    """Pruned, attacked, pruned again (no attack yet): the setting's row with the new prune run's numbers,
+    stale (issue 33, item 4); pruned twice without attacks: the newer run's row alone."""
     write_log(tmp_path, [prune_block(81, 1), attack_block(33.216, 53.3), prune_block(82, 2)])
-    assert values(table(tmp_path)) == [(None, 82.0, 2.0, "ok"), ("base", 81.0, 1.0, "ok")]
+    assert values(table(tmp_path)) == [("base", 82.0, 2.0, results.STALE)]
     write_log(tmp_path, [prune_block(81, 1), prune_block(82, 2)])
     assert values(table(tmp_path)) == [(None, 82.0, 2.0, "ok")]
 

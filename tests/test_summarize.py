@@ -291,17 +291,17 @@ def test_release_and_corrected_runs_are_separate_rows(tmp_path):
     assert list(every["Conf_acc"].fillna(-1)) == [55.5, 55.0, 56.0, -1, 52.0, 50.5]  # no setting first
 
     df = results.parse_logs(tmp_path / "log")
-    assert len(df) == 5
+    assert len(df) == 4
     # An attack's own line sets its semantics, whatever its prune block's was (Base prunes alike in both).
     assert one_row(df, defense="base", semantics="release")["Conf_acc"] == 56.0
     assert one_row(df, defense="base", semantics="corrected")["Conf_acc"] == 55.5
     assert one_row(df, defense="dp", semantics="release")["dp_epsilon"] == 1.5
-    attacked = one_row(df, defense="dp", semantics="corrected", setting="base")
-    assert attacked["Conf_acc"] == 52.0 and attacked["dp_epsilon"] == 20.0 and attacked["pruned_acc"] == 68.0
-    # The newest corrected dp block has no attack yet; its row carries the prune block's semantics.
-    pruned_only = one_row(df, defense="dp", semantics="corrected", setting=None)
-    assert pruned_only["dp_epsilon"] == 30.0 and pruned_only["defend_time_s"] == 410.0
-    assert is_nan(pruned_only["Conf_acc"]) and pruned_only["defend_arg"] == 0.1
+    # The corrected dp run was pruned again after its attack: its row holds the newest prune block's numbers
+    # and semantics, and no attack's (that one read the replaced model).
+    stale = one_row(df, defense="dp", semantics="corrected")
+    assert stale["setting"] == "base" and stale["status"] == results.STALE and stale["defend_arg"] == 0.1
+    assert stale["dp_epsilon"] == 30.0 and stale["defend_time_s"] == 410.0
+    assert is_nan(stale["Conf_acc"]) and is_nan(stale["pruned_acc"])
 
 
 def test_newest_across_files_by_mtime(tmp_path):

@@ -55,6 +55,11 @@ def attack_block(victim, shadows, found, scores=None, kind="pruned"):
     return "\n".join(lines + ([f"Scores: {scores}"] if scores else [])) + "\n"
 
 
+def cells(df, columns):
+    """The table's rows as lists of the given columns' values, None for an empty cell."""
+    return [[None if is_nan(v) else v for v in row] for row in df[columns].itertuples(index=False)]
+
+
 def metrics(r, name):
     return tuple(r[f"{name}_{m}"] for m in ("acc", "auc", "tpr1", "tpr01"))
 
@@ -74,13 +79,13 @@ def write_record(tmp_path, kind, run_id, log_name, offset, results, scores=None,
     write_run_record(tmp_path, kind, run_id, results, log, scores, **run)
 
 
-def prune_record(tmp_path, run_id, log_name, pretrained=81.234, time=10.0, **run):
+def prune_record(tmp_path, run_id, log_name, pretrained=81.234, time=10.0, offset=0, **run):
     write_record(
         tmp_path,
         "prune",
         run_id,
         log_name,
-        0,
+        offset,
         {
             "pretrained": {"accuracy": pretrained, "loss": 0.5},
             "defend_time_s": time,
@@ -207,6 +212,61 @@ def test_attacks_on_a_replaced_model_do_not_merge_with_the_new_one(tmp_path):
     assert metrics(df.iloc[0], "Top3-NN") == TOP3["Top3-NN"] and "Conf_acc" not in df
     every = same_table_three_ways(tmp_path, newest_only=False)
     assert list(every["pruned_acc"]) == [80.0, 80.5]
+
+
+def test_an_attack_on_a_replaced_model_is_stale_in_the_new_prune_runs_row(tmp_path):
+    """Pruned, attacked, pruned again (same configuration): the setting's row holds the new prune run's numbers
+    with empty attack columns and the status stale, not the first run's numbers marked ok beside a row without
+    a setting. ppb: adaptive and base attacked, pruned again, base attacked again: the adaptive row is stale,
+    the base row the new model's as before. The same from the records; --all keeps every run as it was."""
+    base_log, ppb_log = "iter_prunetxt_0.6_base.txt", "iter_prunetxt_0.6_ppb.txt"
+    base_scores = SCORES.format("", "base", 1)
+    base_at = write_log(
+        tmp_path,
+        base_log,
+        [prune_block(), attack_block(80.0, "iter_prunetxt_0.6 (base)", THRESHOLD, base_scores), prune_block(time=12.5)],
+    )
+    ppb_blocks = [
+        prune_block("ppb", "4.0", time=20.0),
+        attack_block(79.0, "iter_prunetxt_0.6_ppb_4.0 (adaptive)", THRESHOLD),
+        attack_block(79.5, "iter_prunetxt_0.6 (base)", TOP3),
+        prune_block("ppb", "4.0", pretrained=82.0, time=21.0),
+        attack_block(78.0, "iter_prunetxt_0.6 (base)", TOP3),
+    ]
+    ppb_at = write_log(tmp_path, ppb_log, ppb_blocks, mtime=1_000_001)
+    prune_record(tmp_path, "10", base_log)
+    attack_record(tmp_path, "11", base_log, base_at[1], 80.0, THRESHOLD, "base", base_scores)
+    prune_record(tmp_path, "12", base_log, time=12.5, offset=base_at[2])
+    ppb = {"defense": "ppb", "defend_arg": 4.0, "prefix": "iter_prunetxt_0.6_ppb_4.0"}
+    prune_record(tmp_path, "20", ppb_log, time=20.0, **ppb)
+    attack_record(tmp_path, "21", ppb_log, ppb_at[1], 79.0, THRESHOLD, "adaptive", **ppb)
+    attack_record(tmp_path, "22", ppb_log, ppb_at[2], 79.5, TOP3, "base", **ppb)
+    prune_record(tmp_path, "23", ppb_log, pretrained=82.0, time=21.0, offset=ppb_at[3], **ppb)
+    attack_record(tmp_path, "24", ppb_log, ppb_at[4], 78.0, TOP3, "base", **ppb)
+
+    df = same_table_three_ways(tmp_path)
+    stale = "stale: pruned again after its attacks; rerun mia_modi.py for this setting (--all shows the earlier "
+    stale += "attacks)"
+    shown = ["defense", "defend_arg", "setting", "pretrained_acc", "pruned_acc", "defend_time_s", "status"]
+    assert cells(df, shown) == [
+        ["base", None, "base", 81.234, None, 12.5, stale],
+        ["ppb", 4.0, "adaptive", 82.0, 78.0, 21.0, stale],  # the new model's test accuracy, from its base attack
+        ["ppb", 4.0, "base", 82.0, 78.0, 21.0, "ok"],
+    ]
+    assert list(df.columns) == results.COLUMNS + [f"Top3-NN_{m}" for m in ("acc", "auc", "tpr1", "tpr01")]
+    assert df["Top3-NN_acc"].fillna(-1).tolist() == [-1, -1, TOP3["Top3-NN"][0]]
+
+    every = same_table_three_ways(tmp_path, newest_only=False)
+    assert cells(every, shown) == [
+        ["base", None, None, 81.234, None, 12.5, "ok"],
+        ["base", None, "base", 81.234, 80.0, 10.0, "ok"],
+        ["ppb", 4.0, "adaptive", 81.234, 79.0, 20.0, "ok"],
+        ["ppb", 4.0, "base", 81.234, 79.5, 20.0, "ok"],
+        ["ppb", 4.0, "base", 82.0, 78.0, 21.0, "ok"],
+    ]
+    assert every["Conf_acc"].fillna(-1).tolist() == [-1, 55.125, 55.125, -1, -1] and set(every["scores"].dropna()) == {
+        base_scores
+    }
 
 
 def test_adaptive_attack_on_base_is_the_base_setting(tmp_path):
