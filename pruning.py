@@ -41,11 +41,13 @@ def add_pruning_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_pruning_flags(pruner_name: str, sparsity: float) -> None:
-    """--pruner_name and --prune_sparsity, shared by prune_modi.py and mia_modi.py."""
+    """--pruner_name and --prune_sparsity, shared by prune_modi.py and mia_modi.py. Sparsity 0 is the
+    fine-tuning control: the same iterations and epochs, no weight removed, so a comparison with it separates
+    what the extra training does from what pruning does."""
     if pruner_name not in PRUNERS:
         raise UsageError(f"unknown pruner_name '{pruner_name}'; valid: {', '.join(PRUNERS)}")
-    if not 0 < sparsity < 1:
-        raise UsageError(f"--prune_sparsity must be in (0, 1), got {sparsity}")
+    if not 0 <= sparsity < 1:
+        raise UsageError(f"--prune_sparsity must be in [0, 1) (0: fine-tuned, not pruned), got {sparsity}")
 
 
 def check_prune_iter(pruner_name: str, prune_iter: int) -> None:

@@ -230,8 +230,8 @@ CASES = [
         2,
         ["unknown pruner_name 'magnitude'", "iter_pruning"],
     ),
-    prune_case("sparsity_one", ["--prune_sparsity", "1"], 2, ["--prune_sparsity", "(0, 1)", "1.0"]),
-    attack_case("sparsity_zero_mia", ["--prune_sparsity", "0"], 2, ["--prune_sparsity", "(0, 1)"]),
+    prune_case("sparsity_one", ["--prune_sparsity", "1"], 2, ["--prune_sparsity", "[0, 1)", "1.0"]),
+    attack_case("sparsity_negative_mia", ["--prune_sparsity", "-0.1"], 2, ["--prune_sparsity", "[0, 1)", "-0.1"]),
     Case(
         "prune_iter_zero",
         PRU,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from common import UsageError
 from models import ColumnFC, release_init
-from pruning import Pruner, magnitude_mask, prunable_layers, sparsity_schedule
+from pruning import Pruner, check_pruning_flags, magnitude_mask, prunable_layers, sparsity_schedule
 from train import load_checkpoint
 
 
@@ -184,3 +184,22 @@ def test_export_mask_keys_for_prunetxt(tmp_path):
     pruner.prune(1)
     pruner.export(str(tmp_path), 0, 50.0, 1.0)
     assert set(torch.load(tmp_path / "best_mask.pth", weights_only=True)) == {"fc1", "fc2"}
+
+
+@pytest.mark.parametrize("pruner_name", ["iter_prunetxt", "l1unstructure"])
+def test_sparsity_zero_is_the_fine_tuning_control_no_weight_removed(pruner_name):
+    """--prune_sparsity 0 is accepted and keeps the schedule's length (the same fine-tuning epochs), but every
+    iteration's sparsity is 0, so every mask stays all ones and the weights are untouched; 1 and below 0 are
+    refused."""
+    check_pruning_flags(pruner_name, 0.0)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UsageError, match=r"--prune_sparsity must be in \[0, 1\) \(0: fine-tuned, not pruned\)"):
+            check_pruning_flags(pruner_name, bad)
+    model = columnfc()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = Pruner(model, pruner_name, 0.0, 5)
+    assert pruner.schedule == ([0.0] * 5 if pruner_name == "iter_prunetxt" else [0.0])
+    for iteration in range(len(pruner.schedule)):
+        pruner.prune(iteration)
+    assert all(bool((mask == 1).all()) for mask in pruner.masks.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
