@@ -10,6 +10,7 @@ import pandas as pd
 from common import atomic_write
 from intervals import RESAMPLES
 from report_figures import (
+    draw_auc_bars,
     draw_bars,
     draw_iterations,
     draw_mechanism,
@@ -65,6 +66,13 @@ FIGURES = [  # (file name, caption, draw(collected, newest table aggregated over
         "Victim test accuracy (bars, left axis) with SAMIA and Conf attack accuracy (lines, right axis, "
         "error bars as above) per defense, in the paper's style; the first bar is the unpruned model.",
         lambda c, agg, root, zoom: draw_bars(agg, zoom),
+    ),
+    (
+        "auc",
+        "Victim test accuracy (bars, left axis) with the AUC of the strongest attacks (RMIA, LiRA, SAMIA, Conf as "
+        "present; lines, right axis from chance, error bars as above) per model: the unpruned model first, then the "
+        "fine-tuning control (sparsity 0, the same schedule, no weight removed) beside Base.",
+        lambda c, agg, root, zoom: draw_auc_bars(agg),
     ),
     (
         "iterations",

@@ -337,6 +337,55 @@ def draw_bars(agg, zoom=False):
     return fig
 
 
+AUC_ATTACKS = ("RMIA", "LiRA", "SAMIA", "Conf")  # the strongest first: the attacks the AUC bars show, as present
+
+
+def draw_auc_bars(agg):
+    """Pruned test accuracy as bars per model (left axis) and the AUC of the strongest attacks (AUC_ATTACKS, as
+    present) as lines over them with their error bars (right axis, from 0.5); the unpruned model first and the
+    fine-tuning control (sparsity 0) beside Base, in every sparsity's panel. AUC, not attack accuracy: an attack
+    that calls every sample a non-member has the share of non-members as its accuracy whatever the model."""
+    df = with_labels(agg[agg["setting"].notna() & (agg["setting"] != "original") & agg["pruned_acc"].notna()])
+    control, pruned = df[df["sparsity"] == 0], df[df["sparsity"] > 0]
+    attacks = [a for a in AUC_ATTACKS if f"{a}_auc" in df.columns and df[f"{a}_auc"].notna().any()]
+    if pruned.empty or not attacks:
+        raise NoData(f"no pruned run with {', '.join(AUC_ATTACKS[:-1])} or {AUC_ATTACKS[-1]} AUCs")
+    panels = list(dict.fromkeys(zip(pruned["group"], pruned["sparsity"])))
+    n_bars = max(len(pruned[pruned["group"] == g]) for g, _ in panels) + 2
+    fig, axes = panel_grid(1, len(panels), width=max(4.4, 0.9 * n_bars + 2))
+    for (group, sparsity), ax in zip(panels, axes[0]):
+        unpruned = {"label": "unpruned", "pruned_acc": unpruned_reference(agg, group, "pretrained_acc")}
+        for col in (f"{a}_auc{end}" for a in attacks for end in ("", "_lo", "_hi")):
+            unpruned[col] = unpruned_reference(agg, group, col)
+        d = pd.concat(
+            [
+                pd.DataFrame([unpruned] if not math.isnan(unpruned["pruned_acc"]) else []),
+                control[control["group"] == group],
+                pruned[(pruned["group"] == group) & (pruned["sparsity"] == sparsity)],
+            ],
+            ignore_index=True,
+        )
+        x = np.arange(len(d))
+        err = np.nan_to_num(np.asarray(std_of(d, "pruned_acc"), dtype=float))
+        colors = ["gainsboro" if lab == "unpruned" else "lightsteelblue" for lab in d["label"]]
+        ax.bar(x, d["pruned_acc"], yerr=err if err.any() else None, color=colors, edgecolor="black", capsize=3)
+        ax.set_ylim(max(0, d["pruned_acc"].min() - 15), 100)
+        ax.set_xticks(x, d["label"], rotation=30, ha="right")
+        ax.set_ylabel("victim test accuracy (%)")
+        ax.set_title(f"{group}, sparsity {sparsity:g}")
+        twin = ax.twinx()
+        for i, attack in enumerate(attacks):
+            offset = (i - (len(attacks) - 1) / 2) * 0.08  # side by side, so the intervals do not hide each other
+            col = f"{attack}_auc"
+            style = dict(marker="osD^"[i % 4], color=f"C{3 + i}", label=f"{attack} AUC")
+            plot_with_error(twin, x + offset, d[col], error_of(d, col), **style)
+        tops = [d[c].max() for a in attacks for c in (f"{a}_auc", f"{a}_auc_hi") if c in d.columns]
+        twin.set_ylim(0.5, max(0.75, np.nanmax(tops) + 0.02))
+        twin.set_ylabel("attack AUC (0.5 = chance)")
+    shared_legend(fig, twin)
+    return fig
+
+
 def draw_iterations(records):
     """The victim's best dev accuracy per pruning iteration, one line per defense (mean ± std over seeds)."""
     df = iteration_table(records)

@@ -22,10 +22,12 @@ class NoData(Exception):
 
 def run_label(row):
     """A run's name in legends: defense [argument] [tag] [(corrected)] [, Base shadows]; "unpruned" for
-    --original."""
+    --original, "fine-tuned, not pruned" for Base at sparsity 0."""
     if row.get("setting") == "original":
         return "unpruned"
     name = "Base" if row["defense"] == "base" else row["defense"]
+    if row.get("sparsity") == 0:  # the fine-tuning control: the same schedule, no weight removed
+        name = "fine-tuned, not pruned" if name == "Base" else f"{name}, not pruned"
     arg = row.get("defend_arg")
     if isinstance(arg, float) and not math.isnan(arg):
         name += f" {arg:g}"

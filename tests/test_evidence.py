@@ -301,3 +301,34 @@ def test_report_holds_the_paired_table_and_the_bins(synthetic):
     csv = pd.read_csv(out / "results.csv")
     assert csv[csv["defense"] == "ml2"]["Conf_auc_diff_lo"].notna().all()
     assert csv[csv["defense"] == "base"]["Conf_auc_diff"].isna().all()
+
+
+def test_the_auc_figure_shows_the_strongest_attacks_aucs_with_intervals_and_the_control_beside_base(synthetic):
+    """draw_auc_bars: bars of test accuracy, one AUC line per attack present (LiRA before Conf: strongest first),
+    its error bars the run's interval, and the fine-tuning control (Base at sparsity 0) between the unpruned
+    model and Base in the sparsity-0.6 panel (no panel of its own)."""
+    import matplotlib.pyplot as plt
+
+    _, collected, _, _ = synthetic
+    agg = report_tables.aggregate(collected.table)
+    base = agg[(agg["defense"] == "base") & (agg["setting"] == "base")].iloc[0]
+    control = base.copy()
+    control["sparsity"], control["pruned_acc"], control["LiRA_auc"] = 0.0, 85.0, 0.7
+    control["Conf_auc"], control["Conf_auc_lo"], control["Conf_auc_hi"] = 0.62, 0.58, 0.67
+    agg = pd.concat([agg, control.to_frame().T.astype(agg.dtypes.to_dict())], ignore_index=True)
+    fig = report_figures.draw_auc_bars(agg)
+    ax = fig.axes[0]
+    assert ax.get_title() == f"{RUN}, sparsity 0.6" and len([a for a in fig.axes if a.get_title()]) == 1
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["unpruned", "fine-tuned, not pruned", "Base", "ml2"]
+    assert [bar.get_height() for bar in ax.patches] == [90.0, 85.0, 80.0, 80.0]
+    twin = twin_of(fig, ax)
+    lines = {line.get_label(): line for line in twin.get_lines() if not line.get_label().startswith("_")}
+    assert list(lines) == ["LiRA AUC", "Conf AUC"]
+    assert twin.get_ylim()[0] == 0.5 and twin.get_ylabel() == "attack AUC (0.5 = chance)"
+    order = [agg[agg["setting"] == "original"].iloc[0], control, base, agg[agg["defense"] == "ml2"].iloc[0]]
+    for attack in ("LiRA", "Conf"):
+        assert list(lines[f"{attack} AUC"].get_ydata()) == [row[f"{attack}_auc"] for row in order]
+    (conf_bars,) = twin.collections  # LiRA has no interval in these runs
+    ends = np.array([seg[:, 1] for seg in conf_bars.get_segments()])
+    assert np.allclose(ends, [[row["Conf_auc_lo"], row["Conf_auc_hi"]] for row in order])
+    plt.close(fig)
