@@ -86,11 +86,17 @@ def expand(grid):
                         origin=f"config {config}, seed {seed}, original",
                     )
                 )
-            for sparsity in grid.sparsities:
+            plans = [(sparsity, list(zip(grid.settings[config], tags))) for sparsity in grid.sparsities]
+            if grid["control"] and 0.0 not in grid.sparsities:  # Base, the same schedule, no weight removed
+                from defenses import Base
+
+                plans.insert(0, (0.0, [(("control", Base, {}), "")]))
+            for sparsity, settings in plans:
                 where = ["--pruner_name", pruner, "--prune_sparsity", str(sparsity)]
                 base_prune, defended = None, []
-                for (i, cls, setting), tag in zip(grid.settings[config], tags):
-                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, defenses[{i}]" + (
+                for (i, cls, setting), tag in settings:
+                    entry = i if i == "control" else f"defenses[{i}]"
+                    origin = f"config {config}, seed {seed}, sparsity {sparsity}, {entry}" + (
                         f" {setting}" if setting else ""
                     )
                     prefix = tagged(cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"]), tag)

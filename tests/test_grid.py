@@ -38,6 +38,7 @@ TINY = {
     "shadow_num": 1,
     "attacks": "threshold",
     "original": False,
+    "control": False,
     "overrides": {
         "pretrain": {"epochs": 2, "no_tensorboard": True},
         "prune": {"prune_epochs": 2, "no_tensorboard": True},

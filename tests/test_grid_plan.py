@@ -21,7 +21,13 @@ SCORES = os.path.join("memscore", "memscore_digits_columnfc.csv")
 
 def write_grid(folder, **changes):
     with open(os.path.join(REPO, "grids", "digits.json")) as f:
-        data = {**json.load(f), "original": False, "attacks": "threshold,samia", **changes}  # the grid these tests know
+        data = {
+            **json.load(f),
+            "original": False,
+            "control": False,
+            "attacks": "threshold,samia",
+            **changes,
+        }  # the grid these tests know
     path = os.path.join(folder, "g.json")
     with open(path, "w") as f:
         json.dump(data, f)
@@ -47,6 +53,24 @@ def load(folder, **changes):
 def fix():
     cfg = json.load(open(os.path.join(REPO, "config", "digits.json")))
     return memscores.memscore_fix(SimpleNamespace(gpu_id=-1, config_path="config/digits.json", **cfg))
+
+
+def test_the_fine_tuning_control_is_base_at_sparsity_0_with_the_same_schedule(no_scores):
+    """ "control": true adds one Base prune at sparsity 0 (the grid's prune_iter and overrides, so the same
+    epochs) and its attack, after the pretraining; a grid that lists sparsity 0 itself gets no second one."""
+    _, plain = load(no_scores)
+    _, steps = load(no_scores, control=True)
+    added = [s for s in steps if s.name not in {p.name for p in plain}]
+    assert [s.name for s in added] == [f"{RUN}/prune.iter_prunetxt_0.0", f"{RUN}/attack.iter_prunetxt_0.0"]
+    assert [s.name for s in steps[1:3]] == [s.name for s in added]
+    base = next(s for s in plain if s.name == f"{RUN}/prune.iter_prunetxt_0.6")
+    assert added[0].argv == [a if a != "0.6" else "0.0" for a in base.argv]
+    assert "--defend" not in added[0].argv and added[0].needs == [f"{RUN}/pretrain"]
+    assert added[0].log == os.path.join("log", RUN, "iter_prunetxt_0.0_base.txt")
+    assert added[1].needs == [added[0].name]
+    _, listed = load(no_scores, control=True, sparsities=[0.0, 0.6])
+    names = [s.name for s in listed]
+    assert len(names) == len(set(names)) and names.count(f"{RUN}/prune.iter_prunetxt_0.0") == 1
 
 
 def test_the_unpruned_attack_follows_its_pretraining(no_scores):
