@@ -2,7 +2,7 @@
 pool, iterative pruning under a defense, leave-one-out LiRA and RMIA pooled over the M targets, TPR at 0.1 % and
 1 % FPR next to test accuracy, and a DP-SGD baseline tuned to the same test accuracy.
 
-python audit.py prepare   GPU-ID CONFIG [--models 32] [--canaries K | --audit_top_memscore K]
+python audit.py prepare   GPU-ID CONFIG [--models 32 (>= 3)] [--canaries K | --audit_top_memscore K]
 python audit.py pretrain  GPU-ID CONFIG --group G [--group_size 8]
 python audit.py memscore  GPU-ID CONFIG
 python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
@@ -42,6 +42,7 @@ from common import (
 )
 from defenses import add_defense_flags, get_defense
 from intervals import RESAMPLES
+from loo_attacks import LIRA_MIN_MODELS, RMIA_MIN_MODELS
 from models import build_model
 from pruning import (
     add_pruning_flags,
@@ -80,7 +81,7 @@ def add_prune_flags(parser) -> None:
 def build_parser(step: str) -> argparse.ArgumentParser:
     parser = common_parser(step)
     if step in ("prepare", "all"):
-        parser.add_argument("--models", type=int, default=32, help="M, the audited models")
+        parser.add_argument("--models", type=int, default=32, help="M, the audited models (>= 3)")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--canaries", type=int, default=None, help="K mislabelled pool rows (default: see --help)")
         group.add_argument("--audit_top_memscore", type=int, default=None, help="audit the K top mem-score rows")
@@ -131,8 +132,12 @@ def get_args(argv=None):
 
 
 def check_step_args(args) -> None:
-    if getattr(args, "models", 2) < 2:
-        raise UsageError(f"--models must be >= 2 (leave-one-out needs other models), got {args.models}")
+    if getattr(args, "models", LIRA_MIN_MODELS) < LIRA_MIN_MODELS:
+        raise UsageError(
+            f"--models must be >= {LIRA_MIN_MODELS}, got {args.models}: leave-one-out LiRA scores a row on a target "
+            f"model from an IN and an OUT reference among the other M - 1 models, so it needs M - 1 >= 2 (with 2 "
+            f"models every LiRA score is 0 and its AUC 0.5); RMIA needs {RMIA_MIN_MODELS - 1} other model"
+        )
     for flag in ("canaries", "audit_top_memscore"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:

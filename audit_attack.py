@@ -4,6 +4,7 @@ over the M models of a stage, its attack record and scores, and audit.csv with i
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from common import (
 )
 from ensemble import predict_ensemble
 from intervals import FPR_TARGETS, measurable
-from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo
+from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo, unscored_pairs
 from memscores import read_memscores
 from paths import (
     AUDIT_CSV,
@@ -90,6 +91,7 @@ def attack(args) -> None:
         if old.get("models_sha256") == stamp and old.get("attack_settings") == attack_settings:
             print(f"Nothing to do: {record_path} holds this attack on these models")
             return
+    warn_unscored(plan)
     device = pick_device(args.gpu_id)
     data = audit_data(args, plan, device)
     rows = np.concatenate([np.arange(plan.n), plan.test])
@@ -168,6 +170,19 @@ def attack(args) -> None:
     }
     write_json(record_path, record)
     log.close()
+
+
+def warn_unscored(plan) -> None:
+    """A plan with too few models (made before audit.py refused them) leaves (row, target) pairs that LiRA scores
+    0 whatever the models do: say how many."""
+    unscored = unscored_pairs(plan.member)
+    if unscored:
+        print(
+            f"warning: {unscored}/{plan.member.size} (row, target) pairs have no IN or no OUT reference among the "
+            f"other {plan.models - 1} models, and LiRA scores them 0 (no information); prepare an audit with more "
+            f"--models (about 2^-(M-2) of the pairs lack one)",
+            file=sys.stderr,
+        )
 
 
 def rmia_population_loo(logits, plan, test_labels, gamma) -> np.ndarray:

@@ -23,6 +23,9 @@ from attacks import RMIA_GAMMA, _rankable, logit_confidence, rmia_ratio, true_la
 from intervals import FPR_TARGETS, LEVEL, RESAMPLES, Attacked, Sorted, measurable, percentile_interval, resample_indices
 
 LIRA_ONLINE_PER_SAMPLE_MIN = 32  # models (target included) from which each sample gets its own variances
+# Models (target included) from which an attack's score can say anything: LiRA needs an IN and an OUT reference
+# among the other M - 1 models, so M - 1 >= 2; RMIA's p_m(x) needs one other model.
+LIRA_MIN_MODELS, RMIA_MIN_MODELS = 3, 2
 VAR_FLOOR = 1e-12  # smallest variance of a Gaussian, as in attacks.lira_scores
 METRICS = ("AUC",) + tuple(FPR_TARGETS)  # audit_metrics' metrics, in report order
 BOOTSTRAP_STEP = 1 << 21  # decisions x resamples per vectorised bootstrap step (bounds the memory)
@@ -149,6 +152,15 @@ def lira_online_loo(logits, labels, member, per_sample_var: bool = None) -> np.n
     with np.errstate(invalid="ignore"):
         ratio = _log_normal(phi, moments_in[1], var_in) - _log_normal(phi, moments_out[1], var_out)
     return np.where((moments_in[0] > 0) & (moments_out[0] > 0), ratio, 0.0)
+
+
+def unscored_pairs(member) -> int:
+    """How many (target m, sample n) pairs have no IN or no OUT reference among the other M - 1 models: the
+    pairs that lira_online_loo scores 0 whatever the models do. member (M, N) bool."""
+    member = _numpy(member).astype(bool)
+    ins = member.sum(0) - member  # IN references of target m on sample n
+    outs = (~member).sum(0) - ~member
+    return int(((ins == 0) | (outs == 0)).sum())
 
 
 # ---------------------------------------------------------------- RMIA with IN references

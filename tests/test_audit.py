@@ -222,12 +222,11 @@ def test_batched_base_pruning_equals_the_model_by_model_loop(tmp_path, monkeypat
     as_repo(monkeypatch, tmp_path)
     long = ["--quiet", "--no_tensorboard", "--batch_size", "64"]
     pruning = ["--pruner_name", "iter_prunetxt", "--prune_iter", "3", "--prune_epochs", "10", "--early_stop", "0"]
-    audit.main(["prepare", "-1", CONFIG, "--models", "2", "--canaries", "8", *long])
-    audit.main(["pretrain", "-1", CONFIG, "--group", "0", "--epochs", "30", *long])
-    audit.main(["prune", "-1", CONFIG, "--group", "0", "--epochs", "30", *pruning, *long])
-    audit.main(
-        ["prune", "-1", CONFIG, "--group", "0", "--epochs", "30", *pruning, *long, "--sequential", "--tag", "seq"]
-    )
+    pair = ["--group", "0", "--group_size", "2"]  # models 0 and 1 of the 3 (the fewest a plan may have)
+    audit.main(["prepare", "-1", CONFIG, "--models", "3", "--canaries", "8", *long])
+    audit.main(["pretrain", "-1", CONFIG, "--group", "0", "--group_size", "3", "--epochs", "30", *long])
+    audit.main(["prune", "-1", CONFIG, *pair, "--epochs", "30", *pruning, *long])
+    audit.main(["prune", "-1", CONFIG, *pair, "--epochs", "30", *pruning, *long, "--sequential", "--tag", "seq"])
     epochs = []
     for m in range(2):
         folder = os.path.join(AUDIT, "iter_prunetxt_0.6", f"model_{m}")
@@ -338,7 +337,7 @@ def test_refusals_are_one_error_line(tiny):
     assert "do not fit the pool of 539" in refused(
         "prepare", "-1", CONFIG, "--canaries", "540", "--audit_tag", "x", code=2
     )
-    assert "--models must be >= 2" in refused("prepare", "-1", CONFIG, "--models", "1", "--audit_tag", "x", code=2)
+    assert "--models must be >= 3" in refused("prepare", "-1", CONFIG, "--models", "1", "--audit_tag", "x", code=2)
     line = refused("attack", "-1", CONFIG, *PRUNING, "--defend", "ml2", "--mem_thre", "0.3", code=1)
     assert "4 of 4 models are not finished" in line and "audit.py prune" in line and "--group G" in line
     line = refused("prune", "-1", CONFIG, "--group", "0", *PRUNING, "--defend", "dp", code=1)

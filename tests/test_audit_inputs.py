@@ -1,0 +1,91 @@
+"""What the audit does with inputs it cannot use: too few models for the attacks (refused; an older plan warned
+of), a broken file one step wrote and a later one reads (one error line naming it and the command that
+rebuilds it; the attack redoes a stage whose scores file is not the one it wrote), and the dp row's ε range.
+One small audit (M = 3, the fewest, 2 epochs: pretrained and dp-pruned, both attacked) is built once; each
+test breaks a copy of it."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import audit
+from conftest import REPO, as_repo
+from helpers import copy_run, run_forked
+
+CONFIG = os.path.join(REPO, "config", "digits.json")
+TINY = ["--epochs", "2", "--quiet", "--no_tensorboard", "--batch_size", "64"]
+PRUNING = ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2"]
+DP = ["--defend", "dp", "--defend_arg", "1", "--semantics", "corrected"]
+AUDIT = os.path.join("result", "digits_columnfc", "audit")
+DP_STAGE = "iter_prunetxt_0.6_dp_1.0_corrected"
+PRETRAINED_ATTACK = ["--original", "--bootstrap", "20", *TINY]
+
+
+def step(name, *flags):
+    audit.main([name, "-1", CONFIG, *flags, *TINY])
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A finished audit of 3 models and 8 canaries: pretrained, mem-scores, dp-pruned, both stages attacked,
+    summarized. Yields its folder."""
+    folder = tmp_path_factory.mktemp("audit_inputs")
+    monkeypatch = pytest.MonkeyPatch()
+    as_repo(monkeypatch, folder)
+    torch.set_num_threads(1)
+    step("prepare", "--models", "3", "--canaries", "8")
+    step("pretrain", "--group", "0", "--group_size", "3")
+    step("memscore")
+    audit.main(["attack", "-1", CONFIG, *PRETRAINED_ATTACK])
+    step("prune", "--group", "0", "--group_size", "3", *PRUNING, *DP)
+    step("attack", *PRUNING, *DP, "--bootstrap", "20")
+    step("summarize")
+    yield folder
+    monkeypatch.undo()
+
+
+def audit_py(*args, cwd):
+    """audit.py args run as a script in cwd: (exit status, stdout, the non-empty lines of stderr)."""
+    proc = run_forked("audit.py", *args, cwd=cwd)
+    return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- too few models
+
+
+@pytest.mark.parametrize("command", ["prepare", "all"])
+def test_two_models_are_refused_because_no_row_would_have_both_references(tmp_path, command):
+    code, _, lines = audit_py(command, "-1", CONFIG, "--models", "2", cwd=tmp_path)
+    assert code == 2 and lines == [
+        "error: --models must be >= 3, got 2: leave-one-out LiRA scores a row on a target model from an IN and an "
+        "OUT reference among the other M - 1 models, so it needs M - 1 >= 2 (with 2 models every LiRA score is 0 "
+        "and its AUC 0.5); RMIA needs 1 other model"
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_attack_warns_of_the_pairs_lira_cannot_score(small, tmp_path):
+    """With 3 models about half the (row, target) pairs have both references among the other two: the attack
+    counts the rest, which a literal loop over the plan counts too, and LiRA scores exactly those 0."""
+    folder = copy_run(small, tmp_path)
+    os.remove(os.path.join(folder, AUDIT, "records", "pretrained.json"))
+    code, _, lines = audit_py("attack", "-1", CONFIG, *PRETRAINED_ATTACK, cwd=folder)
+    with np.load(os.path.join(folder, AUDIT, "plan.npz")) as z:
+        member = z["member"]
+    unscored = np.zeros(member.shape, dtype=bool)
+    for m in range(3):
+        for n in range(member.shape[1]):
+            others = {bool(member[k, n]) for k in range(3) if k != m}
+            unscored[m, n] = others != {True, False}
+    assert code == 0 and lines == [
+        f"warning: {unscored.sum()}/{member.size} (row, target) pairs have no IN or no OUT reference among the other "
+        "2 models, and LiRA scores them 0 (no information); prepare an audit with more --models (about 2^-(M-2) of "
+        "the pairs lack one)"
+    ]
+    assert 0.4 < unscored.mean() < 0.6
+    with np.load(os.path.join(folder, AUDIT, "scores", "pretrained.npz")) as z:
+        lira = z["score_LiRA"]
+    assert (lira[unscored] == 0).all() and (lira[~unscored] != 0).all()
