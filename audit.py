@@ -14,7 +14,9 @@ python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defen
 
 Every step is idempotent: what it would write and is already there, made from the same inputs and settings,
 is skipped ("Nothing to do"), so a rerun (or a grid that resumes) does only the missing work. Model folders are
-written through train.Staging and finished with a completion record; every other file atomically. Flags shared
+written through train.Staging and finished with a completion record; every other file atomically. A step is done
+only while its files are as it wrote them (their SHA-256 in its record): a broken one is redone, and a step that
+reads one names it and the command that rebuilds it. --models is at least 3 (docs/audit.md). Flags shared
 by all steps: --seed (the audit's draws and its folder, as in the other scripts), --audit_tag T (a second audit
 of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The dp defense without
 --defend_arg reads the noise multiplier tune_dp picked. audit_plan.audit_steps() lists the steps in dependency order.

@@ -12,7 +12,9 @@ import torch
 import audit_report
 from audit_common import (
     again,
+    attack_stale,
     audit_data,
+    check_memscore_files,
     for_groups,
     load_models,
     load_plan,
@@ -20,7 +22,9 @@ from audit_common import (
     prepare_prune_args,
     prune_flags_of,
     prune_info,
-    read_json,
+    read_attack_records,
+    read_scores,
+    rebuild,
     require_finished,
     require_pretrained,
     stage_of,
@@ -54,6 +58,7 @@ from paths import (
 from records import code_version, iso, number, utc_now
 from train import (
     completion_record,
+    file_sha256,
 )
 
 ATTACKS = ("LiRA", "RMIA")
@@ -87,10 +92,11 @@ def attack(args) -> None:
     stamp = models_sha256(folders)
     record_path = audit_record_path(args, stage)
     if os.path.isfile(record_path):
-        old = read_json(record_path, again(args, "attack"))
-        if old.get("models_sha256") == stamp and old.get("attack_settings") == attack_settings:
+        stale = attack_stale(record_path, stamp, attack_settings)
+        if stale is None:
             print(f"Nothing to do: {record_path} holds this attack on these models")
             return
+        print(f"Attacking {stage} again: {stale}")
     warn_unscored(plan)
     device = pick_device(args.gpu_id)
     data = audit_data(args, plan, device)
@@ -164,6 +170,8 @@ def attack(args) -> None:
         "models_sha256": stamp,
         "plan_sha256": plan_sha,
         "scores": scores_file,
+        "scores_sha256": file_sha256(scores_file),
+        "flags": args.argv[2:],
         "code": code_version(),
         "end": iso(utc_now()),
         "log": {"path": log.path, "offset": offset, "end": os.path.getsize(log.path)},
@@ -197,31 +205,30 @@ def rmia_population_loo(logits, plan, test_labels, gamma) -> np.ndarray:
 
 def summarize(args) -> None:
     """audit.csv (one row per attacked stage: defense and setting), the privacy-utility figure and the mem-score
-    decile tables, from the attack records and their scores files; files that would not change are left alone."""
-    folder = os.path.dirname(audit_record_path(args, "x"))
-    records = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json") and not name.startswith(".tmp_"):
-            records.append(read_json(os.path.join(folder, name), again(args, "attack")))
+    decile tables, from the attack records and their scores files; files that would not change are left alone.
+    Every file it reads is checked first (the scores against their records' checksums), so a broken one stops
+    it with the command that rebuilds it before anything is written."""
+    records = audit_report.ordered(read_attack_records(args))
     if not records:
+        folder = os.path.dirname(audit_record_path(args, "x"))
         raise MissingError(f"no audit attack records under {folder}; {again(args, 'attack', '--original')}")
+    scores = {record["stage"]: read_scores(args, record) for record in records}
+    plan, _ = load_plan(args)
+    estimate = summary_memscores(args, plan)
     out = args.out or audit_dir(args)
     os.makedirs(out, exist_ok=True)
     table = audit_report.audit_table(records)
-    add_paired_with_base(table, records)
+    add_paired_with_base(table, records, scores)
     changed = write_if_changed(os.path.join(out, AUDIT_CSV), table.to_csv(index=False).encode())
     plane = audit_report.draw_plane(table)
     changed |= write_if_changed(os.path.join(out, AUDIT_PLANE), audit_report.png_bytes(plane))
-    plan, _ = load_plan(args)
-    path = audit_memscore_path(args)
-    estimate = read_memscores(path, plan.n, again(args, "memscore")).numpy() if os.path.isfile(path) else None
     panels = []
-    for record in audit_report.ordered(records):
-        with np.load(record["scores"], allow_pickle=False) as z:
-            for attack_name in ATTACKS:
-                if estimate is not None:
-                    rows = decile_table(z[f"score_{attack_name}"], z["member"], estimate)
-                    panels.append((audit_report.row_label(record), attack_name, rows))
+    for record in records:
+        z = scores[record["stage"]]
+        for attack_name in ATTACKS:
+            if estimate is not None:
+                rows = decile_table(z[f"score_{attack_name}"], z["member"], estimate)
+                panels.append((audit_report.row_label(record), attack_name, rows))
     text = audit_report.deciles_markdown(panels, plan)
     changed |= write_if_changed(os.path.join(out, AUDIT_DECILES), text.encode())
     print(audit_report.markdown_table(table))
@@ -229,11 +236,20 @@ def summarize(args) -> None:
     print(("Wrote" if changed else "Nothing to do: unchanged") + f" {out}/{AUDIT_CSV}, {AUDIT_PLANE}, {AUDIT_DECILES}")
 
 
-def add_paired_with_base(table, records) -> None:
+def summary_memscores(args, plan):
+    """The audit's mem-score estimate (numpy) for the decile tables, None before the memscore step ran."""
+    path = audit_memscore_path(args)
+    if not os.path.isfile(path):
+        return None
+    check_memscore_files(args, path)
+    return read_memscores(path, plan.n, rebuild(args, "memscore")).numpy()
+
+
+def add_paired_with_base(table, records, scores) -> None:
     """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first base
     row) on the same decisions, with loo_attacks.paired_difference's paired cluster bootstrap (Base's
     resamples and seed); nan on Base's own row and when no Base stage was attacked. Every stage's models train
-    on the plan's halves, so the decisions pair up."""
+    on the plan's halves, so the decisions pair up. scores: each stage's read_scores."""
     ordered = audit_report.ordered(records)
     base = next((r for r in ordered if r["defense"] == "base"), None)
     columns = {
@@ -244,25 +260,24 @@ def add_paired_with_base(table, records) -> None:
         for suffix in ("", "_lo", "_hi")
     }
     if base is not None:
-        settings = base["attack_settings"]
-        with np.load(base["scores"], allow_pickle=False) as base_scores:
-            for i, record in enumerate(ordered):
-                if record is base:
-                    continue
-                with np.load(record["scores"], allow_pickle=False) as z:
-                    for attack_name in ATTACKS:
-                        for subset in SUBSETS:
-                            found = paired_difference(
-                                z[f"score_{attack_name}"],
-                                base_scores[f"score_{attack_name}"],
-                                z["member"],
-                                z["audited"] if subset == "audited" else None,
-                                resamples=settings["bootstrap"],
-                                seed=settings["seed"],
-                            )
-                            for metric, short in audit_report.SHORT.items():
-                                key = f"{attack_name}_{subset}_{short}_vs_base"
-                                for suffix, value in zip(("", "_lo", "_hi"), found[metric]):
-                                    columns[key + suffix][i] = value
+        settings, base_scores = base["attack_settings"], scores[base["stage"]]
+        for i, record in enumerate(ordered):
+            if record is base:
+                continue
+            z = scores[record["stage"]]
+            for attack_name in ATTACKS:
+                for subset in SUBSETS:
+                    found = paired_difference(
+                        z[f"score_{attack_name}"],
+                        base_scores[f"score_{attack_name}"],
+                        z["member"],
+                        z["audited"] if subset == "audited" else None,
+                        resamples=settings["bootstrap"],
+                        seed=settings["seed"],
+                    )
+                    for metric, short in audit_report.SHORT.items():
+                        key = f"{attack_name}_{subset}_{short}_vs_base"
+                        for suffix, value in zip(("", "_lo", "_hi"), found[metric]):
+                            columns[key + suffix][i] = value
     for key, values in columns.items():
         table[key] = values

@@ -10,7 +10,7 @@ import shlex
 import numpy as np
 import torch
 
-from audit_plan import Plan
+from audit_plan import Plan, broken_file, error_text
 from common import (
     MissingError,
     UsageError,
@@ -27,6 +27,7 @@ from paths import (
     audit_memscore_path,
     audit_model_dir,
     audit_plan_path,
+    audit_record_path,
     checkpoint,
     tagged,
 )
@@ -40,22 +41,31 @@ from train import (
 )
 
 
+def audit_command(args, step: str, *flags, own_audit: bool = True) -> str:
+    """'python audit.py <step> GPU-ID CONFIG [flags]', with this audit's --seed and --audit_tag unless
+    own_audit is False (flags that already hold them: a step's command line as recorded)."""
+    extra = []
+    if own_audit and args.seed != 7:
+        extra += ["--seed", str(args.seed)]
+    if own_audit and args.audit_tag:
+        extra += ["--audit_tag", args.audit_tag]
+    return shlex.join(["python", "audit.py", step, str(args.gpu_id), args.config_path, *flags, *extra])
+
+
 def again(args, step: str, *flags) -> str:
     """'run python audit.py <step> GPU-ID CONFIG [flags] first'."""
-    extra = []
-    if args.seed != 7:
-        extra += ["--seed", str(args.seed)]
-    if args.audit_tag:
-        extra += ["--audit_tag", args.audit_tag]
-    return (
-        "run " + shlex.join(["python", "audit.py", step, str(args.gpu_id), args.config_path, *flags, *extra]) + " first"
-    )
+    return f"run {audit_command(args, step, *flags)} first"
+
+
+def rebuild(args, step: str, *flags) -> str:
+    """'rebuild it with: python audit.py <step> GPU-ID CONFIG [flags]'."""
+    return f"rebuild it with: {audit_command(args, step, *flags)}"
 
 
 def load_plan(args) -> tuple:
     """(plan, its SHA-256)."""
     path = audit_plan_path(args)
-    plan = Plan.load(path, again(args, "prepare"))
+    plan = Plan.load(path, audit_command(args, "prepare"))
     return plan, file_sha256(path)
 
 
@@ -190,7 +200,7 @@ def resolve_dp_noise(args, plan_sha) -> None:
         raise MissingError(
             f"--defend dp without --defend_arg reads the tuned noise multiplier {path}, not found; {fix}"
         )
-    tuned = read_json(path, fix)
+    tuned = read_json(path, "the tuned DP noise multiplier", rebuild(args, "tune_dp", *dp_flags(args)))
     if tuned.get("plan_sha256") != plan_sha or tuned.get("tuned_for") != json.loads(json.dumps(tuned_for(args))):
         raise MissingError(f"{path} was tuned for another plan or other pruning/DP settings than these; {fix}")
     args.defend_arg = float(tuned["noise"])
@@ -202,12 +212,95 @@ def dp_flags(args) -> list:
     return flags
 
 
-def read_json(path, fix):
+def load_json(path) -> tuple:
+    """(the JSON object in path, None), or (None, what is wrong with it) when it holds none. An OSError (a
+    missing file, no permission) is raised: rebuilding the file would not cure it."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise MissingError(f"{path} is unreadable ({type(err).__name__}); delete it and {fix}")
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode())
+    except ValueError as err:  # not JSON, not UTF-8
+        return None, f"unreadable ({error_text(err)})"
+    if not isinstance(value, dict):
+        return None, f"holds a JSON {type(value).__name__}, not an object"
+    return value, None
+
+
+def read_json(path, what: str, fix: str) -> dict:
+    """The JSON object in path; else the error line naming the file, what is wrong and fix."""
+    value, problem = load_json(path)
+    if problem:
+        raise broken_file(path, what, problem, fix)
+    return value
+
+
+RECORD_KEYS = ("stage", "defense", "scores", "attacks", "test_acc", "models", "audited", "attack_settings")
+
+
+def read_attack_records(args) -> list:
+    """Every stage's attack record (records/<stage>.json), by file name; the error line for one that is
+    unreadable or lacks a key that audit.csv's row reads."""
+    folder = os.path.dirname(audit_record_path(args, "x"))
+    records = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".json") and not name.startswith(".tmp_"):
+            path, stage = os.path.join(folder, name), name[: -len(".json")]
+            record, problem = load_json(path)
+            lacking = [k for k in RECORD_KEYS if k not in (record or {})]
+            if problem is None and lacking:
+                problem = f"lacks {', '.join(lacking)}"
+            if problem:
+                raise broken_file(path, f"the attack record of stage {stage}", problem, rebuild_attack(args, stage))
+            records.append(record)
+    return records
+
+
+def rebuild_attack(args, stage: str, record: dict = None) -> str:
+    """'rebuild it with: python audit.py attack ...': the flags the record says its attack ran with; without
+    them (an unreadable or older record), --original for the unpruned stage, else the stage's own flags."""
+    flags = (record or {}).get("flags")
+    if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
+        return f"rebuild it with: {audit_command(args, 'attack', *flags, own_audit=False)}"
+    if stage == AUDIT_PRETRAINED:
+        return rebuild(args, "attack", "--original")
+    return rebuild(args, "attack") + f" and the pruning and defense flags that made stage {stage}"
+
+
+SCORE_ARRAYS = ("member", "audited", "score_LiRA", "score_RMIA")  # what summarize reads of a scores file
+
+
+def read_scores(args, record: dict) -> dict:
+    """The SCORE_ARRAYS of a stage's scores file, which must be the file its attack wrote: its SHA-256 the one
+    the record holds (a record older than that checksum: a file that loads); else the error line."""
+    path, stage = record["scores"], record["stage"]
+    what, fix = f"the audit scores of stage {stage}", rebuild_attack(args, stage, record)
+    if not os.path.isfile(path):
+        raise broken_file(path, what, "not found", fix)
+    if "scores_sha256" in record and file_sha256(path) != record["scores_sha256"]:
+        written_by = audit_record_path(args, stage)
+        raise broken_file(path, what, f"not the file its attack wrote (SHA-256 differs from {written_by}'s)", fix)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in SCORE_ARRAYS}
+    except Exception as err:  # truncated or not a zip, an array missing, a pickled array
+        raise broken_file(path, what, f"unreadable ({error_text(err)})", fix)
+
+
+def attack_stale(record_path: str, stamp: str, attack_settings: dict):
+    """Why the attack record at record_path does not stand for this attack on these models with its scores file
+    as written, or None when it does (the attack has nothing to do)."""
+    record, problem = load_json(record_path)
+    if problem:
+        return f"its record {record_path} is {problem}"
+    if record.get("models_sha256") != stamp or record.get("attack_settings") != attack_settings:
+        return "the models or the attack settings changed"
+    scores = record.get("scores")
+    if not (isinstance(scores, str) and os.path.isfile(scores)):
+        return f"its scores file {scores} is missing"
+    if "scores_sha256" not in record:
+        return f"its record {record_path} holds no checksum of its scores file (an older audit.py wrote it)"
+    if record["scores_sha256"] != file_sha256(scores):
+        return f"its scores file {scores} is not the file the attack wrote (SHA-256 differs from the record's)"
+    return None
 
 
 def write_json(path, record) -> None:
@@ -277,18 +370,32 @@ def memscore_current(args, path, stamp) -> bool:
         sidecar = read_sidecar(sidecar_path(path), "")
     except MissingError:
         return False
-    with open(path, "rb") as f:
-        csv_sha = hashlib.sha256(f.read()).hexdigest()
-    return sidecar.get("models_sha256") == stamp and sidecar["csv_sha256"] == csv_sha
+    return sidecar.get("models_sha256") == stamp and sidecar["csv_sha256"] == file_sha256(path)
+
+
+def check_memscore_files(args, path) -> None:
+    """The memscore step's CSV and fingerprint as it wrote them (the CSV's SHA-256 the one the fingerprint
+    holds); else the error line naming the file that is not."""
+    fix = rebuild(args, "memscore")
+    try:
+        sidecar = read_sidecar(sidecar_path(path), "")
+    except MissingError:
+        raise broken_file(sidecar_path(path), "the audit's mem-score fingerprint", "missing or unreadable", fix)
+    if file_sha256(path) != sidecar["csv_sha256"]:
+        problem = f"not the file the memscore step wrote (SHA-256 differs from {sidecar_path(path)}'s)"
+        raise broken_file(path, "the audit's mem-scores", problem, fix)
 
 
 def read_audit_memscores(args, plan, plan_sha, data) -> tuple:
     """(mem-scores tensor, models stamp) written by the memscore step for the current pretrained models."""
     path = audit_memscore_path(args)
     stamp = models_sha256(require_pretrained(args, plan, plan_sha))
-    fix = again(args, "memscore")
+    fix = rebuild(args, "memscore")
+    if not os.path.isfile(path):
+        raise MissingError(f"the audit's mem-scores {path} not found; {again(args, 'memscore')}")
+    check_memscore_files(args, path)
     if not memscore_current(args, path, stamp):
-        raise MissingError(f"the audit's mem-scores {path} are missing or were made from other models; {fix}")
+        raise broken_file(path, "the audit's mem-scores", "made from other pretrained models", fix)
     sidecar = read_sidecar(sidecar_path(path), fix)
     if sidecar["train_sha256"] != train_sha256(data.x[: plan.n], data.y[: plan.n]):
         raise MissingError(f"the audit's mem-scores {path} score another pool or other labels; {fix}")

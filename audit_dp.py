@@ -11,13 +11,13 @@ import numpy as np
 
 from audit_common import (
     NullLog,
-    again,
     audit_data,
+    load_json,
     load_models,
     load_plan,
     model_split,
     pretrained_folders,
-    read_json,
+    read_attack_records,
     tuned_for,
     write_json,
 )
@@ -35,7 +35,6 @@ from paths import (
     audit_dir,
     audit_dp_noise_path,
     audit_log_path,
-    audit_record_path,
     checkpoint,
     run_name,
 )
@@ -67,15 +66,8 @@ def parse_noise(text) -> list:
 
 def wemem_records(args) -> list:
     """The attack records of the mem-score (WeMeM) defenses audited so far."""
-    folder = os.path.dirname(audit_record_path(args, "x"))
-    out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json") and not name.startswith(".tmp_"):
-            record = read_json(os.path.join(folder, name), again(args, "attack"))
-            defense = DEFENSES.get(record.get("defense"))
-            if defense is not None and defense.needs_memscore:
-                out.append(record)
-    return out
+    needs_memscore = lambda record: record["defense"] in DEFENSES and DEFENSES[record["defense"]].needs_memscore
+    return [record for record in read_attack_records(args) if needs_memscore(record)]
 
 
 def tune_dp(args) -> None:
@@ -104,7 +96,7 @@ def tune_dp(args) -> None:
         "refine": args.refine,
     }
     if os.path.isfile(path):
-        old = read_json(path, again(args, "tune_dp"))
+        old = load_json(path)[0] or {}  # an unreadable one is tuned again
         if all(json.dumps(old.get(k)) == json.dumps(v) for k, v in request.items()):
             print(f"Nothing to do: {path} holds the noise tuned for this target and these settings")
             return

@@ -132,16 +132,34 @@ class Plan:
         save_npz(path, self.arrays, self.meta)
 
     @classmethod
-    def load(cls, path: str, fix: str) -> "Plan":
+    def load(cls, path: str, prepare: str) -> "Plan":
+        """prepare: the command that makes the plan (python audit.py prepare GPU-ID CONFIG), for the errors."""
         if not os.path.isfile(path):
-            raise MissingError(f"audit plan {path} not found; {fix}")
+            raise MissingError(f"audit plan {path} not found; run {prepare} first")
+        # prepare is seeded and np.savez writes no time stamps: the same options give the same file, so the
+        # models trained on the lost plan stay valid
+        fix = (
+            f"delete it and rebuild it with: {prepare} --models M and the --canaries K or --audit_top_memscore K "
+            "it was made with (the same options make the same file)"
+        )
         try:
             arrays, meta = read_npz(path)
         except Exception as err:
-            raise MissingError(f"audit plan {path} is unreadable ({type(err).__name__}); delete it and {fix}")
+            raise broken_file(path, "the audit plan", f"unreadable ({error_text(err)})", fix)
         if meta.get("format") != FORMAT or not set(Plan.ARRAYS) <= set(arrays):
-            raise MissingError(f"audit plan {path} was not written by this audit.py; delete it and {fix}")
+            raise broken_file(path, "the audit plan", "not written by this audit.py", fix)
         return cls(arrays, meta)
+
+
+def broken_file(path: str, what: str, problem: str, fix: str) -> MissingError:
+    """The one error line for a file a step wrote and a later one cannot use: '<path> (<what>): <problem>; <fix>'."""
+    return MissingError(f"{path} ({what}): {problem}; {fix}")
+
+
+def error_text(err: Exception) -> str:
+    """'<type>: <the first line of its message>', what went wrong in reading a file."""
+    lines = str(err).splitlines()
+    return type(err).__name__ + (f": {lines[0]}" if lines else "")
 
 
 # ---------------------------------------------------------------- the steps in order (audit.py all, grid.py)

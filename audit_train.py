@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from audit_common import (
-    again,
+    audit_command,
     audit_data,
     build_models,
     check_other_settings,
@@ -80,7 +80,7 @@ def prepare(args) -> None:
             f"{k} audited rows do not fit the pool of {n} training rows of {args.dataset_name}; pass at most {n}"
         )
     if os.path.isfile(path):
-        plan = Plan.load(path, again(args, "prepare"))
+        plan = Plan.load(path, audit_command(args, "prepare"))
         if plan.meta.get("options") != json.dumps(options, sort_keys=True):
             raise UsageError(
                 f"the audit plan {path} exists with other options ({plan.meta.get('options')}); delete "

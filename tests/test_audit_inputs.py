@@ -4,7 +4,10 @@ rebuilds it; the attack redoes a stage whose scores file is not the one it wrote
 One small audit (M = 3, the fewest, 2 epochs: pretrained and dp-pruned, both attacked) is built once; each
 test breaks a copy of it."""
 
+import hashlib
+import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -52,6 +55,11 @@ def audit_py(*args, cwd):
     return proc.returncode, proc.stdout, [line for line in proc.stderr.splitlines() if line.strip()]
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 # ---------------------------------------------------------------- too few models
 
 
@@ -89,3 +97,108 @@ def test_the_attack_warns_of_the_pairs_lira_cannot_score(small, tmp_path):
     with np.load(os.path.join(folder, AUDIT, "scores", "pretrained.npz")) as z:
         lira = z["score_LiRA"]
     assert (lira[unscored] == 0).all() and (lira[~unscored] != 0).all()
+
+
+# ---------------------------------------------------------------- broken files
+
+
+@pytest.mark.slow
+def test_a_truncated_scores_file_names_itself_and_the_attack_that_rebuilds_it(small, tmp_path):
+    folder = copy_run(small, tmp_path)
+    scores = os.path.join(AUDIT, "scores", "pretrained.npz")
+    written, table = sha256(os.path.join(folder, scores)), sha256(os.path.join(folder, AUDIT, "audit.csv"))
+    with open(os.path.join(folder, scores), "r+b") as f:
+        f.truncate(1000)
+    code, _, lines = audit_py("summarize", "-1", CONFIG, *TINY, cwd=folder)
+    rebuild = shlex.join(["python", "audit.py", "attack", "-1", CONFIG, *PRETRAINED_ATTACK])
+    assert code == 1 and lines == [
+        f"error: {scores} (the audit scores of stage pretrained): not the file its attack wrote (SHA-256 differs "
+        f"from {AUDIT}/records/pretrained.json's); rebuild it with: {rebuild}"
+    ]
+    code, out, lines = audit_py(*shlex.split(rebuild)[2:], cwd=folder)  # the command the line gives
+    assert code == 0 and "Nothing to do" not in out, out
+    assert f"Attacking pretrained again: its scores file {scores} is not the file the attack wrote" in out
+    assert sha256(os.path.join(folder, scores)) == written  # the same models give the same file
+    code, out, _ = audit_py("summarize", "-1", CONFIG, *TINY, cwd=folder)
+    assert code == 0 and sha256(os.path.join(folder, AUDIT, "audit.csv")) == table
+
+
+@pytest.mark.slow
+def test_a_lost_scores_file_is_attacked_again_not_skipped(small, tmp_path):
+    folder = copy_run(small, tmp_path)
+    scores = os.path.join(AUDIT, "scores", f"{DP_STAGE}.npz")
+    written = sha256(os.path.join(folder, scores))
+    os.remove(os.path.join(folder, scores))
+    code, out, _ = audit_py("attack", "-1", CONFIG, *PRUNING, *DP, "--bootstrap", "20", *TINY, cwd=folder)
+    assert code == 0 and f"Attacking {DP_STAGE} again: its scores file {scores} is missing" in out, out
+    assert sha256(os.path.join(folder, scores)) == written
+    code, out, _ = audit_py("attack", "-1", CONFIG, *PRUNING, *DP, "--bootstrap", "20", *TINY, cwd=folder)
+    assert code == 0 and "Nothing to do" in out
+
+
+def corrupt(path):
+    """A zip (.npz) cut short; any other file (dp_noise.json, which this audit has not tuned, too) a JSON object
+    cut short."""
+    if path.endswith(".npz"):
+        with open(path, "r+b") as f:
+            f.truncate(1000)
+    else:
+        with open(path, "wb") as f:
+            f.write(b'{"noise": 1.0')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "broken, command, line",
+    [
+        (
+            "records/pretrained.json",
+            ["summarize"],
+            "{path} (the attack record of stage pretrained): unreadable (JSONDecodeError: Expecting ',' delimiter: "
+            "line 1 column 14 (char 13)); rebuild it with: python audit.py attack -1 {config} --original",
+        ),
+        (
+            "plan.npz",
+            ["summarize"],
+            "{path} (the audit plan): unreadable (BadZipFile: File is not a zip file); delete it and rebuild it "
+            "with: python audit.py prepare -1 {config} --models M and the --canaries K or --audit_top_memscore K it "
+            "was made with (the same options make the same file)",
+        ),
+        (
+            "memscore.csv",
+            ["summarize"],
+            "{path} (the audit's mem-scores): not the file the memscore step wrote (SHA-256 differs from "
+            "{audit}/memscore.json's); rebuild it with: python audit.py memscore -1 {config}",
+        ),
+        (
+            "memscore.json",
+            ["prune", "--group", "0", *PRUNING, "--defend", "ml2", "--mem_thre", "0.3"],
+            "{path} (the audit's mem-score fingerprint): missing or unreadable; rebuild it with: "
+            "python audit.py memscore -1 {config}",
+        ),
+        (
+            "dp_noise.json",
+            ["prune", "--group", "0", *PRUNING, "--defend", "dp"],
+            "{path} (the tuned DP noise multiplier): unreadable (JSONDecodeError: Expecting ',' delimiter: line 1 "
+            "column 14 (char 13)); rebuild it with: python audit.py tune_dp -1 {config} --pruner_name iter_prunetxt "
+            "--prune_sparsity 0.6 --prune_iter 2 --semantics release",
+        ),
+    ],
+)
+def test_an_unreadable_file_is_one_error_line_with_the_step_that_rebuilds_it(small, tmp_path, broken, command, line):
+    folder = copy_run(small, tmp_path)
+    corrupt(os.path.join(folder, AUDIT, broken))
+    code, _, lines = audit_py(command[0], "-1", CONFIG, *command[1:], *TINY, cwd=folder)
+    want = line.format(path=os.path.join(AUDIT, broken), audit=AUDIT, config=shlex.quote(CONFIG))
+    assert code == 1 and lines == [f"error: {want}"]
+
+
+@pytest.mark.slow
+def test_the_attack_redoes_a_stage_whose_record_is_unreadable(small, tmp_path):
+    folder = copy_run(small, tmp_path)
+    record = os.path.join(AUDIT, "records", "pretrained.json")
+    corrupt(os.path.join(folder, record))
+    code, out, _ = audit_py("attack", "-1", CONFIG, *PRETRAINED_ATTACK, cwd=folder)
+    assert code == 0 and f"Attacking pretrained again: its record {record} is unreadable (JSONDecodeError" in out
+    with open(os.path.join(folder, record)) as f:
+        assert json.load(f)["flags"] == PRETRAINED_ATTACK
