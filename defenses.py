@@ -10,11 +10,12 @@ iteration. What a defense may read from the command line is DefenseSettings, not
 import argparse
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
+from auto_settings import AUTO, float_or_auto, int_or_auto
 from common import UsageError
 from dp import dp_gradient
 from models import build_attack_model
@@ -49,10 +50,10 @@ def add_defense_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dp: examples per clipped microbatch (default batch_size//2; 1 = per-example)",
     )
-    parser.add_argument("--stride", type=int, default=None, help="window step (slide defenses)")
-    parser.add_argument("--width", type=int, default=None, help="window width (slide defenses)")
+    parser.add_argument("--stride", type=int_or_auto, default=None, help="window step (slide defenses), or auto")
+    parser.add_argument("--width", type=int_or_auto, default=None, help="window width (slide defenses), or auto")
     parser.add_argument("--weight_decay_mem", type=float, default=5e-4, help="risk-side weight decay (ml2)")
-    parser.add_argument("--mem_thre", type=float, default=0.6, help="mem-score threshold (ml2)")
+    parser.add_argument("--mem_thre", type=float_or_auto, default=0.6, help="mem-score threshold (ml2), or auto")
     parser.add_argument(
         "--semantics",
         choices=SEMANTICS,
@@ -83,22 +84,7 @@ class DefenseSettings:
 
     @classmethod
     def from_args(cls, args) -> "DefenseSettings":
-        return cls(
-            args.defend_arg,
-            args.stride,
-            args.width,
-            args.weight_decay_mem,
-            args.mem_thre,
-            args.dp_microbatch,
-            args.optimizer,
-            args.lr,
-            args.weight_decay,
-            args.batch_size,
-            args.num_cls,
-            args.prune_epochs,
-            args.epochs,
-            args.semantics,
-        )
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
 
 class Defense:
@@ -108,6 +94,7 @@ class Defense:
     window = False  # uses --stride/--width (written into the log header)
     needs_memscore = False
     semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
+    derivable = ()  # the settings it reads that `auto` derives from the data (auto_settings.py)
 
     def __init__(self, model, data, split, settings: DefenseSettings, memscores=None):
         self.model, self.data, self.split, self.settings = model, data, split, settings
@@ -129,10 +116,16 @@ class Defense:
         """Raise UsageError when the settings do not fit the mem-scores (loaded from path)."""
 
     @classmethod
-    def prefix(cls, pruner_name: str, sparsity: float, defend_arg: float, semantics: str = "release") -> str:
-        """The release's name of a run pruned with this defense, e.g. iter_pruning_0.6_ppb_4.0; a
-        defense that trains differently under --semantics corrected gets '_corrected' after it."""
-        name = model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None)
+    def auto_flags(cls, args) -> list:
+        """The settings of derivable that args (the flags, or a grid's setting) gives as auto."""
+        return [flag for flag in cls.derivable if getattr(args, flag, None) == AUTO]
+
+    @classmethod
+    def prefix(cls, pruner_name, sparsity, defend_arg, semantics="release", auto=False) -> str:
+        """The release's name of a run pruned with this defense, e.g. iter_pruning_0.6_ppb_4.0; auto (a setting
+        given as auto) adds '_auto' after the defense, and a defense that trains differently under --semantics
+        corrected gets '_corrected' after it."""
+        name = model_prefix(pruner_name, sparsity, cls.name, defend_arg if cls.arg_in_name else None, auto)
         return name + "_corrected" if cls.semantics_differ and semantics == "corrected" else name
 
     @classmethod
@@ -221,6 +214,7 @@ class WindowDefense(Defense):
     window = True
     needs_memscore = True
     semantics_differ = True
+    derivable = ("stride", "width")
     descending = True  # True: high -> low mem-score, False: low -> high, None: training-list order
 
     def __init__(self, model, data, split, settings, memscores=None):
@@ -255,7 +249,7 @@ class WindowDefense(Defense):
     def check_args(cls, settings):
         super().check_args(settings)
         for flag, value in (("stride", settings.stride), ("width", settings.width)):
-            if value is None or value < 1:
+            if value != AUTO and (value is None or value < 1):
                 raise UsageError(
                     f"--defend {cls.name} needs --stride and --width of at least 1 "
                     f"(got --{flag} {value}); e.g. --stride 1 --width 15"
@@ -314,6 +308,7 @@ class RiskMemory(Defense):
     decay is --weight_decay_mem; then the general samples get one pass with the normal optimizer."""
 
     needs_memscore = True
+    derivable = ("mem_thre",)
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
@@ -327,7 +322,7 @@ class RiskMemory(Defense):
         super().check_args(settings)
         if not settings.weight_decay_mem >= 0:
             raise UsageError(f"--weight_decay_mem must be >= 0, got {settings.weight_decay_mem}")
-        if not math.isfinite(settings.mem_thre):
+        if settings.mem_thre != AUTO and not math.isfinite(settings.mem_thre):
             raise UsageError(f"--mem_thre must be a number, got {settings.mem_thre}")
 
     @classmethod
@@ -395,6 +390,8 @@ class WindowRiskMemory(RiskMemory, WindowDefense):
     """SWMR: this epoch's RSW window (under either semantics' rule, see window_at), then RMR on it.
     A setting whose last epoch's window is empty under that rule is refused when it is built, under both
     semantics: an epoch without a sample on either side of --mem_thre has nothing to train."""
+
+    derivable = ("stride", "width", "mem_thre")
 
     def check_windows(self):
         self.refuse_passed_windows()

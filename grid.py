@@ -21,6 +21,7 @@ The grid file (JSON; grids/ holds the release's digits runs and the paper's grid
       an audit grid, whose steps are audit.py's (docs/audit.md, docs/grid.md; one sparsity).
 A defense entry's settings: stride and width (window defenses: required), mem_thre (ml2, slide_ml2,
 slide_re_ml2: required), weight_decay_mem (those three: optional), defend_arg (the baselines: required).
+stride, width and mem_thre may be "auto" (derived from the data: docs/defenses.md; the steps' names get _auto).
 Each is a value or a list (every combination is one setting); "per_config" replaces settings for one
 config; "defend": "base" takes none. A bad grid is one `error:` line (exit 2) before anything runs; so
 is a mem-score file missing for a step selected to run (after --only and resume; exit 1), with the --only

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from types import SimpleNamespace
 
+from auto_settings import AUTO
 from common import UsageError
 from grid_spec import SCRIPTS, SETTINGS
 from grid_step import GPU, REPO, Step, read_record
@@ -99,11 +100,14 @@ def expand(grid):
                     origin = f"config {config}, seed {seed}, sparsity {sparsity}, {entry}" + (
                         f" {setting}" if setting else ""
                     )
-                    prefix = tagged(cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"]), tag)
+                    auto = cls.auto_flags(SimpleNamespace(**setting))  # settings derived from the data: named so
+                    prefix = cls.prefix(pruner, sparsity, setting.get("defend_arg"), grid["semantics"], bool(auto))
+                    prefix = tagged(prefix, tag)
                     log = log_path(
                         SimpleNamespace(
                             **vars(ns), pruner_name=pruner, prune_sparsity=sparsity, defend=cls.name, tag=tag
-                        )
+                        ),
+                        bool(auto),
                     )
                     named = ["--tag", tag] if tag else []
                     defend = ["--defend", cls.name] if cls.name != "base" else []
@@ -145,6 +149,7 @@ def expand(grid):
                             *shadows,
                             *defend,
                             *arg,
+                            *flags_of(dict.fromkeys(auto, AUTO)),  # mia_modi.py finds the auto run by them
                             *adaptive,
                             *semantics,
                             *named,

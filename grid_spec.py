@@ -3,7 +3,9 @@
 import itertools
 import json
 import os
+from types import SimpleNamespace
 
+from auto_settings import AUTO
 from common import UsageError, load_config
 from grid_step import REPO, SCRIPTS
 from paths import DEFAULT_SEED
@@ -54,6 +56,7 @@ AUDIT_KEYS = {
 AUDIT_DP_KEYS = {"noise": str, "tuning_models": int, "tolerance": float, "refine": int, "target_acc": float}
 SETTINGS = {"stride": int, "width": int, "mem_thre": float, "weight_decay_mem": float, "defend_arg": float}
 EXAMPLES = {"stride": 1, "width": 15, "mem_thre": 0.6, "defend_arg": 4}
+AUTO_WORD = f', "{AUTO}"'  # in the error line of a setting that can be derived
 TAG_LETTERS = {"stride": "s", "width": "w", "mem_thre": "t", "weight_decay_mem": "wd"}
 RESERVED = {
     "seed",
@@ -89,11 +92,11 @@ def setting_keys(cls):
 
 
 def filled(cls, setting):
-    """A setting with the scripts' defaults for its optional keys, as floats (to compare settings)."""
+    """A setting with the scripts' defaults for its optional keys, as floats (to compare settings); auto stays."""
     from defenses import DefenseSettings
 
     defaults = {key: getattr(DefenseSettings(), key) for key in setting_keys(cls)[1]}
-    return {key: float(value) for key, value in {**defaults, **setting}.items()}
+    return {key: value if value == AUTO else float(value) for key, value in {**defaults, **setting}.items()}
 
 
 class Grid:
@@ -305,10 +308,12 @@ class Grid:
             )
             choices = {k: v if isinstance(v, list) else [v] for k, v in values.items()}
             for key, options in choices.items():
+                auto = key in cls.derivable  # "auto": derived from the data (auto_settings.py)
                 self.check(
-                    options and all(is_a(v, SETTINGS[key]) for v in options),
+                    options and all(is_a(v, SETTINGS[key]) or (auto and v == AUTO) for v in options),
                     where,
-                    f"{key} must be {SETTINGS[key].__name__} or a non-empty list of them, got {values[key]!r}",
+                    f"{key} must be {SETTINGS[key].__name__}{AUTO_WORD if auto else ''} or a non-empty list of "
+                    f"them, got {values[key]!r}",
                 )
             for combo in itertools.product(*choices.values()):
                 setting = dict(zip(choices, combo))
@@ -321,11 +326,13 @@ class Grid:
                     self.settings[config].append((i, cls, setting))
 
     def tags(self, config):
-        """The --tag of each setting of config: '' unless another setting shares its name (defense and, for
-        the baselines, defend_arg); then what varies within that group, e.g. s1w15 or s2w10-t0.3."""
+        """The --tag of each setting of config: '' unless another setting shares its name (defense, whether a
+        setting is auto and, for the baselines, defend_arg); then what varies within that group, e.g. s1w15 or
+        s2w10-t0.3."""
         settings, tags, groups = self.settings[config], [""] * len(self.settings[config]), {}
         for n, (_, cls, setting) in enumerate(settings):
-            groups.setdefault((cls.name, setting.get("defend_arg")), []).append(n)
+            auto = bool(cls.auto_flags(SimpleNamespace(**setting)))
+            groups.setdefault((cls.name, setting.get("defend_arg"), auto), []).append(n)
         for members in (m for m in groups.values() if len(m) > 1):
             full = {n: filled(settings[n][1], settings[n][2]) for n in members}
             vary = [key for key in TAG_LETTERS if len({full[n].get(key) for n in members}) > 1]

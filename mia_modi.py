@@ -22,6 +22,7 @@ from attacks import (
     parse_attacks,
     true_label_prob,
 )
+from auto_settings import AUTO
 from common import (
     RunLog,
     UsageError,
@@ -63,6 +64,7 @@ def get_args(argv=None):
     )
     args = parse_args(parser, argv)
     args.attack_names = parse_attacks(args.attacks)
+    args.auto = get_defense(args.defend).auto_flags(args)  # the victim's names say so (prune_modi.py)
     check_config(args)
     check_pruning_flags(args.pruner_name, args.prune_sparsity)
     if args.shadow_num < 1:
@@ -96,8 +98,10 @@ def prune_command(args, defense):
         flags += ["--defend", defense.name]
         if defense.arg_in_name:
             flags += ["--defend_arg", str(args.defend_arg)]
+        auto = defense.auto_flags(args)  # the values of an auto run are derived again, the others typed again
         if defense.window:
-            flags += ["--stride", "<stride>", "--width", "<width>"]
+            flags += [f for flag in ("stride", "width") for f in (f"--{flag}", AUTO if flag in auto else f"<{flag}>")]
+        flags += ["--mem_thre", AUTO] if "mem_thre" in auto else []
         if defense.semantics_differ and args.semantics != "release":
             flags += ["--semantics", args.semantics]
     if args.seed != DEFAULT_SEED:
@@ -109,7 +113,10 @@ def prune_command(args, defense):
 
 def victim_prefix(args, defense):
     """The pruned victim's name (the log's and the result folders'), also for --original runs, which log there."""
-    return tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+    auto = bool(defense.auto_flags(args))
+    return tagged(
+        defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics, auto), args.tag
+    )
 
 
 def model_folders(args, defense):
@@ -119,7 +126,13 @@ def model_folders(args, defense):
         return (pretrained_dir(args), [pretrained_dir(args, i) for i in range(args.shadow_num)], "original", how, how)
     shadow_defense = defense if args.adaptive else get_defense("base")
     shadow_prefix = tagged(
-        shadow_defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics),
+        shadow_defense.prefix(
+            args.pruner_name,
+            args.prune_sparsity,
+            args.defend_arg,
+            args.semantics,
+            bool(shadow_defense.auto_flags(args)),
+        ),
         args.tag if args.adaptive else "",
     )  # Base: untagged
     setting = "adaptive" if args.adaptive else "base"
@@ -232,7 +245,7 @@ def main():
             np.stack([reference_prob(victim_model)] + reference_probs),
         )
     recorder.check_writable()  # before the log's first line
-    log = RunLog(log_path(args))
+    log = RunLog(log_path(args, bool(args.auto)))
     test_acc, _ = evaluate(victim_model, data, split.indices().test.to(device))
     kind = "original" if args.original else "pruned"
     first = f"Victim {kind} model test accuracy: {test_acc:.3f}"

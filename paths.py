@@ -53,12 +53,15 @@ def pretrained_dir(args, shadow: int = None) -> str:
     return os.path.join(result_dir(args), name)
 
 
-def model_prefix(pruner_name: str, sparsity: float, defense: str = "base", defend_arg: float = None) -> str:
-    """<pruner>_<sparsity>[_<defense>[_<defend_arg>]], the release's name of a pruned run (docs/pipeline.md).
-    Base adds nothing; defend_arg is passed only by the defenses whose argument is part of the name."""
+def model_prefix(
+    pruner_name: str, sparsity: float, defense: str = "base", defend_arg: float = None, auto: bool = False
+) -> str:
+    """<pruner>_<sparsity>[_<defense>[_auto][_<defend_arg>]], the release's name of a pruned run (docs/pipeline.md).
+    Base adds nothing; defend_arg is passed only by the defenses whose argument is part of the name, auto only
+    by a run with a setting derived from the data (docs/defenses.md: `auto`)."""
     name = f"{pruner_name}_{float(sparsity)}"
     if defense and defense != "base":
-        name += f"_{defense}"
+        name += f"_{defense}" + ("_auto" if auto else "")
     if defend_arg is not None:
         name += f"_{float(defend_arg)}"
     return name
@@ -74,9 +77,10 @@ def pruned_dir(args, prefix: str, shadow: int = None) -> str:
     return os.path.join(result_dir(args), name)
 
 
-def log_path(args) -> str:
-    """log/<ds>_<model>/<pruner>_<sparsity>_<defend>[_tag-<tag>].txt (Base written as 'base')."""
-    defend = args.defend or "base"
+def log_path(args, auto: bool = False) -> str:
+    """log/<ds>_<model>/<pruner>_<sparsity>_<defend>[_auto][_tag-<tag>].txt (Base written as 'base'); auto: a
+    setting of the defense is derived from the data, as in model_prefix."""
+    defend = (args.defend or "base") + ("_auto" if auto else "")
     name = tagged(f"{args.pruner_name}_{float(args.prune_sparsity)}_{defend}", args.tag)
     return os.path.join(log_dir(args), f"{name}.txt")
 

@@ -2,10 +2,12 @@
 
 python prune_modi.py GPU-ID CONFIG --pruner_name iter_pruning --prune_sparsity 0.6 --prune_iter 5
                      [--defend slide_re --stride 50 --width 500] [--defend ppb --defend_arg 4] ...
+--stride, --width and --mem_thre also take `auto`: derived from the victim's training set (auto_settings.py).
 """
 
 import time
 
+from auto_settings import derive
 from common import (
     RunLog,
     UsageError,
@@ -45,6 +47,7 @@ def get_args(argv=None):
         raise UsageError(f"--prune_iter and --prune_epochs must be >= 1, got {args.prune_iter} and {args.prune_epochs}")
     check_prune_iter(args.pruner_name, args.prune_iter)
     get_defense(args.defend).check_args(DefenseSettings.from_args(args))
+    args.auto = get_defense(args.defend).auto_flags(args)  # the settings main() derives from the data
     prunable_layers(build_model(args.model_name, args.num_cls, args.input_dim), args.pruner_name)  # pruner fits?
     return args
 
@@ -151,14 +154,22 @@ def prune_model(args, model, defense, settings, data, model_split, target, log, 
 
 def main():
     args = get_args()
-    defense, settings = get_defense(args.defend), DefenseSettings.from_args(args)
+    defense = get_defense(args.defend)
     device = pick_device(args.gpu_id)
     data, split = open_run(args, device)
     memscores = None
     if defense.needs_memscore:
         memscores = load_memscores(args, data, int(split.meta["n_train"]))  # data: training rows first
+    # each setting given as auto: one value for the victim and every shadow, from the victim's training set
+    resolved, auto_line = derive(args.auto, data.y[split.indices().train.to(device)], memscores)
+    vars(args).update(resolved)
+    settings = DefenseSettings.from_args(args)
+    if defense.needs_memscore:
         defense.check_memscores(memscores, settings, memscore_path(args.dataset_name, args.model_name))
-    prefix = tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+    prefix = tagged(
+        defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics, bool(args.auto)),
+        args.tag,
+    )
     recorder = Recorder(
         "prune",
         args,
@@ -169,7 +180,7 @@ def main():
             f"{args.stride}-{args.width}" if defense.window else None,
         ),
     )
-    log = RunLog(log_path(args))
+    log = RunLog(log_path(args, bool(args.auto)))
     shadows = [split.indices(i).to(device) for i in range(args.shadow_num)]  # checks shadow_num early
     victim_split = split.indices().to(device)
     check_prerequisites(args, defense, settings, data, [victim_split] + shadows, memscores)
@@ -187,6 +198,8 @@ def main():
     log.write(f"Semantics: {args.semantics}")
     if forced_line(args, defense):  # as the release's DP pruning script, which hard-codes them
         log.write(forced_line(args, defense))
+    if auto_line:
+        log.write(auto_line)
     victim_scores = None if memscores is None else memscores[victim_split.train.cpu()]
     for line in defense.header_lines(settings, data.y[victim_split.train], victim_scores, memscores):
         log.write(line)

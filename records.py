@@ -80,14 +80,15 @@ def settings(args) -> dict:
 
 def run_fields(args, prefix: str, defend_arg=None, window=None) -> dict:
     """What names a run in summarize.py's table (defend_arg only for the defenses that carry it in their
-    names, window only for the window defenses, as in the log's header line)."""
+    names, window only for the window defenses, as in the log's header line). The defense is the log file's
+    <defend>: <name>_auto when args.auto lists a setting derived from the data."""
     return {
         "run_name": run_name(args),
         "dataset": args.dataset_name,
         "model": args.model_name,
         "pruner": args.pruner_name,
         "sparsity": float(args.prune_sparsity),
-        "defense": args.defend or "base",
+        "defense": (args.defend or "base") + ("_auto" if getattr(args, "auto", None) else ""),
         "defend_arg": None if defend_arg is None else float(defend_arg),
         "window": window,
         "weight_decay_mem": float(args.weight_decay_mem),

@@ -14,13 +14,15 @@ import torch
 import defenses
 import memscores
 import prune_modi
+import results
 import train
 from common import UsageError
 from conftest import REPO
 from datasets import TensorData
 from defenses import DEFENSES, ML2, DefenseSettings, RandomWindow, RiskMemory, Slide, SlideML2, SlideRe, SlideReML2
-from helpers import attack_cmd, pretrain_cmd, prune_cmd, run_scripts
+from helpers import attack_cmd, one_row, pretrain_cmd, prune_cmd, run_scripts
 from models import build_model
+from records import find_records
 from splits import ModelSplit, make_split
 
 # Twelve samples, three classes. Class 1 has only two samples, so it runs out before the others.
@@ -217,6 +219,18 @@ def test_flag_checks(flags, message):
 
 MEM_THRE = 0.3  # the digits mem_thre of run_shell.sh
 PAPER_DEFENSES = ["slide", "slide_re", "random", "ml2", "slide_ml2", "slide_re_ml2"]
+AUTO = [
+    "--defend",
+    "slide_re_ml2",
+    "--weight_decay_mem",
+    "0.1",
+    "--stride",
+    "auto",
+    "--width",
+    "auto",
+    "--mem_thre",
+    "auto",
+]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +248,7 @@ def pretrained(tmp_path_factory):
             flags += ["--stride", "1", "--width", "15"]
         runs.append(prune_cmd(2, 1, "--quiet", "--no_tensorboard", *flags))
         runs.append(attack_cmd(1, "--defend", defend, "--adaptive", "--quiet"))
+    runs += [prune_cmd(2, 1, "--quiet", "--no_tensorboard", *AUTO), attack_cmd(1, *AUTO, "--adaptive", "--quiet")]
     run_scripts(*runs, cwd=folder)
     return folder
 
@@ -279,6 +294,42 @@ def test_digits_end_to_end(pretrained, defend):
     assert lines[10] == "Semantics: release"
     accuracies = [line.split(" attack accuracy: ")[0] for line in lines[11:] if " attack accuracy: " in line]
     assert accuracies == ["Conf", "Entr", "Mentr", "Hconf"]
+
+
+@pytest.mark.slow
+def test_digits_auto_settings(pretrained):
+    """--stride auto --width auto --mem_thre auto on digits: resolved from the victim's classes (19 to 35 samples)
+    and the training set's 539 mem-scores, in the log header, the record and the table, under names of their own."""
+    stem = "iter_prunetxt_0.6_slide_re_ml2_auto"
+    result = pretrained / "result" / "digits_columnfc"
+    for folder in (f"{stem}_model", f"shadow_{stem}_model_0"):
+        assert sorted(os.listdir(result / folder)) == ["best.pth", "best_mask.pth", "complete.json"]
+    lines = (pretrained / "log" / "digits_columnfc" / f"{stem}.txt").read_text().splitlines()
+    assert lines[:5] == [
+        f"digits_columnfc_{stem}_1-5_0.1",
+        "Semantics: release",
+        "Auto settings: stride 1 = max(1, round(0.02 x 19)), width 5 = ceil(0.22 x 19) (19: the smallest class of "
+        "the victim's training set); mem_thre 0.194194 = the 95th percentile of 539 mem-scores (the training set's)",
+        "Window: stride 1, width 5 = 26% of the smallest class (19 samples); a full pass in 31 epochs (largest class "
+        "35 samples; 2 epochs per pruning iteration)",
+        "Risk side: 27 of 539 training samples (5.0%) have a mem-score >= --mem_thre 0.194194; the victim's: 13 of 242",
+    ]
+    assert f"Shadows: {stem} (adaptive)" in lines
+    [prune] = [
+        r for r in find_records(str(pretrained / "result"))[0] if r["run"]["prefix"] == stem and r["kind"] == "prune"
+    ]
+    assert {k: prune["settings"][k] for k in ("defend", "stride", "width", "auto")} == {
+        "defend": "slide_re_ml2",
+        "stride": 1,
+        "width": 5,
+        "auto": ["stride", "width", "mem_thre"],
+    }
+    assert prune["settings"]["mem_thre"] == pytest.approx(0.1941935483870966, abs=1e-15)
+    assert (prune["run"]["defense"], prune["run"]["window"]) == ("slide_re_ml2_auto", "1-5")
+    table = results.parse_logs(str(pretrained / "log"), result_dir=str(pretrained / "result"))
+    auto = one_row(table, defense="slide_re_ml2_auto", setting="adaptive")
+    explicit = one_row(table, defense="slide_re_ml2", setting="adaptive")
+    assert (auto["window"], explicit["window"], auto["status"]) == ("1-5", "1-15", "ok")
 
 
 # ---------------------------------------------------------------- run_shell.sh

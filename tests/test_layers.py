@@ -24,6 +24,7 @@ LAYERS = {
     "train": 1,
     "ensemble": 1,
     "progress": 1,
+    "auto_settings": 1,
     "splits": 2,
     "pruning": 2,
     "memscores": 2,
