@@ -125,8 +125,7 @@ def attack(args) -> None:
     arrays = {"rows": rows, "logits": logits.astype(np.float32), "member": plan.member, "labels": plan.labels}
     arrays.update(audited=plan.audited, test_acc=test_acc, **{f"score_{k}": v for k, v in scores.items()})
     atomic_write(scores_file, lambda f: np.savez(f, **arrays))
-    epsilons = [completion_record(f).get("dp_epsilon") for f in folders]
-    epsilon = epsilons[0] if epsilons and all(e == epsilons[0] for e in epsilons) else None
+    epsilons = [completion_record(f).get("dp_epsilon") for f in folders] if defense_name == "dp" else []
     log = RunLog(audit_log_path(args, stage))
     first = f"{run_name(args)} audit attack {stage} ({defense_name}): {plan.models} models"
     log.write(first)
@@ -135,8 +134,12 @@ def attack(args) -> None:
         f"Test accuracy: mean {test_acc.mean():.3f}, std {test_acc.std(ddof=1):.3f} "
         f"({test_acc.min():.3f}-{test_acc.max():.3f}) over {plan.models} models on {len(plan.test)} test rows"
     )
-    if epsilon is not None:
-        log.write(f"DP epsilon: {float(epsilon):.3f} (delta 1e-5)")
+    if epsilons:
+        low, middle, high = epsilon_range(epsilons)
+        log.write(
+            f"DP epsilon over the {len(epsilons)} models: median {middle:.3f} ({low:.3f}-{high:.3f}), delta 1e-5; "
+            "the DP-SGD fine-tuning's only, not the non-private pretraining's on the same rows"
+        )
     for name in ATTACKS:
         for subset in SUBSETS:
             r = results[name][subset]
@@ -160,7 +163,7 @@ def attack(args) -> None:
         if args.original
         else {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")},
         "dp_noise": args.defend_arg if defense_name == "dp" else None,
-        "dp_epsilon": None if epsilon is None else number(epsilon),
+        "dp_epsilons": [None if e is None else number(e) for e in epsilons] if epsilons else None,
         "models": plan.models,
         "audited": plan.meta["mode"],
         "audited_rows": len(plan.audited),
@@ -191,6 +194,12 @@ def warn_unscored(plan) -> None:
             f"--models (about 2^-(M-2) of the pairs lack one)",
             file=sys.stderr,
         )
+
+
+def epsilon_range(epsilons) -> tuple:
+    """(min, median, max) of the models' DP epsilons (numbers or records.number's strings; None reads nan)."""
+    values = np.array([math.nan if e is None else float(e) for e in epsilons])
+    return float(values.min()), float(np.median(values)), float(values.max())
 
 
 def rmia_population_loo(logits, plan, test_labels, gamma) -> np.ndarray:

@@ -68,7 +68,7 @@ def audit_table(records) -> pd.DataFrame:
             "test_acc_min": acc.min(),
             "test_acc_max": acc.max(),
             "dp_noise": math.nan if r.get("dp_noise") is None else float(r["dp_noise"]),
-            "dp_epsilon": math.nan if r.get("dp_epsilon") is None else float(r["dp_epsilon"]),
+            **epsilon_columns(r),
         }
         for subset in SUBSETS:
             first = r["attacks"][ATTACKS[0]][subset]
@@ -82,6 +82,33 @@ def audit_table(records) -> pd.DataFrame:
                     row[key], row[f"{key}_lo"], row[f"{key}_hi"] = value, lo, hi
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+EPSILON_COLUMNS = ("dp_epsilon_min", "dp_epsilon_median", "dp_epsilon_max")
+EPSILON_NOTE = (
+    "ε (δ = 1e-5): the range over the models of DP-SGD's guarantee for the dp fine-tuning only; the pretraining on "
+    "the same rows is not private."
+)
+
+
+def epsilon_columns(record) -> dict:
+    """dp_epsilon_min, _median, _max over the models of a dp record (each audited model has its own ε: its
+    accountant counts its own steps); nan for the other defenses."""
+    epsilons = record.get("dp_epsilons")
+    if not epsilons and record.get("dp_epsilon") is not None:  # an older record: one ε when all models agreed
+        epsilons = [record["dp_epsilon"]]
+    if not epsilons:
+        return dict.fromkeys(EPSILON_COLUMNS, math.nan)
+    values = np.array([math.nan if e is None else float(e) for e in epsilons])
+    return dict(zip(EPSILON_COLUMNS, (values.min(), np.median(values), values.max())))
+
+
+def table_label(row) -> str:
+    """A row's name in the Markdown table: the defense, its setting and, for dp, the models' ε range."""
+    parts = [row["setting"]] if isinstance(row["setting"], str) and row["setting"] else []  # nan read from a CSV
+    if math.isfinite(row.get("dp_epsilon_median", math.nan)):
+        parts.append(f"ε {row['dp_epsilon_min']:.1f}-{row['dp_epsilon_max']:.1f}")
+    return row["defense"] + (f" ({', '.join(parts)})" if parts else "")
 
 
 def cell(row, attack, subset, metric) -> str:
@@ -101,14 +128,14 @@ def markdown_table(table: pd.DataFrame) -> str:
     head += [f"{a} {s} {m}" for a, s, m in picks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
-        label = row["defense"] + (f" ({row['setting']})" if row["setting"] else "")
         acc = f"{row['test_acc']:.1f} ± {row['test_acc_std']:.1f}"
-        lines.append("| " + " | ".join([label, acc] + [cell(row, *p) for p in picks]) + " |")
+        lines.append("| " + " | ".join([table_label(row), acc] + [cell(row, *p) for p in picks]) + " |")
     counts = table.iloc[0]
     lines.append(
         f"\n{counts['models']} models; audited rows: {counts['audited_rows']} ({counts['audited']}), "
         f"{counts['audited_nonmembers']} non-member decisions pooled over the models; all rows: "
         f"{counts['all_nonmembers']}. {NOT_MEASURABLE}: the FPR rests on fewer than ten false positives."
+        + (f" {EPSILON_NOTE}" if table["dp_epsilon_median"].notna().any() else "")
     )
     return "\n".join(lines)
 

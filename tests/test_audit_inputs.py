@@ -10,10 +10,12 @@ import os
 import shlex
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import audit
+import audit_report
 from conftest import REPO, as_repo
 from helpers import copy_run, run_forked
 
@@ -202,3 +204,24 @@ def test_the_attack_redoes_a_stage_whose_record_is_unreadable(small, tmp_path):
     assert code == 0 and f"Attacking pretrained again: its record {record} is unreadable (JSONDecodeError" in out
     with open(os.path.join(folder, record)) as f:
         assert json.load(f)["flags"] == PRETRAINED_ATTACK
+
+
+# ---------------------------------------------------------------- the dp row's epsilon
+
+
+@pytest.mark.slow
+def test_the_dp_row_holds_the_range_of_its_models_epsilons(small):
+    epsilons = []
+    for m in range(3):
+        with open(os.path.join(small, AUDIT, DP_STAGE, f"model_{m}", "complete.json")) as f:
+            epsilons.append(float(json.load(f)["dp_epsilon"]))
+    table = pd.read_csv(os.path.join(small, AUDIT, "audit.csv"), keep_default_na=False, na_values=[""])
+    rows = dict(zip(table["defense"], table.to_dict("records")))
+    dp, unpruned = rows["dp"], rows["unpruned"]
+    want = [min(epsilons), float(np.median(epsilons)), max(epsilons)]
+    assert [dp["dp_epsilon_min"], dp["dp_epsilon_median"], dp["dp_epsilon_max"]] == pytest.approx(want)
+    assert all(np.isfinite(want)) and all(np.isnan(unpruned[f"dp_epsilon_{k}"]) for k in ("min", "median", "max"))
+    assert "dp_epsilon" not in table.columns
+    markdown = audit_report.markdown_table(table)
+    assert f"| dp (noise 1, ε {min(epsilons):.1f}-{max(epsilons):.1f}) |" in markdown
+    assert "for the dp fine-tuning only; the pretraining on the same rows is not private." in markdown
