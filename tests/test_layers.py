@@ -32,6 +32,7 @@ LAYERS = {
     "defenses": 2,
     "attacks": 2,
     "loo_attacks": 2,
+    "tuning": 2,
     "records": 2,
     "intervals": 2,
     "results": 2,

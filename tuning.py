@@ -1,0 +1,181 @@
+"""Choosing a defense's setting: its search space, the Optuna study its trials share, and the one selection rule.
+
+- **Search space.** Each defense class declares its knobs (`search_space`, a tuple of Knob): the flag a knob
+  sets, its range and scale. A range is in the flag's own units, or relative to the data, so one space fits
+  every dataset: a window's stride and width as a share of the smallest class, `--mem_thre` as a quantile of
+  the mem-scores in use. `flags_of` turns a trial's values into the defense's flags on the data at hand.
+- **Study.** A trial is one setting, scored on two objectives: mean accuracy on rows that the audit's table
+  does not report (maximised) and leakage on the audited rows (minimised). The study lives in a journal file by
+  default, or in any storage URL Optuna takes (`sqlite:///tune.db`, a server database), so many processes or
+  Slurm jobs can work on one study. Its sampler is seeded. A trial whose process died (a kill, a lost node) is
+  marked failed and its setting queued again, so a resumed study never counts a trial twice.
+- **Selection.** At a target accuracy, the least-leaking setting of the tuning front whose accuracy is at least
+  the target minus the tolerance (choose); the same rule for every defense.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import UsageError, pid_alive
+
+SMALLEST_CLASS = "share of the smallest class"  # the value times the smallest class's samples, rounded, >= 1
+QUANTILE = "quantile of the mem-scores"  # the mem-scores' value at that quantile (linear interpolation)
+DIRECTIONS = ("maximize", "minimize")  # accuracy, leakage
+WORKER = "worker"  # a trial's user attribute: <host>-<pid> of the process that runs it
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One tunable flag of a defense: its range [low, high], on a log scale or not, in `unit` ('' for the flag's
+    own units, SMALLEST_CLASS or QUANTILE)."""
+
+    flag: str
+    low: float
+    high: float
+    log: bool = False
+    unit: str = ""
+
+    def __post_init__(self):
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"knob {self.flag}: the range [{self.low}, {self.high}] is empty (or <= 0 on a log scale)")
+
+
+def flags_of(space, values: dict, class_sizes, scores=None) -> dict:
+    """{flag: value} for a trial's knob values (knob flag -> value in the knob's unit): a share of the smallest
+    class becomes a whole number of samples (at least 1), a quantile the mem-scores' value there."""
+    flags = {}
+    for knob in space:
+        value = values[knob.flag]
+        if knob.unit == SMALLEST_CLASS:
+            flags[knob.flag] = max(1, math.floor(value * min(class_sizes) + 0.5))
+        elif knob.unit == QUANTILE:
+            flags[knob.flag] = float(np.quantile(np.asarray(scores, dtype=np.float64), value))
+        else:
+            flags[knob.flag] = float(value)
+    return flags
+
+
+def suggest(trial, space) -> dict:
+    """The trial's knob values (Optuna's suggest_float, log-uniform where the knob says so)."""
+    return {k.flag: trial.suggest_float(k.flag, k.low, k.high, log=k.log) for k in space}
+
+
+# ---------------------------------------------------------------- the selection rule
+
+
+def front(points):
+    """The Pareto front of points ({"acc", "leak", ...}: higher accuracy and lower leakage are better): every point
+    that no other point is at least as good as on both and better on one, in the order given."""
+    return [
+        p
+        for p in points
+        if not any(
+            q["acc"] >= p["acc"] and q["leak"] <= p["leak"] and (q["acc"] > p["acc"] or q["leak"] < p["leak"])
+            for q in points
+        )
+    ]
+
+
+def choose(points, target: float, tolerance: float) -> tuple:
+    """(point, within): the least-leaking point of the front whose accuracy is at least target - tolerance; ties
+    go to the more accurate, then to the earlier point. When no point reaches it, the most accurate point of the
+    front (ties: the less leaking), within False. points: dicts with "acc" and "leak" (finite)."""
+    if not points:
+        raise ValueError("no trial to choose from")
+    candidates = front(points)
+    reached = [p for p in candidates if p["acc"] >= target - tolerance]
+    if reached:
+        return min(reached, key=lambda p: (p["leak"], -p["acc"], points.index(p))), True
+    return min(candidates, key=lambda p: (-p["acc"], p["leak"], points.index(p))), False
+
+
+# ---------------------------------------------------------------- the study
+
+
+def storage_of(where: str):
+    """An Optuna storage: a URL (it holds '://') as Optuna reads it, else a journal file at that path."""
+    import optuna
+
+    if "://" in where:
+        return optuna.storages.RDBStorage(where)
+    os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(where))
+
+
+def open_study(name: str, where: str, seed: int):
+    """The study `name` in storage `where` (storage_of), created if new, with a seeded multi-objective TPE sampler
+    (accuracy up, leakage down); trials left running by a dead process on this host are reclaimed (reclaim).
+    The sampler's seed is `seed` for a new study and (seed, trials so far) for a resumed one: the same seed again
+    would draw the first settings again."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_of(where)
+    study = optuna.create_study(study_name=name, storage=storage, directions=list(DIRECTIONS), load_if_exists=True)
+    so_far = len(study.get_trials(deepcopy=False))
+    sampler_seed = seed if not so_far else int(np.random.SeedSequence([seed, so_far]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, multivariate=True)
+    reclaim(study, storage)
+    return study
+
+
+def worker_mark() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+def reclaim(study, storage) -> list:
+    """Mark failed each trial still running whose process ran on this host and is gone, and queue its setting
+    again (user attribute retry_of: its number), so a killed trial is neither lost nor counted twice. A trial of
+    another host is left to a worker there. Returns the numbers reclaimed."""
+    from optuna.trial import TrialState
+
+    host = os.uname().nodename
+    study_id = storage.get_study_id_from_name(study.study_name)
+    reclaimed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get(WORKER, ""))
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        reclaimed.append(trial.number)
+    return reclaimed
+
+
+def completed(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def run_trials(study, n_trials: int, space, evaluate) -> int:
+    """Ask and run trials until the study holds n_trials complete ones (counting every worker's); evaluate(values)
+    returns (accuracy, leakage). A setting the defense refuses (evaluate raises UsageError, e.g. a window that
+    passes every class) is a failed trial with the reason as its user attribute `refused`, and does not count;
+    after 2 * n_trials refusals in this process the search stops with a UsageError. Returns the trials run here."""
+    from optuna.trial import TrialState
+
+    ran, refused = 0, 0
+    while len(completed(study)) < n_trials:
+        trial = study.ask()
+        trial.set_user_attr(WORKER, worker_mark())
+        values = suggest(trial, space)
+        try:
+            objectives = evaluate(values)
+        except UsageError as err:
+            trial.set_user_attr("refused", str(err))
+            study.tell(trial, state=TrialState.FAIL)
+            refused += 1
+            if refused >= 2 * n_trials:
+                raise UsageError(f"{refused} settings of the search space were refused, the last: {err}")
+            continue
+        study.tell(trial, list(objectives))
+        ran += 1
+    return ran
