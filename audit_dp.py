@@ -28,7 +28,9 @@ from common import (
     RunLog,
     UsageError,
     pick_device,
+    remove_dead_temps,
     seed_everything,
+    temp_prefix,
 )
 from defenses import DEFENSES, DefenseSettings, get_defense
 from paths import (
@@ -187,7 +189,8 @@ def dp_trial(args, plan, data, sources, member, noise) -> tuple:
     defense.check_args(settings)
     accs, epsilon = [], float("nan")
     device = data.y.device
-    with tempfile.TemporaryDirectory(dir=audit_dir(args), prefix=".tmp_tune_dp") as scratch:
+    remove_dead_temps(audit_dir(args))  # a killed tune_dp's scratch models
+    with tempfile.TemporaryDirectory(dir=audit_dir(args), prefix=temp_prefix("tune_dp")) as scratch:
         for j, source in enumerate(sources):
             seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
             net = load_models(args, [source], device)[0]

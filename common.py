@@ -262,7 +262,7 @@ def atomic_write(path: str, write) -> None:
     os.makedirs(directory, exist_ok=True)
     remove_dead_temps(directory)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(os.path.basename(path)[:100]))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(os.path.basename(path)[:100]))
     except OSError as err:  # named after the file the user asked for, not the temp file
         raise OSError(err.errno, err.strerror, path)
     try:
@@ -291,15 +291,16 @@ def _host_mark() -> str:
     return f".{os.uname().nodename}-"
 
 
-def _temp_prefix(name: str) -> str:
-    """.tmp_<name>.<host>-<pid>. : every temp file this process makes, so remove_dead_temps can tell its owner."""
+def temp_prefix(name: str) -> str:
+    """.tmp_<name>.<host>-<pid>. : every temp file or folder this process makes, so remove_dead_temps can tell
+    its owner."""
     return f".tmp_{name}{_host_mark()}{os.getpid()}."
 
 
 def remove_dead_temps(directory: str) -> None:
-    """Remove atomic_write's temp files in directory whose writer ran on this host and no longer runs: a
-    write killed with -9 leaves its .tmp_<name>.<host>-<pid>.XXXX, and the next write in the folder, which is
-    usually the same step run again, clears it."""
+    """Remove the temp files and folders (temp_prefix) in directory whose writer ran on this host and no longer
+    runs: a write killed with -9 leaves its .tmp_<name>.<host>-<pid>.XXXX, and the next write in the folder,
+    which is usually the same step run again, clears it."""
     mark = _host_mark()
     try:
         names = os.listdir(directory)
@@ -310,8 +311,12 @@ def remove_dead_temps(directory: str) -> None:
             continue
         pid = name[name.rfind(mark) + len(mark) :].split(".", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
+            path = os.path.join(directory, name)
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, name))
+                if os.path.isdir(path) and not os.path.islink(path):  # a scratch folder (audit_dp's)
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -333,7 +338,7 @@ def check_writable(folder: str) -> None:
         raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
     try:
         remove_dead_temps(folder)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=_temp_prefix("probe"))
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix("probe"))
     except OSError as err:
         raise OSError(err.errno, err.strerror, folder)
     os.close(fd)
