@@ -165,8 +165,10 @@ def load_models(args, folders, device) -> list:
 
 
 def stage_of(args, defense) -> str:
-    """The pruned stage's name: prune_modi.py's result prefix (with --tag)."""
-    return tagged(defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics), args.tag)
+    """The pruned stage's name: prune_modi.py's result prefix (with --tag; _auto for a setting given as auto)."""
+    auto = bool(defense.auto_flags(args))
+    stage = defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics, auto)
+    return tagged(stage, args.tag)
 
 
 def prune_info(args, settings, memscore_sha) -> dict:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ from audit_common import (
     stage_of,
 )
 from audit_plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, model_seed
+from auto_settings import derive
 from common import (
     RunLog,
     UsageError,
@@ -217,6 +219,10 @@ def prune(args) -> None:
     device = pick_device(args.gpu_id)
     data = audit_data(args, plan, device)
     memscores, stamp = read_audit_memscores(args, plan, plan_sha, data) if defense.needs_memscore else (None, None)
+    # a setting given as auto: one value for every model and group, from model 0's training set (no victim here)
+    model0 = data.y[model_split(plan, plan.member[0], device).train]
+    resolved, auto_line = derive(defense.auto_flags(args), model0, memscores, "model 0's training set")
+    settings = replace(settings, **resolved)
     stage = stage_of(args, defense)
     info = prune_info(args, settings, stamp)
     folders = {m: audit_model_dir(args, stage, m) for m in group}
@@ -234,6 +240,8 @@ def prune(args) -> None:
     log.write(f"Semantics: {args.semantics}")
     if forced_line(args, defense):
         log.write(forced_line(args, defense))
+    if auto_line:
+        log.write(auto_line)
     first = splits[todo[0]].train
     scores = None if memscores is None else memscores[first.cpu()]
     for line in defense.header_lines(settings, data.y[first], scores, memscores):

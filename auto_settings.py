@@ -54,9 +54,10 @@ def auto_mem_thre(scores) -> float:
     return float(min(max(np.quantile(scores, MEM_QUANTILE), scores.min()), scores.max()))
 
 
-def derive(flags, labels, scores=None) -> tuple:
+def derive(flags, labels, scores=None, whose="the victim's training set") -> tuple:
     """({flag: value}, the log line that says how) for the flags (of stride, width, mem_thre) given as auto;
-    labels: the victim's training labels, scores: the whole training set's mem-scores. ({}, None) for no flag."""
+    labels: the training labels of `whose` (the victim's), scores: the whole training set's mem-scores. ({}, None)
+    for no flag."""
     values, parts = {}, []
     if "stride" in flags or "width" in flags:
         c = min(Counter(labels.tolist()).values())
@@ -68,7 +69,7 @@ def derive(flags, labels, scores=None) -> tuple:
         values.update({flag: value for flag, value in (("stride", stride), ("width", width)) if flag in flags})
         parts.append(
             ", ".join(rules[flag] for flag in ("stride", "width") if flag in flags)
-            + f" ({c}: the smallest class of the victim's training set)"
+            + f" ({c}: the smallest class of {whose})"
         )
     if "mem_thre" in flags:
         values["mem_thre"] = auto_mem_thre(scores)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import audit
+import audit_plan
 import auto_settings
 import grid_plan
 import grid_spec
@@ -17,7 +19,7 @@ import mia_modi
 import prune_modi
 from auto_settings import auto_mem_thre, auto_window, derive
 from common import UsageError
-from conftest import REPO
+from conftest import REPO, as_repo
 from datasets import get_dataset
 from defenses import DEFENSES, DefenseSettings, RiskMemory, Slide, SlideRe, SlideReML2
 from helpers import DIGITS
@@ -228,3 +230,50 @@ def test_paper_main_uses_auto_where_the_paper_gives_no_setting():
             )
             assert derived == ([] if paper else read), (config, cls.name, setting)
     assert SlideReML2.derivable == ("stride", "width", "mem_thre")
+
+
+# ---------------------------------------------------------------- the audit
+
+
+@pytest.mark.slow
+def test_the_audit_takes_auto(tmp_path, monkeypatch):
+    """audit.py --defense slide_re:stride=auto,width=auto: a stage named _auto whose models all prune with the values
+    derived from model 0's training set (M = 3 models of 2 epochs, 2 pruning iterations of 1 epoch)."""
+    as_repo(monkeypatch, tmp_path)
+    tiny = ["--epochs", "2", "--quiet", "--no_tensorboard", "--batch_size", "64"]
+    step = lambda name, *flags: audit.main([name, "-1", DIGITS, *flags, *tiny])
+    step("prepare", "--models", "3", "--canaries", "8")
+    step("pretrain", "--group", "0", "--group_size", "3")
+    step("memscore")
+    entry = audit_plan.parse_defense("slide_re:stride=auto,width=auto")
+    flags = [f for key, value in entry.items() for f in (f"--{key}", value)]
+    step(
+        "prune",
+        "--group",
+        "0",
+        "--group_size",
+        "3",
+        "--pruner_name",
+        "iter_prunetxt",
+        "--prune_iter",
+        "2",
+        "--prune_epochs",
+        "1",
+        *flags,
+    )
+    audit_dir = os.path.join("result", "digits_columnfc", "audit")
+    plan = audit_plan.Plan.load(os.path.join(audit_dir, "plan.npz"), "")
+    sizes = np.bincount(plan.labels[: plan.n][plan.member[0]])
+    stride, width = auto_window(sizes[sizes > 0])
+    for m in (0, 1, 2):
+        with open(os.path.join(audit_dir, "iter_prunetxt_0.6_slide_re_auto", f"model_{m}", "complete.json")) as f:
+            settings = json.load(f)["settings"]
+        assert (settings["stride"], settings["width"]) == (stride, width)
+    with open(os.path.join("log", "digits_columnfc", "audit", "iter_prunetxt_0.6_slide_re_auto.group0.txt")) as f:
+        text = f.read()
+    c = min(sizes[sizes > 0])
+    assert (
+        f"Auto settings: stride {stride} = max(1, round(0.02 x {c})), width {width} = ceil(0.22 x {c}) ({c}: "
+        "the smallest class of model 0's training set)" in text
+    )
+    assert f"Window: stride {stride}, width {width} = " in text
