@@ -1,4 +1,5 @@
-"""Settings derived from the data: `--stride auto`, `--width auto`, `--mem_thre auto` (docs/defenses.md).
+"""Settings and the data: `--stride auto`, `--width auto`, `--mem_thre auto` derived from it (docs/defenses.md), and
+the log line that says what a window means on it (window_rule).
 
 The rules, exactly. c is the number of samples in the smallest class of the victim's training set; the scores
 are the mem-scores of the whole training set (one per training sample, the file the defenses read):
@@ -15,6 +16,7 @@ prune with those values (mia_modi.py's adaptive attack mimics the victim's defen
 """
 
 import argparse
+import math
 from collections import Counter
 
 import numpy as np
@@ -78,3 +80,17 @@ def derive(flags, labels, scores=None, whose="the victim's training set") -> tup
             f"mem_thre {values['mem_thre']:g} = the {percentile} of {len(scores)} mem-scores (the training set's)"
         )
     return values, "Auto settings: " + "; ".join(parts) if parts else None
+
+
+def window_rule(class_sizes, stride, width, prune_epochs):
+    """The log line that says what a window means on this data: width as a share of the smallest class
+    (rounded to a whole percent) and a full pass, the epochs until the window has reached the end of the
+    largest class (1 when the width covers it, else ceil((largest - width) / stride) + 1), next to the
+    epochs of a pruning iteration (the window restarts every iteration)."""
+    smallest, largest = min(class_sizes), max(class_sizes)
+    full_pass = 1 if width >= largest else math.ceil((largest - width) / stride) + 1
+    return (
+        f"Window: stride {stride}, width {width} = {100 * width / smallest:.0f}% of the smallest class "
+        f"({smallest} samples); a full pass in {full_pass} epochs (largest class {largest} samples; "
+        f"{prune_epochs} epochs per pruning iteration)"
+    )

@@ -15,12 +15,13 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from auto_settings import AUTO, float_or_auto, int_or_auto
+from auto_settings import AUTO, float_or_auto, int_or_auto, window_rule
 from common import UsageError
 from dp import dp_gradient
 from models import build_attack_model
 from paths import model_prefix
 from train import make_optimizer, minibatches, train_pass
+from tuning import QUANTILE, SMALLEST_CLASS, Knob
 
 DEFENSES = {}
 SEMANTICS = ("release", "corrected")
@@ -95,6 +96,7 @@ class Defense:
     needs_memscore = False
     semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
     derivable = ()  # the settings it reads that `auto` derives from the data (auto_settings.py)
+    search_space = ()  # the Knobs that audit.py tune searches (tuning.py); none: nothing to tune
 
     def __init__(self, model, data, split, settings: DefenseSettings, memscores=None):
         self.model, self.data, self.split, self.settings = model, data, split, settings
@@ -192,20 +194,6 @@ def window_at(groups, stride, width, epoch, shared_end=False):
     return torch.cat(parts) if parts else groups[0][:0]
 
 
-def window_rule(class_sizes, stride, width, prune_epochs):
-    """The log line that says what a window means on this data: width as a share of the smallest class
-    (rounded to a whole percent) and a full pass, the epochs until the window has reached the end of the
-    largest class (1 when the width covers it, else ceil((largest - width) / stride) + 1), next to the
-    epochs of a pruning iteration (the window restarts every iteration)."""
-    smallest, largest = min(class_sizes), max(class_sizes)
-    full_pass = 1 if width >= largest else math.ceil((largest - width) / stride) + 1
-    return (
-        f"Window: stride {stride}, width {width} = {100 * width / smallest:.0f}% of the smallest class "
-        f"({smallest} samples); a full pass in {full_pass} epochs (largest class {largest} samples; "
-        f"{prune_epochs} epochs per pruning iteration)"
-    )
-
-
 class WindowDefense(Defense):
     """RSW: each epoch trains on a window per class over the class's samples ordered by mem-score;
     the window moves by --stride every epoch and restarts every pruning iteration. The windows'
@@ -215,6 +203,10 @@ class WindowDefense(Defense):
     needs_memscore = True
     semantics_differ = True
     derivable = ("stride", "width")
+    search_space = (  # `auto` is 0.02 and 0.22 of the smallest class
+        Knob("stride", 0.01, 0.2, log=True, unit=SMALLEST_CLASS),
+        Knob("width", 0.05, 0.6, log=True, unit=SMALLEST_CLASS),
+    )
     descending = True  # True: high -> low mem-score, False: low -> high, None: training-list order
 
     def __init__(self, model, data, split, settings, memscores=None):
@@ -309,6 +301,7 @@ class RiskMemory(Defense):
 
     needs_memscore = True
     derivable = ("mem_thre",)
+    search_space = (Knob("mem_thre", 0.8, 0.99, unit=QUANTILE), Knob("weight_decay_mem", 1e-4, 1.0, log=True))
 
     def __init__(self, model, data, split, settings, memscores=None):
         super().__init__(model, data, split, settings, memscores)
@@ -392,6 +385,7 @@ class WindowRiskMemory(RiskMemory, WindowDefense):
     semantics: an epoch without a sample on either side of --mem_thre has nothing to train."""
 
     derivable = ("stride", "width", "mem_thre")
+    search_space = WindowDefense.search_space + RiskMemory.search_space
 
     def check_windows(self):
         self.refuse_passed_windows()
@@ -465,6 +459,7 @@ class Ppb(LossDefense):
     """Pair-wise posterior balancing (Yuan & Zhang, USENIX Security 2022); defend_arg weighs the KL term."""
 
     name = "ppb"
+    search_space = (Knob("defend_arg", 0.5, 32.0, log=True),)  # the paper's grid: 1-16
 
     @classmethod
     def check_args(cls, settings):
@@ -497,6 +492,7 @@ class RelaxLoss(LossDefense):
     """RelaxLoss (Chen et al., ICLR 2022); defend_arg is the target loss level alpha."""
 
     name = "relaxloss"
+    search_space = (Knob("defend_arg", 0.05, 2.0, log=True),)  # alpha, a cross-entropy level
 
     @classmethod
     def check_args(cls, settings):
@@ -540,6 +536,7 @@ class Adv(Defense):
 
     name = "adv"
     arg_in_name = True
+    search_space = (Knob("defend_arg", 0.5, 16.0, log=True),)  # the paper's grid: 1-8
     semantics_differ = True
     inference_steps = 7  # per classifier step (corrected) or per epoch (release)
 
@@ -623,6 +620,7 @@ class Dp(Defense):
 
     name = "dp"
     arg_in_name = True
+    search_space = (Knob("defend_arg", 0.25, 16.0, log=True),)  # the noise multiplier
     semantics_differ = True
     clip = 1.0
     delta, delta_text = 1e-5, "1e-5"

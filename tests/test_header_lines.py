@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import results
-from defenses import ML2, DefenseSettings, RandomWindow, SlideML2, window_rule
+from auto_settings import window_rule
+from defenses import ML2, DefenseSettings, RandomWindow, SlideML2
 
 
 def literal_full_pass(largest, stride, width):

@@ -135,3 +135,41 @@ def test_refused_settings_are_failed_trials_that_do_not_count(tmp_path):
             lambda values: (_ for _ in ()).throw(UsageError("--defend slide_re: the window ...")),
         )
     assert os.path.isfile(tmp_path / "study.log")
+
+
+def test_every_defense_declares_its_search_space_in_flags_it_has():
+    """Each registered defense's knobs: the flag, range, scale and unit, exactly; every flag is one of the defense
+    flags (add_defense_flags), and `auto`'s point (auto_settings) lies inside the window and threshold ranges."""
+    import argparse
+
+    import auto_settings
+    from defenses import DEFENSES, add_defense_flags
+
+    window = [("stride", 0.01, 0.2, True, SMALLEST_CLASS), ("width", 0.05, 0.6, True, SMALLEST_CLASS)]
+    risk = [("mem_thre", 0.8, 0.99, False, QUANTILE), ("weight_decay_mem", 1e-4, 1.0, True, "")]
+    arg = lambda low, high: [("defend_arg", low, high, True, "")]
+    expected = {
+        "base": [],
+        "slide": window,
+        "slide_re": window,
+        "random": window,
+        "ml2": risk,
+        "slide_ml2": window + risk,
+        "slide_re_ml2": window + risk,
+        "ppb": arg(0.5, 32.0),
+        "relaxloss": arg(0.05, 2.0),
+        "adv": arg(0.5, 16.0),
+        "dp": arg(0.25, 16.0),
+    }
+    spaces = {
+        name: [(k.flag, k.low, k.high, k.log, k.unit) for k in cls.search_space] for name, cls in DEFENSES.items()
+    }
+    assert spaces == expected
+    parser = argparse.ArgumentParser()
+    add_defense_flags(parser)
+    flags = {a.dest for a in parser._actions}
+    assert {k.flag for cls in DEFENSES.values() for k in cls.search_space} <= flags
+    shares = {"stride": auto_settings.STRIDE_PERCENT / 100, "width": auto_settings.WIDTH_PERCENT / 100}
+    for flag, low, high, _, _ in window:
+        assert low < shares[flag] < high
+    assert risk[0][1] < auto_settings.MEM_QUANTILE < risk[0][2]
