@@ -8,6 +8,8 @@ python audit.py memscore  GPU-ID CONFIG
 python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
 python audit.py attack    GPU-ID CONFIG (--original | --defend NAME [defense flags] [pruning flags])
 python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [--tuning_models 4] [pruning flags]
+python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_models 16] [--study WHERE]
+                          [--target_acc A] [--tolerance 1] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
 python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
                           [--with_dp] [--group_size 8]
@@ -22,8 +24,8 @@ of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The
 --defend_arg reads the noise multiplier tune_dp picked. audit_plan.audit_steps() lists the steps in dependency order.
 
 This file is the command line (flags, checks, the step dispatch, `all`); the steps live in audit_train.py
-(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize) and audit_dp.py (tune_dp), what they
-share in audit_common.py.
+(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize), audit_dp.py (tune_dp) and
+audit_tune.py (tune), what they share in audit_common.py.
 """
 
 import argparse
@@ -36,6 +38,7 @@ from audit_attack import attack, summarize
 from audit_dp import DEFAULT_NOISE, TUNING_MODELS, parse_noise, tune_dp
 from audit_plan import audit_steps, parse_defense
 from audit_train import memscore, prepare, pretrain, prune
+from audit_tune import TRIALS, TUNE_MODELS, tune
 from common import (
     UsageError,
     base_parser,
@@ -55,7 +58,7 @@ from pruning import (
 )
 from splits import check_config
 
-STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "summarize", "all")
+STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "tune", "summarize", "all")
 
 
 def common_parser(step: str) -> argparse.ArgumentParser:
@@ -89,9 +92,9 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         group.add_argument("--audit_top_memscore", type=int, default=None, help="audit the K top mem-score rows")
     if step in ("pretrain", "prune"):
         add_group_flags(parser)
-    if step in ("pretrain", "tune_dp", "all"):
+    if step in ("pretrain", "tune_dp", "tune", "all"):
         parser.add_argument("--early_stop_pretrain", type=int, default=5, help="pretraining's early stop")
-    if step in ("prune", "attack", "tune_dp", "all"):
+    if step in ("prune", "attack", "tune_dp", "tune", "all"):
         add_prune_flags(parser)
     if step == "prune":
         parser.add_argument("--sequential", action="store_true", help="Base model by model, not batched")
@@ -106,6 +109,12 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         parser.add_argument("--tuning_models", type=int, default=TUNING_MODELS, help="DP tuning shadows")
         parser.add_argument("--tolerance", type=float, default=1.0, help="accepted |accuracy - target| (points)")
         parser.add_argument("--refine", type=int, default=2, help="bisection steps after the grid")
+    if step == "tune":
+        parser.add_argument("--trials", type=int, default=TRIALS, help="complete trials the study ends with")
+        parser.add_argument("--tuning_models", type=int, default=TUNE_MODELS, help="tuning models (>= 3)")
+        parser.add_argument("--study", default=None, help="journal file or storage URL (default: tuning/<stage>)")
+        parser.add_argument("--target_acc", type=float, default=None, help="default: Base-pruned tuning mean - 1")
+        parser.add_argument("--tolerance", type=float, default=1.0, help="accepted accuracy under the target")
     if step in ("summarize", "all"):
         parser.add_argument("--out", default=None, help="folder for audit.csv and the figures (default: the audit's)")
     if step == "all":
@@ -223,6 +232,7 @@ RUNNERS = {
     "prune": prune,
     "attack": attack,
     "tune_dp": tune_dp,
+    "tune": tune,
     "summarize": summarize,
     "all": run_all,
 }

@@ -58,6 +58,7 @@ LAYERS = {
     "audit_train": 3,
     "audit_attack": 3,
     "audit_dp": 3,
+    "audit_tune": 3,
 }
 
 

@@ -1,0 +1,198 @@
+"""audit.py tune: a defense's setting chosen on tuning models, by one rule for every defense (docs/audit.md).
+
+K tuning models (--tuning_models, 16) train on halves of the pool drawn for them alone (membership stream
+"tuning", model seeds from TUNING_OFFSET): the tuner never opens an audited model or uses an audited draw. Their
+mem-scores are Feldman's estimate over the K tuning models, not the audit's. A trial prunes every tuning model
+under one setting from the defense's search space (its class's `search_space`, tuning.py) and scores it on two
+objectives: the mean accuracy on the dev rows (the audit's table reports the test rows) and the leave-one-out
+LiRA leakage on the audited rows among the K tuning models, the audit's own attack: its TPR at 1 % FPR where the
+tuning models make the 1000 non-member decisions that it needs (intervals.measurable), else its AUC. The trials share an
+Optuna study (tuning.open_study), so several processes or grid steps can work on one. The Base reference (the
+tuning models pruned without a defense) sets the default target, its mean dev accuracy minus 1 point; the chosen
+setting is tuning.choose's, written to tuning/<stage>.json with its values in the knobs' units (a share of the
+smallest class, a quantile of the mem-scores), so an audited run resolves them on its own data.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from audit_common import (
+    NullLog,
+    audit_data,
+    load_json,
+    load_models,
+    load_plan,
+    model_split,
+    pretrained_folders,
+    write_json,
+)
+from audit_plan import TUNING_OFFSET, feldman_memscores, membership, model_seed
+from audit_train import train_models
+from common import RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
+from defenses import DEFENSES, DefenseSettings, get_defense
+from ensemble import predict_ensemble
+from intervals import measurable
+from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
+from paths import audit_dir, audit_log_path, checkpoint, run_name
+from progress import Progress
+from prune_modi import force_defense_flags, prune_model
+from train import evaluate, load_model
+from tuning import choose, completed, flags_of, open_study, run_trials
+
+TUNE_MODELS = 16  # tuning models: about 8 IN and 8 OUT references for each audited row's leave-one-out score
+TRIALS = 12
+LOW_FPR = "TPR@1%FPR"  # the leakage objective, where the tuning models give it enough non-member decisions
+
+
+def tuning_path(args, name: str) -> str:
+    return os.path.join(audit_dir(args), "tuning", name)
+
+
+def tune(args) -> None:
+    """Run the defense's trials until its study holds --trials complete ones, then choose its setting."""
+    defense = get_defense(args.defend)
+    if not defense.search_space:
+        tunable = ", ".join(name for name, cls in DEFENSES.items() if cls.search_space)
+        raise UsageError(f"--defend {defense.name} has no setting to tune; tune one of: {tunable}")
+    if args.tuning_models < LIRA_MIN_MODELS:
+        raise UsageError(f"--tuning_models must be >= {LIRA_MIN_MODELS} (leave-one-out LiRA), got {args.tuning_models}")
+    plan, plan_sha = load_plan(args)
+    member = membership(args.tuning_models, plan.n, args.seed, "tuning")
+    train_models(args, plan, plan_sha, list(range(args.tuning_models)), member, True, "tuning")
+    device = pick_device(args.gpu_id)
+    data = audit_data(args, plan, device)
+    tuning = Tuning(args, plan, data, member, device)
+    reference = tuning.base_reference(plan_sha)
+    stage = study_name(args, defense)
+    where = args.study or tuning_path(args, f"{stage}.journal")
+    study = open_study(stage, where, args.seed)
+    log = RunLog(audit_log_path(args, f"tune_{stage}"))
+    log.write(
+        f"{run_name(args)} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
+        f"study {stage} in {where}"
+    )
+    log.write(f"Leakage: LiRA {tuning.leak_metric} on the audited rows ({tuning.nonmembers} non-member decisions)")
+    log.write(f"Base reference: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} {reference['leak']:.3f}")
+
+    def evaluate_setting(values):
+        flags = flags_of(defense.search_space, values, tuning.class_sizes, tuning.memscores.numpy())
+        acc, leak = tuning.trial(defense, flags)
+        log.write(f"trial {describe(values, flags)}: dev accuracy {acc:.3f}, LiRA {tuning.leak_metric} {leak:.3f}")
+        return acc, leak
+
+    run_trials(study, args.trials, defense.search_space, evaluate_setting)
+    points = [
+        {"number": t.number, "acc": t.values[0], "leak": t.values[1], "values": dict(t.params)}
+        for t in completed(study)
+    ]
+    target = reference["acc"] - 1.0 if args.target_acc is None else args.target_acc
+    chosen, within = choose(points, target, args.tolerance)
+    flags = flags_of(defense.search_space, chosen["values"], tuning.class_sizes, tuning.memscores.numpy())
+    result = {
+        "defense": defense.name,
+        "stage": stage,
+        "plan_sha256": plan_sha,
+        "study": where,
+        "tuning_models": args.tuning_models,
+        "leak_metric": tuning.leak_metric,
+        "reference": reference,
+        "target_acc": target,
+        "target_from": "the Base-pruned tuning models' mean dev accuracy - 1"
+        if args.target_acc is None
+        else "--target_acc",
+        "tolerance": args.tolerance,
+        "chosen": {**chosen, "flags": flags},
+        "within_tolerance": within,
+        "trials": points,
+    }
+    path = tuning_path(args, f"{stage}.json")
+    write_json(path, result)
+    log.write(
+        f"Chosen: trial {chosen['number']}, {describe(chosen['values'], flags)}: dev accuracy {chosen['acc']:.3f}, "
+        f"LiRA {tuning.leak_metric} {chosen['leak']:.3f}; target {target:.3f} - {args.tolerance:g} "
+        + ("reached" if within else "NOT reached: the most accurate of the front")
+    )
+    log.write(f"Wrote {path}")
+    log.close()
+
+
+def study_name(args, defense) -> str:
+    """The pruned stage's name with what else changes a trial's numbers: the schedule (iterations, epochs) and
+    the number of tuning models."""
+    stage = defense.prefix(args.pruner_name, args.prune_sparsity, None, args.semantics)
+    return f"{stage}_i{args.prune_iter}e{args.prune_epochs}_k{args.tuning_models}"
+
+
+def describe(values: dict, flags: dict) -> str:
+    return ", ".join(
+        f"{flag} {flags[flag]:g}" + ("" if values[flag] == flags[flag] else f" ({values[flag]:.3g})") for flag in flags
+    )
+
+
+class Tuning:
+    """The tuning models of a plan, their data and mem-scores, and one trial: prune all of them under a setting,
+    then (mean dev accuracy, LiRA TPR@1%FPR on the audited rows among them)."""
+
+    def __init__(self, args, plan, data, member, device):
+        self.args, self.plan, self.data, self.member, self.device = args, plan, data, member, device
+        self.sources = pretrained_folders(args, plan, tuning=True)
+        self.splits = [model_split(plan, member[j], device) for j in range(len(member))]
+        self.class_sizes = torch.bincount(data.y[self.splits[0].train]).tolist()  # as audit prune: model 0's
+        self.class_sizes = [c for c in self.class_sizes if c]
+        self.memscores = self.estimate_memscores()
+        self.nonmembers = int((~member[:, plan.audited]).sum())
+        self.leak_metric = LOW_FPR if measurable(LOW_FPR, self.nonmembers) else "AUC"
+
+    def estimate_memscores(self) -> torch.Tensor:
+        pool = torch.arange(self.plan.n, device=self.device)
+        logits = predict_ensemble(load_models(self.args, self.sources, self.device), self.data, pool)
+        correct = (logits.argmax(-1) == self.data.y[pool]).cpu().numpy()
+        return torch.from_numpy(feldman_memscores(correct, self.member)[0])
+
+    def base_reference(self, plan_sha) -> dict:
+        """The tuning models pruned under Base: {"acc", "leak"}, computed once per plan and pruning schedule."""
+        schedule = {k: getattr(self.args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")}
+        request = {"plan_sha256": plan_sha, "tuning_models": len(self.member), "schedule": schedule}
+        path = tuning_path(self.args, f"base_{study_name(self.args, get_defense('base'))}.json")
+        old = load_json(path)[0] if os.path.isfile(path) else None
+        if old and all(json.dumps(old.get(k)) == json.dumps(v) for k, v in request.items()):
+            return {"acc": old["acc"], "leak": old["leak"]}
+        acc, leak = self.trial(get_defense("base"), {})
+        write_json(path, {**request, "acc": acc, "leak": leak})
+        return {"acc": acc, "leak": leak}
+
+    def trial(self, defense, flags: dict) -> tuple:
+        args = argparse.Namespace(**vars(self.args))
+        args.defend = defense.name
+        for flag, value in flags.items():
+            setattr(args, flag, int(value) if flag in ("stride", "width") else value)
+        force_defense_flags(args)
+        settings = DefenseSettings.from_args(args)
+        defense.check_args(settings)
+        memscores = self.memscores.to(self.device) if defense.needs_memscore else None
+        if memscores is not None:
+            defense.check_memscores(memscores, settings, "the tuning models' mem-scores")
+        accs, logits = [], []
+        pool = torch.arange(self.plan.n, device=self.device)
+        remove_dead_temps(audit_dir(self.args))
+        with tempfile.TemporaryDirectory(dir=audit_dir(self.args), prefix=temp_prefix("tune")) as scratch:
+            for j, source in enumerate(self.sources):
+                seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
+                net = load_models(args, [source], self.device)[0]
+                target = os.path.join(scratch, f"model_{j}")
+                os.makedirs(target)
+                prune_model(
+                    args, net, defense, settings, self.data, self.splits[j], target, NullLog(), f"tuning {j}",
+                    memscores, Progress(), [],
+                )  # fmt: skip
+                best = load_model(args, checkpoint(target), self.device, "tuning checkpoint", "rerun tune")[0]
+                accs.append(evaluate(best, self.data, self.splits[j].dev)[0])
+                logits.append(predict_ensemble([best], self.data, pool)[0].cpu().numpy())
+        scores = lira_online_loo(np.stack(logits), self.plan.labels, self.member)
+        leak = audit_metrics(scores, self.member, self.plan.audited, resamples=0)[self.leak_metric][0]
+        return float(np.mean(accs)), float(leak)

@@ -1,0 +1,82 @@
+"""audit.py tune on a tiny digits audit (3 planned models, none of them ever trained; 4 tuning models of 2 epochs;
+2 pruning iterations of 2 epochs): it opens no audited model, its draws are disjoint from the audit's, its trials
+share one resumable study, and the chosen setting is the selection rule's on its trials."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import audit
+import audit_plan
+import tuning
+from common import UsageError
+from conftest import as_repo
+from helpers import DIGITS
+
+AUDIT = os.path.join("result", "digits_columnfc", "audit")
+TINY = ["--epochs", "2", "--quiet", "--no_tensorboard", "--batch_size", "64"]
+PRUNING = ["--pruner_name", "iter_prunetxt", "--prune_iter", "2", "--prune_epochs", "2"]
+TUNE = ["--defend", "slide_re", "--tuning_models", "4", *PRUNING, *TINY]
+STUDY = "iter_prunetxt_0.6_slide_re_i2e2_k4"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tune")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        as_repo(monkeypatch, folder)
+        audit.main(["prepare", "-1", DIGITS, "--models", "3", *TINY])
+        audit.main(["tune", "-1", DIGITS, "--trials", "3", *TUNE])
+        with open(os.path.join(AUDIT, "tuning", f"{STUDY}.json")) as f:
+            first = json.load(f)
+        audit.main(["tune", "-1", DIGITS, "--trials", "3", *TUNE])  # the study holds 3: no trial runs
+        with open(os.path.join(AUDIT, "tuning", f"{STUDY}.json")) as f:
+            again = json.load(f)
+        audit.main(["tune", "-1", DIGITS, "--trials", "4", *TUNE])  # resumed: one more
+        with open(os.path.join(AUDIT, "tuning", f"{STUDY}.json")) as f:
+            resumed = json.load(f)
+        log = open(os.path.join("log", "digits_columnfc", "audit", f"tune_{STUDY}.txt")).read().splitlines()
+        plan = audit_plan.Plan.load(os.path.join(AUDIT, "plan.npz"), "")
+        yield folder, first, again, resumed, log, plan
+
+
+def test_the_tuner_opens_no_audited_model_and_its_draws_are_disjoint(tuned):
+    folder, first, _, _, _, plan = tuned
+    assert sorted(os.listdir(folder / AUDIT)) == ["plan.npz", "tuning"]  # no audited model was ever made
+    assert sorted(os.listdir(folder / AUDIT / "tuning" / "pretrained")) == [f"model_{j}" for j in range(4)]
+    tuning_member = audit_plan.membership(4, plan.n, 7, "tuning")
+    assert not any(np.array_equal(t, a) for t in tuning_member for a in plan.member)
+    seeds = lambda offset, count: {audit_plan.model_seed(7, "init", offset + m) for m in range(count)}
+    assert not seeds(audit_plan.TUNING_OFFSET, 4) & seeds(0, plan.models)
+    assert first["plan_sha256"] and first["tuning_models"] == 4
+
+
+def test_the_chosen_setting_is_the_rules_on_the_trials_and_the_base_reference_sets_the_target(tuned):
+    _, first, _, _, log, plan = tuned
+    trials = first["trials"]
+    assert len(trials) == 3 and first["leak_metric"] == "AUC"  # 4 models x 134 canaries: too few for TPR@1%FPR
+    assert first["target_acc"] == pytest.approx(first["reference"]["acc"] - 1)
+    chosen, within = tuning.choose(trials, first["target_acc"], 1.0)
+    assert first["chosen"]["number"] == chosen["number"] and first["within_tolerance"] == within
+    assert set(first["chosen"]["values"]) == {"stride", "width"}
+    assert all(isinstance(v, int) and v >= 1 for v in first["chosen"]["flags"].values())
+    outs = int((~audit_plan.membership(4, plan.n, 7, "tuning")[:, plan.audited]).sum())
+    assert outs < 1000 and log[1] == f"Leakage: LiRA AUC on the audited rows ({outs} non-member decisions)"
+    ref = first["reference"]
+    assert log[2] == f"Base reference: dev accuracy {ref['acc']:.3f}, LiRA AUC {ref['leak']:.3f}"
+    assert sum(line.startswith("trial stride ") for line in log) == 4  # 3 trials, then the resumed study's 4th
+
+
+def test_the_study_resumes_without_running_or_counting_a_trial_twice(tuned):
+    _, first, again, resumed, _, _ = tuned
+    assert again["trials"] == first["trials"]
+    assert resumed["trials"][:3] == first["trials"] and len(resumed["trials"]) == 4
+    assert len({json.dumps(t["values"], sort_keys=True) for t in resumed["trials"]}) == 4
+
+
+def test_base_has_nothing_to_tune(tmp_path, monkeypatch):
+    as_repo(monkeypatch, tmp_path)
+    with pytest.raises(UsageError, match=r"--defend base has no setting to tune; tune one of: slide, slide_re"):
+        audit.main(["tune", "-1", DIGITS, "--defend", "base", *PRUNING, *TINY])
