@@ -7,6 +7,7 @@ python audit.py pretrain  GPU-ID CONFIG --group G [--group_size 8]
 python audit.py memscore  GPU-ID CONFIG
 python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
 python audit.py attack    GPU-ID CONFIG (--original | --defend NAME [defense flags] [pruning flags])
+                          (prune and attack: --tuned for the setting `tune` chose, instead of defense flags)
 python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [--tuning_models 4] [pruning flags]
 python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_models 16] [--study WHERE]
                           [--target_acc A] [--tolerance 1] [pruning flags]
@@ -38,7 +39,7 @@ from audit_attack import attack, summarize
 from audit_dp import DEFAULT_NOISE, TUNING_MODELS, parse_noise, tune_dp
 from audit_plan import audit_steps, parse_defense
 from audit_train import memscore, prepare, pretrain, prune
-from audit_tune import TRIALS, TUNE_MODELS, tune
+from audit_tune import TRIALS, TUNE_MODELS, apply_tuned, tune
 from common import (
     UsageError,
     base_parser,
@@ -109,9 +110,13 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         parser.add_argument("--tuning_models", type=int, default=TUNING_MODELS, help="DP tuning shadows")
         parser.add_argument("--tolerance", type=float, default=1.0, help="accepted |accuracy - target| (points)")
         parser.add_argument("--refine", type=int, default=2, help="bisection steps after the grid")
-    if step == "tune":
-        parser.add_argument("--trials", type=int, default=TRIALS, help="complete trials the study ends with")
+    if step in ("prune", "attack"):
+        parser.add_argument("--tuned", action="store_true", help="the setting audit.py tune chose (tag: tuned)")
+    if step in ("prune", "attack", "tune"):
         parser.add_argument("--tuning_models", type=int, default=TUNE_MODELS, help="tuning models (>= 3)")
+    if step in ("tune", "all"):
+        parser.add_argument("--trials", type=int, default=TRIALS, help="complete trials a tune study ends with")
+    if step == "tune":
         parser.add_argument("--study", default=None, help="journal file or storage URL (default: tuning/<stage>)")
         parser.add_argument("--target_acc", type=float, default=None, help="default: Base-pruned tuning mean - 1")
         parser.add_argument("--tolerance", type=float, default=1.0, help="accepted accuracy under the target")
@@ -214,6 +219,7 @@ def run_all(args) -> None:
         attack_flags,
         common,
         args.out,
+        ["--trials", str(args.trials)] if "trials" in explicit else [],
     )
     for s in steps:
         started = time.time()
@@ -240,6 +246,8 @@ RUNNERS = {
 
 def main(argv=None) -> None:
     args = get_args(argv)
+    if getattr(args, "tuned", False):
+        apply_tuned(args)
     RUNNERS[args.step](args)
 
 

@@ -171,14 +171,21 @@ DEFENSE_FLAGS = ("defend_arg", "stride", "width", "weight_decay_mem", "mem_thre"
 
 
 def parse_defense(spec: str) -> dict:
-    """'slide_re:stride=1,width=5' -> {'defend': 'slide_re', 'stride': '1', 'width': '5'}."""
+    """'slide_re:stride=1,width=5' -> {'defend': 'slide_re', 'stride': '1', 'width': '5'}; 'slide_re:tuned' ->
+    {'defend': 'slide_re', 'tuned': True}: the setting audit.py tune chooses (a tune step before its prunes)."""
     name, _, rest = spec.partition(":")
     entry = {"defend": get_defense(name.strip()).name}
     for item in filter(None, (i.strip() for i in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or key not in DEFENSE_FLAGS:
-            raise UsageError(f"--defense {spec}: '{item}' is not flag=value with a flag of {', '.join(DEFENSE_FLAGS)}")
-        entry[key] = value
+        if item == "tuned" and get_defense(entry["defend"]).search_space:
+            entry["tuned"] = True
+        elif not eq or key not in DEFENSE_FLAGS:
+            raise UsageError(
+                f"--defense {spec}: '{item}' is not flag=value with a flag of {', '.join(DEFENSE_FLAGS)}, or 'tuned' "
+                f"(a defense with a search space)"
+            )
+        else:
+            entry[key] = value
     return entry
 
 
@@ -195,13 +202,15 @@ def audit_steps(
     attack=(),
     common=(),
     out=None,
+    tune=(),
 ) -> list:
     """Every step's argv (after "python") in dependency order, each with the names of the steps it needs:
     prepare; pretrain per group; memscore; attack --original; per defense entry ({defend, flag: value}) prune per
     group and its attack; with_dp: tune_dp (after the defenses' attacks: its default target is their accuracy),
     prune dp per group, attack dp; summarize. audited: prepare's flags (--canaries K ...); pruning: the pruning
-    flags of every prune, attack and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the attack
-    flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet)."""
+    flags of every prune, attack, tune and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the
+    attack flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet); tune: the tune
+    steps' own (--trials ...). An entry with tuned: True gets a tune step (after prepare) before its prunes."""
     common, pruning = list(common), list(pruning)
     groups = range(-(-models // group_size))
     step = lambda name, *flags: ["audit.py", name, gpu, config, *flags, *common]
@@ -216,7 +225,12 @@ def audit_steps(
     defense_attacks = []
 
     def add(entry, name, extra_needs):
-        flags = [f for k, v in entry.items() for f in (f"--{k}", str(v))]
+        flags = [f for k, v in entry.items() for f in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
+        if entry.get("tuned"):  # on its own tuning models: it needs only the plan
+            semantics = ["--semantics", entry["semantics"]] if "semantics" in entry else []
+            tuning = step("tune", "--defend", entry["defend"], *pruning, *semantics, *tune)
+            steps.append(AuditStep(f"tune.{name}", tuning, ["prepare"]))
+            extra_needs = [*extra_needs, f"tune.{name}"]
         prunes = [
             AuditStep(f"prune.{name}.g{g}", step("prune", *by_group(g), *pruning, *flags), ["memscore", *extra_needs])
             for g in groups
@@ -226,7 +240,7 @@ def audit_steps(
         return attack_step.name
 
     for i, entry in enumerate(entries):
-        label = "_".join([entry["defend"]] + [f"{k}{v}" for k, v in entry.items() if k != "defend"])
+        label = "_".join([entry["defend"]] + [k if v is True else f"{k}{v}" for k, v in entry.items() if k != "defend"])
         defense_attacks.append(add(entry, f"{i}.{label}", []))
     if with_dp:
         dp_semantics = ["--semantics", "corrected"]

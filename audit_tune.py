@@ -23,17 +23,20 @@ import torch
 
 from audit_common import (
     NullLog,
+    audit_command,
     audit_data,
     load_json,
     load_models,
     load_plan,
     model_split,
     pretrained_folders,
+    read_audit_memscores,
+    read_json,
     write_json,
 )
 from audit_plan import TUNING_OFFSET, feldman_memscores, membership, model_seed
 from audit_train import train_models
-from common import RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
+from common import MissingError, RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
 from defenses import DEFENSES, DefenseSettings, get_defense
 from ensemble import predict_ensemble
 from intervals import measurable
@@ -42,7 +45,7 @@ from paths import audit_dir, audit_log_path, checkpoint, run_name
 from progress import Progress
 from prune_modi import force_defense_flags, prune_model
 from train import evaluate, load_model
-from tuning import choose, completed, flags_of, open_study, run_trials
+from tuning import QUANTILE, choose, completed, flags_of, open_study, run_trials
 
 TUNE_MODELS = 16  # tuning models: about 8 IN and 8 OUT references for each audited row's leave-one-out score
 TRIALS = 12
@@ -119,6 +122,41 @@ def tune(args) -> None:
     )
     log.write(f"Wrote {path}")
     log.close()
+
+
+def apply_tuned(args) -> None:
+    """--tuned: set the defense's searched flags to the setting `tune` chose for this plan and pruning schedule,
+    resolved on this audit's data (as `auto` is: the class sizes of model 0's training set, the audit's
+    mem-scores), and name the stage with --tag tuned unless a tag is given. Called once, before the step."""
+    defense = get_defense(args.defend)
+    plan, plan_sha = load_plan(args)
+    path = tuning_path(args, f"{study_name(args, defense)}.json")
+    how = audit_command(
+        args, "tune", "--defend", defense.name, *schedule_flags(args), "--tuning_models", str(args.tuning_models)
+    )
+    if not os.path.isfile(path):
+        raise MissingError(
+            f"--tuned: no setting has been chosen for {defense.name} ({path} not found); run {how} first"
+        )
+    chosen = read_json(path, "the chosen setting", f"rebuild it with: {how}")
+    if chosen.get("plan_sha256") != plan_sha:
+        raise MissingError(f"--tuned: {path} was tuned for another audit plan; run {how} again")
+    class_sizes = [c for c in np.bincount(plan.labels[: plan.n][plan.member[0]]) if c]
+    scores = None
+    if any(k.unit == QUANTILE for k in defense.search_space):
+        data = audit_data(args, plan, torch.device("cpu"))
+        scores = read_audit_memscores(args, plan, plan_sha, data)[0].numpy()
+    for flag, value in flags_of(defense.search_space, chosen["chosen"]["values"], class_sizes, scores).items():
+        setattr(args, flag, value)
+    args.tag = args.tag or "tuned"
+
+
+def schedule_flags(args) -> list:
+    return [
+        f
+        for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")
+        for f in (f"--{k}", str(getattr(args, k)))
+    ]
 
 
 def study_name(args, defense) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 import audit
 import audit_plan
+import audit_tune
 import tuning
 from common import UsageError
 from conftest import as_repo
@@ -39,12 +40,19 @@ def tuned(tmp_path_factory):
             resumed = json.load(f)
         log = open(os.path.join("log", "digits_columnfc", "audit", f"tune_{STUDY}.txt")).read().splitlines()
         plan = audit_plan.Plan.load(os.path.join(AUDIT, "plan.npz"), "")
-        yield folder, first, again, resumed, log, plan
+        audited = sorted(os.listdir(AUDIT))
+        # the audited models, then the tuned setting pruned and attacked on them
+        audit.main(["pretrain", "-1", DIGITS, "--group", "0", "--group_size", "3", *TINY])
+        audit.main(["memscore", "-1", DIGITS, *TINY])
+        tuned_flags = ["--defend", "slide_re", "--tuned", "--tuning_models", "4", *PRUNING, *TINY]
+        audit.main(["prune", "-1", DIGITS, "--group", "0", "--group_size", "3", *tuned_flags])
+        audit.main(["attack", "-1", DIGITS, "--bootstrap", "0", *tuned_flags])
+        yield folder, first, again, resumed, log, plan, audited
 
 
 def test_the_tuner_opens_no_audited_model_and_its_draws_are_disjoint(tuned):
-    folder, first, _, _, _, plan = tuned
-    assert sorted(os.listdir(folder / AUDIT)) == ["plan.npz", "tuning"]  # no audited model was ever made
+    folder, first, _, _, _, plan, audited = tuned
+    assert audited == ["plan.npz", "tuning"]  # tuned before any audited model existed
     assert sorted(os.listdir(folder / AUDIT / "tuning" / "pretrained")) == [f"model_{j}" for j in range(4)]
     tuning_member = audit_plan.membership(4, plan.n, 7, "tuning")
     assert not any(np.array_equal(t, a) for t in tuning_member for a in plan.member)
@@ -54,7 +62,7 @@ def test_the_tuner_opens_no_audited_model_and_its_draws_are_disjoint(tuned):
 
 
 def test_the_chosen_setting_is_the_rules_on_the_trials_and_the_base_reference_sets_the_target(tuned):
-    _, first, _, _, log, plan = tuned
+    _, first, _, _, log, plan, _ = tuned
     trials = first["trials"]
     assert len(trials) == 3 and first["leak_metric"] == "AUC"  # 4 models x 134 canaries: too few for TPR@1%FPR
     assert first["target_acc"] == pytest.approx(first["reference"]["acc"] - 1)
@@ -70,7 +78,7 @@ def test_the_chosen_setting_is_the_rules_on_the_trials_and_the_base_reference_se
 
 
 def test_the_study_resumes_without_running_or_counting_a_trial_twice(tuned):
-    _, first, again, resumed, _, _ = tuned
+    _, first, again, resumed, _, _, _ = tuned
     assert again["trials"] == first["trials"]
     assert resumed["trials"][:3] == first["trials"] and len(resumed["trials"]) == 4
     assert len({json.dumps(t["values"], sort_keys=True) for t in resumed["trials"]}) == 4
@@ -80,3 +88,34 @@ def test_base_has_nothing_to_tune(tmp_path, monkeypatch):
     as_repo(monkeypatch, tmp_path)
     with pytest.raises(UsageError, match=r"--defend base has no setting to tune; tune one of: slide, slide_re"):
         audit.main(["tune", "-1", DIGITS, "--defend", "base", *PRUNING, *TINY])
+
+
+def test_the_audited_run_of_the_tuned_setting_resolves_it_on_the_audits_data_and_is_tagged(tuned):
+    """prune/attack --tuned: the chosen shares of the smallest class, resolved on model 0's training set of the
+    audit (as auto is), in a stage of its own (<prefix>_tag-tuned) whose models and record hold those flags."""
+    folder, _, _, resumed, _, plan, _ = tuned
+    stage = "iter_prunetxt_0.6_slide_re_tag-tuned"
+    sizes = [c for c in np.bincount(plan.labels[: plan.n][plan.member[0]]) if c]
+    expected = tuning.flags_of(audit_tune.get_defense("slide_re").search_space, resumed["chosen"]["values"], sizes)
+    with open(folder / AUDIT / stage / "model_0" / "complete.json") as f:
+        settings = json.load(f)["settings"]
+    assert {k: settings[k] for k in ("stride", "width")} == expected
+    with open(folder / AUDIT / "records" / f"{stage}.json") as f:
+        record = json.load(f)
+    assert record["stage"] == stage and {k: record["settings"][k] for k in expected} == expected
+
+
+def test_all_runs_a_tune_step_before_a_tuned_defenses_prunes():
+    entry = audit_plan.parse_defense("slide_re:tuned")
+    assert entry == {"defend": "slide_re", "tuned": True}
+    steps = audit_plan.audit_steps(
+        "CONFIG", models=3, group_size=3, defenses=[entry], pruning=PRUNING, tune=["--trials", "5"]
+    )
+    by_name = {s.name: s for s in steps}
+    tune = by_name["tune.0.slide_re_tuned"]
+    assert tune.argv == ["audit.py", "tune", "GPU-ID", "CONFIG", "--defend", "slide_re", *PRUNING, "--trials", "5"]
+    assert tune.needs == ["prepare"]
+    assert by_name["prune.0.slide_re_tuned.g0"].needs == ["memscore", "tune.0.slide_re_tuned"]
+    assert "--tuned" in by_name["attack.0.slide_re_tuned"].argv
+    with pytest.raises(UsageError, match="or 'tuned' \\(a defense with a search space\\)"):
+        audit_plan.parse_defense("base:tuned")
