@@ -13,7 +13,7 @@ python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_mo
                           [--target_acc A] [--tolerance 1] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
 python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
-                          [--with_dp] [--group_size 8]
+                          [--with_dp] [--control] [--trials 12] [--group_size 8]
 
 Every step is idempotent: what it would write and is already there, made from the same inputs and settings,
 is skipped ("Nothing to do"), so a rerun (or a grid that resumes) does only the missing work. Model folders are
@@ -125,6 +125,7 @@ def build_parser(step: str) -> argparse.ArgumentParser:
     if step == "all":
         parser.add_argument("--defense", action="append", default=None, help="NAME[:flag=value,...], repeatable")
         parser.add_argument("--with_dp", action="store_true", help="add the utility-matched DP-SGD baseline")
+        parser.add_argument("--control", action="store_true", help="add Base at sparsity 0: fine-tuned, not pruned")
         parser.add_argument("--group_size", type=int, default=8)
     return parser
 
@@ -220,6 +221,7 @@ def run_all(args) -> None:
         common,
         args.out,
         ["--trials", str(args.trials)] if "trials" in explicit else [],
+        args.control,
     )
     for s in steps:
         started = time.time()

@@ -255,12 +255,13 @@ def summary_memscores(args, plan):
 
 
 def add_paired_with_base(table, records, scores) -> None:
-    """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first base
-    row) on the same decisions, with loo_attacks.paired_difference's paired cluster bootstrap (Base's
-    resamples and seed); nan on Base's own row and when no Base stage was attacked. Every stage's models train
-    on the plan's halves, so the decisions pair up. scores: each stage's read_scores."""
+    """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first pruned
+    base row; the fine-tuning control is compared with it too) on the same decisions, with
+    loo_attacks.paired_difference's paired cluster bootstrap (Base's resamples and seed); nan on Base's own row
+    and when no Base stage was attacked. Every stage's models train on the plan's halves, so the decisions pair
+    up. scores: each stage's read_scores."""
     ordered = audit_report.ordered(records)
-    base = next((r for r in ordered if r["defense"] == "base"), None)
+    base = next((r for r in ordered if r["defense"] == "base" and not audit_report.is_control(r)), None)
     columns = {
         f"{attack_name}_{subset}_{short}_vs_base{suffix}": [math.nan] * len(ordered)
         for attack_name in ATTACKS

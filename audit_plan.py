@@ -203,6 +203,7 @@ def audit_steps(
     common=(),
     out=None,
     tune=(),
+    control=False,
 ) -> list:
     """Every step's argv (after "python") in dependency order, each with the names of the steps it needs:
     prepare; pretrain per group; memscore; attack --original; per defense entry ({defend, flag: value}) prune per
@@ -210,7 +211,8 @@ def audit_steps(
     prune dp per group, attack dp; summarize. audited: prepare's flags (--canaries K ...); pruning: the pruning
     flags of every prune, attack, tune and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the
     attack flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet); tune: the tune
-    steps' own (--trials ...). An entry with tuned: True gets a tune step (after prepare) before its prunes."""
+    steps' own (--trials ...). An entry with tuned: True gets a tune step (after prepare) before its prunes.
+    control: the fine-tuning control, Base at sparsity 0 with the same schedule (stage <pruner>_0.0)."""
     common, pruning = list(common), list(pruning)
     groups = range(-(-models // group_size))
     step = lambda name, *flags: ["audit.py", name, gpu, config, *flags, *common]
@@ -226,6 +228,8 @@ def audit_steps(
 
     def add(entry, name, extra_needs):
         flags = [f for k, v in entry.items() for f in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
+        if entry.get("tuned") and "--tuning_models" in tune:  # prune and attack read the study of that many
+            flags += tune[tune.index("--tuning_models") : tune.index("--tuning_models") + 2]
         if entry.get("tuned"):  # on its own tuning models: it needs only the plan
             semantics = ["--semantics", entry["semantics"]] if "semantics" in entry else []
             tuning = step("tune", "--defend", entry["defend"], *pruning, *semantics, *tune)
@@ -242,6 +246,8 @@ def audit_steps(
     for i, entry in enumerate(entries):
         label = "_".join([entry["defend"]] + [k if v is True else f"{k}{v}" for k, v in entry.items() if k != "defend"])
         defense_attacks.append(add(entry, f"{i}.{label}", []))
+    if control:  # after the entries: its --prune_sparsity follows (and overrides) the pruning flags
+        add({"defend": "base", "prune_sparsity": 0.0}, "control", [])
     if with_dp:
         dp_semantics = ["--semantics", "corrected"]
         steps.append(AuditStep("tune_dp", step("tune_dp", *pruning, *dp_semantics, *dp), defense_attacks))

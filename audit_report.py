@@ -26,6 +26,8 @@ ORDER = ["unpruned"] + list(DEFENSES)
 def setting_text(record) -> str:
     """The settings that tell one run of a defense from another, in words."""
     cls, s = DEFENSES.get(record["defense"]), record.get("settings") or {}
+    if is_control(record):
+        return "sparsity 0: fine-tuned, not pruned"
     if cls is None:
         return ""
     parts = []
@@ -38,14 +40,20 @@ def setting_text(record) -> str:
     return "; ".join(parts)
 
 
+def is_control(record) -> bool:
+    """The fine-tuning control: Base at sparsity 0 (the same schedule, no weight removed)."""
+    return record["defense"] == "base" and float((record.get("pruning") or {}).get("prune_sparsity", 1)) == 0
+
+
 def row_label(record) -> str:
     setting = setting_text(record)
     return record["defense"] + (f" ({setting})" if setting else "")
 
 
 def ordered(records) -> list:
-    rank = lambda r: (ORDER.index(r["defense"]) if r["defense"] in ORDER else len(ORDER), r["stage"])
-    return sorted(records, key=rank)
+    """Unpruned, the fine-tuning control, Base, then the defenses in registry order (each by stage name)."""
+    rank = lambda r: -1 if is_control(r) else ORDER.index(r["defense"]) if r["defense"] in ORDER else len(ORDER)
+    return sorted(records, key=lambda r: (r["defense"] != "unpruned", rank(r), r["stage"]))
 
 
 def audit_table(records) -> pd.DataFrame:
@@ -147,7 +155,7 @@ def paired_markdown(table: pd.DataFrame) -> str:
     head = ["defense minus Base (paired)"] + [f"{a} {s} {m}" for a, s, m in picks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
-        if row["defense"] == "base" or not math.isfinite(row.get("LiRA_audited_auc_vs_base", math.nan)):
+        if not math.isfinite(row.get("LiRA_audited_auc_vs_base", math.nan)):  # Base itself, or no Base
             continue
         cells = []
         for attack, subset, metric in picks:

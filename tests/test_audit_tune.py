@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import audit
@@ -47,6 +48,11 @@ def tuned(tmp_path_factory):
         tuned_flags = ["--defend", "slide_re", "--tuned", "--tuning_models", "4", *PRUNING, *TINY]
         audit.main(["prune", "-1", DIGITS, "--group", "0", "--group_size", "3", *tuned_flags])
         audit.main(["attack", "-1", DIGITS, "--bootstrap", "0", *tuned_flags])
+        for sparsity in ("0.6", "0.0"):  # Base, and the fine-tuning control
+            base = [*PRUNING, "--prune_sparsity", sparsity, *TINY]
+            audit.main(["prune", "-1", DIGITS, "--group", "0", "--group_size", "3", "--defend", "base", *base])
+            audit.main(["attack", "-1", DIGITS, "--bootstrap", "20", "--defend", "base", *base])
+        audit.main(["summarize", "-1", DIGITS, *TINY])
         yield folder, first, again, resumed, log, plan, audited
 
 
@@ -119,3 +125,23 @@ def test_all_runs_a_tune_step_before_a_tuned_defenses_prunes():
     assert "--tuned" in by_name["attack.0.slide_re_tuned"].argv
     with pytest.raises(UsageError, match="or 'tuned' \\(a defense with a search space\\)"):
         audit_plan.parse_defense("base:tuned")
+
+
+def test_the_control_is_base_at_sparsity_0_labelled_beside_base_and_paired_with_it(tuned):
+    """The audit table: the control before Base (ordered), named as the control, compared with Base on the same
+    decisions; Base itself has no difference; the tuned stage is a defense row of its own."""
+    folder = tuned[0]
+    table = pd.read_csv(folder / AUDIT / "audit.csv")
+    assert list(table["stage"]) == [
+        "iter_prunetxt_0.0",
+        "iter_prunetxt_0.6",
+        "iter_prunetxt_0.6_slide_re_tag-tuned",
+    ]
+    assert list(table["setting"].fillna("")[:2]) == ["sparsity 0: fine-tuned, not pruned", ""]
+    assert np.isfinite(table["LiRA_audited_auc_vs_base"][0]) and np.isnan(table["LiRA_audited_auc_vs_base"][1])
+    with open(folder / AUDIT / "records" / "iter_prunetxt_0.0.json") as f:
+        record = json.load(f)
+    assert record["pruning"]["prune_sparsity"] == 0.0 and record["defense"] == "base"
+    steps = audit_plan.audit_steps("CONFIG", models=3, group_size=3, pruning=PRUNING, control=True)
+    control = {s.name: s for s in steps}["prune.control.g0"]
+    assert control.argv[-4:] == ["--defend", "base", "--prune_sparsity", "0.0"]  # after the pruning flags: it wins
