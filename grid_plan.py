@@ -197,6 +197,7 @@ def expand_audit(grid):
         defenses = []
         for (_, cls, setting), setting_tag in zip(grid.settings[config], grid.tags(config)):
             ordered = {k: setting[k] for k in SETTINGS if k in setting}  # a stable order: names and hashes stay
+            ordered.update({"tuned": True} if setting.get("tuned") else {})
             defenses.append({"defend": cls.name, **ordered, **({"tag": setting_tag} if setting_tag else {})})
         for seed in grid["seeds"]:
             ns = SimpleNamespace(dataset_name=cfg["dataset_name"], model_name=cfg["model_name"], seed=seed)
@@ -216,6 +217,8 @@ def expand_audit(grid):
                 dp,
                 attack,
                 common,
+                tune=flags(("trials", "tuning_models"), section.get("tune", {})),
+                control=section.get("control", False),
             )
             for s in listed:
                 steps.append(

@@ -52,8 +52,11 @@ AUDIT_KEYS = {
     "early_stop_pretrain": int,
     "audit_tag": str,
     "dp": dict,
+    "control": bool,
+    "tune": dict,
 }
 AUDIT_DP_KEYS = {"noise": str, "tuning_models": int, "tolerance": float, "refine": int, "target_acc": float}
+AUDIT_TUNE_KEYS = {"trials": int, "tuning_models": int}  # audit.py tune's, for the defenses given as "tuned": true
 SETTINGS = {"stride": int, "width": int, "mem_thre": float, "weight_decay_mem": float, "defend_arg": float}
 EXAMPLES = {"stride": 1, "width": 15, "mem_thre": 0.6, "defend_arg": 4}
 AUTO_WORD = f', "{AUTO}"'  # in the error line of a setting that can be derived
@@ -241,6 +244,13 @@ class Grid:
             "key 'audit'",
             "give canaries or audit_top_memscore, not both",
         )
+        for key, value in section.get("tune", {}).items():
+            self.check(
+                key in AUDIT_TUNE_KEYS,
+                f"audit.tune: unknown key '{key}'",
+                f"valid keys are {', '.join(AUDIT_TUNE_KEYS)}",
+            )
+            self.check(is_a(value, AUDIT_TUNE_KEYS[key]), f"audit.tune.{key}", f"must be int, got {value!r}")
         for key, value in section.get("dp", {}).items():
             self.check(
                 key in AUDIT_DP_KEYS, f"audit.dp: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_DP_KEYS)}"
@@ -277,6 +287,15 @@ class Grid:
         cls = DEFENSES.get(entry["defend"])
         self.check(cls, f"defenses[{i}]", f"unknown defense {entry['defend']!r}; valid: {', '.join(DEFENSES)}")
         where, (required, optional) = f"defenses[{i}] ({cls.name})", setting_keys(cls)
+        if "tuned" in entry:  # audit.py tune chooses the setting: nothing else to give
+            self.check(
+                self.audit and entry["tuned"] is True and set(entry) == {"defend", "tuned"} and cls.search_space,
+                where,
+                '"tuned": true stands alone, in an audit grid, for a defense with a search space (audit.py tune)',
+            )
+            for config in self.configs:
+                self.settings[config].append((i, cls, {"tuned": True}))
+            return
         allowed, per_config = required | optional, entry.get("per_config", {})
         for key in set(entry) - {"defend", "per_config"}:
             self.check(
@@ -332,7 +351,8 @@ class Grid:
         settings, tags, groups = self.settings[config], [""] * len(self.settings[config]), {}
         for n, (_, cls, setting) in enumerate(settings):
             auto = bool(cls.auto_flags(SimpleNamespace(**setting)))
-            groups.setdefault((cls.name, setting.get("defend_arg"), auto), []).append(n)
+            tuned = bool(setting.get("tuned"))  # its own stage (tag tuned), never one of a typed setting
+            groups.setdefault((cls.name, setting.get("defend_arg"), auto, tuned), []).append(n)
         for members in (m for m in groups.values() if len(m) > 1):
             full = {n: filled(settings[n][1], settings[n][2]) for n in members}
             vary = [key for key in TAG_LETTERS if len({full[n].get(key) for n in members}) > 1]

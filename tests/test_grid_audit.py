@@ -49,7 +49,8 @@ TINY_ALL = [
 def grid_of(tmp_path, monkeypatch, **changes):
     monkeypatch.chdir(REPO)
     path = tmp_path / "audit.json"
-    path.write_text(json.dumps({**TINY_GRID, **changes}))
+    grid = {**TINY_GRID, **changes}
+    path.write_text(json.dumps({k: v for k, v in grid.items() if v is not None}))
     return grid_spec.Grid(str(path), "audit.json")
 
 
@@ -110,6 +111,10 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
         ({"audit": {}}, "key 'audit': must name at least one setting"),
         ({"sparsities": [0.5, 0.6]}, "an audit grid takes one sparsity"),
         ({"overrides": {"audit": {"models": 4}}}, "--models is a key of the audit section"),
+        ({"audit": {"tune": {"trails": 4}}}, "audit.tune: unknown key 'trails'"),
+        ({"defenses": [{"defend": "base", "tuned": True}]}, '"tuned": true stands alone, in an audit grid, for a'),
+        ({"defenses": [{"defend": "slide_re", "tuned": True, "stride": 1}]}, '"tuned": true stands alone'),
+        ({"audit": None, "defenses": [{"defend": "slide_re", "tuned": True}]}, '"tuned": true stands alone'),
     ],
 )
 def test_bad_audit_sections_are_refused(tmp_path, monkeypatch, changes, message):
@@ -159,3 +164,29 @@ def test_a_tiny_audit_grid_gives_audit_py_alls_table_and_a_rerun_does_nothing(tm
     assert "0 steps to run: 0 done, 0 failed, 0 skipped; 16 done before were not rerun" in again.stderr
     assert {name: os.path.getmtime(os.path.join(jobs, name)) for name in os.listdir(jobs)} == stamps
     assert os.path.getmtime(os.path.join(copy, "result", table)) == csv_stamp
+
+
+def test_the_comparison_grid_tunes_every_defense_with_a_search_space_and_adds_the_control(monkeypatch):
+    """grids/digits_compare.json: per seed (7, 8, 9) one tune step per defense with a search space (after prepare),
+    whose prunes and attacks read its choice (--tuned, the same --tuning_models), and the fine-tuning control."""
+    from defenses import DEFENSES
+
+    monkeypatch.chdir(REPO)
+    grid = grid_spec.Grid(os.path.join(REPO, "grids", "digits_compare.json"), "grids/digits_compare.json")
+    steps = grid_plan.expand(grid)
+    tunes = [s for s in steps if "/audit.tune." in s.name]
+    tunable = {name for name, cls in DEFENSES.items() if cls.search_space}
+    entries = [(i, e["defend"]) for i, e in enumerate(grid["defenses"]) if e.get("tuned")]
+    assert {name for _, name in entries} == tunable
+    runs = ["digits_columnfc", "digits_columnfc_seed8", "digits_columnfc_seed9"]
+    expected = [f"{run}/audit.tune.{i}.{name}_tuned" for run in runs for i, name in entries]
+    assert sorted(s.name for s in tunes) == sorted(expected)
+    for tune in tunes:
+        assert tune.needs == [tune.name.split("/")[0] + "/audit.prepare"]
+        assert tune.argv[tune.argv.index("--trials") :][:4] == ["--trials", "12", "--tuning_models", "16"]
+    prunes = [s for s in steps if "/audit.prune." in s.name and "_tuned" in s.name]
+    after_tuned = lambda argv: argv[argv.index("--tuned") + 1 : argv.index("--tuned") + 3]
+    assert prunes and all(after_tuned(s.argv) == ["--tuning_models", "16"] for s in prunes)
+    controls = [s for s in steps if s.name.endswith("/audit.attack.control")]
+    last_sparsity = lambda argv: argv[len(argv) - 1 - argv[::-1].index("--prune_sparsity") + 1]  # argparse: last wins
+    assert len(controls) == 3 and all(last_sparsity(s.argv) == "0.0" for s in controls)
