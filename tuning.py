@@ -45,7 +45,8 @@ class Knob:
 
 def flags_of(space, values: dict, class_sizes, scores=None) -> dict:
     """{flag: value} for a trial's knob values (knob flag -> value in the knob's unit): a share of the smallest
-    class becomes a whole number of samples (at least 1), a quantile the mem-scores' value there."""
+    class becomes a whole number of samples (at least 1), a quantile the mem-scores' value there, a value in the
+    flag's own units is rounded to 3 significant digits."""
     flags = {}
     for knob in space:
         value = values[knob.flag]
@@ -53,8 +54,8 @@ def flags_of(space, values: dict, class_sizes, scores=None) -> dict:
             flags[knob.flag] = max(1, math.floor(value * min(class_sizes) + 0.5))
         elif knob.unit == QUANTILE:
             flags[knob.flag] = float(np.quantile(np.asarray(scores, dtype=np.float64), value))
-        else:
-            flags[knob.flag] = float(value)
+        else:  # 3 significant digits: a value one can type, and a short name where it is part of one
+            flags[knob.flag] = float(f"{value:.3g}")
     return flags
 
 

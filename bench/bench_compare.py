@@ -16,8 +16,9 @@ import tempfile
 import time
 from collections import defaultdict
 
-from bench_grid import copy_repo
 from common_bench import table
+
+from bench_grid import copy_repo
 
 
 def step_seconds(copy: str) -> dict:
@@ -45,7 +46,7 @@ def main():
         wall = time.monotonic() - start
         seconds = step_seconds(copy)
     rows = [(kind, n, f"{s:.0f}") for kind, (n, s) in sorted(seconds.items(), key=lambda kv: -kv[1][1])]
-    print(table(["step kind", "steps", "seconds (sum)"], rows))
+    table(f"the steps of {args.grid}, by kind", ["step kind", "steps", "seconds (sum)"], rows)
     print(f"python grid.py {args.grid} --jobs {args.jobs}: {wall:.0f} s wall ({wall / 60:.1f} min), exit {code}")
     print(f"steps' seconds together: {sum(s for _, s in seconds.values()):.0f} s on {os.cpu_count()} cores")
     sys.exit(code)

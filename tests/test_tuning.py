@@ -43,13 +43,13 @@ def test_knob_values_become_flags_on_the_data_small_and_uneven_classes():
         Knob("weight_decay_mem", 1e-4, 1.0, log=True),
     )
     scores = np.array([0.0, 0.0, 0.1, 0.2, 0.5, 0.9, 1.0])
-    values = {"stride": 0.02, "width": 0.22, "mem_thre": 0.9, "weight_decay_mem": 0.1}
+    values = {"stride": 0.02, "width": 0.22, "mem_thre": 0.9, "weight_decay_mem": 0.123456}
     # smallest class 3: 0.06 and 0.66 samples round to 0 and 1, and a window is at least 1 sample
     assert tuning.flags_of(space, values, [3, 50, 7], scores) == {
         "stride": 1,
         "width": 1,
         "mem_thre": pytest.approx(0.94),
-        "weight_decay_mem": 0.1,
+        "weight_decay_mem": 0.123,
     }
     # digits' smallest class, 19: 0.38 -> 1, 4.18 -> 4; 0.5 of 19 = 9.5 rounds half up to 10
     assert tuning.flags_of(space[:2], {"stride": 0.5, "width": 0.22}, [35, 19, 24]) == {"stride": 10, "width": 4}
