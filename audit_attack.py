@@ -45,6 +45,7 @@ from memscores import read_memscores
 from paths import (
     AUDIT_CSV,
     AUDIT_DECILES,
+    AUDIT_MD,
     AUDIT_PLANE,
     AUDIT_PRETRAINED,
     audit_dir,
@@ -163,6 +164,7 @@ def attack(args) -> None:
         if args.original
         else {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")},
         "dp_noise": args.defend_arg if defense_name == "dp" else None,
+        "tuned": getattr(args, "tuned_from", None),
         "dp_epsilons": [None if e is None else number(e) for e in epsilons] if epsilons else None,
         "models": plan.models,
         "audited": plan.meta["mode"],
@@ -229,7 +231,8 @@ def summarize(args) -> None:
     table = audit_report.audit_table(records)
     add_paired_with_base(table, records, scores)
     changed = write_if_changed(os.path.join(out, AUDIT_CSV), table.to_csv(index=False).encode())
-    plane = audit_report.draw_plane(table)
+    tunings = [(audit_report.row_label(r), r["tuned"]) for r in records if r.get("tuned")]
+    plane = audit_report.draw_plane(table, tunings)
     changed |= write_if_changed(os.path.join(out, AUDIT_PLANE), audit_report.png_bytes(plane))
     panels = []
     for record in records:
@@ -240,9 +243,21 @@ def summarize(args) -> None:
                 panels.append((audit_report.row_label(record), attack_name, rows))
     text = audit_report.deciles_markdown(panels, plan)
     changed |= write_if_changed(os.path.join(out, AUDIT_DECILES), text.encode())
-    print(audit_report.markdown_table(table))
-    print("\n" + audit_report.paired_markdown(table))
-    print(("Wrote" if changed else "Nothing to do: unchanged") + f" {out}/{AUDIT_CSV}, {AUDIT_PLANE}, {AUDIT_DECILES}")
+    baseline = audit_report.best_baseline(table, audit_report.ordered(records))
+    text = "\n\n".join(
+        [
+            audit_report.markdown_table(table),
+            audit_report.paired_markdown(table),
+            *([] if baseline is None else [f"The best baseline: {audit_report.row_label(baseline)}."]),
+            *([] if baseline is None else [audit_report.paired_markdown(table, "vs_baseline")]),
+        ]
+    )
+    changed |= write_if_changed(os.path.join(out, AUDIT_MD), (text + "\n").encode())
+    print(text)
+    print(
+        ("Wrote" if changed else "Nothing to do: unchanged")
+        + f" {out}/{AUDIT_CSV}, {AUDIT_MD}, {AUDIT_PLANE}, {AUDIT_DECILES}"
+    )
 
 
 def summary_memscores(args, plan):
@@ -255,24 +270,31 @@ def summary_memscores(args, plan):
 
 
 def add_paired_with_base(table, records, scores) -> None:
-    """Columns <attack>_<subset>_<metric>_vs_base (+ _lo, _hi): each row's metric minus Base's (the first pruned
-    base row; the fine-tuning control is compared with it too) on the same decisions, with
-    loo_attacks.paired_difference's paired cluster bootstrap (Base's resamples and seed); nan on Base's own row
-    and when no Base stage was attacked. Every stage's models train on the plan's halves, so the decisions pair
-    up. scores: each stage's read_scores."""
+    """Each row minus Base (the first pruned base row; the fine-tuning control is compared with it too) and minus
+    the best baseline (the least-leaking of the paper's baselines, audit_report.best_baseline): add_paired's
+    _vs_base and _vs_baseline columns."""
     ordered = audit_report.ordered(records)
     base = next((r for r in ordered if r["defense"] == "base" and not audit_report.is_control(r)), None)
+    add_paired(table, ordered, scores, base, "vs_base")
+    add_paired(table, ordered, scores, audit_report.best_baseline(table, ordered), "vs_baseline")
+
+
+def add_paired(table, ordered, scores, reference, suffix) -> None:
+    """Columns <attack>_<subset>_<metric>_<suffix> (+ _lo, _hi): each row's metric minus the reference record's on
+    the same decisions, with loo_attacks.paired_difference's paired cluster bootstrap (the reference's resamples
+    and seed); nan on the reference's own row and when there is none. Every stage's models train on the plan's
+    halves, so the decisions pair up. scores: each stage's read_scores."""
     columns = {
-        f"{attack_name}_{subset}_{short}_vs_base{suffix}": [math.nan] * len(ordered)
+        f"{attack_name}_{subset}_{short}_{suffix}{end}": [math.nan] * len(ordered)
         for attack_name in ATTACKS
         for subset in SUBSETS
         for short in audit_report.SHORT.values()
-        for suffix in ("", "_lo", "_hi")
+        for end in ("", "_lo", "_hi")
     }
-    if base is not None:
-        settings, base_scores = base["attack_settings"], scores[base["stage"]]
+    if reference is not None:
+        settings, base_scores = reference["attack_settings"], scores[reference["stage"]]
         for i, record in enumerate(ordered):
-            if record is base:
+            if record is reference:
                 continue
             z = scores[record["stage"]]
             for attack_name in ATTACKS:
@@ -286,8 +308,8 @@ def add_paired_with_base(table, records, scores) -> None:
                         seed=settings["seed"],
                     )
                     for metric, short in audit_report.SHORT.items():
-                        key = f"{attack_name}_{subset}_{short}_vs_base"
-                        for suffix, value in zip(("", "_lo", "_hi"), found[metric]):
-                            columns[key + suffix][i] = value
+                        key = f"{attack_name}_{subset}_{short}_{suffix}"
+                        for end, value in zip(("", "_lo", "_hi"), found[metric]):
+                            columns[key + end][i] = value
     for key, values in columns.items():
         table[key] = values

@@ -15,6 +15,7 @@ import pandas as pd
 
 from defenses import DEFENSES
 from intervals import measurable
+from tuning import front
 
 ATTACKS = ("LiRA", "RMIA")
 SUBSETS = ("audited", "all")
@@ -77,6 +78,7 @@ def audit_table(records) -> pd.DataFrame:
             "test_acc_max": acc.max(),
             "dp_noise": math.nan if r.get("dp_noise") is None else float(r["dp_noise"]),
             **epsilon_columns(r),
+            **target_columns(r, acc.mean()),
         }
         for subset in SUBSETS:
             first = r["attacks"][ATTACKS[0]][subset]
@@ -111,11 +113,39 @@ def epsilon_columns(record) -> dict:
     return dict(zip(EPSILON_COLUMNS, (values.min(), np.median(values), values.max())))
 
 
+def target_columns(record, test_acc) -> dict:
+    """For a tuned stage (audit.py tune's choice): the tuning target and tolerance, and whether the audited mean
+    test accuracy is below target - tolerance (misses_target); nan and False for the others."""
+    tuned = record.get("tuned")
+    if not tuned:
+        return {"target_acc": math.nan, "tolerance": math.nan, "misses_target": False}
+    target, tolerance = float(tuned["target_acc"]), float(tuned["tolerance"])
+    return {"target_acc": target, "tolerance": tolerance, "misses_target": bool(test_acc < target - tolerance)}
+
+
+def leak_key(table) -> str:
+    """The audited rows' LiRA column that ranks leakage: TPR@1%FPR where measurable, else AUC."""
+    outs = int(table["audited_nonmembers"].min()) if len(table) else 0
+    return "LiRA_audited_tpr1" if measurable("TPR@1%FPR", outs) else "LiRA_audited_auc"
+
+
+def best_baseline(table, ordered):
+    """The record of the least-leaking baseline row (the paper's baselines, Defense.baseline) by leak_key, or
+    None: the strongest non-WeMeM defense that each WeMeM row is compared with."""
+    rows = [i for i, r in enumerate(ordered) if r["defense"] in DEFENSES and DEFENSES[r["defense"]].baseline]
+    if not rows:
+        return None
+    key = leak_key(table)
+    return ordered[min(rows, key=lambda i: (table[key].iloc[i], -table["test_acc"].iloc[i]))]
+
+
 def table_label(row) -> str:
     """A row's name in the Markdown table: the defense, its setting and, for dp, the models' ε range."""
     parts = [row["setting"]] if isinstance(row["setting"], str) and row["setting"] else []  # nan read from a CSV
     if math.isfinite(row.get("dp_epsilon_median", math.nan)):
         parts.append(f"ε {row['dp_epsilon_min']:.1f}-{row['dp_epsilon_max']:.1f}")
+    if str(row.get("misses_target")) == "True":  # a bool, or its text in a CSV read back
+        parts.append(f"**below the tuning target {row['target_acc'] - row['tolerance']:.1f}**")
     return row["defense"] + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -148,18 +178,22 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def paired_markdown(table: pd.DataFrame) -> str:
-    """Each row minus Base on the same decisions (paired cluster-bootstrap 95 % intervals): the audited rows'
-    TPR@1%FPR and AUC per attack. An interval that excludes 0 is a difference; one that holds 0 is none."""
+PAIRED_WITH = {"vs_base": "Base", "vs_baseline": "the best baseline"}
+
+
+def paired_markdown(table: pd.DataFrame, suffix: str = "vs_base") -> str:
+    """Each row minus Base (or the best baseline: suffix vs_baseline) on the same decisions (paired
+    cluster-bootstrap 95 % intervals): the audited rows' TPR@1%FPR and AUC per attack. An interval that excludes 0
+    is a difference; one that holds 0 is none."""
     picks = [(a, "audited", m) for a in ATTACKS for m in ("TPR@1%FPR", "AUC")]
-    head = ["defense minus Base (paired)"] + [f"{a} {s} {m}" for a, s, m in picks]
+    head = [f"defense minus {PAIRED_WITH[suffix]} (paired)"] + [f"{a} {s} {m}" for a, s, m in picks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in table.iterrows():
-        if not math.isfinite(row.get("LiRA_audited_auc_vs_base", math.nan)):  # Base itself, or no Base
+        if not math.isfinite(row.get(f"LiRA_audited_auc_{suffix}", math.nan)):  # the reference itself, or none
             continue
         cells = []
         for attack, subset, metric in picks:
-            key = f"{attack}_{subset}_{SHORT[metric]}_vs_base"
+            key = f"{attack}_{subset}_{SHORT[metric]}_{suffix}"
             digits = 3 if metric == "AUC" else 1
             if not measurable(metric, int(row[f"{subset}_nonmembers"])):
                 cells.append(NOT_MEASURABLE)
@@ -180,13 +214,21 @@ def pyplot():
     return plt
 
 
-def draw_plane(table: pd.DataFrame):
-    """Two panels (TPR@1%FPR, TPR@0.1%FPR on the audited rows) against mean test accuracy: one colour per row
-    (defense and setting), LiRA filled circles, RMIA open squares, error bars the models' test-accuracy std and
-    the TPR's 95 % interval. A TPR that is not measurable is not drawn: the panel says so instead."""
+def draw_plane(table: pd.DataFrame, tunings=()):
+    """The privacy-utility plane. With tunings ([(label, a tuned record's "tuned")], audit.py tune's choices), a
+    first panel: each tuned defense's trials on the tuning models (faint), its front (a line), its chosen setting
+    (a star), the Base reference (black x) and the target minus the tolerance (dashed), on the tuning objectives
+    (dev accuracy, the tuning leakage). Then two panels (TPR@1%FPR, TPR@0.1%FPR on the audited rows) against mean
+    test accuracy: one colour per row (defense and setting: Base, the control and the unpruned models among them),
+    LiRA filled circles, RMIA open squares, error bars the models' test-accuracy std and the TPR's 95 % interval.
+    A TPR that is not measurable is not drawn: the panel says so instead."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    tunings = list(tunings)
+    fig, axes = plt.subplots(1, 2 + bool(tunings), figsize=(5.5 * (2 + bool(tunings)), 4.6))
     colors = plt.get_cmap("tab10")
+    if tunings:
+        draw_tuning(axes[0], tunings, colors)
+        axes = axes[1:]
     for ax, metric in zip(axes, ("TPR@1%FPR", "TPR@0.1%FPR")):
         drawn = 0
         for i, (_, row) in enumerate(table.iterrows()):
@@ -225,15 +267,36 @@ def draw_plane(table: pd.DataFrame):
             ax.set_yticks([])
         ax.grid(alpha=0.3)
     handles, labels = [], []
-    for ax in axes:
+    for ax in fig.axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 2) if handles else 0, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 3) if handles else 0, 1, 1))
     return fig
+
+
+def draw_tuning(ax, tunings, colors) -> None:
+    """The tuning panel of draw_plane (see there)."""
+    metric = tunings[0][1]["leak_metric"]
+    for j, (label, tuned) in enumerate(tunings):
+        color = colors((j + 3) % 10)
+        trials = tuned["trials"]
+        ax.scatter([t["acc"] for t in trials], [t["leak"] for t in trials], color=color, alpha=0.25, s=14)
+        edge = sorted(front(trials), key=lambda t: t["acc"])
+        ax.plot([t["acc"] for t in edge], [t["leak"] for t in edge], color=color, lw=1, label=f"{label}: front")
+        chosen = tuned["chosen"]
+        ax.scatter([chosen["acc"]], [chosen["leak"]], color=color, marker="*", s=120, edgecolor="black", zorder=3)
+    reference = tunings[0][1]["reference"]
+    ax.scatter([reference["acc"]], [reference["leak"]], color="black", marker="x", s=60, label="Base (tuning)")
+    edge = tunings[0][1]["target_acc"] - tunings[0][1]["tolerance"]
+    ax.axvline(edge, color="grey", ls="--", lw=1, label="target - tolerance")
+    ax.set_xlabel("dev accuracy (%), mean over the tuning models")
+    ax.set_ylabel(f"LiRA {metric} on the audited rows (tuning models)")
+    ax.set_title("tuning: trials (faint), front, chosen (star)", fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def png_bytes(fig) -> bytes:

@@ -149,6 +149,8 @@ def apply_tuned(args) -> None:
     for flag, value in flags_of(defense.search_space, chosen["chosen"]["values"], class_sizes, scores).items():
         setattr(args, flag, value)
     args.tag = args.tag or "tuned"
+    keys = ("leak_metric", "reference", "target_acc", "tolerance", "chosen", "within_tolerance", "trials")
+    args.tuned_from = {"file": path, **{k: chosen[k] for k in keys}}  # the attack record keeps it for the plane
 
 
 def schedule_flags(args) -> list:

@@ -95,6 +95,7 @@ class Defense:
     window = False  # uses --stride/--width (written into the log header)
     needs_memscore = False
     semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
+    baseline = False  # one of the defenses the paper compares WeMeM against (the audit's "best baseline")
     derivable = ()  # the settings it reads that `auto` derives from the data (auto_settings.py)
     search_space = ()  # the Knobs that audit.py tune searches (tuning.py); none: nothing to tune
 
@@ -439,6 +440,7 @@ class LossDefense(Defense):
     """A plain epoch over the training set with its own loss(logits, y, epoch)."""
 
     arg_in_name = True
+    baseline = True
 
     def loss(self, logits, y, epoch):
         raise NotImplementedError
@@ -536,6 +538,7 @@ class Adv(Defense):
 
     name = "adv"
     arg_in_name = True
+    baseline = True
     search_space = (Knob("defend_arg", 0.5, 16.0, log=True),)  # the paper's grid: 1-8
     semantics_differ = True
     inference_steps = 7  # per classifier step (corrected) or per epoch (release)
@@ -620,6 +623,7 @@ class Dp(Defense):
 
     name = "dp"
     arg_in_name = True
+    baseline = True
     search_space = (Knob("defend_arg", 0.25, 16.0, log=True),)  # the noise multiplier
     semantics_differ = True
     clip = 1.0

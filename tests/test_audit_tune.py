@@ -11,6 +11,7 @@ import pytest
 
 import audit
 import audit_plan
+import audit_report
 import audit_tune
 import tuning
 from common import UsageError
@@ -109,6 +110,9 @@ def test_the_audited_run_of_the_tuned_setting_resolves_it_on_the_audits_data_and
     with open(folder / AUDIT / "records" / f"{stage}.json") as f:
         record = json.load(f)
     assert record["stage"] == stage and {k: record["settings"][k] for k in expected} == expected
+    assert record["tuned"]["chosen"] == resumed["chosen"] and record["tuned"]["trials"] == resumed["trials"]
+    text = (folder / AUDIT / "audit.md").read_text()
+    assert "| defense minus Base (paired) |" in text and "best baseline" not in text  # no baseline audited
 
 
 def test_all_runs_a_tune_step_before_a_tuned_defenses_prunes():
@@ -145,3 +149,61 @@ def test_the_control_is_base_at_sparsity_0_labelled_beside_base_and_paired_with_
     steps = audit_plan.audit_steps("CONFIG", models=3, group_size=3, pruning=PRUNING, control=True)
     control = {s.name: s for s in steps}["prune.control.g0"]
     assert control.argv[-4:] == ["--defend", "base", "--prune_sparsity", "0.0"]  # after the pruning flags: it wins
+
+
+def synthetic_table():
+    """Three audited rows (Base, a tuned slide_re below its target, ppb) with every column draw_plane reads."""
+    rows = []
+    for name, acc, tpr, tuned in (
+        ("base", 90.0, 70.0, False),
+        ("slide_re", 85.0, 30.0, True),
+        ("ppb", 88.0, 50.0, False),
+    ):
+        row = {"defense": name, "setting": "", "test_acc": acc, "test_acc_std": 1.0, "audited_nonmembers": 2000}
+        for attack, shift in (("LiRA", 0.0), ("RMIA", -5.0)):
+            for short in ("tpr1", "tpr01", "auc"):
+                value = tpr + shift if short != "auc" else 0.9
+                row.update({f"{attack}_audited_{short}": value, f"{attack}_audited_{short}_lo": value - 4})
+                row[f"{attack}_audited_{short}_hi"] = value + 6
+        row.update(audit_report.target_columns({"tuned": {"target_acc": 88.0, "tolerance": 1.0}} if tuned else {}, acc))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_the_plane_draws_the_tables_numbers_and_the_tuning_trials_front_and_choice():
+    import matplotlib.pyplot as plt
+
+    table = synthetic_table()
+    trials = [
+        {"number": 0, "acc": 86.0, "leak": 0.9, "values": {}},
+        {"number": 1, "acc": 88.0, "leak": 0.95, "values": {}},
+        {"number": 2, "acc": 85.0, "leak": 0.97, "values": {}},  # dominated by 0
+    ]
+    tuned = {"leak_metric": "AUC", "trials": trials, "chosen": trials[1], "target_acc": 88.0, "tolerance": 1.0}
+    tuned["reference"] = {"acc": 89.0, "leak": 0.98}
+    fig = audit_report.draw_plane(table, [("slide_re", tuned)])
+    tuning_ax, tpr1_ax, _ = fig.axes
+    faint, star, base = tuning_ax.collections
+    assert faint.get_offsets().tolist() == [[86.0, 0.9], [88.0, 0.95], [85.0, 0.97]]
+    assert star.get_offsets().tolist() == [[88.0, 0.95]] and base.get_offsets().tolist() == [[89.0, 0.98]]
+    front_line, target = tuning_ax.get_lines()
+    assert list(front_line.get_xdata()) == [86.0, 88.0] and list(front_line.get_ydata()) == [0.9, 0.95]
+    assert list(target.get_xdata()) == [87.0, 87.0]
+    points = [line for line in tpr1_ax.get_lines() if line.get_marker() == "o"]  # LiRA
+    assert [(p.get_xdata()[0], p.get_ydata()[0]) for p in points] == list(
+        zip(table["test_acc"], table["LiRA_audited_tpr1"])
+    )
+    plt.close(fig)
+    assert list(table["misses_target"]) == [False, True, False]  # 85 < 88 - 1
+    assert "**below the tuning target 87.0**" in audit_report.table_label(table.iloc[1])
+
+
+def test_the_best_baseline_is_the_least_leaking_of_the_papers_baselines():
+    table = synthetic_table()
+    records = [{"defense": d, "stage": d} for d in table["defense"]]
+    assert audit_report.best_baseline(table, records) is records[2]  # ppb: the only baseline
+    table.loc[2, "defense"], records[2]["defense"] = "slide_re", "slide_re"
+    assert audit_report.best_baseline(table, records) is None
+    table = pd.concat([synthetic_table(), synthetic_table().iloc[[2]].assign(defense="dp", LiRA_audited_tpr1=40.0)])
+    records = [{"defense": d, "stage": str(i)} for i, d in enumerate(table["defense"])]
+    assert audit_report.best_baseline(table, records)["defense"] == "dp"  # 40 < ppb's 50
