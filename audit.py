@@ -12,6 +12,7 @@ python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [
 python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_models 16] [--study WHERE]
                           [--target_acc A] [--tolerance 1] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
+python audit.py compare   GPU-ID CONFIG --seeds 7,8,9 [--out DIR]
 python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
                           [--with_dp] [--control] [--trials 12] [--group_size 8]
 
@@ -35,7 +36,7 @@ import shlex
 import sys
 import time
 
-from audit_attack import attack, summarize
+from audit_attack import attack, compare, summarize
 from audit_dp import DEFAULT_NOISE, TUNING_MODELS, parse_noise, tune_dp
 from audit_plan import audit_steps, parse_defense
 from audit_train import memscore, prepare, pretrain, prune
@@ -59,7 +60,7 @@ from pruning import (
 )
 from splits import check_config
 
-STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "tune", "summarize", "all")
+STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "tune", "summarize", "compare", "all")
 
 
 def common_parser(step: str) -> argparse.ArgumentParser:
@@ -120,7 +121,9 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         parser.add_argument("--study", default=None, help="journal file or storage URL (default: tuning/<stage>)")
         parser.add_argument("--target_acc", type=float, default=None, help="default: Base-pruned tuning mean - 1")
         parser.add_argument("--tolerance", type=float, default=1.0, help="accepted accuracy under the target")
-    if step in ("summarize", "all"):
+    if step == "compare":
+        parser.add_argument("--seeds", required=True, help="the audits' seeds, e.g. 7,8,9 (each its own --seed run)")
+    if step in ("summarize", "compare", "all"):
         parser.add_argument("--out", default=None, help="folder for audit.csv and the figures (default: the audit's)")
     if step == "all":
         parser.add_argument("--defense", action="append", default=None, help="NAME[:flag=value,...], repeatable")
@@ -167,6 +170,13 @@ def check_step_args(args) -> None:
         raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
     if getattr(args, "bootstrap", 0) < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if hasattr(args, "seeds"):
+        try:
+            args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            args.seed_list = []
+        if len(args.seed_list) < 2:
+            raise UsageError(f"--seeds must list two or more seeds, e.g. 7,8,9; got {args.seeds!r}")
     if hasattr(args, "noise"):
         args.noise_grid = parse_noise(args.noise)
     if hasattr(args, "prune_iter"):
@@ -242,6 +252,7 @@ RUNNERS = {
     "tune_dp": tune_dp,
     "tune": tune,
     "summarize": summarize,
+    "compare": compare,
     "all": run_all,
 }
 

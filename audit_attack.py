@@ -1,12 +1,14 @@
 """The audit's attack and summarize steps (audit.py attack, summarize): leave-one-out LiRA and RMIA pooled
 over the M models of a stage, its attack record and scores, and audit.csv with its figure and decile tables."""
 
+import argparse
 import dataclasses
 import math
 import os
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 
 import audit_report
@@ -43,6 +45,7 @@ from intervals import FPR_TARGETS, measurable
 from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo, unscored_pairs
 from memscores import read_memscores
 from paths import (
+    AUDIT_COMPARE,
     AUDIT_CSV,
     AUDIT_DECILES,
     AUDIT_MD,
@@ -313,3 +316,25 @@ def add_paired(table, ordered, scores, reference, suffix) -> None:
                             columns[key + end][i] = value
     for key, values in columns.items():
         table[key] = values
+
+
+def compare(args) -> None:
+    """compare.md and compare.csv: the audits of several seeds (--seeds; each its own draws of canaries, halves and
+    initialisations, in its own folder) side by side: each stage's leakage per seed, its spread, and in how many
+    seeds its paired interval against Base and against the best baseline lies below 0 (audit_report.seeds_table).
+    Reads each seed's audit.csv, written by its summarize step."""
+    tables = {}
+    for seed in args.seed_list:
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        path = os.path.join(audit_dir(one), AUDIT_CSV)
+        if not os.path.isfile(path):
+            raise MissingError(f"seed {seed}'s audit table {path} not found; {again(one, 'summarize')}")
+        tables[seed] = pd.read_csv(path)
+    table = audit_report.seeds_table(tables)
+    out = args.out or audit_dir(argparse.Namespace(**{**vars(args), "seed": args.seed_list[0]}))
+    os.makedirs(out, exist_ok=True)
+    text = audit_report.seeds_markdown(table, args.seed_list)
+    changed = write_if_changed(os.path.join(out, AUDIT_COMPARE + ".csv"), table.to_csv(index=False).encode())
+    changed |= write_if_changed(os.path.join(out, AUDIT_COMPARE + ".md"), (text + "\n").encode())
+    print(text)
+    print(("Wrote" if changed else "Nothing to do: unchanged") + f" {out}/{AUDIT_COMPARE}.csv, .md")

@@ -205,6 +205,69 @@ def paired_markdown(table: pd.DataFrame, suffix: str = "vs_base") -> str:
     return "\n".join(lines)
 
 
+def seeds_table(tables: dict) -> pd.DataFrame:
+    """One row per stage over several seeds' audit tables ({seed: audit.csv's table}): per seed its mean test
+    accuracy, its leakage (LiRA on the audited rows, leak_key of that table) and whether its paired interval
+    against Base and against the best baseline lies below 0; then the spread over the seeds (mean, sample std)
+    and in how many seeds each interval lies below 0 (lower_than_base, lower_than_baseline, of n_seeds)."""
+    rows = {}
+    for seed, table in sorted(tables.items()):
+        key = leak_key(table)
+        for _, row in table.iterrows():
+            out = rows.setdefault(row["stage"], {"stage": row["stage"], "label": table_label(row), "seeds": []})
+            hi = {suffix: row.get(f"{key}_{suffix}_hi", math.nan) for suffix in PAIRED_WITH}
+            out["seeds"].append(
+                {
+                    "seed": seed,
+                    "test_acc": row["test_acc"],
+                    "leak": row[key],
+                    "metric": key,
+                    **{f"below_{suffix}": bool(hi[suffix] < 0) for suffix in PAIRED_WITH},
+                }
+            )
+    lines = []
+    for out in rows.values():
+        per = out.pop("seeds")
+        accs, leaks = np.array([p["test_acc"] for p in per]), np.array([p["leak"] for p in per])
+        lines.append(
+            {
+                **out,
+                "n_seeds": len(per),
+                "metric": per[0]["metric"],
+                **{f"test_acc_{p['seed']}": p["test_acc"] for p in per},
+                **{f"leak_{p['seed']}": p["leak"] for p in per},
+                "test_acc_mean": accs.mean(),
+                "test_acc_std": accs.std(ddof=1) if len(per) > 1 else math.nan,
+                "leak_mean": leaks.mean(),
+                "leak_std": leaks.std(ddof=1) if len(per) > 1 else math.nan,
+                "lower_than_base": sum(p["below_vs_base"] for p in per),
+                "lower_than_baseline": sum(p["below_vs_baseline"] for p in per),
+            }
+        )
+    return pd.DataFrame(lines)
+
+
+def seeds_markdown(table: pd.DataFrame, seeds) -> str:
+    """seeds_table as Markdown: per stage the seeds' leakage, its mean ± std, the test accuracy's, and the number
+    of seeds in which the paired interval against Base (the best baseline) lies below 0."""
+    metric = {"LiRA_audited_tpr1": "LiRA TPR@1%FPR (%)", "LiRA_audited_auc": "LiRA AUC"}[table["metric"].iloc[0]]
+    head = ["defense", "test acc (%)", *[f"{metric}, seed {s}" for s in seeds], f"{metric}, mean ± std"]
+    head += ["lower than Base (seeds)", "lower than the best baseline (seeds)"]
+    digits = 3 if "AUC" in metric else 1
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in table.iterrows():
+        leaks = [f"{row.get(f'leak_{s}', math.nan):.{digits}f}" for s in seeds]
+        cells = [row["label"], f"{row['test_acc_mean']:.1f} ± {row['test_acc_std']:.1f}", *leaks]
+        cells += [f"{row['leak_mean']:.{digits}f} ± {row['leak_std']:.{digits}f}"]
+        cells += [f"{row['lower_than_base']} of {row['n_seeds']}", f"{row['lower_than_baseline']} of {row['n_seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nA seed counts when the paired 95 % interval of the difference lies below 0 on that seed's draws "
+        "(canaries, halves, initialisations); the other seeds' intervals hold 0 or lie above it."
+    )
+    return "\n".join(lines)
+
+
 def pyplot():
     import matplotlib
 

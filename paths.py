@@ -119,6 +119,7 @@ AUDIT_PLAN = "plan.npz"  # canaries, membership matrix, dev/test rows
 AUDIT_MEMSCORE = "memscore.csv"  # mem-scores estimated from the audit's pretrained models (+ memscore.json)
 AUDIT_DP_NOISE = "dp_noise.json"  # the noise multiplier tune_dp picked
 AUDIT_CSV = "audit.csv"
+AUDIT_COMPARE = "compare"  # .csv and .md: several seeds' audits side by side (audit.py compare)
 AUDIT_MD = "audit.md"  # the audit table and its paired comparisons, as summarize prints them
 AUDIT_PLANE = "audit_plane.png"
 AUDIT_DECILES = "audit_deciles.md"

@@ -207,3 +207,27 @@ def test_the_best_baseline_is_the_least_leaking_of_the_papers_baselines():
     table = pd.concat([synthetic_table(), synthetic_table().iloc[[2]].assign(defense="dp", LiRA_audited_tpr1=40.0)])
     records = [{"defense": d, "stage": str(i)} for i, d in enumerate(table["defense"])]
     assert audit_report.best_baseline(table, records)["defense"] == "dp"  # 40 < ppb's 50
+
+
+def test_compare_puts_the_seeds_side_by_side_and_counts_the_seeds_whose_interval_excludes_0(tmp_path, monkeypatch):
+    """Two seeds' audit.csv: slide_re's paired interval against Base lies below 0 in seed 7 only, ppb's in both;
+    compare.md gives each seed's LiRA TPR@1%FPR, mean ± std, and those counts."""
+    as_repo(monkeypatch, tmp_path)
+    for seed, folder, slide_hi in ((7, "digits_columnfc", -2.0), (8, "digits_columnfc_seed8", 1.5)):
+        table = synthetic_table().assign(stage=["base", "slide_re_tuned", "ppb"])
+        table["LiRA_audited_tpr1"] += seed - 7
+        table["LiRA_audited_tpr1_vs_base_hi"] = [np.nan, slide_hi, -3.0]
+        table["LiRA_audited_tpr1_vs_baseline_hi"] = [5.0, 2.0, np.nan]
+        os.makedirs(tmp_path / "result" / folder / "audit")
+        table.to_csv(tmp_path / "result" / folder / "audit" / "audit.csv", index=False)
+    audit.main(["compare", "-1", DIGITS, "--seeds", "7,8"])
+    lines = (tmp_path / AUDIT / "compare.md").read_text().splitlines()
+    assert lines[0] == (
+        "| defense | test acc (%) | LiRA TPR@1%FPR (%), seed 7 | LiRA TPR@1%FPR (%), seed 8 | LiRA TPR@1%FPR (%), "
+        "mean ± std | lower than Base (seeds) | lower than the best baseline (seeds) |"
+    )
+    assert lines[2] == "| base | 90.0 ± 0.0 | 70.0 | 71.0 | 70.5 ± 0.7 | 0 of 2 | 0 of 2 |"
+    assert lines[3].endswith("| 30.0 | 31.0 | 30.5 ± 0.7 | 1 of 2 | 0 of 2 |")
+    assert lines[4] == "| ppb | 88.0 ± 0.0 | 50.0 | 51.0 | 50.5 ± 0.7 | 2 of 2 | 0 of 2 |"
+    with pytest.raises(UsageError, match="--seeds must list two or more seeds"):
+        audit.main(["compare", "-1", DIGITS, "--seeds", "7"])
