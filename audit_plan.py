@@ -211,7 +211,8 @@ def audit_steps(
     prune dp per group, attack dp; summarize. audited: prepare's flags (--canaries K ...); pruning: the pruning
     flags of every prune, attack, tune and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the
     attack flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet); tune: the tune
-    steps' own (--trials ...). An entry with tuned: True gets a tune step (after prepare) before its prunes.
+    steps' own (--trials ...). An entry with tuned: True gets a tune step before its prunes, after tune.base
+    (once, after prepare: the tuning models and the Base reference, which the tune steps share).
     control: the fine-tuning control, Base at sparsity 0 with the same schedule (stage <pruner>_0.0)."""
     common, pruning = list(common), list(pruning)
     groups = range(-(-models // group_size))
@@ -230,10 +231,12 @@ def audit_steps(
         flags = [f for k, v in entry.items() for f in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
         if entry.get("tuned") and "--tuning_models" in tune:  # prune and attack read the study of that many
             flags += tune[tune.index("--tuning_models") : tune.index("--tuning_models") + 2]
-        if entry.get("tuned"):  # on its own tuning models: it needs only the plan
+        if entry.get("tuned"):  # on the tuning models, which tune.base trains: no audited model
             semantics = ["--semantics", entry["semantics"]] if "semantics" in entry else []
+            if not any(s.name == "tune.base" for s in steps):
+                steps.append(AuditStep("tune.base", step("tune", "--defend", "base", *pruning, *tune), ["prepare"]))
             tuning = step("tune", "--defend", entry["defend"], *pruning, *semantics, *tune)
-            steps.append(AuditStep(f"tune.{name}", tuning, ["prepare"]))
+            steps.append(AuditStep(f"tune.{name}", tuning, ["tune.base"]))
             extra_needs = [*extra_needs, f"tune.{name}"]
         prunes = [
             AuditStep(f"prune.{name}.g{g}", step("prune", *by_group(g), *pruning, *flags), ["memscore", *extra_needs])

@@ -37,7 +37,7 @@ from audit_common import (
 from audit_plan import TUNING_OFFSET, feldman_memscores, membership, model_seed
 from audit_train import train_models
 from common import MissingError, RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
-from defenses import DEFENSES, DefenseSettings, get_defense
+from defenses import DefenseSettings, get_defense
 from ensemble import predict_ensemble
 from intervals import measurable
 from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
@@ -57,11 +57,10 @@ def tuning_path(args, name: str) -> str:
 
 
 def tune(args) -> None:
-    """Run the defense's trials until its study holds --trials complete ones, then choose its setting."""
+    """Run the defense's trials until its study holds --trials complete ones, then choose its setting. With
+    --defend base (nothing to search): pretrain the tuning models and measure the Base reference only, the step
+    that a grid runs once before the defenses' tune steps, so that no two of them write these files."""
     defense = get_defense(args.defend)
-    if not defense.search_space:
-        tunable = ", ".join(name for name, cls in DEFENSES.items() if cls.search_space)
-        raise UsageError(f"--defend {defense.name} has no setting to tune; tune one of: {tunable}")
     if args.tuning_models < LIRA_MIN_MODELS:
         raise UsageError(f"--tuning_models must be >= {LIRA_MIN_MODELS} (leave-one-out LiRA), got {args.tuning_models}")
     plan, plan_sha = load_plan(args)
@@ -71,6 +70,12 @@ def tune(args) -> None:
     data = audit_data(args, plan, device)
     tuning = Tuning(args, plan, data, member, device)
     reference = tuning.base_reference(plan_sha)
+    if not defense.search_space:
+        print(
+            f"Base reference on the tuning models: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} "
+            f"{reference['leak']:.3f}"
+        )
+        return
     stage = study_name(args, defense)
     where = args.study or tuning_path(args, f"{stage}.journal")
     study = open_study(stage, where, args.seed)
@@ -196,9 +201,11 @@ class Tuning:
 
     def base_reference(self, plan_sha) -> dict:
         """The tuning models pruned under Base: {"acc", "leak"}, computed once per plan and pruning schedule."""
-        schedule = {k: getattr(self.args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")}
+        keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics")
+        schedule = {k: getattr(self.args, k) for k in keys}
         request = {"plan_sha256": plan_sha, "tuning_models": len(self.member), "schedule": schedule}
-        path = tuning_path(self.args, f"base_{study_name(self.args, get_defense('base'))}.json")
+        name = f"base_{study_name(self.args, get_defense('base'))}_{self.args.semantics}.json"
+        path = tuning_path(self.args, name)
         old = load_json(path)[0] if os.path.isfile(path) else None
         if old and all(json.dumps(old.get(k)) == json.dumps(v) for k, v in request.items()):
             return {"acc": old["acc"], "leak": old["leak"]}

@@ -57,6 +57,7 @@ def tuned(tmp_path_factory):
         yield folder, first, again, resumed, log, plan, audited
 
 
+@pytest.mark.slow  # trains tuning models
 def test_the_tuner_opens_no_audited_model_and_its_draws_are_disjoint(tuned):
     folder, first, _, _, _, plan, audited = tuned
     assert audited == ["plan.npz", "tuning"]  # tuned before any audited model existed
@@ -68,6 +69,7 @@ def test_the_tuner_opens_no_audited_model_and_its_draws_are_disjoint(tuned):
     assert first["plan_sha256"] and first["tuning_models"] == 4
 
 
+@pytest.mark.slow  # trains tuning models
 def test_the_chosen_setting_is_the_rules_on_the_trials_and_the_base_reference_sets_the_target(tuned):
     _, first, _, _, log, plan, _ = tuned
     trials = first["trials"]
@@ -84,6 +86,7 @@ def test_the_chosen_setting_is_the_rules_on_the_trials_and_the_base_reference_se
     assert sum(line.startswith("trial stride ") for line in log) == 4  # 3 trials, then the resumed study's 4th
 
 
+@pytest.mark.slow  # trains tuning models
 def test_the_study_resumes_without_running_or_counting_a_trial_twice(tuned):
     _, first, again, resumed, _, _, _ = tuned
     assert again["trials"] == first["trials"]
@@ -91,12 +94,21 @@ def test_the_study_resumes_without_running_or_counting_a_trial_twice(tuned):
     assert len({json.dumps(t["values"], sort_keys=True) for t in resumed["trials"]}) == 4
 
 
-def test_base_has_nothing_to_tune(tmp_path, monkeypatch):
+@pytest.mark.slow  # trains tuning models
+def test_tune_base_trains_the_tuning_models_and_measures_the_base_reference_only(tmp_path, monkeypatch):
     as_repo(monkeypatch, tmp_path)
-    with pytest.raises(UsageError, match=r"--defend base has no setting to tune; tune one of: slide, slide_re"):
-        audit.main(["tune", "-1", DIGITS, "--defend", "base", *PRUNING, *TINY])
+    audit.main(["prepare", "-1", DIGITS, "--models", "3", *TINY])
+    audit.main(["tune", "-1", DIGITS, "--defend", "base", "--tuning_models", "4", *PRUNING, *TINY])
+    assert sorted(os.listdir(tmp_path / AUDIT / "tuning")) == [
+        "base_iter_prunetxt_0.6_i2e2_k4_release.json",
+        "pretrained",
+    ]
+    with open(tmp_path / AUDIT / "tuning" / "base_iter_prunetxt_0.6_i2e2_k4_release.json") as f:
+        reference = json.load(f)
+    assert reference["schedule"]["semantics"] == "release" and 0 < reference["acc"] <= 100
 
 
+@pytest.mark.slow  # trains tuning models
 def test_the_audited_run_of_the_tuned_setting_resolves_it_on_the_audits_data_and_is_tagged(tuned):
     """prune/attack --tuned: the chosen shares of the smallest class, resolved on model 0's training set of the
     audit (as auto is), in a stage of its own (<prefix>_tag-tuned) whose models and record hold those flags."""
@@ -124,13 +136,15 @@ def test_all_runs_a_tune_step_before_a_tuned_defenses_prunes():
     by_name = {s.name: s for s in steps}
     tune = by_name["tune.0.slide_re_tuned"]
     assert tune.argv == ["audit.py", "tune", "GPU-ID", "CONFIG", "--defend", "slide_re", *PRUNING, "--trials", "5"]
-    assert tune.needs == ["prepare"]
+    assert tune.needs == ["tune.base"] and by_name["tune.base"].needs == ["prepare"]
+    assert by_name["tune.base"].argv[4:6] == ["--defend", "base"]
     assert by_name["prune.0.slide_re_tuned.g0"].needs == ["memscore", "tune.0.slide_re_tuned"]
     assert "--tuned" in by_name["attack.0.slide_re_tuned"].argv
     with pytest.raises(UsageError, match="or 'tuned' \\(a defense with a search space\\)"):
         audit_plan.parse_defense("base:tuned")
 
 
+@pytest.mark.slow  # trains tuning models
 def test_the_control_is_base_at_sparsity_0_labelled_beside_base_and_paired_with_it(tuned):
     """The audit table: the control before Base (ordered), named as the control, compared with Base on the same
     decisions; Base itself has no difference; the tuned stage is a defense row of its own."""

@@ -80,6 +80,7 @@ tuning.run_trials(study, n, tuning_space := (tuning.Knob("x", 0.1, 10.0, log=Tru
 """
 
 
+@pytest.mark.slow  # Python subprocesses
 @pytest.mark.parametrize("storage", ["journal", "sqlite"])
 def test_a_study_killed_mid_trial_resumes_without_a_duplicate_trial(tmp_path, storage):
     where = str(tmp_path / "study.log") if storage == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
