@@ -168,6 +168,12 @@ def check_step_args(args) -> None:
         raise UsageError(f"--tuning_models must be >= 1, got {args.tuning_models}")
     if not (math.isfinite(getattr(args, "rmia_gamma", 1.0)) and getattr(args, "rmia_gamma", 1.0) > 0):
         raise UsageError(f"--rmia_gamma must be a finite number > 0, got {args.rmia_gamma}")
+    if getattr(args, "trials", 1) < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+    if getattr(args, "tuned", False) and not get_defense(args.defend).search_space:
+        raise UsageError(f"--tuned reads the setting audit.py tune chose; --defend {args.defend or 'base'} has none")
+    if getattr(args, "control", False) and args.prune_sparsity == 0:
+        raise UsageError("--control adds Base at sparsity 0, which --prune_sparsity 0 already is; drop --control")
     if getattr(args, "bootstrap", 0) < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if hasattr(args, "seeds"):

@@ -179,6 +179,8 @@ def parse_defense(spec: str) -> dict:
         key, eq, value = item.partition("=")
         if item == "tuned" and get_defense(entry["defend"]).search_space:
             entry["tuned"] = True
+        elif key in {k.flag for k in get_defense(entry["defend"]).search_space} and "tuned" in rest.split(","):
+            raise UsageError(f"--defense {spec}: '{key}' is what tuned chooses; give one of them, not both")
         elif not eq or key not in DEFENSE_FLAGS:
             raise UsageError(
                 f"--defense {spec}: '{item}' is not flag=value with a flag of {', '.join(DEFENSE_FLAGS)}, or 'tuned' "

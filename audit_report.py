@@ -130,9 +130,16 @@ def leak_key(table) -> str:
 
 
 def best_baseline(table, ordered):
-    """The record of the least-leaking baseline row (the paper's baselines, Defense.baseline) by leak_key, or
-    None: the strongest non-WeMeM defense that each WeMeM row is compared with."""
-    rows = [i for i, r in enumerate(ordered) if r["defense"] in DEFENSES and DEFENSES[r["defense"]].baseline]
+    """The record of the least-leaking baseline row (the paper's baselines, Defense.baseline) by leak_key among
+    those that do not miss their tuning target (misses_target), or None: the strongest non-WeMeM defense at the
+    matched utility, which each row is compared with."""
+    rows = [
+        i
+        for i, r in enumerate(ordered)
+        if r["defense"] in DEFENSES
+        and DEFENSES[r["defense"]].baseline
+        and str(table["misses_target"].iloc[i]) != "True"
+    ]
     if not rows:
         return None
     key = leak_key(table)
@@ -206,7 +213,8 @@ def paired_markdown(table: pd.DataFrame, suffix: str = "vs_base") -> str:
 
 
 def seeds_table(tables: dict) -> pd.DataFrame:
-    """One row per stage over several seeds' audit tables ({seed: audit.csv's table}): per seed its mean test
+    """One row per stage over several seeds' audit tables ({seed: audit.csv's table}; a tuned stage, whose setting
+    and so, for a baseline, whose name differs by seed, is one row per defense and semantics): per seed its mean test
     accuracy, its leakage (LiRA on the audited rows, leak_key of that table) and whether its paired interval
     against Base and against the best baseline lies below 0; then the spread over the seeds (mean, sample std)
     and in how many seeds each interval lies below 0 (lower_than_base, lower_than_baseline, of n_seeds)."""
@@ -214,7 +222,10 @@ def seeds_table(tables: dict) -> pd.DataFrame:
     for seed, table in sorted(tables.items()):
         key = leak_key(table)
         for _, row in table.iterrows():
-            out = rows.setdefault(row["stage"], {"stage": row["stage"], "label": table_label(row), "seeds": []})
+            tuned = str(row["stage"]).endswith("_tag-tuned")  # its setting (and a baseline's name) differs by seed
+            identity = f"{row['defense']} tuned {row.get('semantics', '')}" if tuned else row["stage"]
+            label = f"{row['defense']} (tuned)" if tuned else table_label(row)
+            out = rows.setdefault(identity, {"stage": identity, "label": label, "seeds": []})
             hi = {suffix: row.get(f"{key}_{suffix}_hi", math.nan) for suffix in PAIRED_WITH}
             out["seeds"].append(
                 {

@@ -32,9 +32,10 @@ from audit_common import (
     pretrained_folders,
     read_audit_memscores,
     read_json,
+    tuned_for,
     write_json,
 )
-from audit_plan import TUNING_OFFSET, feldman_memscores, membership, model_seed
+from audit_plan import TUNING_OFFSET, broken_file, feldman_memscores, membership, model_seed
 from audit_train import train_models
 from common import MissingError, RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
 from defenses import DefenseSettings, get_defense
@@ -79,6 +80,16 @@ def tune(args) -> None:
     stage = study_name(args, defense)
     where = args.study or tuning_path(args, f"{stage}.journal")
     study = open_study(stage, where, args.seed)
+    ties = {"plan_sha256": plan_sha, "run": run_name(args), "tuned_for": tuned_for(args)}
+    if not study.user_attrs:
+        for key, value in ties.items():
+            study.set_user_attr(key, value)
+    for key, value in ties.items():
+        if json.dumps(study.user_attrs.get(key)) != json.dumps(value):
+            raise UsageError(
+                f"the study {stage} in {where} holds trials of another {key.replace('_', ' ')}; pass another "
+                f"--study, or delete it to start again"
+            )
     log = RunLog(audit_log_path(args, f"tune_{stage}"))
     log.write(
         f"{run_name(args)} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
@@ -105,6 +116,7 @@ def tune(args) -> None:
         "defense": defense.name,
         "stage": stage,
         "plan_sha256": plan_sha,
+        "tuned_for": tuned_for(args),
         "study": where,
         "tuning_models": args.tuning_models,
         "leak_metric": tuning.leak_metric,
@@ -144,8 +156,13 @@ def apply_tuned(args) -> None:
             f"--tuned: no setting has been chosen for {defense.name} ({path} not found); run {how} first"
         )
     chosen = read_json(path, "the chosen setting", f"rebuild it with: {how}")
+    keys = ("leak_metric", "reference", "target_acc", "tolerance", "chosen", "within_tolerance", "trials")
+    if any(k not in chosen for k in keys) or "values" not in chosen["chosen"]:
+        raise broken_file(path, "the chosen setting", "not the file tune writes", f"rebuild it with: {how}")
     if chosen.get("plan_sha256") != plan_sha:
         raise MissingError(f"--tuned: {path} was tuned for another audit plan; run {how} again")
+    if json.dumps(chosen.get("tuned_for", tuned_for(args))) != json.dumps(tuned_for(args)):
+        raise MissingError(f"--tuned: {path} was tuned with other pruning or training settings; run {how} again")
     class_sizes = [c for c in np.bincount(plan.labels[: plan.n][plan.member[0]]) if c]
     scores = None
     if any(k.unit == QUANTILE for k in defense.search_space):
@@ -154,7 +171,6 @@ def apply_tuned(args) -> None:
     for flag, value in flags_of(defense.search_space, chosen["chosen"]["values"], class_sizes, scores).items():
         setattr(args, flag, value)
     args.tag = args.tag or "tuned"
-    keys = ("leak_metric", "reference", "target_acc", "tolerance", "chosen", "within_tolerance", "trials")
     args.tuned_from = {"file": path, **{k: chosen[k] for k in keys}}  # the attack record keeps it for the plane
 
 

@@ -250,7 +250,11 @@ class Grid:
                 f"audit.tune: unknown key '{key}'",
                 f"valid keys are {', '.join(AUDIT_TUNE_KEYS)}",
             )
-            self.check(is_a(value, AUDIT_TUNE_KEYS[key]), f"audit.tune.{key}", f"must be int, got {value!r}")
+            self.check(
+                is_a(value, AUDIT_TUNE_KEYS[key]) and value >= 1,
+                f"audit.tune.{key}",
+                f"must be an int >= 1, got {value!r}",
+            )
         for key, value in section.get("dp", {}).items():
             self.check(
                 key in AUDIT_DP_KEYS, f"audit.dp: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_DP_KEYS)}"
@@ -261,6 +265,16 @@ class Grid:
             len(self.sparsities) == 1,
             "sparsities",
             f"an audit grid takes one sparsity, got {self.sparsities}; one grid per sparsity, each its own audit_tag",
+        )
+        self.check(
+            not (section.get("control") and self.sparsities[0] == 0),
+            "audit.control",
+            "adds Base at sparsity 0, which this grid's sparsity already is; drop it",
+        )
+        self.check(
+            not self.keys["control"],
+            "key 'control'",
+            'an audit grid takes the control in its audit section: "audit": {"control": true}',
         )
         for flag in self.keys["overrides"].get("audit", {}):
             self.check(
@@ -294,7 +308,8 @@ class Grid:
                 '"tuned": true stands alone, in an audit grid, for a defense with a search space (audit.py tune)',
             )
             for config in self.configs:
-                self.settings[config].append((i, cls, {"tuned": True}))
+                if not any(c is cls and s == {"tuned": True} for _, c, s in self.settings[config]):  # twice: one run
+                    self.settings[config].append((i, cls, {"tuned": True}))
             return
         allowed, per_config = required | optional, entry.get("per_config", {})
         for key in set(entry) - {"defend", "per_config"}:

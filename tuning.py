@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import UsageError, pid_alive
+from common import DivergedError, UsageError, pid_alive
 
 SMALLEST_CLASS = "share of the smallest class"  # the value times the smallest class's samples, rounded, >= 1
 QUANTILE = "quantile of the mem-scores"  # the mem-scores' value at that quantile (linear interpolation)
@@ -131,8 +131,9 @@ def worker_mark() -> str:
 
 def reclaim(study, storage) -> list:
     """Mark failed each trial still running whose process ran on this host and is gone, and queue its setting
-    again (user attribute retry_of: its number), so a killed trial is neither lost nor counted twice. A trial of
-    another host is left to a worker there. Returns the numbers reclaimed."""
+    again once (user attribute retry_of: its number; a retry that dies too is not queued again), so a killed trial
+    is neither lost nor counted twice. A trial of another host is left to a worker there. Returns the numbers
+    reclaimed."""
     from optuna.trial import TrialState
 
     host = os.uname().nodename
@@ -145,7 +146,8 @@ def reclaim(study, storage) -> list:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        if "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         reclaimed.append(trial.number)
     return reclaimed
 
@@ -159,7 +161,8 @@ def completed(study) -> list:
 def run_trials(study, n_trials: int, space, evaluate) -> int:
     """Ask and run trials until the study holds n_trials complete ones (counting every worker's); evaluate(values)
     returns (accuracy, leakage). A setting the defense refuses (evaluate raises UsageError, e.g. a window that
-    passes every class) is a failed trial with the reason as its user attribute `refused`, and does not count;
+    passes every class) or that training cannot finish (DivergedError: a non-finite loss) is a failed trial with
+    the reason as its user attribute `refused`, and does not count;
     after 2 * n_trials refusals in this process the search stops with a UsageError. Returns the trials run here."""
     from optuna.trial import TrialState
 
@@ -170,7 +173,7 @@ def run_trials(study, n_trials: int, space, evaluate) -> int:
         values = suggest(trial, space)
         try:
             objectives = evaluate(values)
-        except UsageError as err:
+        except (UsageError, DivergedError) as err:
             trial.set_user_attr("refused", str(err))
             study.tell(trial, state=TrialState.FAIL)
             refused += 1

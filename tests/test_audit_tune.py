@@ -221,6 +221,8 @@ def test_the_best_baseline_is_the_least_leaking_of_the_papers_baselines():
     table = pd.concat([synthetic_table(), synthetic_table().iloc[[2]].assign(defense="dp", LiRA_audited_tpr1=40.0)])
     records = [{"defense": d, "stage": str(i)} for i, d in enumerate(table["defense"])]
     assert audit_report.best_baseline(table, records)["defense"] == "dp"  # 40 < ppb's 50
+    table["misses_target"] = [False, True, False, True]  # dp below its tuning target: not at the matched utility
+    assert audit_report.best_baseline(table, records)["defense"] == "ppb"
 
 
 def test_compare_puts_the_seeds_side_by_side_and_counts_the_seeds_whose_interval_excludes_0(tmp_path, monkeypatch):
@@ -228,7 +230,7 @@ def test_compare_puts_the_seeds_side_by_side_and_counts_the_seeds_whose_interval
     compare.md gives each seed's LiRA TPR@1%FPR, mean ± std, and those counts."""
     as_repo(monkeypatch, tmp_path)
     for seed, folder, slide_hi in ((7, "digits_columnfc", -2.0), (8, "digits_columnfc_seed8", 1.5)):
-        table = synthetic_table().assign(stage=["base", "slide_re_tuned", "ppb"])
+        table = synthetic_table().assign(stage=["base", "slide_re_tag-tuned", f"ppb_{seed / 3:.3g}_tag-tuned"])
         table["LiRA_audited_tpr1"] += seed - 7
         table["LiRA_audited_tpr1_vs_base_hi"] = [np.nan, slide_hi, -3.0]
         table["LiRA_audited_tpr1_vs_baseline_hi"] = [5.0, 2.0, np.nan]
@@ -242,6 +244,37 @@ def test_compare_puts_the_seeds_side_by_side_and_counts_the_seeds_whose_interval
     )
     assert lines[2] == "| base | 90.0 ± 0.0 | 70.0 | 71.0 | 70.5 ± 0.7 | 0 of 2 | 0 of 2 |"
     assert lines[3].endswith("| 30.0 | 31.0 | 30.5 ± 0.7 | 1 of 2 | 0 of 2 |")
-    assert lines[4] == "| ppb | 88.0 ± 0.0 | 50.0 | 51.0 | 50.5 ± 0.7 | 2 of 2 | 0 of 2 |"
+    assert lines[3].startswith("| slide_re (tuned) |")  # the tuned ppb is one row though its name has its seed's
+    assert lines[4] == "| ppb (tuned) | 88.0 ± 0.0 | 50.0 | 51.0 | 50.5 ± 0.7 | 2 of 2 | 0 of 2 |"
     with pytest.raises(UsageError, match="--seeds must list two or more seeds"):
         audit.main(["compare", "-1", DIGITS, "--seeds", "7"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tune", "--defend", "slide_re", "--trials", "0"], "--trials must be >= 1, got 0"),
+        (
+            ["prune", "--group", "0", "--defend", "base", "--tuned"],
+            "--tuned reads the setting audit.py tune chose; --defend base",
+        ),
+        (["all", "--control", "--prune_sparsity", "0"], "--control adds Base at sparsity 0, which --prune_sparsity 0"),
+        (["all", "--defense", "slide_re:tuned,stride=2"], "'stride' is what tuned chooses; give one of them, not both"),
+    ],
+)
+def test_tuning_flags_that_cannot_work_are_refused(argv, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        args = audit.get_args([argv[0], "-1", DIGITS, *PRUNING, *argv[1:]])
+        if argv[0] == "all":
+            [audit_plan.parse_defense(d) for d in args.defense or []]
+
+
+@pytest.mark.slow  # trains tuning models
+def test_a_study_of_another_plan_or_settings_is_refused(tmp_path, monkeypatch):
+    """The study holds the plan, the run and the settings it was started with; tune refuses to add trials made
+    with others to it (here: another --early_stop), naming the study and the fix."""
+    as_repo(monkeypatch, tmp_path)
+    audit.main(["prepare", "-1", DIGITS, "--models", "3", *TINY])
+    audit.main(["tune", "-1", DIGITS, "--trials", "1", *TUNE])
+    with pytest.raises(UsageError, match=rf"the study {STUDY} in .* holds trials of another tuned for; pass another"):
+        audit.main(["tune", "-1", DIGITS, "--trials", "2", *TUNE, "--early_stop", "3"])

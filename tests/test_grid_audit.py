@@ -115,6 +115,9 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
         ({"defenses": [{"defend": "base", "tuned": True}]}, '"tuned": true stands alone, in an audit grid, for a'),
         ({"defenses": [{"defend": "slide_re", "tuned": True, "stride": 1}]}, '"tuned": true stands alone'),
         ({"audit": None, "defenses": [{"defend": "slide_re", "tuned": True}]}, '"tuned": true stands alone'),
+        ({"audit": {"tune": {"trials": 0}}}, "audit.tune.trials: must be an int >= 1, got 0"),
+        ({"audit": {"control": True}, "sparsities": [0.0]}, "audit.control: adds Base at sparsity 0"),
+        ({"control": True}, 'an audit grid takes the control in its audit section: "audit": {"control": true}'),
     ],
 )
 def test_bad_audit_sections_are_refused(tmp_path, monkeypatch, changes, message):
@@ -190,3 +193,12 @@ def test_the_comparison_grid_tunes_every_defense_with_a_search_space_and_adds_th
     controls = [s for s in steps if s.name.endswith("/audit.attack.control")]
     last_sparsity = lambda argv: argv[len(argv) - 1 - argv[::-1].index("--prune_sparsity") + 1]  # argparse: last wins
     assert len(controls) == 3 and all(last_sparsity(s.argv) == "0.0" for s in controls)
+
+
+def test_a_tuned_defense_given_twice_is_one_run(tmp_path, monkeypatch):
+    twice = [{"defend": "base"}, {"defend": "slide_re", "tuned": True}, {"defend": "slide_re", "tuned": True}]
+    steps = grid_plan.expand(grid_of(tmp_path, monkeypatch, defenses=twice))
+    assert [s.name.split("/")[1] for s in steps if "/audit.tune." in s.name] == [
+        "audit.tune.base",
+        "audit.tune.1.slide_re_tuned",
+    ]
