@@ -13,7 +13,7 @@ python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_mo
                           [--target_acc A] [--tolerance 1] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
 python audit.py compare   GPU-ID CONFIG --seeds 7,8,9 [--out DIR]
-python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...]]...
+python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...|:tuned]]...
                           [--with_dp] [--control] [--trials 12] [--group_size 8]
 
 Every step is idempotent: what it would write and is already there, made from the same inputs and settings,

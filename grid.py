@@ -12,13 +12,15 @@ The grid file (JSON; grids/ holds the release's digits runs and the paper's grid
   defenses     list of entries {"defend": name, settings..., "per_config": {config: {settings}}} (required)
   prune_iter 5, seeds [7], shadow_num 5, attacks "threshold,samia", semantics "release",
   original false (true: also attack the unpruned models, --original, once per config and seed),
+  control false (true: also Base at sparsity 0 with the same schedule, the fine-tuning control),
   adaptive true (false: attack the defenses with Base-pruned shadows; needs a "base" entry),
   overrides {"pretrain": {flag: value}, "prune": {...}, "attack": {...}}: flags added to every command
       of that kind (true: the bare flag, false: left out), e.g. {"pretrain": {"epochs": 2}};
       "audit": flags of every audit step,
   audit {models, group_size, canaries | audit_top_memscore, with_dp, bootstrap, rmia_gamma, prune_epochs,
-      early_stop, early_stop_pretrain, audit_tag, dp: {noise, tuning_models, tolerance, refine, target_acc}}:
-      an audit grid, whose steps are audit.py's (docs/audit.md, docs/grid.md; one sparsity).
+      early_stop, early_stop_pretrain, audit_tag, dp: {noise, tuning_models, tolerance, refine, target_acc},
+      control, tune: {trials, tuning_models}}: an audit grid, whose steps are audit.py's (docs/audit.md,
+      docs/grid.md; one sparsity); a defense entry {"defend": name, "tuned": true} there is tuned first.
 A defense entry's settings: stride and width (window defenses: required), mem_thre (ml2, slide_ml2,
 slide_re_ml2: required), weight_decay_mem (those three: optional), defend_arg (the baselines: required).
 stride, width and mem_thre may be "auto" (derived from the data: docs/defenses.md; the steps' names get _auto).

@@ -1,7 +1,7 @@
-"""Wall time of the defense comparison (docs/audit.md: Which defense, at which setting): `python grid.py
-grids/digits_compare.json --jobs 2` in a copy of the repo, then the CPU seconds its steps took by kind (tune,
-pretrain, prune, attack, ...) from the grid's job records. The copy keeps result/ and log/ for the tables
-(--keep DIR; else a temporary folder that is removed).
+"""Wall time of the defense comparison (docs/audit.md: The digits comparison): `python grid.py
+grids/digits_compare.json --jobs 2` in a copy of the repo, then the seconds its steps took by kind (tune,
+pretrain, prune, attack, ...; each step's own wall time, from the grid's job records). The copy keeps result/
+and log/ for the tables (--keep DIR; else a temporary folder that is removed).
 
 python bench/bench_compare.py [--keep DIR] [--jobs 2] [--grid grids/digits_compare.json]
 """
