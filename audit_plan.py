@@ -235,10 +235,13 @@ def audit_steps(
             flags += tune[tune.index("--tuning_models") : tune.index("--tuning_models") + 2]
         if entry.get("tuned"):  # on the tuning models, which tune.base trains: no audited model
             semantics = ["--semantics", entry["semantics"]] if "semantics" in entry else []
-            if not any(s.name == "tune.base" for s in steps):
-                steps.append(AuditStep("tune.base", step("tune", "--defend", "base", *pruning, *tune), ["prepare"]))
+            base = "tune.base" + (f".{entry['semantics']}" if semantics else "")  # one Base reference per semantics
+            if not any(s.name == base for s in steps):
+                first = [s.name for s in steps if s.name.startswith("tune.base")][:1]  # trains the tuning models
+                tuning_base = step("tune", "--defend", "base", *pruning, *semantics, *tune)
+                steps.append(AuditStep(base, tuning_base, first or ["prepare"]))
             tuning = step("tune", "--defend", entry["defend"], *pruning, *semantics, *tune)
-            steps.append(AuditStep(f"tune.{name}", tuning, ["tune.base"]))
+            steps.append(AuditStep(f"tune.{name}", tuning, [base]))
             extra_needs = [*extra_needs, f"tune.{name}"]
         prunes = [
             AuditStep(f"prune.{name}.g{g}", step("prune", *by_group(g), *pruning, *flags), ["memscore", *extra_needs])

@@ -197,7 +197,7 @@ def expand_audit(grid):
         defenses = []
         for (_, cls, setting), setting_tag in zip(grid.settings[config], grid.tags(config)):
             ordered = {k: setting[k] for k in SETTINGS if k in setting}  # a stable order: names and hashes stay
-            ordered.update({"tuned": True} if setting.get("tuned") else {})
+            ordered.update({k: setting[k] for k in ("semantics", "tuned") if k in setting})
             defenses.append({"defend": cls.name, **ordered, **({"tag": setting_tag} if setting_tag else {})})
         for seed in grid["seeds"]:
             ns = SimpleNamespace(dataset_name=cfg["dataset_name"], model_name=cfg["model_name"], seed=seed)

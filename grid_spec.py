@@ -291,7 +291,7 @@ class Grid:
             self.check(False, where, str(err))
 
     def add_entry(self, i, entry):
-        from defenses import DEFENSES, DefenseSettings
+        from defenses import DEFENSES, SEMANTICS, DefenseSettings
 
         self.check(
             isinstance(entry, dict) and isinstance(entry.get("defend"), str),
@@ -301,15 +301,20 @@ class Grid:
         cls = DEFENSES.get(entry["defend"])
         self.check(cls, f"defenses[{i}]", f"unknown defense {entry['defend']!r}; valid: {', '.join(DEFENSES)}")
         where, (required, optional) = f"defenses[{i}] ({cls.name})", setting_keys(cls)
-        if "tuned" in entry:  # audit.py tune chooses the setting: nothing else to give
+        if "tuned" in entry:  # audit.py tune chooses the setting: nothing else to give but its semantics
             self.check(
-                self.audit and entry["tuned"] is True and set(entry) == {"defend", "tuned"} and cls.search_space,
+                self.audit
+                and entry["tuned"] is True
+                and set(entry) <= {"defend", "tuned", "semantics"}
+                and entry.get("semantics", "release") in SEMANTICS
+                and cls.search_space,
                 where,
-                '"tuned": true stands alone, in an audit grid, for a defense with a search space (audit.py tune)',
+                '"tuned": true stands alone (or with "semantics"), in an audit grid, for a defense with a search space',
             )
+            setting = {"tuned": True, **({"semantics": entry["semantics"]} if "semantics" in entry else {})}
             for config in self.configs:
-                if not any(c is cls and s == {"tuned": True} for _, c, s in self.settings[config]):  # twice: one run
-                    self.settings[config].append((i, cls, {"tuned": True}))
+                if not any(c is cls and s == setting for _, c, s in self.settings[config]):  # twice: one run
+                    self.settings[config].append((i, cls, setting))
             return
         allowed, per_config = required | optional, entry.get("per_config", {})
         for key in set(entry) - {"defend", "per_config"}:

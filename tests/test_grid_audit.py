@@ -4,6 +4,7 @@ reruns nothing."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -112,7 +113,7 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
         ({"sparsities": [0.5, 0.6]}, "an audit grid takes one sparsity"),
         ({"overrides": {"audit": {"models": 4}}}, "--models is a key of the audit section"),
         ({"audit": {"tune": {"trails": 4}}}, "audit.tune: unknown key 'trails'"),
-        ({"defenses": [{"defend": "base", "tuned": True}]}, '"tuned": true stands alone, in an audit grid, for a'),
+        ({"defenses": [{"defend": "base", "tuned": True}]}, '"tuned": true stands alone (or with "semantics"), in an'),
         ({"defenses": [{"defend": "slide_re", "tuned": True, "stride": 1}]}, '"tuned": true stands alone'),
         ({"audit": None, "defenses": [{"defend": "slide_re", "tuned": True}]}, '"tuned": true stands alone'),
         ({"audit": {"tune": {"trials": 0}}}, "audit.tune.trials: must be an int >= 1, got 0"),
@@ -121,7 +122,7 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
     ],
 )
 def test_bad_audit_sections_are_refused(tmp_path, monkeypatch, changes, message):
-    with pytest.raises(UsageError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         grid_of(tmp_path, monkeypatch, **changes)
 
 
@@ -177,16 +178,20 @@ def test_the_comparison_grid_tunes_every_defense_with_a_search_space_and_adds_th
     monkeypatch.chdir(REPO)
     grid = grid_spec.Grid(os.path.join(REPO, "grids", "digits_compare.json"), "grids/digits_compare.json")
     steps = grid_plan.expand(grid)
-    tunes = [s for s in steps if "/audit.tune." in s.name and not s.name.endswith(".base")]
+    tunes = [s for s in steps if "/audit.tune." in s.name and ".tune.base" not in s.name]
     tunable = {name for name, cls in DEFENSES.items() if cls.search_space}
     entries = [(i, e["defend"]) for i, e in enumerate(grid["defenses"]) if e.get("tuned")]
     assert {name for _, name in entries} == tunable
+    label = lambda i, name: f"{name}_semanticscorrected" if name == "dp" else name  # dp: DP-SGD as corrected
     runs = ["digits_columnfc", "digits_columnfc_seed8", "digits_columnfc_seed9"]
-    expected = [f"{run}/audit.tune.{i}.{name}_tuned" for run in runs for i, name in entries]
+    expected = [f"{run}/audit.tune.{i}.{label(i, name)}_tuned" for run in runs for i, name in entries]
     assert sorted(s.name for s in tunes) == sorted(expected)
     for tune in tunes:
-        assert tune.needs == [tune.name.split("/")[0] + "/audit.tune.base"]
-        assert tune.argv[tune.argv.index("--trials") :][:4] == ["--trials", "12", "--tuning_models", "16"]
+        base = "/audit.tune.base" + (".corrected" if "dp_" in tune.name else "")
+        assert tune.needs == [tune.name.split("/")[0] + base]
+        assert tune.argv[tune.argv.index("--trials") :][:4] == ["--trials", "10", "--tuning_models", "16"]
+    corrected = [s for s in steps if s.name.endswith("/audit.tune.base.corrected")]
+    assert len(corrected) == 3 and all(s.needs == [s.name.removesuffix(".corrected")] for s in corrected)
     prunes = [s for s in steps if "/audit.prune." in s.name and "_tuned" in s.name]
     after_tuned = lambda argv: argv[argv.index("--tuned") + 1 : argv.index("--tuned") + 3]
     assert prunes and all(after_tuned(s.argv) == ["--tuning_models", "16"] for s in prunes)
