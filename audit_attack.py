@@ -234,7 +234,7 @@ def summarize(args) -> None:
     table = audit_report.audit_table(records)
     add_paired_with_base(table, records, scores)
     changed = write_if_changed(os.path.join(out, AUDIT_CSV), table.to_csv(index=False).encode())
-    tunings = [(audit_report.row_label(r), r["tuned"]) for r in records if r.get("tuned")]
+    tunings = [(r["defense"], r["tuned"]) for r in audit_report.ordered(records) if r.get("tuned")]
     plane = audit_report.draw_plane(table, tunings)
     changed |= write_if_changed(os.path.join(out, AUDIT_PLANE), audit_report.png_bytes(plane))
     panels = []

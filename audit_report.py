@@ -288,88 +288,86 @@ def pyplot():
     return plt
 
 
+def plane_style(defense: str, setting: str = "") -> tuple:
+    """(name, colour, marker) of a row on the plane: the unpruned models light grey, the fine-tuning control dark
+    grey diamonds, Base black, each defense with a search space its own colour (the same in every panel)."""
+    tunable = [name for name, cls in DEFENSES.items() if cls.search_space]
+    if defense == "unpruned":
+        return "unpruned", "silver", "o"
+    if str(setting).startswith("sparsity 0"):
+        return "fine-tuned, not pruned", "dimgrey", "D"
+    if defense == "base":
+        return "Base", "black", "o"
+    palette = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "darkgoldenrod"]  # no grey (C7): the control's
+    colour = palette[tunable.index(defense) % len(palette)] if defense in tunable else "tab:brown"
+    return defense, colour, "o"
+
+
 def draw_plane(table: pd.DataFrame, tunings=()):
-    """The privacy-utility plane. With tunings ([(label, a tuned record's "tuned")], audit.py tune's choices), a
-    first panel: each tuned defense's trials on the tuning models (faint), its front (a line), its chosen setting
-    (a star), the Base reference (black x) and the target minus the tolerance (dashed), on the tuning objectives
-    (dev accuracy, the tuning leakage). Then two panels (TPR@1%FPR, TPR@0.1%FPR on the audited rows) against mean
-    test accuracy: one colour per row (defense and setting: Base, the control and the unpruned models among them),
-    LiRA filled circles, RMIA open squares, error bars the models' test-accuracy std and the TPR's 95 % interval.
-    A TPR that is not measurable is not drawn: the panel says so instead."""
+    """The privacy-utility plane, one colour per defense in every panel (plane_style). With tunings ([(defense,
+    its tuned record's "tuned")], audit.py tune's choices), a first panel: each tuned defense's trials on the
+    tuning models (faint), its front (a line), its chosen setting (a star), the Base reference (black x) and the
+    target minus the tolerance (dashed), on the tuning objectives (dev accuracy, the tuning leakage). Then a panel
+    per measurable TPR (1 %, 0.1 % FPR; AUC when neither is) of LiRA on the audited rows against mean test
+    accuracy: each row one point, error bars the models' test-accuracy std and the 95 % interval."""
     plt = pyplot()
     tunings = list(tunings)
-    fig, axes = plt.subplots(1, 2 + bool(tunings), figsize=(5.5 * (2 + bool(tunings)), 4.6))
-    colors = plt.get_cmap("tab10")
+    outs = int(table["audited_nonmembers"].min())
+    metrics = [m for m in ("TPR@1%FPR", "TPR@0.1%FPR") if measurable(m, outs)] or ["AUC"]
+    width = len(metrics) + bool(tunings)
+    fig, axes = plt.subplots(1, width, figsize=(5.2 * width + 2.2, 4.6), squeeze=False)
+    axes = list(axes[0])
     if tunings:
-        draw_tuning(axes[0], tunings, colors)
-        axes = axes[1:]
-    for ax, metric in zip(axes, ("TPR@1%FPR", "TPR@0.1%FPR")):
-        drawn = 0
-        for i, (_, row) in enumerate(table.iterrows()):
-            if not measurable(metric, int(row["audited_nonmembers"])):
-                continue
-            label = row["defense"] + (f" ({row['setting']})" if row["setting"] else "")
-            for attack, marker, face in (("LiRA", "o", colors(i % 10)), ("RMIA", "s", "none")):
-                key = f"{attack}_audited_{SHORT[metric]}"
-                ax.errorbar(
-                    row["test_acc"],
-                    row[key],
-                    xerr=row["test_acc_std"],
-                    yerr=[[row[key] - row[key + "_lo"]], [row[key + "_hi"] - row[key]]],
-                    fmt=marker,
-                    color=colors(i % 10),
-                    markerfacecolor=face,
-                    capsize=3,
-                    label=f"{label}, {attack}",
-                )
-                drawn += 1
-        ax.set_xlabel("test accuracy (%), mean ± std over the models")
-        ax.set_ylabel(f"{metric} on the audited rows (%)")
-        ax.set_title(f"{metric} (95 % intervals over the audited rows)", fontsize=10)
-        if not drawn:
-            outs = int(table["audited_nonmembers"].max())
-            need = math.ceil(10 / {"TPR@1%FPR": 0.01, "TPR@0.1%FPR": 0.001}[metric])
-            ax.text(
-                0.5,
-                0.5,
-                f"{NOT_MEASURABLE}: {outs} non-member decisions on\nthe audited rows; {metric} needs {need}",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
+        draw_tuning(axes.pop(0), tunings)
+    unmeasured = [m for m in ("TPR@1%FPR", "TPR@0.1%FPR") if m not in metrics]
+    for ax, metric in zip(axes, metrics):
+        key = f"LiRA_audited_{SHORT[metric]}"
+        for _, row in table.iterrows():
+            name, colour, marker = plane_style(row["defense"], row["setting"])
+            ax.errorbar(
+                row["test_acc"],
+                row[key],
+                xerr=row["test_acc_std"],
+                yerr=[[row[key] - row[key + "_lo"]], [row[key + "_hi"] - row[key]]],
+                fmt=marker,
+                color=colour,
+                capsize=3,
+                label=name,
             )
-            ax.set_xticks([])
-            ax.set_yticks([])
+        ax.set_xlabel("test accuracy (%), mean ± std over the audited models")
+        ax.set_ylabel(f"LiRA {metric} on the audited rows" + (" (%)" if metric != "AUC" else ""))
+        title = f"audited: LiRA {metric}, 95 % intervals"
+        if unmeasured:
+            title += f"\n({', '.join(unmeasured)} {NOT_MEASURABLE}: {outs} non-member decisions)"
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = [], []
+    handles = {}
     for ax in fig.axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 3) if handles else 0, 1, 1))
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (5.2 * width + 2.2), 1))
     return fig
 
 
-def draw_tuning(ax, tunings, colors) -> None:
+def draw_tuning(ax, tunings) -> None:
     """The tuning panel of draw_plane (see there)."""
     metric = tunings[0][1]["leak_metric"]
-    for j, (label, tuned) in enumerate(tunings):
-        color = colors((j + 3) % 10)
+    for defense, tuned in tunings:
+        _, colour, _ = plane_style(defense)
         trials = tuned["trials"]
-        ax.scatter([t["acc"] for t in trials], [t["leak"] for t in trials], color=color, alpha=0.25, s=14)
+        ax.scatter([t["acc"] for t in trials], [t["leak"] for t in trials], color=colour, alpha=0.25, s=14)
         edge = sorted(front(trials), key=lambda t: t["acc"])
-        ax.plot([t["acc"] for t in edge], [t["leak"] for t in edge], color=color, lw=1, label=f"{label}: front")
+        ax.plot([t["acc"] for t in edge], [t["leak"] for t in edge], color=colour, lw=1)
         chosen = tuned["chosen"]
-        ax.scatter([chosen["acc"]], [chosen["leak"]], color=color, marker="*", s=120, edgecolor="black", zorder=3)
+        ax.scatter([chosen["acc"]], [chosen["leak"]], color=colour, marker="*", s=130, edgecolor="black", zorder=3)
     reference = tunings[0][1]["reference"]
     ax.scatter([reference["acc"]], [reference["leak"]], color="black", marker="x", s=60, label="Base (tuning)")
     edge = tunings[0][1]["target_acc"] - tunings[0][1]["tolerance"]
-    ax.axvline(edge, color="grey", ls="--", lw=1, label="target - tolerance")
+    ax.axvline(edge, color="grey", ls="--", lw=1, label="tuning target - tolerance")
     ax.set_xlabel("dev accuracy (%), mean over the tuning models")
-    ax.set_ylabel(f"LiRA {metric} on the audited rows (tuning models)")
-    ax.set_title("tuning: trials (faint), front, chosen (star)", fontsize=10)
+    ax.set_ylabel(f"LiRA {metric} on the audited rows")
+    ax.set_title("tuning models: trials (faint), front (line), choice (star)", fontsize=9)
     ax.grid(alpha=0.3)
 
 

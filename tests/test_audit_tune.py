@@ -196,17 +196,18 @@ def test_the_plane_draws_the_tables_numbers_and_the_tuning_trials_front_and_choi
     tuned = {"leak_metric": "AUC", "trials": trials, "chosen": trials[1], "target_acc": 88.0, "tolerance": 1.0}
     tuned["reference"] = {"acc": 89.0, "leak": 0.98}
     fig = audit_report.draw_plane(table, [("slide_re", tuned)])
-    tuning_ax, tpr1_ax, _ = fig.axes
+    tuning_ax, tpr1_ax = fig.axes[:2]  # 2000 non-member decisions: TPR@1%FPR is measurable, TPR@0.1%FPR is not
+    assert "TPR@0.1%FPR n/m: 2000 non-member decisions" in tpr1_ax.get_title() and len(fig.axes) == 2
     faint, star, base = tuning_ax.collections
     assert faint.get_offsets().tolist() == [[86.0, 0.9], [88.0, 0.95], [85.0, 0.97]]
     assert star.get_offsets().tolist() == [[88.0, 0.95]] and base.get_offsets().tolist() == [[89.0, 0.98]]
     front_line, target = tuning_ax.get_lines()
     assert list(front_line.get_xdata()) == [86.0, 88.0] and list(front_line.get_ydata()) == [0.9, 0.95]
     assert list(target.get_xdata()) == [87.0, 87.0]
-    points = [line for line in tpr1_ax.get_lines() if line.get_marker() == "o"]  # LiRA
-    assert [(p.get_xdata()[0], p.get_ydata()[0]) for p in points] == list(
-        zip(table["test_acc"], table["LiRA_audited_tpr1"])
-    )
+    assert front_line.get_color() == "C1"  # slide_re's colour, as on the audited panel
+    points = [line for line in tpr1_ax.get_lines() if line.get_marker() in ("o", "D")]  # not the caps
+    drawn = [(p.get_xdata()[0], p.get_ydata()[0], p.get_color()) for p in points]
+    assert drawn == list(zip(table["test_acc"], table["LiRA_audited_tpr1"], ["black", "C1", "C6"]))
     plt.close(fig)
     assert list(table["misses_target"]) == [False, True, False]  # 85 < 88 - 1
     assert "**below the tuning target 87.0**" in audit_report.table_label(table.iloc[1])
