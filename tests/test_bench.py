@@ -104,12 +104,20 @@ def test_audit_bench_times_every_step_of_the_one_command():
         "slide_ml2",
         "dp",
     ]
-    assert [r.strip("| ").split(" (")[0] for r in rows[paired + 1 :]] == [
+    best = rows.index("| defense minus the best baseline (paired)")  # the third: minus dp, the only baseline
+    assert [r.strip("| ").split(" (")[0] for r in rows[paired + 1 : best]] == [
         "unpruned",
         "slide_re",
         "ml2",
         "slide_ml2",
         "dp",
+    ]
+    assert [r.strip("| ").split(" (")[0] for r in rows[best + 1 :]] == [
+        "unpruned",
+        "base",
+        "slide_re",
+        "ml2",
+        "slide_ml2",
     ]
 
 

@@ -20,10 +20,11 @@ RUN = "digits_columnfc"
 
 
 def digits_steps(monkeypatch, tmp_path):
-    """The digits grid without its unpruned attack: pretrain, then 4 prunes, each followed by its attack."""
+    """The digits grid without its unpruned attack and control: pretrain, then 4 prunes, each followed by its
+    attack."""
     monkeypatch.chdir(REPO)
     with open("grids/digits.json") as f:
-        data = {**json.load(f), "original": False}
+        data = {**json.load(f), "original": False, "control": False}
     path = tmp_path / "digits.json"
     path.write_text(json.dumps(data))
     return expand(Grid(str(path), "grids/digits.json"))

@@ -294,8 +294,13 @@ def test_an_interrupt_while_torch_save_writes_is_an_interrupt(tmp_path, capsys, 
     def run():
         common.atomic_write(str(path), lambda f: real_save({"x": torch.zeros(64)}, SignalOnFirstWrite(f)))
 
-    with pytest.raises(SystemExit) as exit_:
-        common.main_guard(run)
+    # Python's own Ctrl-C handler, whatever an earlier test in this worker process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            common.main_guard(run)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert inside == [] and exit_.value.code == (130 if sig == "SIGINT" else 143)
     err = capsys.readouterr().err
     assert err.startswith(f"error: interrupted ({message})"), err
