@@ -6,15 +6,19 @@ import hashlib
 import json
 import os
 import shlex
+import tempfile
 
 import numpy as np
 import torch
 
-from audit_plan import Plan, broken_file, error_text
+from audit_plan import TUNING_OFFSET, Plan, broken_file, error_text, model_seed
 from common import (
     MissingError,
     UsageError,
     atomic_write,
+    remove_dead_temps,
+    seed_everything,
+    temp_prefix,
 )
 from datasets import TensorData, get_dataset
 from defenses import DefenseSettings, get_defense
@@ -31,7 +35,8 @@ from paths import (
     checkpoint,
     tagged,
 )
-from prune_modi import force_defense_flags
+from progress import Progress
+from prune_modi import force_defense_flags, prune_model
 from splits import ModelSplit
 from train import (
     completion_record,
@@ -402,3 +407,24 @@ def read_audit_memscores(args, plan, plan_sha, data) -> tuple:
     if sidecar["train_sha256"] != train_sha256(data.x[: plan.n], data.y[: plan.n]):
         raise MissingError(f"the audit's mem-scores {path} score another pool or other labels; {fix}")
     return read_memscores(path, plan.n, fix), stamp
+
+
+def prune_tuning_models(args, defense, settings, data, sources, splits, memscores, scratch_name):
+    """Prune each tuning model (sources[j] on splits[j]) under the defense, as audit.py prune prunes a model,
+    into a scratch folder that goes when the generator ends; yields (j, its best model, its iterations'
+    history). A killed run's scratch folder (named with temp_prefix) goes with the next one's."""
+    device = data.y.device
+    remove_dead_temps(audit_dir(args))
+    with tempfile.TemporaryDirectory(dir=audit_dir(args), prefix=temp_prefix(scratch_name)) as scratch:
+        for j, source in enumerate(sources):
+            seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
+            net = load_models(args, [source], device)[0]
+            target = os.path.join(scratch, f"model_{j}")
+            os.makedirs(target)
+            history = []
+            tag = f"tuning {j}"
+            prune_model(
+                args, net, defense, settings, data, splits[j], target, NullLog(), tag, memscores, Progress(), history
+            )
+            best = load_model(args, checkpoint(target), device, "tuning checkpoint", f"rerun {scratch_name}")[0]
+            yield j, best, history

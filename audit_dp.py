@@ -5,47 +5,38 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
 from audit_common import (
-    NullLog,
     audit_data,
     load_json,
-    load_models,
     load_plan,
     model_split,
     pretrained_folders,
+    prune_tuning_models,
     read_attack_records,
     tuned_for,
     write_json,
 )
-from audit_plan import TUNING_OFFSET, membership, model_seed
+from audit_plan import membership
 from audit_train import train_models
 from common import (
     MissingError,
     RunLog,
     UsageError,
     pick_device,
-    remove_dead_temps,
-    seed_everything,
-    temp_prefix,
 )
 from defenses import DEFENSES, DefenseSettings, get_defense
 from paths import (
-    audit_dir,
     audit_dp_noise_path,
     audit_log_path,
-    checkpoint,
     run_name,
 )
-from progress import Progress
-from prune_modi import force_defense_flags, prune_model
+from prune_modi import force_defense_flags
 from records import number
 from train import (
     evaluate,
-    load_model,
 )
 
 DEFAULT_NOISE = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -187,32 +178,9 @@ def dp_trial(args, plan, data, sources, member, noise) -> tuple:
     force_defense_flags(trial_args)
     defense, settings = get_defense("dp"), DefenseSettings.from_args(trial_args)
     defense.check_args(settings)
+    splits = [model_split(plan, member[j], data.y.device) for j in range(len(sources))]
     accs, epsilon = [], float("nan")
-    device = data.y.device
-    remove_dead_temps(audit_dir(args))  # a killed tune_dp's scratch models
-    with tempfile.TemporaryDirectory(dir=audit_dir(args), prefix=temp_prefix("tune_dp")) as scratch:
-        for j, source in enumerate(sources):
-            seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
-            net = load_models(args, [source], device)[0]
-            target = os.path.join(scratch, f"model_{j}")
-            os.makedirs(target)
-            history = []
-            split = model_split(plan, member[j], device)
-            prune_model(
-                trial_args,
-                net,
-                defense,
-                settings,
-                data,
-                split,
-                target,
-                NullLog(),
-                f"tuning {j}",
-                None,
-                Progress(),
-                history,
-            )
-            best = load_model(args, checkpoint(target), device, "tuning checkpoint", "rerun tune_dp")[0]
-            accs.append(evaluate(best, data, split.test)[0])
-            epsilon = float(history[-1]["dp_epsilon"])
+    for j, best, history in prune_tuning_models(trial_args, defense, settings, data, sources, splits, None, "tune_dp"):
+        accs.append(evaluate(best, data, splits[j].test)[0])
+        epsilon = float(history[-1]["dp_epsilon"])
     return accs, epsilon

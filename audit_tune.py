@@ -16,13 +16,11 @@ smallest class, a quantile of the mem-scores), so an audited run resolves them o
 import argparse
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 
 from audit_common import (
-    NullLog,
     audit_command,
     audit_data,
     load_json,
@@ -30,22 +28,22 @@ from audit_common import (
     load_plan,
     model_split,
     pretrained_folders,
+    prune_tuning_models,
     read_audit_memscores,
     read_json,
     tuned_for,
     write_json,
 )
-from audit_plan import TUNING_OFFSET, broken_file, feldman_memscores, membership, model_seed
+from audit_plan import broken_file, feldman_memscores, membership
 from audit_train import train_models
-from common import MissingError, RunLog, UsageError, pick_device, remove_dead_temps, seed_everything, temp_prefix
+from common import MissingError, RunLog, UsageError, pick_device
 from defenses import DefenseSettings, get_defense
 from ensemble import predict_ensemble
 from intervals import measurable
 from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
-from paths import audit_dir, audit_log_path, checkpoint, run_name
-from progress import Progress
-from prune_modi import force_defense_flags, prune_model
-from train import evaluate, load_model
+from paths import audit_dir, audit_log_path, run_name
+from prune_modi import force_defense_flags
+from train import evaluate
 from tuning import QUANTILE, choose, completed, flags_of, open_study, run_trials
 
 TUNE_MODELS = 16  # tuning models: about 8 IN and 8 OUT references for each audited row's leave-one-out score
@@ -232,8 +230,8 @@ class Tuning:
     def trial(self, defense, flags: dict) -> tuple:
         args = argparse.Namespace(**vars(self.args))
         args.defend = defense.name
-        for flag, value in flags.items():
-            setattr(args, flag, int(value) if flag in ("stride", "width") else value)
+        for flag, value in flags.items():  # flags_of's: whole samples for the window, numbers otherwise
+            setattr(args, flag, value)
         force_defense_flags(args)
         settings = DefenseSettings.from_args(args)
         defense.check_args(settings)
@@ -242,20 +240,11 @@ class Tuning:
             defense.check_memscores(memscores, settings, "the tuning models' mem-scores")
         accs, logits = [], []
         pool = torch.arange(self.plan.n, device=self.device)
-        remove_dead_temps(audit_dir(self.args))
-        with tempfile.TemporaryDirectory(dir=audit_dir(self.args), prefix=temp_prefix("tune")) as scratch:
-            for j, source in enumerate(self.sources):
-                seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
-                net = load_models(args, [source], self.device)[0]
-                target = os.path.join(scratch, f"model_{j}")
-                os.makedirs(target)
-                prune_model(
-                    args, net, defense, settings, self.data, self.splits[j], target, NullLog(), f"tuning {j}",
-                    memscores, Progress(), [],
-                )  # fmt: skip
-                best = load_model(args, checkpoint(target), self.device, "tuning checkpoint", "rerun tune")[0]
-                accs.append(evaluate(best, self.data, self.splits[j].dev)[0])
-                logits.append(predict_ensemble([best], self.data, pool)[0].cpu().numpy())
+        for j, best, _ in prune_tuning_models(
+            args, defense, settings, self.data, self.sources, self.splits, memscores, "tune"
+        ):
+            accs.append(evaluate(best, self.data, self.splits[j].dev)[0])
+            logits.append(predict_ensemble([best], self.data, pool)[0].cpu().numpy())
         scores = lira_online_loo(np.stack(logits), self.plan.labels, self.member)
         leak = audit_metrics(scores, self.member, self.plan.audited, resamples=0)[self.leak_metric][0]
         return float(np.mean(accs)), float(leak)
