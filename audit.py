@@ -8,13 +8,13 @@ python audit.py memscore  GPU-ID CONFIG
 python audit.py prune     GPU-ID CONFIG --group G [--group_size 8] --defend NAME [defense flags] [pruning flags]
 python audit.py attack    GPU-ID CONFIG (--original | --defend NAME [defense flags] [pruning flags])
                           (prune and attack: --tuned for the setting `tune` chose, instead of defense flags)
-python audit.py tune_dp   GPU-ID CONFIG [--target_acc A] [--noise 0.5,1,2,4,8] [--tuning_models 4] [pruning flags]
 python audit.py tune      GPU-ID CONFIG --defend NAME [--trials 12] [--tuning_models 16] [--study WHERE]
-                          [--target_acc A] [--tolerance 1] [pruning flags]
+                          [--target_acc A] [--tolerance 1] [--worker K/W] [pruning flags]
 python audit.py summarize GPU-ID CONFIG [--out DIR]
 python audit.py compare   GPU-ID CONFIG --seeds 7,8,9 [--out DIR]
 python audit.py all       GPU-ID CONFIG [prepare flags] [pruning flags] [--defense NAME[:flag=value,...|:tuned]]...
-                          [--with_dp] [--control] [--trials 12] [--group_size 8]
+                          [--with_dp] [--control] [--trials 12] [--tuning_models 16] [--target_acc A]
+                          [--tolerance 1] [--group_size 8]
 
 Every step is idempotent: what it would write and is already there, made from the same inputs and settings,
 is skipped ("Nothing to do"), so a rerun (or a grid that resumes) does only the missing work. Model folders are
@@ -22,12 +22,13 @@ written through train.Staging and finished with a completion record; every other
 only while its files are as it wrote them (their SHA-256 in its record): a broken one is redone, and a step that
 reads one names it and the command that rebuilds it. --models is at least 3 (docs/audit.md). Flags shared
 by all steps: --seed (the audit's draws and its folder, as in the other scripts), --audit_tag T (a second audit
-of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The dp defense without
---defend_arg reads the noise multiplier tune_dp picked. audit_plan.audit_steps() lists the steps in dependency order.
+of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The dp defense takes its noise
+multiplier as --defend_arg, or with --tuned from tune --defend dp. audit_plan.audit_steps() lists the steps in
+dependency order.
 
 This file is the command line (flags, checks, the step dispatch, `all`); the steps live in audit_train.py
-(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize), audit_dp.py (tune_dp) and
-audit_tune.py (tune), what they share in audit_common.py.
+(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize, compare) and audit_tune.py (tune), what
+they share in audit_common.py.
 """
 
 import argparse
@@ -37,7 +38,6 @@ import sys
 import time
 
 from audit_attack import attack, compare, summarize
-from audit_dp import DEFAULT_NOISE, TUNING_MODELS, parse_noise, tune_dp
 from audit_plan import audit_steps, parse_defense
 from audit_train import memscore, prepare, pretrain, prune
 from audit_tune import TRIALS, TUNE_MODELS, apply_tuned, tune
@@ -59,8 +59,13 @@ from pruning import (
     tag_type,
 )
 from splits import check_config
+from tuning import Worker, worker_type
 
-STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune_dp", "tune", "summarize", "compare", "all")
+STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune", "summarize", "compare", "all")
+RETIRED = {
+    "tune_dp": "the DP-SGD baseline's noise is tuned as every defense's setting now: run audit.py tune --defend dp "
+    "--semantics corrected ..., then prune and attack with --defend dp --tuned (all: --with_dp does all three)"
+}
 
 
 def common_parser(step: str) -> argparse.ArgumentParser:
@@ -94,9 +99,9 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         group.add_argument("--audit_top_memscore", type=int, default=None, help="audit the K top mem-score rows")
     if step in ("pretrain", "prune"):
         add_group_flags(parser)
-    if step in ("pretrain", "tune_dp", "tune", "all"):
+    if step in ("pretrain", "tune", "all"):
         parser.add_argument("--early_stop_pretrain", type=int, default=5, help="pretraining's early stop")
-    if step in ("prune", "attack", "tune_dp", "tune", "all"):
+    if step in ("prune", "attack", "tune", "all"):
         add_prune_flags(parser)
     if step == "prune":
         parser.add_argument("--sequential", action="store_true", help="Base model by model, not batched")
@@ -105,20 +110,16 @@ def build_parser(step: str) -> argparse.ArgumentParser:
         parser.add_argument("--bootstrap", type=int, default=RESAMPLES, help="cluster-bootstrap resamples")
     if step == "attack":
         parser.add_argument("--original", action="store_true", help="attack the unpruned (pretrained) models")
-    if step in ("tune_dp", "all"):
-        parser.add_argument("--target_acc", type=float, default=None, help="default: mean of the WeMeM rows")
-        parser.add_argument("--noise", default=None, help=f"noise multipliers tried (default {DEFAULT_NOISE})")
-        parser.add_argument("--tuning_models", type=int, default=TUNING_MODELS, help="DP tuning shadows")
-        parser.add_argument("--tolerance", type=float, default=1.0, help="accepted |accuracy - target| (points)")
-        parser.add_argument("--refine", type=int, default=2, help="bisection steps after the grid")
     if step in ("prune", "attack"):
         parser.add_argument("--tuned", action="store_true", help="the setting audit.py tune chose (tag: tuned)")
-    if step in ("prune", "attack", "tune"):
+    if step in ("prune", "attack", "tune", "all"):
         parser.add_argument("--tuning_models", type=int, default=TUNE_MODELS, help="tuning models (>= 3)")
     if step in ("tune", "all"):
         parser.add_argument("--trials", type=int, default=TRIALS, help="complete trials a tune study ends with")
     if step == "tune":
         parser.add_argument("--study", default=None, help="journal file or storage URL (default: tuning/<stage>)")
+        parser.add_argument("--worker", default=Worker(), type=worker_type, help="K/W: worker K of W runs its share")
+    if step in ("tune", "all"):
         parser.add_argument("--target_acc", type=float, default=None, help="default: Base-pruned tuning mean - 1")
         parser.add_argument("--tolerance", type=float, default=1.0, help="accepted accuracy under the target")
     if step == "compare":
@@ -143,6 +144,8 @@ def get_args(argv=None):
         raise SystemExit(0)
     step = argv[0]
     if step not in STEPS:
+        if step in RETIRED:
+            raise UsageError(f"audit.py {step} is retired: {RETIRED[step]}")
         raise UsageError(f"unknown step '{step}'; valid: {', '.join(STEPS)} (python audit.py STEP GPU-ID CONFIG ...)")
     args = parse_args(build_parser(step), argv[1:])
     args.step, args.argv = step, argv[1:]
@@ -183,8 +186,6 @@ def check_step_args(args) -> None:
             args.seed_list = []
         if len(args.seed_list) < 2:
             raise UsageError(f"--seeds must list two or more seeds, e.g. 7,8,9; got {args.seeds!r}")
-    if hasattr(args, "noise"):
-        args.noise_grid = parse_noise(args.noise)
     if hasattr(args, "prune_iter"):
         if getattr(args, "original", False) and args.defend not in ("", "base"):
             raise UsageError(
@@ -215,12 +216,6 @@ def run_all(args) -> None:
     ]
     if "early_stop_pretrain" in explicit:
         common += flag_value("early_stop_pretrain")
-    dp = [
-        f
-        for k in ("target_acc", "noise", "tuning_models", "tolerance", "refine")
-        if k in explicit
-        for f in flag_value(k)
-    ]
     attack_flags = [f for k in ("rmia_gamma", "bootstrap") for f in flag_value(k)]
     defenses = [parse_defense(s) for s in (args.defense or ["base"])]
     steps = audit_steps(
@@ -232,11 +227,10 @@ def run_all(args) -> None:
         defenses,
         pruning,
         args.with_dp,
-        dp,
         attack_flags,
         common,
         args.out,
-        ["--trials", str(args.trials)] if "trials" in explicit else [],
+        [f for k in ("trials", "tuning_models", "target_acc", "tolerance") if k in explicit for f in flag_value(k)],
         args.control,
     )
     for s in steps:
@@ -255,7 +249,6 @@ RUNNERS = {
     "memscore": memscore,
     "prune": prune,
     "attack": attack,
-    "tune_dp": tune_dp,
     "tune": tune,
     "summarize": summarize,
     "compare": compare,

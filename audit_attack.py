@@ -81,7 +81,7 @@ def attack(args) -> None:
         folders = require_pretrained(args, plan, plan_sha)
         settings = {}
     else:
-        defense, settings = prepare_prune_args(args, plan_sha)
+        defense, settings = prepare_prune_args(args)
         stage, defense_name = stage_of(args, defense), defense.name
         stamp = None
         if defense.needs_memscore:

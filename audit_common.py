@@ -27,7 +27,6 @@ from models import build_model
 from paths import (
     AUDIT_PRETRAINED,
     audit_dir,
-    audit_dp_noise_path,
     audit_memscore_path,
     audit_model_dir,
     audit_plan_path,
@@ -187,36 +186,23 @@ def prune_info(args, settings, memscore_sha) -> dict:
 
 
 def tuned_for(args) -> dict:
-    """What the tuned noise depends on besides the plan: dp_noise.json holds it, prune --defend dp compares."""
+    """What a tuned setting depends on besides the plan: tune's chosen-setting file holds it, --tuned compares."""
     keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics", "dp_microbatch")
     keys += ("epochs", "optimizer", "lr", "weight_decay", "batch_size")
     return {k: getattr(args, k) for k in keys}
 
 
-def resolve_dp_noise(args, plan_sha) -> None:
-    """--defend dp without --defend_arg: the noise multiplier tune_dp picked (for these settings); the other
-    defenses' --defend_arg defaults to prune_modi.py's 4."""
+def default_defend_arg(args) -> None:
+    """--defend_arg when none is given: dp's noise multiplier is a choice (--tuned: the one audit.py tune --defend dp
+    chose), every other defense's defaults to prune_modi.py's 4."""
     if args.defend_arg is not None:
         return
-    if get_defense(args.defend).name != "dp":
-        args.defend_arg = 4.0
-        return
-    path = audit_dp_noise_path(args)
-    fix = again(args, "tune_dp", *dp_flags(args))
-    if not os.path.isfile(path):
-        raise MissingError(
-            f"--defend dp without --defend_arg reads the tuned noise multiplier {path}, not found; {fix}"
+    if get_defense(args.defend).name == "dp":
+        raise UsageError(
+            "--defend dp needs its noise multiplier: --defend_arg SIGMA, or --tuned for the one audit.py tune "
+            "--defend dp chose"
         )
-    tuned = read_json(path, "the tuned DP noise multiplier", rebuild(args, "tune_dp", *dp_flags(args)))
-    if tuned.get("plan_sha256") != plan_sha or tuned.get("tuned_for") != json.loads(json.dumps(tuned_for(args))):
-        raise MissingError(f"{path} was tuned for another plan or other pruning/DP settings than these; {fix}")
-    args.defend_arg = float(tuned["noise"])
-
-
-def dp_flags(args) -> list:
-    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity)]
-    flags += ["--prune_iter", str(args.prune_iter), "--semantics", args.semantics]
-    return flags
+    args.defend_arg = 4.0
 
 
 def load_json(path) -> tuple:
@@ -348,8 +334,8 @@ def test_accuracy(logits, labels) -> np.ndarray:
     return 100.0 * (np.asarray(logits).argmax(2) == np.asarray(labels)[None]).mean(1)
 
 
-def prepare_prune_args(args, plan_sha) -> tuple:
-    resolve_dp_noise(args, plan_sha)
+def prepare_prune_args(args) -> tuple:
+    default_defend_arg(args)
     force_defense_flags(args)
     defense, settings = get_defense(args.defend), DefenseSettings.from_args(args)
     defense.check_args(settings)

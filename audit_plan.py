@@ -200,22 +200,24 @@ def audit_steps(
     defenses=({"defend": "base"},),
     pruning=(),
     with_dp=False,
-    dp=(),
     attack=(),
     common=(),
     out=None,
     tune=(),
     control=False,
+    tune_workers=1,
 ) -> list:
     """Every step's argv (after "python") in dependency order, each with the names of the steps it needs:
     prepare; pretrain per group; memscore; attack --original; per defense entry ({defend, flag: value}) prune per
-    group and its attack; with_dp: tune_dp (after the defenses' attacks: its default target is their accuracy),
-    prune dp per group, attack dp; summarize. audited: prepare's flags (--canaries K ...); pruning: the pruning
-    flags of every prune, attack, tune and tune_dp; dp: tune_dp's own (--target_acc, --noise ...); attack: the
+    group and its attack; with_dp: the DP-SGD baseline, dp tuned as every defense (as DP-SGD is trained with
+    --semantics corrected: tune.base.corrected, tune.dp, prune dp per group, attack dp); summarize. audited:
+    prepare's flags (--canaries K ...); pruning: the pruning flags of every prune, attack and tune; attack: the
     attack flags; common: flags of every step (--seed, --audit_tag, config overrides, --quiet); tune: the tune
-    steps' own (--trials ...). An entry with tuned: True gets a tune step before its prunes, after tune.base
-    (once, after prepare: the tuning models and the Base reference, which the tune steps share).
-    control: the fine-tuning control, Base at sparsity 0 with the same schedule (stage <pruner>_0.0)."""
+    steps' own (--trials, --tuning_models, --target_acc ...). An entry with tuned: True gets a tune step before its
+    prunes, after tune.base (once, after prepare: the tuning models and the Base reference, which the tune steps
+    share); with tune_workers W > 1, its trials run in W steps tune.<name>.w<k> (--worker k/W), and tune.<name>
+    chooses after them. control: the fine-tuning control, Base at sparsity 0 with the same schedule (stage
+    <pruner>_0.0)."""
     common, pruning = list(common), list(pruning)
     groups = range(-(-models // group_size))
     step = lambda name, *flags: ["audit.py", name, gpu, config, *flags, *common]
@@ -227,7 +229,6 @@ def audit_steps(
     steps.append(AuditStep("memscore", step("memscore"), pretrained))
     steps.append(AuditStep("attack.unpruned", step("attack", "--original", *attack), pretrained))
     entries = [dict(e) for e in defenses]
-    defense_attacks = []
 
     def add(entry, name, extra_needs):
         flags = [f for k, v in entry.items() for f in ((f"--{k}",) if v is True else (f"--{k}", str(v)))]
@@ -241,7 +242,13 @@ def audit_steps(
                 tuning_base = step("tune", "--defend", "base", *pruning, *semantics, *tune)
                 steps.append(AuditStep(base, tuning_base, first or ["prepare"]))
             tuning = step("tune", "--defend", entry["defend"], *pruning, *semantics, *tune)
-            steps.append(AuditStep(f"tune.{name}", tuning, [base]))
+            workers = [
+                AuditStep(f"tune.{name}.w{k}", [*tuning, "--worker", f"{k}/{tune_workers}"], [base])
+                for k in range(1, tune_workers + 1)
+                if tune_workers > 1
+            ]
+            steps.extend(workers)
+            steps.append(AuditStep(f"tune.{name}", tuning, [w.name for w in workers] or [base]))
             extra_needs = [*extra_needs, f"tune.{name}"]
         prunes = [
             AuditStep(f"prune.{name}.g{g}", step("prune", *by_group(g), *pruning, *flags), ["memscore", *extra_needs])
@@ -253,13 +260,12 @@ def audit_steps(
 
     for i, entry in enumerate(entries):
         label = "_".join([entry["defend"]] + [k if v is True else f"{k}{v}" for k, v in entry.items() if k != "defend"])
-        defense_attacks.append(add(entry, f"{i}.{label}", []))
+        add(entry, f"{i}.{label}", [])
     if control:  # after the entries: its --prune_sparsity follows (and overrides) the pruning flags
         add({"defend": "base", "prune_sparsity": 0.0}, "control", [])
-    if with_dp:
-        dp_semantics = ["--semantics", "corrected"]
-        steps.append(AuditStep("tune_dp", step("tune_dp", *pruning, *dp_semantics, *dp), defense_attacks))
-        add({"defend": "dp", "semantics": "corrected"}, "dp", ["tune_dp"])
+    dp = {"defend": "dp", "semantics": "corrected", "tuned": True}
+    if with_dp and dp not in entries:  # given as an entry too: one stage, one run
+        add(dp, "dp", [])
     summary = step("summarize") + (["--out", out] if out else [])
     steps.append(AuditStep("summarize", summary, [s.name for s in steps if s.name.startswith("attack.")]))
     return steps

@@ -131,11 +131,17 @@ def pretrain(args) -> None:
     train_models(args, plan, plan_sha, group, plan.member, False, f"group {args.group}")
 
 
+def unfinished(args, plan_sha, models, tuning) -> list:
+    """The listed pretrained models (audited or tuning) not finished under this plan and these settings."""
+    info = pretrain_info(args)
+    return [m for m in models if not finished(audit_model_dir(args, AUDIT_PRETRAINED, m, tuning), plan_sha, info)]
+
+
 def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
     """Pretrain the listed models (audited or tuning shadows) as one batched ensemble; skip finished ones."""
     info = pretrain_info(args)
     folders = {m: audit_model_dir(args, AUDIT_PRETRAINED, m, tuning) for m in models}
-    todo = [m for m in models if not finished(folders[m], plan_sha, info)]
+    todo = unfinished(args, plan_sha, models, tuning)
     check_other_settings([folders[m] for m in todo], plan_sha, info, f"delete {audit_dir(args)} to start again")
     if not todo:
         print(f"Nothing to do: the {what} models are pretrained")
@@ -214,7 +220,7 @@ def memscore_source(plan) -> str:
 
 def prune(args) -> None:
     plan, plan_sha = load_plan(args)
-    defense, settings = prepare_prune_args(args, plan_sha)
+    defense, settings = prepare_prune_args(args)
     group = group_models(args, plan.models)
     device = pick_device(args.gpu_id)
     data = audit_data(args, plan, device)

@@ -7,7 +7,9 @@ under one setting from the defense's search space (its class's `search_space`, t
 objectives: the mean accuracy on the dev rows (the audit's table reports the test rows) and the leave-one-out
 LiRA leakage on the audited rows among the K tuning models, the audit's own attack: its TPR at 1 % FPR where the
 tuning models make the 1000 non-member decisions that it needs (intervals.measurable), else its AUC. The trials share an
-Optuna study (tuning.open_study), so several processes or grid steps can work on one. The Base reference (the
+Optuna study (tuning.open_study): with --worker K/W, W processes or grid steps run their shares of the trials on
+one study, each with a log of its own and no chosen setting; `tune` without --worker then chooses (it runs no
+trial when the study holds --trials complete ones). The Base reference (the
 tuning models pruned without a defense) sets the default target, its mean dev accuracy minus 1 point; the chosen
 setting is tuning.choose's, written to tuning/<stage>.json with its values in the knobs' units (a share of the
 smallest class, a quantile of the mem-scores), so an audited run resolves them on its own data.
@@ -35,7 +37,7 @@ from audit_common import (
     write_json,
 )
 from audit_plan import broken_file, feldman_memscores, membership
-from audit_train import train_models
+from audit_train import train_models, unfinished
 from common import MissingError, RunLog, UsageError, pick_device
 from defenses import DefenseSettings, get_defense
 from ensemble import predict_ensemble
@@ -64,11 +66,22 @@ def tune(args) -> None:
         raise UsageError(f"--tuning_models must be >= {LIRA_MIN_MODELS} (leave-one-out LiRA), got {args.tuning_models}")
     plan, plan_sha = load_plan(args)
     member = membership(args.tuning_models, plan.n, args.seed, "tuning")
-    train_models(args, plan, plan_sha, list(range(args.tuning_models)), member, True, "tuning")
+    worker = args.worker
+    models = list(range(args.tuning_models))
+    if worker.w > 1 and unfinished(args, plan_sha, models, True):  # W workers would each train them
+        base = audit_command(
+            args, "tune", "--defend", "base", *schedule_flags(args), "--tuning_models", str(len(models))
+        )
+        raise MissingError(
+            f"--worker {worker.slot} runs trials on the tuning models, which are not all pretrained; run {base} first"
+        )
+    train_models(args, plan, plan_sha, models, member, True, "tuning")
     device = pick_device(args.gpu_id)
     data = audit_data(args, plan, device)
     tuning = Tuning(args, plan, data, member, device)
-    reference = tuning.base_reference(plan_sha)
+    if not defense.search_space and worker.w > 1:
+        raise UsageError(f"--worker runs a defense's trials; --defend {defense.name} has no search space")
+    reference = tuning.base_reference(plan_sha) if worker.w == 1 else None  # the chooser's: one writer
     if not defense.search_space:
         print(
             f"Base reference on the tuning models: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} "
@@ -77,7 +90,7 @@ def tune(args) -> None:
         return
     stage = study_name(args, defense)
     where = args.study or tuning_path(args, f"{stage}.journal")
-    study = open_study(stage, where, args.seed)
+    study = open_study(stage, where, args.seed, worker)
     ties = {"plan_sha256": plan_sha, "run": run_name(args), "tuned_for": tuned_for(args)}
     if not study.user_attrs:
         for key, value in ties.items():
@@ -88,13 +101,17 @@ def tune(args) -> None:
                 f"the study {stage} in {where} holds trials of another {key.replace('_', ' ')}; pass another "
                 f"--study, or delete it to start again"
             )
-    log = RunLog(audit_log_path(args, f"tune_{stage}"))
+    alone = worker.w == 1
+    log = RunLog(audit_log_path(args, f"tune_{stage}" + ("" if alone else f".w{worker.k}of{worker.w}")))
     log.write(
         f"{run_name(args)} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
-        f"study {stage} in {where}"
+        f"study {stage} in {where}" + ("" if alone else f"; worker {worker.slot}: {worker.share(args.trials)} of them")
     )
     log.write(f"Leakage: LiRA {tuning.leak_metric} on the audited rows ({tuning.nonmembers} non-member decisions)")
-    log.write(f"Base reference: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} {reference['leak']:.3f}")
+    if alone:
+        log.write(
+            f"Base reference: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} {reference['leak']:.3f}"
+        )
 
     def evaluate_setting(values):
         flags = flags_of(defense.search_space, values, tuning.class_sizes, tuning.memscores.numpy())
@@ -102,7 +119,11 @@ def tune(args) -> None:
         log.write(f"trial {describe(values, flags)}: dev accuracy {acc:.3f}, LiRA {tuning.leak_metric} {leak:.3f}")
         return acc, leak
 
-    run_trials(study, args.trials, defense.search_space, evaluate_setting)
+    ran = run_trials(study, args.trials, defense.search_space, evaluate_setting, worker)
+    if not alone:  # the choice is tune's without --worker, after every worker: one writer of tuning/<stage>.json
+        log.write(f"Worker {worker.slot} ran {ran} trials; the study holds {len(completed(study))} complete")
+        log.close()
+        return
     points = [
         {"number": t.number, "acc": t.values[0], "leak": t.values[1], "values": dict(t.params)}
         for t in completed(study)

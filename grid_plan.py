@@ -187,7 +187,6 @@ def expand_audit(grid):
     audited = flags(("canaries", "audit_top_memscore"), section)
     semantics = ["--semantics", grid["semantics"]] if grid["semantics"] != "release" else []
     attack = flags(("rmia_gamma", "bootstrap"), section)
-    dp = flags(("target_acc", "noise", "tuning_models", "tolerance", "refine"), section.get("dp", {}))
     tag = flags(("audit_tag",), section)
     for config in grid.configs:
         cfg, pruner = grid.loaded[config], grid.pruners[config]
@@ -214,10 +213,10 @@ def expand_audit(grid):
                 defenses,
                 pruning,
                 section.get("with_dp", False),
-                dp,
                 attack,
                 common,
-                tune=flags(("trials", "tuning_models"), section.get("tune", {})),
+                tune=flags(("trials", "tuning_models", "target_acc", "tolerance"), section.get("tune", {})),
+                tune_workers=section.get("tune", {}).get("workers", 1),
                 control=section.get("control", False),
             )
             for s in listed:

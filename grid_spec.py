@@ -51,12 +51,11 @@ AUDIT_KEYS = {
     "early_stop": int,
     "early_stop_pretrain": int,
     "audit_tag": str,
-    "dp": dict,
     "control": bool,
     "tune": dict,
 }
-AUDIT_DP_KEYS = {"noise": str, "tuning_models": int, "tolerance": float, "refine": int, "target_acc": float}
-AUDIT_TUNE_KEYS = {"trials": int, "tuning_models": int}  # audit.py tune's, for the defenses given as "tuned": true
+# audit.py tune's, for the defenses given as "tuned": true (and dp with with_dp); workers: steps per study
+AUDIT_TUNE_KEYS = {"trials": int, "tuning_models": int, "workers": int, "target_acc": float, "tolerance": float}
 SETTINGS = {"stride": int, "width": int, "mem_thre": float, "weight_decay_mem": float, "defend_arg": float}
 EXAMPLES = {"stride": 1, "width": 15, "mem_thre": 0.6, "defend_arg": 4}
 AUTO_WORD = f', "{AUTO}"'  # in the error line of a setting that can be derived
@@ -235,6 +234,12 @@ class Grid:
         if not given:
             return
         self.check(section, "key 'audit'", 'must name at least one setting, e.g. {"models": 32}')
+        self.check(
+            "dp" not in section,
+            "audit.dp",
+            "tune_dp's noise grid is retired: with_dp tunes dp as every defense, by the \"tune\" section's trials, "
+            "tuning_models, target_acc and tolerance",
+        )
         for key, value in section.items():
             self.check(key in AUDIT_KEYS, f"audit: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_KEYS)}")
             want = AUDIT_KEYS[key]
@@ -250,17 +255,12 @@ class Grid:
                 f"audit.tune: unknown key '{key}'",
                 f"valid keys are {', '.join(AUDIT_TUNE_KEYS)}",
             )
+            want = AUDIT_TUNE_KEYS[key]
             self.check(
-                is_a(value, AUDIT_TUNE_KEYS[key]) and value >= 1,
+                is_a(value, want) and (want is float or value >= 1),
                 f"audit.tune.{key}",
-                f"must be an int >= 1, got {value!r}",
+                f"must be an int >= 1, got {value!r}" if want is int else f"must be a number, got {value!r}",
             )
-        for key, value in section.get("dp", {}).items():
-            self.check(
-                key in AUDIT_DP_KEYS, f"audit.dp: unknown key '{key}'", f"valid keys are {', '.join(AUDIT_DP_KEYS)}"
-            )
-            want = AUDIT_DP_KEYS[key]
-            self.check(is_a(value, want), f"audit.dp.{key}", f"must be {want.__name__}, got {value!r}")
         self.check(
             len(self.sparsities) == 1,
             "sparsities",
@@ -278,7 +278,7 @@ class Grid:
         )
         for flag in self.keys["overrides"].get("audit", {}):
             self.check(
-                flag not in AUDIT_KEYS and flag not in AUDIT_DP_KEYS,
+                flag not in AUDIT_KEYS and flag not in AUDIT_TUNE_KEYS,
                 "overrides.audit",
                 f"--{flag} is a key of the audit section; set it there",
             )

@@ -117,7 +117,6 @@ def split_of(folder: str) -> str:
 
 AUDIT_PLAN = "plan.npz"  # canaries, membership matrix, dev/test rows
 AUDIT_MEMSCORE = "memscore.csv"  # mem-scores estimated from the audit's pretrained models (+ memscore.json)
-AUDIT_DP_NOISE = "dp_noise.json"  # the noise multiplier tune_dp picked
 AUDIT_CSV = "audit.csv"
 AUDIT_COMPARE = "compare"  # .csv and .md: several seeds' audits side by side (audit.py compare)
 AUDIT_MD = "audit.md"  # the audit table and its paired comparisons, as summarize prints them
@@ -154,10 +153,6 @@ def audit_scores_path(args, stage: str) -> str:
 def audit_record_path(args, stage: str) -> str:
     """The attack record of a stage (JSON): what audit.csv's row is built from."""
     return os.path.join(audit_dir(args), "records", f"{stage}.json")
-
-
-def audit_dp_noise_path(args) -> str:
-    return os.path.join(audit_dir(args), AUDIT_DP_NOISE)
 
 
 def audit_log_path(args, stage: str) -> str:

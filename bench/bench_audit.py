@@ -1,7 +1,8 @@
 """End to end: wall time of the digits audit (docs/audit.md) from its one command, `python audit.py all`, with
 M = 32 models: Base, slide_re, ml2 and slide_ml2 (the settings of grids/digits.json) and the utility-matched
-DP-SGD baseline, then the time of each step (from the command's own `== audit step ... done in` lines). It runs
-in a temporary folder, so your result/ and log/ stay untouched, and prints the audit table at the end.
+DP-SGD baseline (dp tuned as every defense, by audit.py tune), then the time of each step (from the command's own
+`== audit step ... done in` lines). It runs in a temporary folder, so your result/ and log/ stay untouched, and
+prints the audit table at the end.
 
 python bench/bench_audit.py [--models 32] [--threads 1] [--keep DIR] [-- extra audit.py all flags]
 """

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import audit
-import audit_dp
 import audit_plan
 import audit_report
 import loo_attacks
@@ -113,10 +112,15 @@ def test_steps_come_in_dependency_order():
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
     assert sum(n.startswith("pretrain.g") for n in names) == 4 and sum(n.startswith("prune.dp.g") for n in names) == 4
-    assert set(dict((s.name, s) for s in steps)["tune_dp"].needs) == {
-        "attack.0.base",
-        "attack.1.slide_re_stride1_width5",
-    }
+    by_name = {s.name: s for s in steps}  # dp: tuned as every defense (DP-SGD as corrected)
+    assert by_name["tune.base.corrected"].needs == ["prepare"] and by_name["tune.dp"].needs == ["tune.base.corrected"]
+    assert by_name["tune.dp"].argv[4:] == ["--defend", "dp", "--semantics", "corrected"]
+    assert by_name["prune.dp.g0"].argv[-5:] == ["--defend", "dp", "--semantics", "corrected", "--tuned"]
+    assert by_name["prune.dp.g0"].needs == ["memscore", "tune.dp"]
+    with_entry = audit_plan.audit_steps(  # dp given as an entry too: one stage, one run
+        "config/digits.json", defenses=[{"defend": "dp", "semantics": "corrected", "tuned": True}], with_dp=True
+    )
+    assert sum(s.name.startswith("tune.") and "dp" in s.name for s in with_entry) == 1
 
 
 def test_a_bad_defense_spec_is_refused():
@@ -340,8 +344,9 @@ def test_refusals_are_one_error_line(tiny):
     assert "--models must be >= 3" in refused("prepare", "-1", CONFIG, "--models", "1", "--audit_tag", "x", code=2)
     line = refused("attack", "-1", CONFIG, *PRUNING, "--defend", "ml2", "--mem_thre", "0.3", code=1)
     assert "4 of 4 models are not finished" in line and "audit.py prune" in line and "--group G" in line
-    line = refused("prune", "-1", CONFIG, "--group", "0", *PRUNING, "--defend", "dp", code=1)
-    assert "dp_noise.json" in line and "audit.py tune_dp" in line
+    line = refused("prune", "-1", CONFIG, "--group", "0", *PRUNING, "--defend", "dp", code=2)
+    assert "--defend dp needs its noise multiplier: --defend_arg SIGMA, or --tuned" in line
+    assert "audit.py tune_dp is retired" in refused("tune_dp", "-1", CONFIG, code=2)
     assert "--group 9 holds no model" in refused("pretrain", "-1", CONFIG, "--group", "9", code=2)
     line = refused("prepare", "-1", CONFIG, "--models", "8", code=2)
     assert "exists with other options" in line
@@ -355,17 +360,3 @@ def test_attack_before_pretraining_names_the_groups_to_run(tmp_path, monkeypatch
     step("prepare", "--models", "4", "--canaries", "8")
     with pytest.raises(MissingError, match=r"audit.py pretrain .*--group G --group_size 8.* for G in 0"):
         step("attack", "--original")
-
-
-def test_tune_dp_picks_the_largest_noise_within_tolerance_not_the_closest():
-    """Accuracy hardly moves with the noise: every noise is within tolerance, and the most private one wins
-    (the closest to the target would be 0.5); outside the band the closest is taken and flagged."""
-    flat = {0.5: 88.6, 1.0: 88.5, 2.0: 88.2, 4.0: 87.9, 8.0: 85.0}
-    assert audit_dp.choose_noise(flat, 88.5, 1.0) == (4.0, True)
-    assert audit_dp.choose_noise(flat, 88.5, 0.2) == (1.0, True)
-    assert audit_dp.choose_noise({1.0: 80.0, 2.0: 70.0}, 90.0, 1.0) == (1.0, False)
-    assert audit_dp.choose_noise({1.0: 91.0, 2.0: 89.0}, 90.0, 0.5) == (2.0, False)  # a tie: the larger noise
-    # refinement moves towards more noise: between the largest accepted (4) and the next tried (8)
-    assert audit_dp.refine_between(flat, 88.5, 1.0) == (4.0, 8.0)
-    assert audit_dp.refine_between({0.5: 88.6, 1.0: 88.5}, 88.5, 1.0) is None  # the largest tried is accepted
-    assert audit_dp.refine_between({1.0: 95.0, 2.0: 92.0, 4.0: 80.0}, 88.0, 1.0) == (2.0, 4.0)  # none yet: bracket

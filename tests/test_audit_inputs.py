@@ -139,8 +139,9 @@ def test_a_lost_scores_file_is_attacked_again_not_skipped(small, tmp_path):
 
 
 def corrupt(path):
-    """A zip (.npz) cut short; any other file (dp_noise.json, which this audit has not tuned, too) a JSON object
+    """A zip (.npz) cut short; any other file (a chosen setting, which this audit has not tuned, too) a JSON object
     cut short."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     if path.endswith(".npz"):
         with open(path, "r+b") as f:
             f.truncate(1000)
@@ -179,11 +180,11 @@ def corrupt(path):
             "python audit.py memscore -1 {config}",
         ),
         (
-            "dp_noise.json",
-            ["prune", "--group", "0", *PRUNING, "--defend", "dp"],
-            "{path} (the tuned DP noise multiplier): unreadable (JSONDecodeError: Expecting ',' delimiter: line 1 "
-            "column 14 (char 13)); rebuild it with: python audit.py tune_dp -1 {config} --pruner_name iter_prunetxt "
-            "--prune_sparsity 0.6 --prune_iter 2 --semantics release",
+            "tuning/iter_prunetxt_0.6_dp_corrected_i2e2_k16.json",
+            ["prune", "--group", "0", *PRUNING, "--defend", "dp", "--semantics", "corrected", "--tuned"],
+            "{path} (the chosen setting): unreadable (JSONDecodeError: Expecting ',' delimiter: line 1 column 14 "
+            "(char 13)); rebuild it with: python audit.py tune -1 {config} --defend dp --pruner_name iter_prunetxt "
+            "--prune_sparsity 0.6 --prune_iter 2 --prune_epochs 2 --tuning_models 16",
         ),
     ],
 )

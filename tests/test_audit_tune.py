@@ -4,6 +4,8 @@ share one resumable study, and the chosen setting is the selection rule's on its
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,8 +16,8 @@ import audit_plan
 import audit_report
 import audit_tune
 import tuning
-from common import UsageError
-from conftest import as_repo
+from common import MissingError, UsageError
+from conftest import REPO, as_repo
 from helpers import DIGITS
 
 AUDIT = os.path.join("result", "digits_columnfc", "audit")
@@ -276,6 +278,52 @@ def test_a_study_of_another_plan_or_settings_is_refused(tmp_path, monkeypatch):
     with others to it (here: another --early_stop), naming the study and the fix."""
     as_repo(monkeypatch, tmp_path)
     audit.main(["prepare", "-1", DIGITS, "--models", "3", *TINY])
+    before = "runs trials on the tuning models, which are not all pretrained; run python audit.py tune -1 "
+    with pytest.raises(MissingError, match=rf"--worker 1/2 {before}.* --defend base .*--tuning_models 4 first"):
+        audit.main(["tune", "-1", DIGITS, "--trials", "1", *TUNE, "--worker", "1/2"])  # W workers would train them
     audit.main(["tune", "-1", DIGITS, "--trials", "1", *TUNE])
+    with pytest.raises(UsageError, match="--worker runs a defense's trials; --defend base has no search space"):
+        audit.main(["tune", "-1", DIGITS, *TUNE, "--defend", "base", "--worker", "1/2"])
     with pytest.raises(UsageError, match=rf"the study {STUDY} in .* holds trials of another tuned for; pass another"):
         audit.main(["tune", "-1", DIGITS, "--trials", "2", *TUNE, "--early_stop", "3"])
+
+
+@pytest.mark.slow  # trains tuning models
+def test_two_workers_tune_one_study_at_once_each_with_its_log_and_the_chooser_writes_the_choice(tuned):
+    """tune --worker 1/2 and 2/2 at once (processes of their own) run 2 + 1 of 3 trials on one study, each logging its
+    own trials and choosing nothing; tune without --worker then runs none and writes the chosen setting."""
+    folder = tuned[0]
+    ppb = ["--defend", "ppb", "--tuning_models", "4", "--trials", "3", *PRUNING, *TINY]
+    stage = "iter_prunetxt_0.6_ppb_i2e2_k4"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    command = lambda k: [
+        sys.executable,
+        os.path.join(REPO, "audit.py"),
+        "tune",
+        "-1",
+        DIGITS,
+        *ppb,
+        "--worker",
+        f"{k}/2",
+    ]
+    workers = [subprocess.Popen(command(k), cwd=folder, env=env, stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+    assert [w.wait(timeout=600) for w in workers] == [0, 0], [w.stderr.read()[-2000:] for w in workers]
+    tuning_dir = folder / AUDIT / "tuning"
+    assert not (tuning_dir / f"{stage}.json").exists()  # the workers choose nothing
+    logs = {
+        k: (folder / "log" / "digits_columnfc" / "audit" / f"tune_{stage}.w{k}of2.txt").read_text().splitlines()
+        for k in (1, 2)
+    }
+    assert [sum(line.startswith("trial defend_arg ") for line in logs[k]) for k in (1, 2)] == [2, 1]
+    assert logs[1][0].endswith("; worker 1/2: 2 of them") and logs[2][0].endswith("; worker 2/2: 1 of them")
+    assert logs[1][-1].startswith("Worker 1/2 ran 2 trials; the study holds ")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        as_repo(monkeypatch, folder)
+        audit.main(["tune", "-1", DIGITS, *ppb])
+    with open(tuning_dir / f"{stage}.json") as f:
+        chosen = json.load(f)
+    log = (folder / "log" / "digits_columnfc" / "audit" / f"tune_{stage}.txt").read_text().splitlines()
+    assert len(chosen["trials"]) == 3 and not any(line.startswith("trial ") for line in log)  # it ran none
+    values = {json.dumps(t["values"]) for t in chosen["trials"]}
+    assert len(values) == 3  # no setting drawn twice
+    assert chosen["chosen"]["number"] == tuning.choose(chosen["trials"], chosen["target_acc"], 1.0)[0]["number"]

@@ -88,11 +88,24 @@ def test_pipeline_bench_times_every_python_step(tmp_path):
 def test_audit_bench_times_every_step_of_the_one_command():
     """The digits audit's command at toy size (3 models, the fewest, 2 epochs): every step is timed and the table
     has a row for the unpruned models, the four defenses and dp."""
-    tiny = ["--canaries", "4", "--epochs", "2", "--prune_iter", "2", "--prune_epochs", "2", "--noise", "1"]
-    out = bench("bench/bench_audit.py", "--models", "3", "--", *tiny, "--tuning_models", "1", "--bootstrap", "20")
+    tiny = [
+        "--canaries",
+        "4",
+        "--epochs",
+        "2",
+        "--prune_iter",
+        "2",
+        "--prune_epochs",
+        "2",
+        "--trials",
+        "1",
+        "--target_acc",
+        "0",
+    ]
+    out = bench("bench/bench_audit.py", "--models", "3", "--", *tiny, "--tuning_models", "3", "--bootstrap", "20")
     steps = [line.split()[0] for line in out.split("Seconds per step\n")[1].split("\n\n")[0].splitlines()[1:]]
     assert steps[:4] == ["prepare", "pretrain.g0", "memscore", "attack.unpruned"] and steps[-1] == "summarize"
-    assert "tune_dp" in steps and sum(s.startswith("prune.") for s in steps) == 5
+    assert "tune.dp" in steps and sum(s.startswith("prune.") for s in steps) == 5
     assert "Total wall time" in out
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     paired = rows.index("| defense minus Base (paired)")  # the second table: each row minus Base, paired

@@ -26,7 +26,7 @@ TINY_AUDIT = {
     "prune_epochs": 2,
     "bootstrap": 50,
     "with_dp": True,
-    "dp": {"noise": "1", "tuning_models": 2, "target_acc": 80.0},
+    "tune": {"trials": 2, "tuning_models": 3, "target_acc": 80.0},
 }
 TINY_GRID = {
     "configs": ["config/digits.json"],
@@ -42,7 +42,7 @@ TINY_ALL = [
     *("--models", "4", "--group_size", "2", "--canaries", "8", "--epochs", "2", "--batch_size", "64"),
     *("--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--prune_iter", "2", "--prune_epochs", "2"),
     *("--defense", "base", "--defense", "slide_re:stride=1,width=5", "--bootstrap", "50"),
-    *("--with_dp", "--noise", "1", "--tuning_models", "2", "--target_acc", "80"),
+    *("--with_dp", "--trials", "2", "--tuning_models", "3", "--target_acc", "80"),
     *("--quiet", "--no_tensorboard"),
 ]
 
@@ -67,9 +67,9 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
         [{"defend": "base"}, {"defend": "slide_re", "stride": 1, "width": 5}],
         ["--pruner_name", "iter_prunetxt", "--prune_sparsity", "0.6", "--prune_iter", "2", "--prune_epochs", "2"],
         True,
-        ["--target_acc", "80.0", "--noise", "1", "--tuning_models", "2"],
         ["--bootstrap", "50"],
         ["--epochs", "2", "--batch_size", "64", "--no_tensorboard", "--quiet"],
+        tune=["--trials", "2", "--tuning_models", "3", "--target_acc", "80.0"],
     )
     assert [s.name for s in steps] == [f"{RUN}/audit.{a.name}" for a in listed]
     assert [s.argv for s in steps] == [a.argv for a in listed]
@@ -85,7 +85,8 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
         "prune.1.slide_re_stride1_width5.g0",
         "prune.1.slide_re_stride1_width5.g1",
         "attack.1.slide_re_stride1_width5",
-        "tune_dp",
+        "tune.base.corrected",
+        "tune.dp",
         "prune.dp.g0",
         "prune.dp.g1",
         "attack.dp",
@@ -107,7 +108,9 @@ def test_the_audit_grid_plans_audit_steps_in_dependency_order(tmp_path, monkeypa
     [
         ({"audit": {"modles": 4}}, "audit: unknown key 'modles'"),
         ({"audit": {"models": "4"}}, "audit.models: must be int"),
-        ({"audit": {"dp": {"noise": 1}}}, "audit.dp.noise: must be str"),
+        ({"audit": {"dp": {"noise": "1"}}}, "audit.dp: tune_dp's noise grid is retired: with_dp tunes dp as every"),
+        ({"audit": {"tune": {"workers": 0}}}, "audit.tune.workers: must be an int >= 1, got 0"),
+        ({"audit": {"tune": {"target_acc": "80"}}}, "audit.tune.target_acc: must be a number, got '80'"),
         ({"audit": {"canaries": 4, "audit_top_memscore": 4}}, "canaries or audit_top_memscore, not both"),
         ({"audit": {}}, "key 'audit': must name at least one setting"),
         ({"sparsities": [0.5, 0.6]}, "an audit grid takes one sparsity"),
@@ -132,14 +135,14 @@ def test_dry_run_lists_the_audit_steps(tmp_path):
     path.write_text(json.dumps(TINY_GRID))
     out = run_script("grid.py", str(path), "--dry_run", cwd=tmp_path).stdout
     lines = out.splitlines()
-    assert "16 steps (pretrain 0, prune 0, attack 0, audit 16)" in lines[1]
+    assert "17 steps (pretrain 0, prune 0, attack 0, audit 17)" in lines[1]
     names = [line[2:] for line in lines if line.startswith(f"# {RUN}/")]
     commands = [line for line in lines if line.startswith("python ")]
-    assert names[0] == f"{RUN}/audit.prepare" and names[-1] == f"{RUN}/audit.summarize" and len(names) == 16
+    assert names[0] == f"{RUN}/audit.prepare" and names[-1] == f"{RUN}/audit.summarize" and len(names) == 17
     assert commands[0] == "python audit.py prepare -1 config/digits.json --models 4 --canaries 8 " + (
         "--epochs 2 --batch_size 64 --no_tensorboard --quiet"
     )
-    assert all(c.startswith("python audit.py ") for c in commands) and len(commands) == 16
+    assert all(c.startswith("python audit.py ") for c in commands) and len(commands) == 17
 
 
 @pytest.mark.slow
@@ -151,7 +154,7 @@ def test_a_tiny_audit_grid_gives_audit_py_alls_table_and_a_rerun_does_nothing(tm
     grid = [sys.executable, os.path.join(copy, "grid.py"), str(path), "--jobs", "2"]
     first = subprocess.run(grid, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "16 steps to run: 16 done, 0 failed, 0 skipped" in first.stderr
+    assert "17 steps to run: 17 done, 0 failed, 0 skipped" in first.stderr
     alone = tmp_path / "alone"
     alone.mkdir()
     run_script("audit.py", "all", "-1", os.path.join(copy, "config", "digits.json"), *TINY_ALL, cwd=alone, repo=copy)
@@ -165,7 +168,7 @@ def test_a_tiny_audit_grid_gives_audit_py_alls_table_and_a_rerun_does_nothing(tm
     csv_stamp = os.path.getmtime(os.path.join(copy, "result", table))
     again = subprocess.run(grid, cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 steps to run: 0 done, 0 failed, 0 skipped; 16 done before were not rerun" in again.stderr
+    assert "0 steps to run: 0 done, 0 failed, 0 skipped; 17 done before were not rerun" in again.stderr
     assert {name: os.path.getmtime(os.path.join(jobs, name)) for name in os.listdir(jobs)} == stamps
     assert os.path.getmtime(os.path.join(copy, "result", table)) == csv_stamp
 
@@ -202,8 +205,28 @@ def test_the_comparison_grid_tunes_every_defense_with_a_search_space_and_adds_th
 
 def test_a_tuned_defense_given_twice_is_one_run(tmp_path, monkeypatch):
     twice = [{"defend": "base"}, {"defend": "slide_re", "tuned": True}, {"defend": "slide_re", "tuned": True}]
-    steps = grid_plan.expand(grid_of(tmp_path, monkeypatch, defenses=twice))
+    steps = grid_plan.expand(grid_of(tmp_path, monkeypatch, defenses=twice, audit={**TINY_AUDIT, "with_dp": False}))
     assert [s.name.split("/")[1] for s in steps if "/audit.tune." in s.name] == [
         "audit.tune.base",
         "audit.tune.1.slide_re_tuned",
     ]
+
+
+def test_tune_workers_split_a_study_into_steps_and_one_chooses_after_them(tmp_path, monkeypatch):
+    """ "tune": {"workers": 2}: each tuned defense's trials run in 2 steps (--worker 1/2, 2/2) after tune.base, and
+    its tune step, the one that writes the chosen setting, comes after both; the prunes read that."""
+    entries = [{"defend": "base"}, {"defend": "slide_re", "tuned": True}]
+    grid = grid_of(
+        tmp_path, monkeypatch, defenses=entries, audit={**TINY_AUDIT, "with_dp": False, "tune": {"workers": 2}}
+    )
+    steps = {s.name.split("/audit.")[1]: s for s in grid_plan.expand(grid)}
+    name = "tune.1.slide_re_tuned"
+    assert [n for n in steps if n.startswith("tune.")] == ["tune.base", f"{name}.w1", f"{name}.w2", name]
+    for k in (1, 2):
+        worker = steps[f"{name}.w{k}"]
+        assert worker.needs == [f"{RUN}/audit.tune.base"]
+        assert worker.argv[worker.argv.index("--worker") + 1] == f"{k}/2"
+    assert (
+        steps[name].needs == [f"{RUN}/audit.{name}.w1", f"{RUN}/audit.{name}.w2"] and "--worker" not in steps[name].argv
+    )
+    assert steps["prune.1.slide_re_tuned.g0"].needs == [f"{RUN}/audit.memscore", f"{RUN}/audit.{name}"]

@@ -57,7 +57,6 @@ LAYERS = {
     "audit_common": 3,
     "audit_train": 3,
     "audit_attack": 3,
-    "audit_dp": 3,
     "audit_tune": 3,
 }
 

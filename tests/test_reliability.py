@@ -199,7 +199,7 @@ def test_a_temp_file_left_by_a_write_killed_with_9_goes_with_the_next_write_in_i
     os.waitpid(child, 0)
     [left] = os.listdir(tmp_path)
     assert left.startswith(killed)
-    scratch = tmp_path / f".tmp_tune_dp.{host}-{child}.ef78"  # a killed step's scratch folder goes too
+    scratch = tmp_path / f".tmp_tune.{host}-{child}.ef78"  # a killed step's scratch folder goes too
     (scratch / "model_0").mkdir(parents=True)
     (scratch / "model_0" / "best.pth").write_bytes(b"x")
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as running:

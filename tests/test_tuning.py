@@ -174,3 +174,68 @@ def test_every_defense_declares_its_search_space_in_flags_it_has():
     for flag, low, high, _, _ in window:
         assert low < shares[flag] < high
     assert risk[0][1] < auto_settings.MEM_QUANTILE < risk[0][2]
+
+
+# Worker K of W: runs its share of N trials of a cheap function on the study (each takes 0.2 s, so that the workers'
+# trials overlap).
+SHARE_WORKER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import tuning
+where, n, worker = sys.argv[2], int(sys.argv[3]), tuning.worker_type(sys.argv[4])
+study = tuning.open_study("s", where, seed=3, worker=worker)
+
+def evaluate(values):
+    time.sleep(0.2)
+    return values["x"] * 10, values["y"]
+
+tuning.run_trials(study, n, (tuning.Knob("x", 0.1, 10.0, log=True), tuning.Knob("y", 0.0, 1.0)), evaluate, worker)
+"""
+
+
+@pytest.mark.slow  # Python subprocesses
+def test_workers_run_their_shares_at_once_on_one_study_and_draw_no_setting_twice(tmp_path):
+    where = str(tmp_path / "study.log")
+    workers = [
+        subprocess.Popen([sys.executable, "-c", SHARE_WORKER, REPO, where, "7", f"{k}/2"], stderr=subprocess.PIPE)
+        for k in (1, 2)
+    ]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0], [w.stderr.read() for w in workers]
+    study = tuning.open_study("s", where, seed=3)
+    done = tuning.completed(study)
+    assert len(done) == len(study.trials) == 7  # nothing failed, nothing left running
+    assert [len(tuning.completed(study, slot)) for slot in ("1/2", "2/2")] == [4, 3]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 7
+    running = lambda t: (t.datetime_start, t.datetime_complete)
+    spans = {slot: [running(t) for t in done if t.user_attrs[tuning.SLOT] == slot] for slot in ("1/2", "2/2")}
+    overlap = any(a0 < b1 and b0 < a1 for a0, a1 in spans["1/2"] for b0, b1 in spans["2/2"])
+    assert overlap  # the two ran at the same time
+    assert tuning.run_trials(study, 7, SPACE, lambda values: (0.0, 0.0)) == 0  # the chooser: the study is full
+
+
+def test_worker_slots_share_the_trials_and_seed_the_sampler_apart(tmp_path):
+    assert [tuning.Worker(k, 3).share(7) for k in (1, 2, 3)] == [3, 2, 2]
+    assert [tuning.Worker(k, 3).share(2) for k in (1, 2, 3)] == [1, 1, 0]
+    assert tuning.worker_type("2/4") == tuning.Worker(2, 4) and tuning.Worker().slot == "1/1"
+    for bad in ("0/2", "3/2", "2", "a/b", "1/0"):
+        with pytest.raises(Exception, match="is not K/W with 1 <= K <= W"):
+            tuning.worker_type(bad)
+    first = [
+        tuning.suggest(tuning.open_study(f"s{k}", str(tmp_path / f"{k}.log"), 3, tuning.Worker(k, 2)).ask(), SPACE)
+        for k in (1, 2)
+    ]
+    assert first[0] != first[1]  # one seed, two workers: two first settings
+
+
+def test_a_slots_trial_left_running_on_another_host_is_reclaimed_by_that_slot_only(tmp_path):
+    where = str(tmp_path / "study.log")
+    study = tuning.open_study("s", where, seed=3)
+    trial = study.ask()
+    trial.set_user_attr(tuning.WORKER, "another-node-4242")  # a Slurm job requeued from another node
+    trial.set_user_attr(tuning.SLOT, "1/2")
+    tuning.suggest(trial, SPACE)
+    storage = tuning.storage_of(where)
+    assert tuning.reclaim(study, storage, tuning.Worker(2, 2)) == []  # another slot's: alive as far as it knows
+    assert tuning.reclaim(study, storage) == []  # a process alone cannot tell
+    assert tuning.reclaim(study, storage, tuning.Worker(1, 2)) == [0]
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
