@@ -39,6 +39,7 @@ import time
 
 from audit_attack import attack, compare, summarize
 from audit_plan import audit_steps, parse_defense
+from audit_settings import AuditSettings, with_defense
 from audit_train import memscore, prepare, pretrain, prune
 from audit_tune import TRIALS, TUNE_MODELS, apply_tuned, tune
 from common import (
@@ -201,8 +202,9 @@ def check_step_args(args) -> None:
         get_defense(args.defend)
 
 
-def run_all(args) -> None:
+def run_all(audit) -> None:
     """Every step of audit_steps() in order, in this process."""
+    args = audit.flags
     explicit = set()
     for token in args.argv:
         if token.startswith("--"):
@@ -256,11 +258,20 @@ RUNNERS = {
 }
 
 
+def settings_of(args) -> AuditSettings:
+    """The step's settings, resolved once: its folders and run; with --tuned the chosen setting; the defense of a
+    step that prunes, attacks or tunes, with its settings and stage."""
+    audit = AuditSettings.of(args.step, argparse.Namespace(**vars(args)))
+    if getattr(args, "tuned", False):
+        audit = apply_tuned(audit)
+    if args.step in ("prune", "attack", "tune"):
+        audit = with_defense(audit)
+    return audit
+
+
 def main(argv=None) -> None:
     args = get_args(argv)
-    if getattr(args, "tuned", False):
-        apply_tuned(args)
-    RUNNERS[args.step](args)
+    RUNNERS[args.step](settings_of(args))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The audit's attack and summarize steps (audit.py attack, summarize): leave-one-out LiRA and RMIA pooled
 over the M models of a stage, its attack record and scores, and audit.csv with its figure and decile tables."""
 
-import argparse
 import dataclasses
 import math
 import os
@@ -13,23 +12,18 @@ import torch
 
 import audit_report
 from audit_common import (
-    again,
     attack_stale,
     audit_data,
     check_memscore_files,
     for_groups,
     load_models,
-    load_plan,
     models_sha256,
-    prepare_prune_args,
     prune_flags_of,
     prune_info,
     read_attack_records,
     read_scores,
-    rebuild,
     require_finished,
     require_pretrained,
-    stage_of,
     test_accuracy,
     write_if_changed,
     write_json,
@@ -51,13 +45,6 @@ from paths import (
     AUDIT_MD,
     AUDIT_PLANE,
     AUDIT_PRETRAINED,
-    audit_dir,
-    audit_log_path,
-    audit_memscore_path,
-    audit_model_dir,
-    audit_record_path,
-    audit_scores_path,
-    run_name,
 )
 from records import code_version, iso, number, utc_now
 from train import (
@@ -74,27 +61,26 @@ SUBSETS = ("audited", "all")  # the audited rows (canaries or top mem-score rows
 METRICS = ("AUC",) + tuple(FPR_TARGETS)
 
 
-def attack(args) -> None:
-    plan, plan_sha = load_plan(args)
+def attack(audit) -> None:
+    args, (plan, plan_sha) = audit.flags, audit.plan
     if args.original:
         stage, defense_name = AUDIT_PRETRAINED, "unpruned"
-        folders = require_pretrained(args, plan, plan_sha)
+        folders = require_pretrained(audit)
         settings = {}
     else:
-        defense, settings = prepare_prune_args(args)
-        stage, defense_name = stage_of(args, defense), defense.name
+        stage, defense_name = audit.stage, audit.defense.name
         stamp = None
-        if defense.needs_memscore:
-            stamp = models_sha256(require_pretrained(args, plan, plan_sha))
-        info = prune_info(args, settings, stamp)
-        folders = [audit_model_dir(args, stage, m) for m in range(plan.models)]
-        flags = prune_flags_of(args)
-        how = lambda groups: again(args, "prune", "--group", "G", *flags) + for_groups(groups)
-        require_finished(args, folders, plan_sha, info, 8, how)
-        settings = dataclasses.asdict(settings)
+        if audit.defense.needs_memscore:
+            stamp = models_sha256(require_pretrained(audit))
+        info = prune_info(audit, audit.defense_settings, stamp)
+        folders = [audit.model_dir(stage, m) for m in range(plan.models)]
+        flags = prune_flags_of(audit)
+        how = lambda groups: audit.again("prune", "--group", "G", *flags) + for_groups(groups)
+        require_finished(folders, plan_sha, info, 8, how)
+        settings = dataclasses.asdict(audit.defense_settings)
     attack_settings = {"rmia_gamma": args.rmia_gamma, "bootstrap": args.bootstrap, "seed": args.seed}
     stamp = models_sha256(folders)
-    record_path = audit_record_path(args, stage)
+    record_path = audit.record_path(stage)
     if os.path.isfile(record_path):
         stale = attack_stale(record_path, stamp, attack_settings)
         if stale is None:
@@ -103,9 +89,10 @@ def attack(args) -> None:
         print(f"Attacking {stage} again: {stale}")
     warn_unscored(plan)
     device = pick_device(args.gpu_id)
-    data = audit_data(args, plan, device)
+    data = audit_data(audit, plan, device)
     rows = np.concatenate([np.arange(plan.n), plan.test])
-    logits = predict_ensemble(load_models(args, folders, device), data, torch.from_numpy(rows).to(device)).cpu().numpy()
+    on_device = torch.from_numpy(rows).to(device)
+    logits = predict_ensemble(load_models(audit, folders, device), data, on_device).cpu().numpy()
     pool_logits = logits[:, : plan.n]
     test_labels = data.y[torch.from_numpy(plan.test).to(device)].cpu().numpy()
     test_acc = test_accuracy(logits[:, plan.n :], test_labels)
@@ -125,13 +112,13 @@ def attack(args) -> None:
                 "members": int(plan.member[:, subset_rows].sum()),
                 **{m: [number(v) for v in found[m]] for m in METRICS},
             }
-    scores_file = audit_scores_path(args, stage)
+    scores_file = audit.scores_path(stage)
     arrays = {"rows": rows, "logits": logits.astype(np.float32), "member": plan.member, "labels": plan.labels}
     arrays.update(audited=plan.audited, test_acc=test_acc, **{f"score_{k}": v for k, v in scores.items()})
     atomic_write(scores_file, lambda f: np.savez(f, **arrays))
     epsilons = [completion_record(f).get("dp_epsilon") for f in folders] if defense_name == "dp" else []
-    log = RunLog(audit_log_path(args, stage))
-    first = f"{run_name(args)} audit attack {stage} ({defense_name}): {plan.models} models"
+    log = RunLog(audit.log_path(stage))
+    first = f"{audit.run} audit attack {stage} ({defense_name}): {plan.models} models"
     log.write(first)
     offset = os.path.getsize(log.path) - len((first + "\n").encode())
     log.write(
@@ -167,7 +154,7 @@ def attack(args) -> None:
         if args.original
         else {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")},
         "dp_noise": args.defend_arg if defense_name == "dp" else None,
-        "tuned": getattr(args, "tuned_from", None),
+        "tuned": audit.tuned_from,
         "dp_epsilons": [None if e is None else number(e) for e in epsilons] if epsilons else None,
         "models": plan.models,
         "audited": plan.meta["mode"],
@@ -217,19 +204,19 @@ def rmia_population_loo(logits, plan, test_labels, gamma) -> np.ndarray:
     return rmia_loo(logits, labels, member, gamma=gamma)[:, : plan.n]
 
 
-def summarize(args) -> None:
+def summarize(audit) -> None:
     """audit.csv (one row per attacked stage: defense and setting), the privacy-utility figure and the mem-score
     decile tables, from the attack records and their scores files; files that would not change are left alone.
     Every file it reads is checked first (the scores against their records' checksums), so a broken one stops
     it with the command that rebuilds it before anything is written."""
-    records = audit_report.ordered(read_attack_records(args))
+    records = audit_report.ordered(read_attack_records(audit))
     if not records:
-        folder = os.path.dirname(audit_record_path(args, "x"))
-        raise MissingError(f"no audit attack records under {folder}; {again(args, 'attack', '--original')}")
-    scores = {record["stage"]: read_scores(args, record) for record in records}
-    plan, _ = load_plan(args)
-    estimate = summary_memscores(args, plan)
-    out = args.out or audit_dir(args)
+        folder = os.path.dirname(audit.record_path("x"))
+        raise MissingError(f"no audit attack records under {folder}; {audit.again('attack', '--original')}")
+    scores = {record["stage"]: read_scores(audit, record) for record in records}
+    plan = audit.plan[0]
+    estimate = summary_memscores(audit, plan)
+    out = audit.flags.out or audit.folder
     os.makedirs(out, exist_ok=True)
     table = audit_report.audit_table(records)
     add_paired_with_base(table, records, scores)
@@ -263,13 +250,13 @@ def summarize(args) -> None:
     )
 
 
-def summary_memscores(args, plan):
+def summary_memscores(audit, plan):
     """The audit's mem-score estimate (numpy) for the decile tables, None before the memscore step ran."""
-    path = audit_memscore_path(args)
+    path = audit.memscore_path
     if not os.path.isfile(path):
         return None
-    check_memscore_files(args, path)
-    return read_memscores(path, plan.n, rebuild(args, "memscore")).numpy()
+    check_memscore_files(audit, path)
+    return read_memscores(path, plan.n, audit.rebuild("memscore")).numpy()
 
 
 def add_paired_with_base(table, records, scores) -> None:
@@ -318,22 +305,22 @@ def add_paired(table, ordered, scores, reference, suffix) -> None:
         table[key] = values
 
 
-def compare(args) -> None:
+def compare(audit) -> None:
     """compare.md and compare.csv: the audits of several seeds (--seeds; each its own draws of canaries, halves and
     initialisations, in its own folder) side by side: each stage's leakage per seed, its spread, and in how many
     seeds its paired interval against Base and against the best baseline lies below 0 (audit_report.seeds_table).
     Reads each seed's audit.csv, written by its summarize step."""
-    tables = {}
-    for seed in args.seed_list:
-        one = argparse.Namespace(**{**vars(args), "seed": seed})
-        path = os.path.join(audit_dir(one), AUDIT_CSV)
+    tables, seeds = {}, audit.flags.seed_list
+    for seed in seeds:
+        one = audit.for_seed(seed)
+        path = one.path(AUDIT_CSV)
         if not os.path.isfile(path):
-            raise MissingError(f"seed {seed}'s audit table {path} not found; {again(one, 'summarize')}")
+            raise MissingError(f"seed {seed}'s audit table {path} not found; {one.again('summarize')}")
         tables[seed] = pd.read_csv(path)
     table = audit_report.seeds_table(tables)
-    out = args.out or audit_dir(argparse.Namespace(**{**vars(args), "seed": args.seed_list[0]}))
+    out = audit.flags.out or audit.for_seed(seeds[0]).folder
     os.makedirs(out, exist_ok=True)
-    text = audit_report.seeds_markdown(table, args.seed_list)
+    text = audit_report.seeds_markdown(table, seeds)
     changed = write_if_changed(os.path.join(out, AUDIT_COMPARE + ".csv"), table.to_csv(index=False).encode())
     changed |= write_if_changed(os.path.join(out, AUDIT_COMPARE + ".md"), (text + "\n").encode())
     print(text)

@@ -1,11 +1,11 @@
-"""What the audit's steps (audit.py) share: command lines that say which step to run first, the plan and its
-data, model folders and their completion records, the stages' settings and the tuned DP noise, JSON files."""
+"""What the audit's steps (audit.py) share: the plan's data, model folders and their completion records, the
+stages' records and scores, the audit's mem-scores, JSON files. Each function takes the step's AuditSettings
+(audit_settings.py) as `audit`."""
 
 import dataclasses
 import hashlib
 import json
 import os
-import shlex
 import tempfile
 
 import numpy as np
@@ -21,21 +21,14 @@ from common import (
     temp_prefix,
 )
 from datasets import TensorData, get_dataset
-from defenses import DefenseSettings, get_defense
 from memscores import read_memscores, read_sidecar, sidecar_path, train_sha256
 from models import build_model
 from paths import (
     AUDIT_PRETRAINED,
-    audit_dir,
-    audit_memscore_path,
-    audit_model_dir,
-    audit_plan_path,
-    audit_record_path,
     checkpoint,
-    tagged,
 )
 from progress import Progress
-from prune_modi import force_defense_flags, prune_model
+from prune_modi import prune_model
 from splits import ModelSplit
 from train import (
     completion_record,
@@ -45,47 +38,19 @@ from train import (
 )
 
 
-def audit_command(args, step: str, *flags, own_audit: bool = True) -> str:
-    """'python audit.py <step> GPU-ID CONFIG [flags]', with this audit's --seed and --audit_tag unless
-    own_audit is False (flags that already hold them: a step's command line as recorded)."""
-    extra = []
-    if own_audit and args.seed != 7:
-        extra += ["--seed", str(args.seed)]
-    if own_audit and args.audit_tag:
-        extra += ["--audit_tag", args.audit_tag]
-    return shlex.join(["python", "audit.py", step, str(args.gpu_id), args.config_path, *flags, *extra])
-
-
-def again(args, step: str, *flags) -> str:
-    """'run python audit.py <step> GPU-ID CONFIG [flags] first'."""
-    return f"run {audit_command(args, step, *flags)} first"
-
-
-def rebuild(args, step: str, *flags) -> str:
-    """'rebuild it with: python audit.py <step> GPU-ID CONFIG [flags]'."""
-    return f"rebuild it with: {audit_command(args, step, *flags)}"
-
-
-def load_plan(args) -> tuple:
-    """(plan, its SHA-256)."""
-    path = audit_plan_path(args)
-    plan = Plan.load(path, audit_command(args, "prepare"))
-    return plan, file_sha256(path)
-
-
-def audit_data(args, plan: Plan, device) -> TensorData:
+def audit_data(audit, plan: Plan, device) -> TensorData:
     """The pool (the dataset's training set, with the plan's training labels: canaries relabelled) then the test
     set, on device."""
-    train, test = get_dataset(args.dataset_name)
+    train, test = get_dataset(audit.flags.dataset_name)
     if (len(train), len(test)) != (plan.n, int(plan.meta["n_test"])) or train_sha256(train.x, train.y) != plan.meta[
         "data_sha256"
     ]:
         raise MissingError(
-            f"the data of {args.dataset_name} is not the data the audit plan {audit_plan_path(args)} was made for; "
-            f"restore it, or delete {audit_dir(args)} and start again from audit.py prepare"
+            f"the data of {audit.flags.dataset_name} is not the data the audit plan {audit.plan_path} was made for; "
+            f"restore it, or delete {audit.folder} and start again from audit.py prepare"
         )
     labelled = TensorData(train.x, torch.from_numpy(plan.labels), train.mean, train.std)
-    return TensorData.concat(labelled, test).to(device, amp=args.amp)
+    return TensorData.concat(labelled, test).to(device, amp=audit.flags.amp)
 
 
 def model_split(plan: Plan, member: np.ndarray, device) -> ModelSplit:
@@ -93,15 +58,15 @@ def model_split(plan: Plan, member: np.ndarray, device) -> ModelSplit:
     return ModelSplit(rows(np.flatnonzero(member)), rows(plan.dev), rows(plan.test))
 
 
-def group_models(args, models: int) -> list:
-    first = args.group * args.group_size
+def group_models(audit, models: int) -> list:
+    group, size = audit.flags.group, audit.flags.group_size
+    first = group * size
     if first >= models:
-        groups = -(-models // args.group_size)
+        groups = -(-models // size)
         raise UsageError(
-            f"--group {args.group} holds no model: {models} models in groups of {args.group_size} are "
-            f"groups 0..{groups - 1}"
+            f"--group {group} holds no model: {models} models in groups of {size} are groups 0..{groups - 1}"
         )
-    return list(range(first, min(first + args.group_size, models)))
+    return list(range(first, min(first + size, models)))
 
 
 def groups_of(models: list, group_size: int) -> list:
@@ -130,7 +95,7 @@ def models_sha256(folders: list) -> str:
     return hashlib.sha256(" ".join(completion_record(f)["checkpoint_sha256"] for f in folders).encode()).hexdigest()
 
 
-def require_finished(args, folders: list, plan_sha: str, info: dict, group_size: int, how) -> None:
+def require_finished(folders: list, plan_sha: str, info: dict, group_size: int, how) -> None:
     missing = [m for m, folder in enumerate(folders) if not finished(folder, plan_sha, info)]
     if missing:
         groups = groups_of(missing, group_size)
@@ -143,66 +108,41 @@ def for_groups(groups) -> str:
     return f" for G in {', '.join(map(str, groups))}"
 
 
-def pretrain_info(args) -> dict:
-    recipe = {k: getattr(args, k) for k in ("epochs", "optimizer", "lr", "weight_decay", "batch_size")}
-    return {"stage": AUDIT_PRETRAINED, "recipe": {**recipe, "early_stop": args.early_stop_pretrain}}
+def pretrain_info(audit) -> dict:
+    recipe = {k: getattr(audit.flags, k) for k in ("epochs", "optimizer", "lr", "weight_decay", "batch_size")}
+    return {"stage": AUDIT_PRETRAINED, "recipe": {**recipe, "early_stop": audit.flags.early_stop_pretrain}}
 
 
 PRETRAINED = {"stage": AUDIT_PRETRAINED}  # what later steps ask of a pretrained model (any recipe of this plan)
 
 
-def pretrained_folders(args, plan, tuning=False) -> list:
-    count = args.tuning_models if tuning else plan.models
-    return [audit_model_dir(args, AUDIT_PRETRAINED, m, tuning) for m in range(count)]
+def pretrained_folders(audit, plan, tuning=False) -> list:
+    count = audit.flags.tuning_models if tuning else plan.models
+    return [audit.model_dir(AUDIT_PRETRAINED, m, tuning) for m in range(count)]
 
 
-def require_pretrained(args, plan, plan_sha) -> list:
-    folders = pretrained_folders(args, plan)
-    group_size = getattr(args, "group_size", 8)
-    how = lambda groups: again(args, "pretrain", "--group", "G", "--group_size", str(group_size)) + for_groups(groups)
-    require_finished(args, folders, plan_sha, PRETRAINED, group_size, how)
+def require_pretrained(audit) -> list:
+    plan, plan_sha = audit.plan
+    folders = pretrained_folders(audit, plan)
+    group_size = getattr(audit.flags, "group_size", 8)
+    how = lambda groups: audit.again("pretrain", "--group", "G", "--group_size", str(group_size)) + for_groups(groups)
+    require_finished(folders, plan_sha, PRETRAINED, group_size, how)
     return folders
 
 
-def load_models(args, folders, device) -> list:
-    return [load_model(args, checkpoint(f), device, "audit checkpoint", "rerun its audit.py step")[0] for f in folders]
+def load_models(audit, folders, device) -> list:
+    flags = audit.flags
+    return [load_model(flags, checkpoint(f), device, "audit checkpoint", "rerun its audit.py step")[0] for f in folders]
 
 
-def stage_of(args, defense) -> str:
-    """The pruned stage's name: prune_modi.py's result prefix (with --tag; _auto for a setting given as auto)."""
-    auto = bool(defense.auto_flags(args))
-    stage = defense.prefix(args.pruner_name, args.prune_sparsity, args.defend_arg, args.semantics, auto)
-    return tagged(stage, args.tag)
-
-
-def prune_info(args, settings, memscore_sha) -> dict:
+def prune_info(audit, settings, memscore_sha) -> dict:
     return {
-        "stage": stage_of(args, get_defense(args.defend)),
-        "defense": get_defense(args.defend).name,
+        "stage": audit.stage,
+        "defense": audit.defense.name,
         "settings": dataclasses.asdict(settings),
-        "pruning": {k: getattr(args, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "early_stop")},
+        "pruning": {k: getattr(audit.flags, k) for k in ("pruner_name", "prune_sparsity", "prune_iter", "early_stop")},
         "memscore_sha256": memscore_sha,
     }
-
-
-def tuned_for(args) -> dict:
-    """What a tuned setting depends on besides the plan: tune's chosen-setting file holds it, --tuned compares."""
-    keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics", "dp_microbatch")
-    keys += ("epochs", "optimizer", "lr", "weight_decay", "batch_size")
-    return {k: getattr(args, k) for k in keys}
-
-
-def default_defend_arg(args) -> None:
-    """--defend_arg when none is given: dp's noise multiplier is a choice (--tuned: the one audit.py tune --defend dp
-    chose), every other defense's defaults to prune_modi.py's 4."""
-    if args.defend_arg is not None:
-        return
-    if get_defense(args.defend).name == "dp":
-        raise UsageError(
-            "--defend dp needs its noise multiplier: --defend_arg SIGMA, or --tuned for the one audit.py tune "
-            "--defend dp chose"
-        )
-    args.defend_arg = 4.0
 
 
 def load_json(path) -> tuple:
@@ -229,10 +169,10 @@ def read_json(path, what: str, fix: str) -> dict:
 RECORD_KEYS = ("stage", "defense", "scores", "attacks", "test_acc", "models", "audited", "attack_settings")
 
 
-def read_attack_records(args) -> list:
+def read_attack_records(audit) -> list:
     """Every stage's attack record (records/<stage>.json), by file name; the error line for one that is
     unreadable or lacks a key that audit.csv's row reads."""
-    folder = os.path.dirname(audit_record_path(args, "x"))
+    folder = os.path.dirname(audit.record_path("x"))
     records = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json") and not name.startswith(".tmp_"):
@@ -242,34 +182,34 @@ def read_attack_records(args) -> list:
             if problem is None and lacking:
                 problem = f"lacks {', '.join(lacking)}"
             if problem:
-                raise broken_file(path, f"the attack record of stage {stage}", problem, rebuild_attack(args, stage))
+                raise broken_file(path, f"the attack record of stage {stage}", problem, rebuild_attack(audit, stage))
             records.append(record)
     return records
 
 
-def rebuild_attack(args, stage: str, record: dict = None) -> str:
+def rebuild_attack(audit, stage: str, record: dict = None) -> str:
     """'rebuild it with: python audit.py attack ...': the flags the record says its attack ran with; without
     them (an unreadable or older record), --original for the unpruned stage, else the stage's own flags."""
     flags = (record or {}).get("flags")
     if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
-        return f"rebuild it with: {audit_command(args, 'attack', *flags, own_audit=False)}"
+        return f"rebuild it with: {audit.command('attack', *flags, own_audit=False)}"
     if stage == AUDIT_PRETRAINED:
-        return rebuild(args, "attack", "--original")
-    return rebuild(args, "attack") + f" and the pruning and defense flags that made stage {stage}"
+        return audit.rebuild("attack", "--original")
+    return audit.rebuild("attack") + f" and the pruning and defense flags that made stage {stage}"
 
 
 SCORE_ARRAYS = ("member", "audited", "score_LiRA", "score_RMIA")  # what summarize reads of a scores file
 
 
-def read_scores(args, record: dict) -> dict:
+def read_scores(audit, record: dict) -> dict:
     """The SCORE_ARRAYS of a stage's scores file, which must be the file its attack wrote: its SHA-256 the one
     the record holds (a record older than that checksum: a file that loads); else the error line."""
     path, stage = record["scores"], record["stage"]
-    what, fix = f"the audit scores of stage {stage}", rebuild_attack(args, stage, record)
+    what, fix = f"the audit scores of stage {stage}", rebuild_attack(audit, stage, record)
     if not os.path.isfile(path):
         raise broken_file(path, what, "not found", fix)
     if "scores_sha256" in record and file_sha256(path) != record["scores_sha256"]:
-        written_by = audit_record_path(args, stage)
+        written_by = audit.record_path(stage)
         raise broken_file(path, what, f"not the file its attack wrote (SHA-256 differs from {written_by}'s)", fix)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -320,12 +260,12 @@ def generators(seeds, device) -> list:
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
-def build_models(args, seeds, device) -> list:
+def build_models(audit, seeds, device) -> list:
     """Fresh models of the config's architecture, model i initialised under torch.manual_seed(seeds[i])."""
-    out = []
+    flags, out = audit.flags, []
     for s in seeds:
         torch.manual_seed(s)
-        out.append(build_model(args.model_name, args.num_cls, args.input_dim).to(device))
+        out.append(build_model(flags.model_name, flags.num_cls, flags.input_dim).to(device))
     return out
 
 
@@ -334,29 +274,22 @@ def test_accuracy(logits, labels) -> np.ndarray:
     return 100.0 * (np.asarray(logits).argmax(2) == np.asarray(labels)[None]).mean(1)
 
 
-def prepare_prune_args(args) -> tuple:
-    default_defend_arg(args)
-    force_defense_flags(args)
-    defense, settings = get_defense(args.defend), DefenseSettings.from_args(args)
-    defense.check_args(settings)
-    return defense, settings
-
-
-def prune_flags_of(args) -> list:
+def prune_flags_of(audit) -> list:
     """The flags that name this pruned stage, for the message that says how to make it."""
+    args = audit.flags
     flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity)]
-    flags += ["--prune_iter", str(args.prune_iter), "--defend", get_defense(args.defend).name]
+    flags += ["--prune_iter", str(args.prune_iter), "--defend", audit.defense.name]
     for flag in ("stride", "width"):
         if getattr(args, flag) is not None:
             flags += [f"--{flag}", str(getattr(args, flag))]
-    if get_defense(args.defend).needs_memscore:
+    if audit.defense.needs_memscore:
         flags += ["--mem_thre", str(args.mem_thre), "--weight_decay_mem", str(args.weight_decay_mem)]
     if args.semantics != "release":
         flags += ["--semantics", args.semantics]
     return flags + (["--tag", args.tag] if args.tag else [])
 
 
-def memscore_current(args, path, stamp) -> bool:
+def memscore_current(path, stamp) -> bool:
     if not (os.path.isfile(path) and os.path.isfile(sidecar_path(path))):
         return False
     try:
@@ -366,10 +299,10 @@ def memscore_current(args, path, stamp) -> bool:
     return sidecar.get("models_sha256") == stamp and sidecar["csv_sha256"] == file_sha256(path)
 
 
-def check_memscore_files(args, path) -> None:
+def check_memscore_files(audit, path) -> None:
     """The memscore step's CSV and fingerprint as it wrote them (the CSV's SHA-256 the one the fingerprint
     holds); else the error line naming the file that is not."""
-    fix = rebuild(args, "memscore")
+    fix = audit.rebuild("memscore")
     try:
         sidecar = read_sidecar(sidecar_path(path), "")
     except MissingError:
@@ -379,15 +312,16 @@ def check_memscore_files(args, path) -> None:
         raise broken_file(path, "the audit's mem-scores", problem, fix)
 
 
-def read_audit_memscores(args, plan, plan_sha, data) -> tuple:
+def read_audit_memscores(audit, data) -> tuple:
     """(mem-scores tensor, models stamp) written by the memscore step for the current pretrained models."""
-    path = audit_memscore_path(args)
-    stamp = models_sha256(require_pretrained(args, plan, plan_sha))
-    fix = rebuild(args, "memscore")
+    plan = audit.plan[0]
+    path = audit.memscore_path
+    stamp = models_sha256(require_pretrained(audit))
+    fix = audit.rebuild("memscore")
     if not os.path.isfile(path):
-        raise MissingError(f"the audit's mem-scores {path} not found; {again(args, 'memscore')}")
-    check_memscore_files(args, path)
-    if not memscore_current(args, path, stamp):
+        raise MissingError(f"the audit's mem-scores {path} not found; {audit.again('memscore')}")
+    check_memscore_files(audit, path)
+    if not memscore_current(path, stamp):
         raise broken_file(path, "the audit's mem-scores", "made from other pretrained models", fix)
     sidecar = read_sidecar(sidecar_path(path), fix)
     if sidecar["train_sha256"] != train_sha256(data.x[: plan.n], data.y[: plan.n]):
@@ -395,22 +329,23 @@ def read_audit_memscores(args, plan, plan_sha, data) -> tuple:
     return read_memscores(path, plan.n, fix), stamp
 
 
-def prune_tuning_models(args, defense, settings, data, sources, splits, memscores, scratch_name):
-    """Prune each tuning model (sources[j] on splits[j]) under the defense, as audit.py prune prunes a model,
-    into a scratch folder that goes when the generator ends; yields (j, its best model, its iterations'
-    history). A killed run's scratch folder (named with temp_prefix) goes with the next one's."""
+def prune_tuning_models(audit, flags, defense, settings, data, sources, splits, memscores, scratch_name):
+    """Prune each tuning model (sources[j] on splits[j]) under the defense with a trial's flags (audit.flags with
+    its setting), as audit.py prune prunes a model, into a scratch folder that goes when the generator ends;
+    yields (j, its best model, its iterations' history). A killed run's scratch folder (named with temp_prefix)
+    goes with the next one's."""
     device = data.y.device
-    remove_dead_temps(audit_dir(args))
-    with tempfile.TemporaryDirectory(dir=audit_dir(args), prefix=temp_prefix(scratch_name)) as scratch:
+    remove_dead_temps(audit.folder)
+    with tempfile.TemporaryDirectory(dir=audit.folder, prefix=temp_prefix(scratch_name)) as scratch:
         for j, source in enumerate(sources):
-            seed_everything(model_seed(args.seed, "prune", TUNING_OFFSET + j))
-            net = load_models(args, [source], device)[0]
+            seed_everything(model_seed(audit.flags.seed, "prune", TUNING_OFFSET + j))
+            net = load_models(audit, [source], device)[0]
             target = os.path.join(scratch, f"model_{j}")
             os.makedirs(target)
             history = []
             tag = f"tuning {j}"
             prune_model(
-                args, net, defense, settings, data, splits[j], target, NullLog(), tag, memscores, Progress(), history
+                flags, net, defense, settings, data, splits[j], target, NullLog(), tag, memscores, Progress(), history
             )
-            best = load_model(args, checkpoint(target), device, "tuning checkpoint", f"rerun {scratch_name}")[0]
+            best = load_model(flags, checkpoint(target), device, "tuning checkpoint", f"rerun {scratch_name}")[0]
             yield j, best, history

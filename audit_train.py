@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 
 from audit_common import (
-    audit_command,
     audit_data,
     build_models,
     check_other_settings,
@@ -20,16 +19,13 @@ from audit_common import (
     generators,
     group_models,
     load_models,
-    load_plan,
     memscore_current,
     model_split,
     models_sha256,
-    prepare_prune_args,
     pretrain_info,
     prune_info,
     read_audit_memscores,
     require_pretrained,
-    stage_of,
 )
 from audit_plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, model_seed
 from auto_settings import derive
@@ -45,14 +41,8 @@ from intervals import FPR_TARGETS, measurable
 from memscores import fingerprint, train_sha256, write_with_sidecar
 from paths import (
     AUDIT_PRETRAINED,
-    audit_dir,
-    audit_log_path,
-    audit_memscore_path,
-    audit_model_dir,
-    audit_plan_path,
     checkpoint,
     memscore_path,
-    run_name,
 )
 from progress import Progress
 from prune_modi import forced_line, prune_model
@@ -69,8 +59,9 @@ from train import (
 )
 
 
-def prepare(args) -> None:
-    path = audit_plan_path(args)
+def prepare(audit) -> None:
+    args = audit.flags
+    path = audit.plan_path
     train, test = get_dataset(args.dataset_name)
     n = len(train)
     options = {"models": args.models, "canaries": args.canaries, "audit_top_memscore": args.audit_top_memscore}
@@ -82,11 +73,11 @@ def prepare(args) -> None:
             f"{k} audited rows do not fit the pool of {n} training rows of {args.dataset_name}; pass at most {n}"
         )
     if os.path.isfile(path):
-        plan = Plan.load(path, audit_command(args, "prepare"))
+        plan = Plan.load(path, audit.command("prepare"))
         if plan.meta.get("options") != json.dumps(options, sort_keys=True):
             raise UsageError(
                 f"the audit plan {path} exists with other options ({plan.meta.get('options')}); delete "
-                f"{audit_dir(args)} to start another audit, or pass --audit_tag T for one beside it"
+                f"{audit.folder} to start another audit, or pass --audit_tag T for one beside it"
             )
         print(f"Nothing to do: the audit plan {path} exists with these options")
         return
@@ -109,14 +100,14 @@ def prepare(args) -> None:
         options=json.dumps(options, sort_keys=True),
     )
     plan.save(path)
-    log = RunLog(audit_log_path(args, "plan"))
+    log = RunLog(audit.log_path("plan"))
     outs = int((~plan.member[:, plan.audited]).sum())
     what = (
         f"{k} canaries"
         if plan.meta["mode"] == "canaries"
         else f"the {k} top mem-score rows of {memscore_path(args.dataset_name, args.model_name)}"
     )
-    log.write(f"{run_name(args)} audit plan: {args.models} models, each on {n // 2} of {n} pool rows; audited: {what}")
+    log.write(f"{audit.run} audit plan: {args.models} models, each on {n // 2} of {n} pool rows; audited: {what}")
     log.write(f"Dev rows {len(plan.dev)}, test rows {len(plan.test)} (the test set cut 34/66)")
     for metric, fpr in FPR_TARGETS.items():
         ok = "measurable" if measurable(metric, outs) else f"not measurable (needs {math.ceil(10 / fpr)})"
@@ -125,37 +116,38 @@ def prepare(args) -> None:
     log.close()
 
 
-def pretrain(args) -> None:
-    plan, plan_sha = load_plan(args)
-    group = group_models(args, plan.models)
-    train_models(args, plan, plan_sha, group, plan.member, False, f"group {args.group}")
+def pretrain(audit) -> None:
+    plan = audit.plan[0]
+    group = group_models(audit, plan.models)
+    train_models(audit, group, plan.member, False, f"group {audit.flags.group}")
 
 
-def unfinished(args, plan_sha, models, tuning) -> list:
+def unfinished(audit, models, tuning) -> list:
     """The listed pretrained models (audited or tuning) not finished under this plan and these settings."""
-    info = pretrain_info(args)
-    return [m for m in models if not finished(audit_model_dir(args, AUDIT_PRETRAINED, m, tuning), plan_sha, info)]
+    info, plan_sha = pretrain_info(audit), audit.plan[1]
+    return [m for m in models if not finished(audit.model_dir(AUDIT_PRETRAINED, m, tuning), plan_sha, info)]
 
 
-def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
+def train_models(audit, models, member, tuning, what) -> None:
     """Pretrain the listed models (audited or tuning shadows) as one batched ensemble; skip finished ones."""
-    info = pretrain_info(args)
-    folders = {m: audit_model_dir(args, AUDIT_PRETRAINED, m, tuning) for m in models}
-    todo = unfinished(args, plan_sha, models, tuning)
-    check_other_settings([folders[m] for m in todo], plan_sha, info, f"delete {audit_dir(args)} to start again")
+    args, (plan, plan_sha) = audit.flags, audit.plan
+    info = pretrain_info(audit)
+    folders = {m: audit.model_dir(AUDIT_PRETRAINED, m, tuning) for m in models}
+    todo = unfinished(audit, models, tuning)
+    check_other_settings([folders[m] for m in todo], plan_sha, info, f"delete {audit.folder} to start again")
     if not todo:
         print(f"Nothing to do: the {what} models are pretrained")
         return
     device = pick_device(args.gpu_id)
-    data = audit_data(args, plan, device)
+    data = audit_data(audit, plan, device)
     offset = TUNING_OFFSET if tuning else 0
     splits = {m: model_split(plan, member[m], device) for m in todo}
-    nets = build_models(args, [model_seed(args.seed, "init", offset + m) for m in todo], device)
+    nets = build_models(audit, [model_seed(args.seed, "init", offset + m) for m in todo], device)
     gens = generators([model_seed(args.seed, "shuffle", offset + m) for m in todo], device)
     # a group's own log: groups run in parallel, and a RunLog holds its file from the first line to the last
     name = "tuning_pretrained" if tuning else f"{AUDIT_PRETRAINED}.group{args.group}"
-    log = RunLog(audit_log_path(args, name))
-    log.write(f"{run_name(args)} audit pretrain {what}: models {todo[0]}..{todo[-1]}, epochs {args.epochs}")
+    log = RunLog(audit.log_path(name))
+    log.write(f"{audit.run} audit pretrain {what}: models {todo[0]}..{todo[-1]}, epochs {args.epochs}")
     start = time.time()
     with Staging([folders[m] for m in todo]) as staging:
         dev = splits[todo[0]].dev
@@ -176,7 +168,7 @@ def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
             dev_acc, dev_loss = evaluate(net, data, dev)
             test_acc, test_loss = evaluate(net, data, splits[m].test)
             save_checkpoint(checkpoint(staged), net, epoch, dev_acc, dev_loss)
-            mark_finished(staged, audit_plan_path(args), script="audit.py pretrain", model=m, epoch=epoch, **info)
+            mark_finished(staged, audit.plan_path, script="audit.py pretrain", model=m, epoch=epoch, **info)
             log.write(
                 f"model {m}: epoch {epoch}, dev Accuracy {dev_acc:.3f}, test Accuracy {test_acc:.3f}, "
                 f"Loss {test_loss:.3f}"
@@ -186,26 +178,26 @@ def train_models(args, plan, plan_sha, models, member, tuning, what) -> None:
     log.close()
 
 
-def memscore(args) -> None:
+def memscore(audit) -> None:
     """Feldman's mem-scores of the pool (training labels, canaries included) from the M pretrained models, in the
     mem-score CSV format with its fingerprint (memscores.py), which the audit's defenses read."""
-    plan, plan_sha = load_plan(args)
-    folders = require_pretrained(args, plan, plan_sha)
+    args, plan = audit.flags, audit.plan[0]
+    folders = require_pretrained(audit)
     stamp = models_sha256(folders)
-    path = audit_memscore_path(args)
-    if memscore_current(args, path, stamp):
+    path = audit.memscore_path
+    if memscore_current(path, stamp):
         print(f"Nothing to do: {path} holds the mem-scores of these pretrained models")
         return
     device = pick_device(args.gpu_id)
-    data = audit_data(args, plan, device)
+    data = audit_data(audit, plan, device)
     pool = torch.arange(plan.n, device=device)
-    logits = predict_ensemble(load_models(args, folders, device), data, pool).cpu().numpy()
+    logits = predict_ensemble(load_models(audit, folders, device), data, pool).cpu().numpy()
     correct = logits.argmax(2) == plan.labels[None]
     scores, lacking = feldman_memscores(correct, plan.member)
     fields = fingerprint(args.dataset_name, args.model_name, data.x[: plan.n], data.y[: plan.n], memscore_source(plan))
     write_with_sidecar(path, pd.DataFrame(scores).to_csv().encode(), {**fields, "models_sha256": stamp})
-    log = RunLog(audit_log_path(args, "memscore"))
-    log.write(f"{run_name(args)} audit mem-scores of {plan.n} pool rows from {plan.models} pretrained models")
+    log = RunLog(audit.log_path("memscore"))
+    log.write(f"{audit.run} audit mem-scores of {plan.n} pool rows from {plan.models} pretrained models")
     log.write(
         f"Mean {scores.mean():.3f}, {int((scores >= 0.5).sum())} rows >= 0.5; audited rows: mean "
         f"{scores[plan.audited].mean():.3f}; rows without an IN or an OUT model (score 0): {lacking}"
@@ -218,31 +210,30 @@ def memscore_source(plan) -> str:
     return f"audit plan ({plan.meta['mode']}, {len(plan.audited)} audited rows, seed {plan.meta['seed']})"
 
 
-def prune(args) -> None:
-    plan, plan_sha = load_plan(args)
-    defense, settings = prepare_prune_args(args)
-    group = group_models(args, plan.models)
+def prune(audit) -> None:
+    args, (plan, plan_sha) = audit.flags, audit.plan
+    defense, settings, stage = audit.defense, audit.defense_settings, audit.stage
+    group = group_models(audit, plan.models)
     device = pick_device(args.gpu_id)
-    data = audit_data(args, plan, device)
-    memscores, stamp = read_audit_memscores(args, plan, plan_sha, data) if defense.needs_memscore else (None, None)
+    data = audit_data(audit, plan, device)
+    memscores, stamp = read_audit_memscores(audit, data) if defense.needs_memscore else (None, None)
     # a setting given as auto: one value for every model and group, from model 0's training set (no victim here)
     model0 = data.y[model_split(plan, plan.member[0], device).train]
     resolved, auto_line = derive(defense.auto_flags(args), model0, memscores, "model 0's training set")
     settings = replace(settings, **resolved)
-    stage = stage_of(args, defense)
-    info = prune_info(args, settings, stamp)
-    folders = {m: audit_model_dir(args, stage, m) for m in group}
+    info = prune_info(audit, settings, stamp)
+    folders = {m: audit.model_dir(stage, m) for m in group}
     todo = [m for m in group if not finished(folders[m], plan_sha, info)]
     check_other_settings([folders[m] for m in todo], plan_sha, info, "pass --tag T to keep both settings")
     if not todo:
         print(f"Nothing to do: group {args.group} of {stage} is pruned")
         return
-    sources = require_pretrained(args, plan, plan_sha)
+    sources = require_pretrained(audit)
     if memscores is not None:
-        defense.check_memscores(memscores, settings, audit_memscore_path(args))
+        defense.check_memscores(memscores, settings, audit.memscore_path)
     splits = {m: model_split(plan, plan.member[m], device) for m in todo}
-    log = RunLog(audit_log_path(args, f"{stage}.group{args.group}"))  # its own: groups run in parallel
-    log.write(f"{run_name(args)} audit prune {stage} group {args.group}: models {todo[0]}..{todo[-1]}")
+    log = RunLog(audit.log_path(f"{stage}.group{args.group}"))  # its own: groups run in parallel
+    log.write(f"{audit.run} audit prune {stage} group {args.group}: models {todo[0]}..{todo[-1]}")
     log.write(f"Semantics: {args.semantics}")
     if forced_line(args, defense):
         log.write(forced_line(args, defense))
@@ -255,7 +246,7 @@ def prune(args) -> None:
     batched = defense.name == "base" and not args.sequential
     start = time.time()
     with Staging([folders[m] for m in todo]) as staging:
-        nets = [load_models(args, [sources[m]], device)[0] for m in todo]
+        nets = [load_models(audit, [sources[m]], device)[0] for m in todo]
         if batched:
             results = prune_batched(args, nets, data, [splits[m] for m in todo], staging.staged, todo, log)
         else:
@@ -282,7 +273,7 @@ def prune(args) -> None:
             epsilon = history[-1].get("dp_epsilon") if history else None
             mark_finished(
                 staged,
-                audit_plan_path(args),
+                audit.plan_path,
                 script="audit.py prune",
                 model=m,
                 sparsity=sparsity,

@@ -16,6 +16,7 @@ smallest class, a quantile of the mem-scores), so an audited run resolves them o
 """
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -23,17 +24,14 @@ import numpy as np
 import torch
 
 from audit_common import (
-    audit_command,
     audit_data,
     load_json,
     load_models,
-    load_plan,
     model_split,
     pretrained_folders,
     prune_tuning_models,
     read_audit_memscores,
     read_json,
-    tuned_for,
     write_json,
 )
 from audit_plan import broken_file, feldman_memscores, membership
@@ -43,7 +41,6 @@ from defenses import DefenseSettings, get_defense
 from ensemble import predict_ensemble
 from intervals import measurable
 from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
-from paths import audit_dir, audit_log_path, run_name
 from prune_modi import force_defense_flags
 from train import evaluate
 from tuning import QUANTILE, choose, completed, flags_of, open_study, run_trials
@@ -53,32 +50,26 @@ TRIALS = 12
 LOW_FPR = "TPR@1%FPR"  # the leakage objective, where the tuning models give it enough non-member decisions
 
 
-def tuning_path(args, name: str) -> str:
-    return os.path.join(audit_dir(args), "tuning", name)
-
-
-def tune(args) -> None:
+def tune(audit) -> None:
     """Run the defense's trials until its study holds --trials complete ones, then choose its setting. With
     --defend base (nothing to search): pretrain the tuning models and measure the Base reference only, the step
     that a grid runs once before the defenses' tune steps, so that no two of them write these files."""
-    defense = get_defense(args.defend)
+    args, defense = audit.flags, audit.defense
     if args.tuning_models < LIRA_MIN_MODELS:
         raise UsageError(f"--tuning_models must be >= {LIRA_MIN_MODELS} (leave-one-out LiRA), got {args.tuning_models}")
-    plan, plan_sha = load_plan(args)
+    plan, plan_sha = audit.plan
     member = membership(args.tuning_models, plan.n, args.seed, "tuning")
     worker = args.worker
     models = list(range(args.tuning_models))
-    if worker.w > 1 and unfinished(args, plan_sha, models, True):  # W workers would each train them
-        base = audit_command(
-            args, "tune", "--defend", "base", *schedule_flags(args), "--tuning_models", str(len(models))
-        )
+    if worker.w > 1 and unfinished(audit, models, True):  # W workers would each train them
+        base = audit.command("tune", "--defend", "base", *schedule_flags(audit), "--tuning_models", str(len(models)))
         raise MissingError(
             f"--worker {worker.slot} runs trials on the tuning models, which are not all pretrained; run {base} first"
         )
-    train_models(args, plan, plan_sha, models, member, True, "tuning")
+    train_models(audit, models, member, True, "tuning")
     device = pick_device(args.gpu_id)
-    data = audit_data(args, plan, device)
-    tuning = Tuning(args, plan, data, member, device)
+    data = audit_data(audit, plan, device)
+    tuning = Tuning(audit, data, member, device)
     if not defense.search_space and worker.w > 1:
         raise UsageError(f"--worker runs a defense's trials; --defend {defense.name} has no search space")
     reference = tuning.base_reference(plan_sha) if worker.w == 1 else None  # the chooser's: one writer
@@ -88,10 +79,10 @@ def tune(args) -> None:
             f"{reference['leak']:.3f}"
         )
         return
-    stage = study_name(args, defense)
-    where = args.study or tuning_path(args, f"{stage}.journal")
+    stage = study_name(audit, defense)
+    where = args.study or audit.path("tuning", f"{stage}.journal")
     study = open_study(stage, where, args.seed, worker)
-    ties = {"plan_sha256": plan_sha, "run": run_name(args), "tuned_for": tuned_for(args)}
+    ties = {"plan_sha256": plan_sha, "run": audit.run, "tuned_for": audit.tuned_for}
     if not study.user_attrs:
         for key, value in ties.items():
             study.set_user_attr(key, value)
@@ -102,9 +93,9 @@ def tune(args) -> None:
                 f"--study, or delete it to start again"
             )
     alone = worker.w == 1
-    log = RunLog(audit_log_path(args, f"tune_{stage}" + ("" if alone else f".w{worker.k}of{worker.w}")))
+    log = RunLog(audit.log_path(f"tune_{stage}" + ("" if alone else f".w{worker.k}of{worker.w}")))
     log.write(
-        f"{run_name(args)} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
+        f"{audit.run} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
         f"study {stage} in {where}" + ("" if alone else f"; worker {worker.slot}: {worker.share(args.trials)} of them")
     )
     log.write(f"Leakage: LiRA {tuning.leak_metric} on the audited rows ({tuning.nonmembers} non-member decisions)")
@@ -135,7 +126,7 @@ def tune(args) -> None:
         "defense": defense.name,
         "stage": stage,
         "plan_sha256": plan_sha,
-        "tuned_for": tuned_for(args),
+        "tuned_for": audit.tuned_for,
         "study": where,
         "tuning_models": args.tuning_models,
         "leak_metric": tuning.leak_metric,
@@ -149,7 +140,7 @@ def tune(args) -> None:
         "within_tolerance": within,
         "trials": points,
     }
-    path = tuning_path(args, f"{stage}.json")
+    path = audit.path("tuning", f"{stage}.json")
     write_json(path, result)
     log.write(
         f"Chosen: trial {chosen['number']}, {describe(chosen['values'], flags)}: dev accuracy {chosen['acc']:.3f}, "
@@ -160,15 +151,17 @@ def tune(args) -> None:
     log.close()
 
 
-def apply_tuned(args) -> None:
-    """--tuned: set the defense's searched flags to the setting `tune` chose for this plan and pruning schedule,
-    resolved on this audit's data (as `auto` is: the class sizes of model 0's training set, the audit's
-    mem-scores), and name the stage with --tag tuned unless a tag is given. Called once, before the step."""
+def apply_tuned(audit):
+    """--tuned: audit with the defense's searched flags set to the setting `tune` chose for this plan and pruning
+    schedule, resolved on this audit's data (as `auto` is: the class sizes of model 0's training set, the audit's
+    mem-scores), the stage named with --tag tuned unless a tag is given, and tuned_from. audit.py calls it once,
+    before it resolves the defense."""
+    args = audit.flags
     defense = get_defense(args.defend)
-    plan, plan_sha = load_plan(args)
-    path = tuning_path(args, f"{study_name(args, defense)}.json")
-    how = audit_command(
-        args, "tune", "--defend", defense.name, *schedule_flags(args), "--tuning_models", str(args.tuning_models)
+    plan, plan_sha = audit.plan
+    path = audit.path("tuning", f"{study_name(audit, defense)}.json")
+    how = audit.command(
+        "tune", "--defend", defense.name, *schedule_flags(audit), "--tuning_models", str(args.tuning_models)
     )
     if not os.path.isfile(path):
         raise MissingError(
@@ -180,32 +173,32 @@ def apply_tuned(args) -> None:
         raise broken_file(path, "the chosen setting", "not the file tune writes", f"rebuild it with: {how}")
     if chosen.get("plan_sha256") != plan_sha:
         raise MissingError(f"--tuned: {path} was tuned for another audit plan; run {how} again")
-    if json.dumps(chosen.get("tuned_for", tuned_for(args))) != json.dumps(tuned_for(args)):
+    if json.dumps(chosen.get("tuned_for", audit.tuned_for)) != json.dumps(audit.tuned_for):
         raise MissingError(f"--tuned: {path} was tuned with other pruning or training settings; run {how} again")
     class_sizes = [c for c in np.bincount(plan.labels[: plan.n][plan.member[0]]) if c]
     scores = None
     if any(k.unit == QUANTILE for k in defense.search_space):
-        data = audit_data(args, plan, torch.device("cpu"))
-        scores = read_audit_memscores(args, plan, plan_sha, data)[0].numpy()
+        data = audit_data(audit, plan, torch.device("cpu"))
+        scores = read_audit_memscores(audit, data)[0].numpy()
     for flag, value in flags_of(defense.search_space, chosen["chosen"]["values"], class_sizes, scores).items():
         setattr(args, flag, value)
     args.tag = args.tag or "tuned"
-    args.tuned_from = {"file": path, **{k: chosen[k] for k in keys}}  # the attack record keeps it for the plane
+    return dataclasses.replace(audit, tuned_from={"file": path, **{k: chosen[k] for k in keys}})  # for the plane
 
 
-def schedule_flags(args) -> list:
+def schedule_flags(audit) -> list:
+    schedule = audit.schedule
     return [
-        f
-        for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs")
-        for f in (f"--{k}", str(getattr(args, k)))
+        f for k in ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs") for f in (f"--{k}", str(schedule[k]))
     ]
 
 
-def study_name(args, defense) -> str:
+def study_name(audit, defense) -> str:
     """The pruned stage's name with what else changes a trial's numbers: the schedule (iterations, epochs) and
     the number of tuning models."""
-    stage = defense.prefix(args.pruner_name, args.prune_sparsity, None, args.semantics)
-    return f"{stage}_i{args.prune_iter}e{args.prune_epochs}_k{args.tuning_models}"
+    s = audit.schedule
+    stage = defense.prefix(s["pruner_name"], s["prune_sparsity"], None, s["semantics"])
+    return f"{stage}_i{s['prune_iter']}e{s['prune_epochs']}_k{audit.flags.tuning_models}"
 
 
 def describe(values: dict, flags: dict) -> str:
@@ -218,9 +211,10 @@ class Tuning:
     """The tuning models of a plan, their data and mem-scores, and one trial: prune all of them under a setting,
     then (mean dev accuracy, LiRA TPR@1%FPR on the audited rows among them)."""
 
-    def __init__(self, args, plan, data, member, device):
-        self.args, self.plan, self.data, self.member, self.device = args, plan, data, member, device
-        self.sources = pretrained_folders(args, plan, tuning=True)
+    def __init__(self, audit, data, member, device):
+        plan = audit.plan[0]
+        self.audit, self.plan, self.data, self.member, self.device = audit, plan, data, member, device
+        self.sources = pretrained_folders(audit, self.plan, tuning=True)
         self.splits = [model_split(plan, member[j], device) for j in range(len(member))]
         self.class_sizes = torch.bincount(data.y[self.splits[0].train]).tolist()  # as audit prune: model 0's
         self.class_sizes = [c for c in self.class_sizes if c]
@@ -230,17 +224,17 @@ class Tuning:
 
     def estimate_memscores(self) -> torch.Tensor:
         pool = torch.arange(self.plan.n, device=self.device)
-        logits = predict_ensemble(load_models(self.args, self.sources, self.device), self.data, pool)
+        logits = predict_ensemble(load_models(self.audit, self.sources, self.device), self.data, pool)
         correct = (logits.argmax(-1) == self.data.y[pool]).cpu().numpy()
         return torch.from_numpy(feldman_memscores(correct, self.member)[0])
 
     def base_reference(self, plan_sha) -> dict:
         """The tuning models pruned under Base: {"acc", "leak"}, computed once per plan and pruning schedule."""
         keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics")
-        schedule = {k: getattr(self.args, k) for k in keys}
+        schedule = {k: getattr(self.audit.flags, k) for k in keys}
         request = {"plan_sha256": plan_sha, "tuning_models": len(self.member), "schedule": schedule}
-        name = f"base_{study_name(self.args, get_defense('base'))}_{self.args.semantics}.json"
-        path = tuning_path(self.args, name)
+        name = f"base_{study_name(self.audit, get_defense('base'))}_{self.audit.flags.semantics}.json"
+        path = self.audit.path("tuning", name)
         old = load_json(path)[0] if os.path.isfile(path) else None
         if old and all(json.dumps(old.get(k)) == json.dumps(v) for k, v in request.items()):
             return {"acc": old["acc"], "leak": old["leak"]}
@@ -249,7 +243,7 @@ class Tuning:
         return {"acc": acc, "leak": leak}
 
     def trial(self, defense, flags: dict) -> tuple:
-        args = argparse.Namespace(**vars(self.args))
+        args = argparse.Namespace(**vars(self.audit.flags))  # the trial's flags
         args.defend = defense.name
         for flag, value in flags.items():  # flags_of's: whole samples for the window, numbers otherwise
             setattr(args, flag, value)
@@ -262,7 +256,7 @@ class Tuning:
         accs, logits = [], []
         pool = torch.arange(self.plan.n, device=self.device)
         for j, best, _ in prune_tuning_models(
-            args, defense, settings, self.data, self.sources, self.splits, memscores, "tune"
+            self.audit, args, defense, settings, self.data, self.sources, self.splits, memscores, "tune"
         ):
             accs.append(evaluate(best, self.data, self.splits[j].dev)[0])
             logits.append(predict_ensemble([best], self.data, pool)[0].cpu().numpy())

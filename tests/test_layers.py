@@ -58,6 +58,7 @@ LAYERS = {
     "audit_train": 3,
     "audit_attack": 3,
     "audit_tune": 3,
+    "audit_settings": 3,
 }
 
 
