@@ -42,8 +42,9 @@ from ensemble import predict_ensemble
 from intervals import measurable
 from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
 from prune_modi import force_defense_flags
+from search_space import QUANTILE, flags_of
 from train import evaluate
-from tuning import QUANTILE, choose, completed, flags_of, open_study, run_trials
+from tuning import choose, completed, open_study, run_trials
 
 TUNE_MODELS = 16  # tuning models: about 8 IN and 8 OUT references for each audited row's leave-one-out score
 TRIALS = 12

@@ -20,8 +20,8 @@ from common import UsageError
 from dp import dp_gradient
 from models import build_attack_model
 from paths import model_prefix
+from search_space import QUANTILE, SMALLEST_CLASS, Knob
 from train import make_optimizer, minibatches, train_pass
-from tuning import QUANTILE, SMALLEST_CLASS, Knob
 
 DEFENSES = {}
 SEMANTICS = ("release", "corrected")
@@ -97,7 +97,7 @@ class Defense:
     semantics_differ = False  # --semantics changes how it trains, so corrected runs get their own names
     baseline = False  # one of the defenses the paper compares WeMeM against (the audit's "best baseline")
     derivable = ()  # the settings it reads that `auto` derives from the data (auto_settings.py)
-    search_space = ()  # the Knobs that audit.py tune searches (tuning.py); none: nothing to tune
+    search_space = ()  # the Knobs that audit.py tune searches (search_space.py); none: nothing to tune
 
     def __init__(self, model, data, split, settings: DefenseSettings, memscores=None):
         self.model, self.data, self.split, self.settings = model, data, split, settings

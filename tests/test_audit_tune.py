@@ -15,6 +15,7 @@ import audit
 import audit_plan
 import audit_report
 import audit_tune
+import search_space
 import tuning
 from common import MissingError, UsageError
 from conftest import REPO, as_repo
@@ -117,7 +118,9 @@ def test_the_audited_run_of_the_tuned_setting_resolves_it_on_the_audits_data_and
     folder, _, _, resumed, _, plan, _ = tuned
     stage = "iter_prunetxt_0.6_slide_re_tag-tuned"
     sizes = [c for c in np.bincount(plan.labels[: plan.n][plan.member[0]]) if c]
-    expected = tuning.flags_of(audit_tune.get_defense("slide_re").search_space, resumed["chosen"]["values"], sizes)
+    expected = search_space.flags_of(
+        audit_tune.get_defense("slide_re").search_space, resumed["chosen"]["values"], sizes
+    )
     with open(folder / AUDIT / stage / "model_0" / "complete.json") as f:
         settings = json.load(f)["settings"]
     assert {k: settings[k] for k in ("stride", "width")} == expected

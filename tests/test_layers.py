@@ -33,6 +33,7 @@ LAYERS = {
     "attacks": 2,
     "loo_attacks": 2,
     "tuning": 2,
+    "search_space": 1,
     "records": 2,
     "intervals": 2,
     "results": 2,

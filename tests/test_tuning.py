@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
+import search_space
 import tuning
 from common import UsageError
 from conftest import REPO
-from tuning import QUANTILE, SMALLEST_CLASS, Knob
+from search_space import QUANTILE, SMALLEST_CLASS, Knob
 
 
 def points(*pairs):
@@ -45,14 +46,14 @@ def test_knob_values_become_flags_on_the_data_small_and_uneven_classes():
     scores = np.array([0.0, 0.0, 0.1, 0.2, 0.5, 0.9, 1.0])
     values = {"stride": 0.02, "width": 0.22, "mem_thre": 0.9, "weight_decay_mem": 0.123456}
     # smallest class 3: 0.06 and 0.66 samples round to 0 and 1, and a window is at least 1 sample
-    assert tuning.flags_of(space, values, [3, 50, 7], scores) == {
+    assert search_space.flags_of(space, values, [3, 50, 7], scores) == {
         "stride": 1,
         "width": 1,
         "mem_thre": pytest.approx(0.94),
         "weight_decay_mem": 0.123,
     }
     # digits' smallest class, 19: 0.38 -> 1, 4.18 -> 4; 0.5 of 19 = 9.5 rounds half up to 10
-    assert tuning.flags_of(space[:2], {"stride": 0.5, "width": 0.22}, [35, 19, 24]) == {"stride": 10, "width": 4}
+    assert search_space.flags_of(space[:2], {"stride": 0.5, "width": 0.22}, [35, 19, 24]) == {"stride": 10, "width": 4}
     with pytest.raises(ValueError, match="knob width: the range"):
         Knob("width", 0.0, 0.5, log=True)
     with pytest.raises(ValueError, match="knob width: the range"):
@@ -66,7 +67,7 @@ SPACE = (Knob("x", 0.1, 10.0, log=True), Knob("y", 0.0, 1.0))
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import tuning
+import search_space, tuning
 where, n, kill_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 study = tuning.open_study("s", where, seed=3)
 
@@ -75,8 +76,8 @@ def evaluate(values):
         os.kill(os.getpid(), signal.SIGKILL)
     return values["x"] * 10, values["y"]
 
-tuning.run_trials(study, n, tuning_space := (tuning.Knob("x", 0.1, 10.0, log=True), tuning.Knob("y", 0.0, 1.0)),
-                  evaluate)
+space = (search_space.Knob("x", 0.1, 10.0, log=True), search_space.Knob("y", 0.0, 1.0))
+tuning.run_trials(study, n, space, evaluate)
 """
 
 
@@ -181,7 +182,7 @@ def test_every_defense_declares_its_search_space_in_flags_it_has():
 SHARE_WORKER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import tuning
+import search_space, tuning
 where, n, worker = sys.argv[2], int(sys.argv[3]), tuning.worker_type(sys.argv[4])
 study = tuning.open_study("s", where, seed=3, worker=worker)
 
@@ -189,7 +190,8 @@ def evaluate(values):
     time.sleep(0.2)
     return values["x"] * 10, values["y"]
 
-tuning.run_trials(study, n, (tuning.Knob("x", 0.1, 10.0, log=True), tuning.Knob("y", 0.0, 1.0)), evaluate, worker)
+space = (search_space.Knob("x", 0.1, 10.0, log=True), search_space.Knob("y", 0.0, 1.0))
+tuning.run_trials(study, n, space, evaluate, worker)
 """
 
 
