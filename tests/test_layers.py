@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 
 # The packages that group a family of modules over the pipeline (nothing in the pipeline imports them).
-FAMILIES = ()
+FAMILIES = ("gridrun",)
 # family -> the other families it may import (none does today)
 FAMILY_IMPORTS = {}
 # The scripts run from the command line: the top layer, and the only root modules that import from a family.
@@ -49,12 +49,12 @@ LAYERS = {
     "report_tables": 2,
     "report_figures": 2,
     "report": 2,
-    "grid_step": 2,
-    "grid_spec": 2,
-    "grid_plan": 2,
-    "grid_tracker": 2,
-    "grid_local": 2,
-    "grid_slurm": 2,
+    "gridrun.step": 2,
+    "gridrun.spec": 2,
+    "gridrun.plan": 2,
+    "gridrun.tracker": 2,
+    "gridrun.local": 2,
+    "gridrun.slurm": 2,
     "audit_plan": 2,
     "audit_report": 2,
     "pretrain_modi": 3,
@@ -270,10 +270,10 @@ def test_bottom_modules_import_alone():
 
 @pytest.mark.slow
 def test_a_grid_job_writes_its_record_without_loading_torch(tmp_path):
-    """A Slurm job runs grid_step's body and writes its record with common.atomic_write; neither loads torch, whose
+    """A Slurm job runs gridrun.step's body and writes its record with common.atomic_write; neither loads torch, whose
     import takes seconds per job."""
     code = (
-        "import sys, grid_step; grid_step.write_record(sys.argv[1], {'a': 1}); "
+        "import sys; from gridrun import step as grid_step; grid_step.write_record(sys.argv[1], {'a': 1}); "
         "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules))"
     )
     record = str(tmp_path / "jobs" / "s.json")
