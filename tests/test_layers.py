@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 
 # The packages that group a family of modules over the pipeline (nothing in the pipeline imports them).
-FAMILIES = ("gridrun",)
+FAMILIES = ("gridrun", "reporting")
 # family -> the other families it may import (none does today)
 FAMILY_IMPORTS = {}
 # The scripts run from the command line: the top layer, and the only root modules that import from a family.
@@ -45,10 +45,10 @@ LAYERS = {
     "tuning": 2,
     "records": 2,
     "intervals": 2,
-    "results": 2,
-    "report_tables": 2,
-    "report_figures": 2,
-    "report": 2,
+    "reporting.results": 2,
+    "reporting.tables": 2,
+    "reporting.figures": 2,
+    "reporting.report": 2,
     "gridrun.step": 2,
     "gridrun.spec": 2,
     "gridrun.plan": 2,
