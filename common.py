@@ -1,7 +1,7 @@
 """Run plumbing shared by the scripts: errors, seeding, device, config + flags, safe files.
 
 The bottom layer with paths.py: it imports nothing of the project. It imports torch only inside the functions
-that use it, so that a grid's Slurm job (grid_step.py) writes its record with atomic_write in a fraction of the
+that use it, so that a grid's Slurm job (gridrun/step.py) writes its record with atomic_write in a fraction of the
 seconds that importing torch takes.
 """
 

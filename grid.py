@@ -68,11 +68,11 @@ import subprocess
 import sys
 
 from common import MissingError, Terminated, UsageError, atomic_write, main_guard
-from grid_local import run_local
-from grid_plan import check_commands, dry_run, expand, missing_memscores, plan
-from grid_slurm import require_slurm, slurm_gpus, squeue, submit_slurm, wait_slurm
-from grid_spec import Grid
-from grid_step import REPO, last_line
+from gridrun.local import run_local
+from gridrun.plan import check_commands, dry_run, expand, missing_memscores, plan
+from gridrun.slurm import require_slurm, slurm_gpus, squeue, submit_slurm, wait_slurm
+from gridrun.spec import Grid
+from gridrun.step import REPO, last_line
 from paths import LOG_ROOT
 
 

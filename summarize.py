@@ -5,8 +5,8 @@ and a report with figures.
                         [--allow_empty]
     python summarize.py [LOG_DIR] [--result_dir DIR] --report OUT_DIR
 
-The table comes from results.py (records first, then the logs, the release's own too), the figures and
-report.md from report.py. Every output file is written whole or not at all (common.atomic_write), and the
+The table comes from reporting/results.py (records first, then the logs, the release's own too), the figures and
+report.md from reporting/report.py. Every output file is written whole or not at all (common.atomic_write), and the
 output paths are checked before anything is read or written: a refused command changes no file. Errors
 are one line, `error: <what is wrong>; <what to do>`, exit status 2 for the command line, 1 for a missing
 or unusable folder or no results (common.main_guard): LOG_DIR must exist and hold results logs (--allow_empty
@@ -22,8 +22,8 @@ import time
 from common import MissingError, UsageError, atomic_write, main_guard
 from intervals import RESAMPLES
 from paths import RESULT_ROOT
-from report import plot, write_report
-from results import TEXT_COLUMNS, collect, log_files, to_markdown
+from reporting.report import plot, write_report
+from reporting.results import TEXT_COLUMNS, collect, log_files, to_markdown
 
 
 class Parser(argparse.ArgumentParser):

@@ -35,8 +35,8 @@ sys.path.insert(0, REPO)
 
 from attacks import ATTACKS  # noqa: E402
 from defenses import DEFENSES, SEMANTICS  # noqa: E402
-from grid_plan import expand  # noqa: E402
-from grid_spec import Grid, setting_keys  # noqa: E402
+from gridrun.plan import expand  # noqa: E402
+from gridrun.spec import Grid, setting_keys  # noqa: E402
 from models import TARGET_MODELS  # noqa: E402
 
 CONFIG = "config/digits.json"

@@ -19,7 +19,7 @@ import traceback
 def serve():
     import matplotlib
 
-    matplotlib.use("Agg")  # what report.pyplot() does first: the figures' backend, without a display
+    matplotlib.use("Agg")  # what reporting.report.pyplot() does first: the figures' backend, without a display
     import matplotlib.pyplot  # noqa: F401
     import torch._dynamo  # noqa: F401  (what the first optimizer a run makes loads)
 

@@ -12,8 +12,6 @@ import torch
 import audit
 import audit_plan
 import auto_settings
-import grid_plan
-import grid_spec
 import memscores
 import mia_modi
 import prune_modi
@@ -22,6 +20,8 @@ from common import UsageError
 from conftest import REPO, as_repo
 from datasets import get_dataset
 from defenses import DEFENSES, DefenseSettings, RiskMemory, Slide, SlideRe, SlideReML2
+from gridrun import plan as grid_plan
+from gridrun import spec as grid_spec
 from helpers import DIGITS
 from paths import log_path
 from splits import make_split

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from conftest import copy_repo
-from results import KEY
+from reporting.results import KEY
 from test_grid import RUN, grid, step_of, write_grid
 
 pytestmark = pytest.mark.slow  # runs the grid end to end, twice

@@ -14,7 +14,6 @@ import torch
 import defenses
 import memscores
 import prune_modi
-import results
 import train
 from common import UsageError
 from conftest import REPO
@@ -23,6 +22,7 @@ from defenses import DEFENSES, ML2, DefenseSettings, RandomWindow, RiskMemory, S
 from helpers import attack_cmd, one_row, pretrain_cmd, prune_cmd, run_scripts
 from models import build_model
 from records import find_records
+from reporting import results
 from splits import ModelSplit, make_split
 
 # Twelve samples, three classes. Class 1 has only two samples, so it runs out before the others.

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 
 import paths
-import report
-import report_figures
-import report_tables
-import results
 from attacks import _rankable
 from conftest import write_run_record
 from intervals import Attacked
+from reporting import figures as report_figures
+from reporting import report, results
+from reporting import tables as report_tables
 from test_intervals import literal_draws, literal_interval, literal_metrics
 
 RUN = "digits_columnfc"

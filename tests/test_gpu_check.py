@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import gpu_check  # noqa: E402
 from attacks import ATTACKS  # noqa: E402
 from defenses import DEFENSES, SEMANTICS  # noqa: E402
-from grid_plan import expand  # noqa: E402
-from grid_spec import Grid  # noqa: E402
+from gridrun.plan import expand  # noqa: E402
+from gridrun.spec import Grid  # noqa: E402
 from models import TARGET_MODELS  # noqa: E402
 
 

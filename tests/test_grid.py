@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-import results
 from conftest import REPO, copy_repo
+from reporting import results
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
 from bench_grid import log_numbers  # noqa: E402  (the benchmark's own check that two runs logged the same numbers)

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 import audit_plan
-import grid_plan
-import grid_spec
 from common import UsageError
 from conftest import REPO, copy_repo, run_script
+from gridrun import plan as grid_plan
+from gridrun import spec as grid_spec
 
 RUN = "digits_columnfc"
 DEFENSES = [{"defend": "base"}, {"defend": "slide_re", "width": 5, "stride": 1}]

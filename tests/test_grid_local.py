@@ -10,11 +10,11 @@ import pytest
 import grid
 from common import UsageError, main_guard
 from conftest import REPO
-from grid_local import Schedule, Slot, local_slots, run_local
-from grid_plan import expand
-from grid_spec import Grid
-from grid_step import GPU, Step, read_record
-from grid_tracker import Tracker
+from gridrun.local import Schedule, Slot, local_slots, run_local
+from gridrun.plan import expand
+from gridrun.spec import Grid
+from gridrun.step import GPU, Step, read_record
+from gridrun.tracker import Tracker
 
 RUN = "digits_columnfc"
 

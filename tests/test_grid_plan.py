@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import grid_plan
-import grid_spec
-import grid_step
 import memscores
 from conftest import REPO, as_repo, copy_repo
+from gridrun import plan as grid_plan
+from gridrun import spec as grid_spec
+from gridrun import step as grid_step
 
 RUN = "digits_columnfc"
 SCORES = os.path.join("memscore", "memscore_digits_columnfc.csv")

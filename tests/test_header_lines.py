@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import results
 from auto_settings import window_rule
 from defenses import ML2, DefenseSettings, RandomWindow, SlideML2
+from reporting import results
 
 
 def literal_full_pass(largest, stride, width):

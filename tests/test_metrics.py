@@ -10,11 +10,11 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 import attacks
-import results
 from attacks import ATTACKS, AttackResult, Outputs
 from datasets import TensorData, get_dataset
 from helpers import DIGITS, one_thread, run_main
 from models import build_model
+from reporting import results
 from splits import Split
 from train import evaluate, load_checkpoint, predict
 

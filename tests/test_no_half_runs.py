@@ -8,11 +8,11 @@ import signal
 import pandas as pd
 import pytest
 
-import results
 from common import MissingError, RunLog, UsageError, main_guard
 from conftest import as_repo, run_script
 from helpers import copy_run, pretrain_cmd, prune_cmd, run_forked, start_script, wait_for
 from memscores import load_memscores
+from reporting import results
 from test_memscore import N_DIGITS_TRAIN, digits_args, digits_train, write_csv
 
 RUN = "result/digits_columnfc"

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import results
 from common import MissingError
 from conftest import REPO, run_script
 from helpers import attack_cmd, pretrain_cmd, prune_cmd, run_scripts
 from models import build_model
 from pruning import load_masks
+from reporting import results
 from train import load_model
 
 DIGITS = os.path.join(REPO, "config", "digits.json")

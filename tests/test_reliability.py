@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import grid_step
 from common import atomic_write, check_writable
 from conftest import run_script
+from gridrun import step as grid_step
 from helpers import attack_cmd, pretrain_cmd, prune_cmd, wait_for
 from models import build_model
 from splits import Split

@@ -20,12 +20,12 @@ from sklearn.metrics import roc_curve
 
 import attacks
 import records
-import report_figures
-import report_tables
-import results
 from conftest import REPO, run_script, write_run_record
 from helpers import run_forked, run_scripts
-from report_tables import run_label
+from reporting import figures as report_figures
+from reporting import results
+from reporting import tables as report_tables
+from reporting.tables import run_label
 
 CONFIG = os.path.join(REPO, "config", "digits.json")
 RUN = "digits_columnfc"

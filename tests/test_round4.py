@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import pretrain_modi
-import results
 from common import DivergedError, UsageError
 from conftest import REPO, run_script, write_run_record
 from datasets import TensorData
 from defenses import DEFENSES, DefenseSettings, window_at
 from models import build_model
 from progress import Progress
+from reporting import results
 from splits import ModelSplit
 
 CONFIG = os.path.join(REPO, "config", "digits.json")

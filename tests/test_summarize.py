@@ -9,9 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import report_figures  # noqa: E402
-import results  # noqa: E402
 from helpers import is_nan, one_row, run_forked  # noqa: E402
+from reporting import figures as report_figures  # noqa: E402
+from reporting import results  # noqa: E402
 
 BASE_LOG = """\
 digits_columnfc_iter_prunetxt_0.6_0.0005

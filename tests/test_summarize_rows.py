@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import results  # noqa: E402
 from conftest import write_run_record  # noqa: E402
 from helpers import is_nan, one_row  # noqa: E402
+from reporting import results  # noqa: E402
 
 PRUNE_HEADER = "digits_columnfc_iter_prunetxt_0.6{}_0.0005"
 SCORES = "result/digits_columnfc/scores/iter_prunetxt_0.6{}_{}_release_2025010{}T000000000000Z_h_1.npz"

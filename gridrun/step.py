@@ -1,7 +1,7 @@
 """One step of a grid: a command of one of the three scripts run from the repo, its resume record, and
 running it (on the local pool, or as the body of a Slurm job).
 
-This module imports nothing of the project but paths.py at its top (no torch): grid_slurm.py sends it to each
+This module imports nothing of the project but paths.py at its top (no torch): gridrun/slurm.py sends it to each
 Slurm job by value, so a job starts in a second. The job puts the repo on its path and imports common.py (which
 loads torch only where a function needs it) for the one writer of every output file.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from paths import LOG_ROOT, RESULT_ROOT
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root, above gridrun/
 GPU = "GPU-ID"  # stands for the GPU-ID in a step's argv until it runs
 SCRIPTS = {"pretrain": "pretrain_modi.py", "prune": "prune_modi.py", "attack": "mia_modi.py", "audit": "audit.py"}
 FINAL_EXITS = (1, 2)  # the scripts' refusals (usage, missing prerequisite): a retry would be refused again
@@ -142,7 +142,7 @@ def run_step(step, gpu, env, retries):
 
 
 def slurm_job(repo, step, gpu, retries):
-    """The body of a step's Slurm job. grid_slurm.py has cloudpickle send this module by value: the node
+    """The body of a step's Slurm job. gridrun/slurm.py has cloudpickle send this module by value: the node
     needs the repo only for the command itself."""
     if not os.path.isdir(repo):
         raise RuntimeError(

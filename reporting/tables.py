@@ -11,7 +11,7 @@ import paths
 from attacks import _rankable
 from intervals import FPR_TARGETS, RESAMPLES, align, measurable, paired_difference, read_attacked
 from records import record_time
-from results import KEY, METRICS, TEXT_COLUMNS, value
+from reporting.results import KEY, METRICS, TEXT_COLUMNS, value
 
 DIGITS = {"auc": 4}  # decimals in the report's table by column suffix; 3 elsewhere, as in the logs
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 from auto_settings import AUTO
 from common import UsageError
-from grid_spec import SCRIPTS, SETTINGS
-from grid_step import GPU, REPO, Step, read_record
+from gridrun.spec import SCRIPTS, SETTINGS
+from gridrun.step import GPU, REPO, Step, read_record
 from paths import DEFAULT_SEED, log_dir, log_path, memscore_path, run_name, tagged
 
 

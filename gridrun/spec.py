@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from auto_settings import AUTO
 from common import UsageError, load_config
-from grid_step import REPO, SCRIPTS
+from gridrun.step import REPO, SCRIPTS
 from paths import DEFAULT_SEED
 
 GRID_KEYS = {

@@ -1,6 +1,6 @@
 """The outputs of `summarize.py --plot` and `--report`: tradeoff.png, and report.md, which shows the results
-table, the paired comparison with Base and the mem-score bins (report_tables.py) above each figure
-(report_figures.py) with its caption, or a line saying why it is left out.
+table, the paired comparison with Base and the mem-score bins (reporting/tables.py) above each figure
+(reporting/figures.py) with its caption, or a line saying why it is left out.
 """
 
 import os
@@ -9,7 +9,7 @@ import pandas as pd
 
 from common import atomic_write
 from intervals import RESAMPLES
-from report_figures import (
+from reporting.figures import (
     draw_auc_bars,
     draw_bars,
     draw_iterations,
@@ -22,7 +22,8 @@ from report_figures import (
     pyplot,
     roc_curves,
 )
-from report_tables import (
+from reporting.results import KEY
+from reporting.tables import (
     MECHANISM_CAPTION,
     TABLE_NOTE,
     NoData,
@@ -33,7 +34,6 @@ from report_tables import (
     paired_table,
     report_table,
 )
-from results import KEY
 
 
 def plot(df: pd.DataFrame, path: str, zoom: bool = False) -> None:

@@ -7,8 +7,8 @@ import threading
 from dataclasses import dataclass
 
 from common import Terminated
-from grid_step import last_line_of, run_step
-from grid_tracker import Tracker
+from gridrun.step import last_line_of, run_step
+from gridrun.tracker import Tracker
 
 
 def failure(step, code):

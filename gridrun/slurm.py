@@ -9,10 +9,10 @@ import sys
 import time
 from collections import Counter
 
-import grid_step
 from common import MissingError, UsageError
-from grid_step import REPO, last_line, last_line_of, read_record, slurm_job
-from grid_tracker import Tracker
+from gridrun import step as grid_step
+from gridrun.step import REPO, last_line, last_line_of, read_record, slurm_job
+from gridrun.tracker import Tracker
 from paths import LOG_ROOT
 
 ACTIVE = {
@@ -64,7 +64,7 @@ def submit_slurm(todo, opts, gpus):
     import cloudpickle
     import submitit
 
-    cloudpickle.register_pickle_by_value(grid_step)  # the job body and its Step: see grid_step.py
+    cloudpickle.register_pickle_by_value(grid_step)  # the job body and its Step: see gridrun/step.py
 
     extra = dict(item.split("=", 1) for item in opts.slurm_extra.split(",") if item) if opts.slurm_extra else {}
     queued = {line.split("|", 1)[1]: line.split("|", 1)[0] for line in squeue("-o", "%i|%k") or []}

@@ -10,7 +10,7 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from attacks import _rankable
-from report_tables import BINS, NoData, iteration_table, run_label, with_labels
+from reporting.tables import BINS, NoData, iteration_table, run_label, with_labels
 
 CHANCE = 50.0  # attack accuracy (%) of a coin flip: where attack-accuracy axes start unless zoomed
 
