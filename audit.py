@@ -26,9 +26,9 @@ of the same run: <run>/audit_tag-T), the config keys, --batch_size, --quiet. The
 multiplier as --defend_arg, or with --tuned from tune --defend dp. audit_plan.audit_steps() lists the steps in
 dependency order.
 
-This file is the command line (flags, checks, the step dispatch, `all`); the steps live in audit_train.py
-(prepare, pretrain, memscore, prune), audit_attack.py (attack, summarize, compare) and audit_tune.py (tune), what
-they share in audit_common.py.
+This file is the command line (flags, checks, the step dispatch, `all`) and resolves a step's settings once
+(auditing/settings.py); the steps live in auditing/: train.py (prepare, pretrain, memscore, prune), attack.py
+(attack, summarize, compare) and tune.py (tune), what they share in shared.py.
 """
 
 import argparse
@@ -37,11 +37,13 @@ import shlex
 import sys
 import time
 
-from audit_attack import attack, compare, summarize
-from audit_plan import audit_steps, parse_defense
-from audit_settings import AuditSettings, with_defense
-from audit_train import memscore, prepare, pretrain, prune
-from audit_tune import TRIALS, TUNE_MODELS, apply_tuned, tune
+from auditing.attack import attack, compare, summarize
+from auditing.loo_attacks import LIRA_MIN_MODELS, RMIA_MIN_MODELS
+from auditing.plan import audit_steps, parse_defense
+from auditing.settings import AuditSettings, with_defense
+from auditing.train import memscore, prepare, pretrain, prune
+from auditing.tune import TRIALS, TUNE_MODELS, apply_tuned, tune
+from auditing.tuning import Worker, worker_type
 from common import (
     UsageError,
     base_parser,
@@ -50,7 +52,6 @@ from common import (
 )
 from defenses import add_defense_flags, get_defense
 from intervals import RESAMPLES
-from loo_attacks import LIRA_MIN_MODELS, RMIA_MIN_MODELS
 from models import build_model
 from pruning import (
     add_pruning_flags,
@@ -60,7 +61,6 @@ from pruning import (
     tag_type,
 )
 from splits import check_config
-from tuning import Worker, worker_type
 
 STEPS = ("prepare", "pretrain", "memscore", "prune", "attack", "tune", "summarize", "compare", "all")
 RETIRED = {

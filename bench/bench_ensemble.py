@@ -27,9 +27,9 @@ import torch
 
 from common_bench import table
 
+from auditing.ensemble import EnsembleOptimizer, fit_ensemble
 from datasets import TensorData, get_dataset
 from defenses import Base, DefenseSettings
-from ensemble import EnsembleOptimizer, fit_ensemble
 from models import build_model
 from pruning import Pruner
 from splits import ModelSplit

@@ -1,4 +1,4 @@
-"""Leave-one-out online attacks (loo_attacks.py) on M = 64 models: wall time and peak traced memory (numpy's
+"""Leave-one-out online attacks (auditing/loo_attacks.py) on M = 64 models: wall time and peak traced memory (numpy's
 allocations, tracemalloc) of online LiRA, RMIA, audit_metrics' cluster bootstrap and the decile table, for
 N = 2,000 and N = 60,000 samples; checks RMIA's bisection against attacks.rmia_pairwise's quadratic count.
 
@@ -15,7 +15,7 @@ import torch
 from common_bench import table
 
 from attacks import rmia_pairwise, rmia_ratio, true_label_prob
-from loo_attacks import audit_metrics, decile_table, lira_online_loo, rmia_loo
+from auditing.loo_attacks import audit_metrics, decile_table, lira_online_loo, rmia_loo
 
 
 def population(models, samples, classes, rng):

@@ -180,7 +180,7 @@ def expand_audit(grid):
     and seed, named <run>/audit.<its step name>, each needing what it needs there. The grid's defenses (with
     their --tag where two share a name), pruner, sparsity, prune_iter and semantics become audit.py's flags,
     the audit section's keys too; overrides.audit goes to every step."""
-    from audit_plan import audit_steps
+    from auditing.plan import audit_steps
 
     section, steps = grid["audit"], []
     flags = lambda keys, values: [f for k in keys if k in values for f in (f"--{k}", str(values[k]))]

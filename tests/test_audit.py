@@ -1,4 +1,4 @@
-"""The audit (audit.py and its step modules, audit_plan.py, audit_report.py): canaries, the membership matrix and
+"""The audit (audit.py and its step modules in auditing/, its plan and report): canaries, the membership matrix and
 the mem-score estimate against slow literal references; the tuned DP noise rule; the steps' refusals, resume,
 batched == sequential Base pruning, and audit.csv against numbers recomputed from the saved logits. The
 end-to-end part runs one tiny audit (M = 4, 2 epochs) once."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import audit
-import audit_plan
-import audit_report
-import loo_attacks
+from auditing import loo_attacks
+from auditing import plan as audit_plan
+from auditing import report as audit_report
 from common import MissingError, UsageError
 from conftest import REPO, as_repo, run_script
 from intervals import measurable

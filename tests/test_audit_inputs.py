@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import audit
-import audit_report
+from auditing import report as audit_report
 from conftest import REPO, as_repo
 from helpers import copy_run, run_forked
 

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 import audit
-import audit_plan
-import audit_report
-import audit_tune
 import search_space
-import tuning
+from auditing import plan as audit_plan
+from auditing import report as audit_report
+from auditing import tune as audit_tune
+from auditing import tuning
 from common import MissingError, UsageError
 from conftest import REPO, as_repo
 from helpers import DIGITS

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import audit
-import audit_plan
 import auto_settings
 import memscores
 import mia_modi
 import prune_modi
+from auditing import plan as audit_plan
 from auto_settings import auto_mem_thre, auto_window, derive
 from common import UsageError
 from conftest import REPO, as_repo

@@ -1,5 +1,5 @@
-"""ensemble.py: M models trained as one batched ensemble equal the same models trained one at a time by train.py's
-own functions (make_optimizer, train_pass, fit; pruning.Pruner and defenses.Base for fine-tuning), with the
+"""auditing/ensemble.py: M models trained as one batched ensemble equal the same models trained one at a time by
+train.py's own functions (make_optimizer, train_pass, fit; pruning.Pruner and defenses.Base for fine-tuning), with the
 same initial weights and the same batches.
 
 The one-at-a-time reference seeds the global RNG with model m's seed; the ensemble gets a torch.Generator with
@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from auditing.ensemble import Ensemble, EnsembleOptimizer, fit_ensemble, predict_ensemble
 from common import DivergedError
 from datasets import TensorData
 from defenses import Base, DefenseSettings
-from ensemble import Ensemble, EnsembleOptimizer, fit_ensemble, predict_ensemble
 from models import ColumnFC, build_model
 from pruning import Pruner
 from splits import ModelSplit

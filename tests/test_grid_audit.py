@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 
-import audit_plan
+from auditing import plan as audit_plan
 from common import UsageError
 from conftest import REPO, copy_repo, run_script
 from gridrun import plan as grid_plan

@@ -21,9 +21,9 @@ import pytest
 from conftest import REPO
 
 # The packages that group a family of modules over the pipeline (nothing in the pipeline imports them).
-FAMILIES = ("gridrun", "reporting")
-# family -> the other families it may import (none does today)
-FAMILY_IMPORTS = {}
+FAMILIES = ("gridrun", "reporting", "auditing")
+# family -> the other families it may import (an audit grid lists the audit's steps)
+FAMILY_IMPORTS = {"gridrun": ("auditing",)}
 # The scripts run from the command line: the top layer, and the only root modules that import from a family.
 ENTRY_POINTS = {"pretrain_modi", "prune_modi", "mia_modi", "compute_memscore", "summarize", "grid", "audit"}
 LAYERS = {
@@ -32,7 +32,7 @@ LAYERS = {
     "datasets": 1,
     "models": 1,
     "train": 1,
-    "ensemble": 1,
+    "auditing.ensemble": 1,
     "progress": 1,
     "auto_settings": 1,
     "splits": 2,
@@ -41,8 +41,8 @@ LAYERS = {
     "dp": 2,
     "defenses": 2,
     "attacks": 2,
-    "loo_attacks": 2,
-    "tuning": 2,
+    "auditing.loo_attacks": 2,
+    "auditing.tuning": 2,
     "search_space": 1,
     "records": 2,
     "intervals": 2,
@@ -56,8 +56,8 @@ LAYERS = {
     "gridrun.tracker": 2,
     "gridrun.local": 2,
     "gridrun.slurm": 2,
-    "audit_plan": 2,
-    "audit_report": 2,
+    "auditing.plan": 2,
+    "auditing.report": 2,
     "pretrain_modi": 3,
     "prune_modi": 3,
     "mia_modi": 3,
@@ -65,11 +65,11 @@ LAYERS = {
     "summarize": 3,
     "grid": 3,
     "audit": 3,
-    "audit_common": 3,
-    "audit_train": 3,
-    "audit_attack": 3,
-    "audit_tune": 3,
-    "audit_settings": 3,
+    "auditing.shared": 3,
+    "auditing.train": 3,
+    "auditing.attack": 3,
+    "auditing.tune": 3,
+    "auditing.settings": 3,
 }
 
 

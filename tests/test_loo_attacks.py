@@ -1,4 +1,4 @@
-"""loo_attacks.py: online LiRA and RMIA with IN references (leave one out), the pooled decisions, their metrics
+"""auditing/loo_attacks.py: online LiRA and RMIA with IN references (leave one out), the pooled decisions, their metrics
 with the cluster bootstrap, and the mem-score decile table, each against a slow literal reference written as
 plain loops over targets, samples, references and resamples, plus cases worked out by hand."""
 
@@ -11,9 +11,9 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import intervals
-import loo_attacks
 from attacks import RMIA_GAMMA, _rankable
-from loo_attacks import audit_metrics, decile_table, lira_online_loo, pool, rmia_loo
+from auditing import loo_attacks
+from auditing.loo_attacks import audit_metrics, decile_table, lira_online_loo, pool, rmia_loo
 
 
 def random_population(models, samples, classes=4, seed=0, signal=2.0):

@@ -1,4 +1,4 @@
-"""tuning.py: the selection rule on synthetic fronts (ties included), knob values turned into flags on the data,
+"""auditing/tuning.py: the selection rule on synthetic fronts (ties included), knob values turned into flags,
 and an Optuna study that resumes after a kill mid-trial without counting a trial twice."""
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import search_space
-import tuning
+from auditing import tuning
 from common import UsageError
 from conftest import REPO
 from search_space import QUANTILE, SMALLEST_CLASS, Knob
@@ -67,7 +67,8 @@ SPACE = (Knob("x", 0.1, 10.0, log=True), Knob("y", 0.0, 1.0))
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import search_space, tuning
+import search_space
+from auditing import tuning
 where, n, kill_at = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 study = tuning.open_study("s", where, seed=3)
 
@@ -182,7 +183,8 @@ def test_every_defense_declares_its_search_space_in_flags_it_has():
 SHARE_WORKER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import search_space, tuning
+import search_space
+from auditing import tuning
 where, n, worker = sys.argv[2], int(sys.argv[3]), tuning.worker_type(sys.argv[4])
 study = tuning.open_study("s", where, seed=3, worker=worker)
 

@@ -3,7 +3,7 @@
 K tuning models (--tuning_models, 16) train on halves of the pool drawn for them alone (membership stream
 "tuning", model seeds from TUNING_OFFSET): the tuner never opens an audited model or uses an audited draw. Their
 mem-scores are Feldman's estimate over the K tuning models, not the audit's. A trial prunes every tuning model
-under one setting from the defense's search space (its class's `search_space`, tuning.py) and scores it on two
+under one setting from the defense's search space (its class's `search_space`, search_space.py) and scores it on two
 objectives: the mean accuracy on the dev rows (the audit's table reports the test rows) and the leave-one-out
 LiRA leakage on the audited rows among the K tuning models, the audit's own attack: its TPR at 1 % FPR where the
 tuning models make the 1000 non-member decisions that it needs (intervals.measurable), else its AUC. The trials share an
@@ -23,7 +23,10 @@ import os
 import numpy as np
 import torch
 
-from audit_common import (
+from auditing.ensemble import predict_ensemble
+from auditing.loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
+from auditing.plan import broken_file, feldman_memscores, membership
+from auditing.shared import (
     audit_data,
     load_json,
     load_models,
@@ -34,17 +37,14 @@ from audit_common import (
     read_json,
     write_json,
 )
-from audit_plan import broken_file, feldman_memscores, membership
-from audit_train import train_models, unfinished
+from auditing.train import train_models, unfinished
+from auditing.tuning import choose, completed, open_study, run_trials
 from common import MissingError, RunLog, UsageError, pick_device
 from defenses import DefenseSettings, get_defense
-from ensemble import predict_ensemble
 from intervals import measurable
-from loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
 from prune_modi import force_defense_flags
 from search_space import QUANTILE, flags_of
 from train import evaluate
-from tuning import choose, completed, open_study, run_trials
 
 TUNE_MODELS = 16  # tuning models: about 8 IN and 8 OUT references for each audited row's leave-one-out score
 TRIALS = 12

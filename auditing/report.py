@@ -13,9 +13,9 @@ import math
 import numpy as np
 import pandas as pd
 
+from auditing.tuning import front
 from defenses import DEFENSES
 from intervals import measurable
-from tuning import front
 
 ATTACKS = ("LiRA", "RMIA")
 SUBSETS = ("audited", "all")

@@ -8,7 +8,7 @@ import os
 import shlex
 from functools import cached_property
 
-from audit_plan import Plan
+from auditing.plan import Plan
 from common import UsageError
 from defenses import DefenseSettings, get_defense
 from paths import (

@@ -10,8 +10,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-import audit_report
-from audit_common import (
+from auditing import report as audit_report
+from auditing.ensemble import predict_ensemble
+from auditing.loo_attacks import (
+    audit_metrics,
+    decile_table,
+    lira_online_loo,
+    paired_difference,
+    rmia_loo,
+    unscored_pairs,
+)
+from auditing.shared import (
     attack_stale,
     audit_data,
     check_memscore_files,
@@ -34,9 +43,7 @@ from common import (
     atomic_write,
     pick_device,
 )
-from ensemble import predict_ensemble
 from intervals import FPR_TARGETS, measurable
-from loo_attacks import audit_metrics, decile_table, lira_online_loo, paired_difference, rmia_loo, unscored_pairs
 from memscores import read_memscores
 from paths import (
     AUDIT_COMPARE,

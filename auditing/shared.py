@@ -1,6 +1,6 @@
 """What the audit's steps (audit.py) share: the plan's data, model folders and their completion records, the
 stages' records and scores, the audit's mem-scores, JSON files. Each function takes the step's AuditSettings
-(audit_settings.py) as `audit`."""
+(auditing/settings.py) as `audit`."""
 
 import dataclasses
 import hashlib
@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 import torch
 
-from audit_plan import TUNING_OFFSET, Plan, broken_file, error_text, model_seed
+from auditing.plan import TUNING_OFFSET, Plan, broken_file, error_text, model_seed
 from common import (
     MissingError,
     UsageError,

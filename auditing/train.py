@@ -11,7 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from audit_common import (
+from auditing.ensemble import EnsembleOptimizer, fit_ensemble, predict_ensemble
+from auditing.plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, model_seed
+from auditing.shared import (
     audit_data,
     build_models,
     check_other_settings,
@@ -27,7 +29,6 @@ from audit_common import (
     read_audit_memscores,
     require_pretrained,
 )
-from audit_plan import TUNING_OFFSET, Plan, default_canaries, feldman_memscores, model_seed
 from auto_settings import derive
 from common import (
     RunLog,
@@ -36,7 +37,6 @@ from common import (
     seed_everything,
 )
 from datasets import get_dataset
-from ensemble import EnsembleOptimizer, fit_ensemble, predict_ensemble
 from intervals import FPR_TARGETS, measurable
 from memscores import fingerprint, train_sha256, write_with_sidecar
 from paths import (
