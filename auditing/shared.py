@@ -276,17 +276,17 @@ def test_accuracy(logits, labels) -> np.ndarray:
 
 def prune_flags_of(audit) -> list:
     """The flags that name this pruned stage, for the message that says how to make it."""
-    args = audit.flags
-    flags = ["--pruner_name", args.pruner_name, "--prune_sparsity", str(args.prune_sparsity)]
-    flags += ["--prune_iter", str(args.prune_iter), "--defend", audit.defense.name]
+    given = audit.flags
+    flags = ["--pruner_name", given.pruner_name, "--prune_sparsity", str(given.prune_sparsity)]
+    flags += ["--prune_iter", str(given.prune_iter), "--defend", audit.defense.name]
     for flag in ("stride", "width"):
-        if getattr(args, flag) is not None:
-            flags += [f"--{flag}", str(getattr(args, flag))]
+        if getattr(given, flag) is not None:
+            flags += [f"--{flag}", str(getattr(given, flag))]
     if audit.defense.needs_memscore:
-        flags += ["--mem_thre", str(args.mem_thre), "--weight_decay_mem", str(args.weight_decay_mem)]
-    if args.semantics != "release":
-        flags += ["--semantics", args.semantics]
-    return flags + (["--tag", args.tag] if args.tag else [])
+        flags += ["--mem_thre", str(given.mem_thre), "--weight_decay_mem", str(given.weight_decay_mem)]
+    if given.semantics != "release":
+        flags += ["--semantics", given.semantics]
+    return flags + (["--tag", given.tag] if given.tag else [])
 
 
 def memscore_current(path, stamp) -> bool:
