@@ -8,7 +8,7 @@ set's rows are cut 34/66 into dev rows (best-epoch selection, as the scripts' ow
 (the reported test accuracy), with train_test_split(test_size=0.66, random_state=seed).
 
 Every random draw comes from its own numpy stream, default_rng([seed, stream, ...]) (STREAMS), so the
-canaries do not move when M changes, the tuning shadows' halves never share a draw with the audited models',
+canaries do not move when M changes, the tuning models' halves never share a draw with the audited models',
 and model m's seeds do not depend on the group it trains in.
 """
 
@@ -22,7 +22,7 @@ from common import MissingError, UsageError, read_npz, save_npz
 from defenses import get_defense
 
 STREAMS = {"canaries": 0, "membership": 1, "init": 2, "shuffle": 3, "prune": 4, "tuning": 5}
-TUNING_OFFSET = 1_000_000  # tuning shadow j uses the model seeds of model TUNING_OFFSET + j: never an audited one
+TUNING_OFFSET = 1_000_000  # tuning model j uses the model seeds of model TUNING_OFFSET + j: never an audited one
 DEV_SHARE = 0.34  # of the test set's rows, as splits.py cuts its dev/test pool 34/66
 FORMAT = 1
 

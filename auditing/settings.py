@@ -122,10 +122,17 @@ def with_defense(audit: AuditSettings) -> AuditSettings:
     if audit.step == "tune" or getattr(flags, "original", False):
         return dataclasses.replace(audit, defense=defense)
     default_defend_arg(flags)
+    settings = defense_settings(flags, defense)
+    return dataclasses.replace(audit, defense=defense, defense_settings=settings, stage=stage_of(flags, defense))
+
+
+def defense_settings(flags, defense) -> DefenseSettings:
+    """The defense's settings from flags (an audited stage's, or a tuning trial's): the flags it forces set first
+    (prune_modi.py's), then checked."""
     force_defense_flags(flags)
     settings = DefenseSettings.from_args(flags)
     defense.check_args(settings)
-    return dataclasses.replace(audit, defense=defense, defense_settings=settings, stage=stage_of(flags, defense))
+    return settings
 
 
 def default_defend_arg(flags) -> None:

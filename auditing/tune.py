@@ -26,6 +26,7 @@ import torch
 from auditing.ensemble import predict_ensemble
 from auditing.loo_attacks import LIRA_MIN_MODELS, audit_metrics, lira_online_loo
 from auditing.plan import broken_file, feldman_memscores, membership
+from auditing.settings import defense_settings
 from auditing.shared import (
     audit_data,
     load_json,
@@ -40,9 +41,8 @@ from auditing.shared import (
 from auditing.train import train_models, unfinished
 from auditing.tuning import choose, completed, open_study, run_trials
 from common import MissingError, RunLog, UsageError, pick_device
-from defenses import DefenseSettings, get_defense
+from defenses import get_defense
 from intervals import measurable
-from prune_modi import force_defense_flags
 from search_space import QUANTILE, flags_of
 from train import evaluate
 
@@ -58,11 +58,13 @@ def tune(audit) -> None:
     args, defense = audit.flags, audit.defense
     if args.tuning_models < LIRA_MIN_MODELS:
         raise UsageError(f"--tuning_models must be >= {LIRA_MIN_MODELS} (leave-one-out LiRA), got {args.tuning_models}")
+    worker, alone = args.worker, args.worker.w == 1
+    if not defense.search_space and not alone:
+        raise UsageError(f"--worker runs a defense's trials; --defend {defense.name} has no search space")
     plan, plan_sha = audit.plan
     member = membership(args.tuning_models, plan.n, args.seed, "tuning")
-    worker = args.worker
     models = list(range(args.tuning_models))
-    if worker.w > 1 and unfinished(audit, models, True):  # W workers would each train them
+    if not alone and unfinished(audit, models, True):  # W workers would each train them
         base = audit.command("tune", "--defend", "base", *schedule_flags(audit), "--tuning_models", str(len(models)))
         raise MissingError(
             f"--worker {worker.slot} runs trials on the tuning models, which are not all pretrained; run {base} first"
@@ -71,9 +73,7 @@ def tune(audit) -> None:
     device = pick_device(args.gpu_id)
     data = audit_data(audit, plan, device)
     tuning = Tuning(audit, data, member, device)
-    if not defense.search_space and worker.w > 1:
-        raise UsageError(f"--worker runs a defense's trials; --defend {defense.name} has no search space")
-    reference = tuning.base_reference(plan_sha) if worker.w == 1 else None  # the chooser's: one writer
+    reference = tuning.base_reference(plan_sha) if alone else None  # the chooser's: one writer
     if not defense.search_space:
         print(
             f"Base reference on the tuning models: dev accuracy {reference['acc']:.3f}, LiRA {tuning.leak_metric} "
@@ -93,7 +93,6 @@ def tune(audit) -> None:
                 f"the study {stage} in {where} holds trials of another {key.replace('_', ' ')}; pass another "
                 f"--study, or delete it to start again"
             )
-    alone = worker.w == 1
     log = RunLog(audit.log_path(f"tune_{stage}" + ("" if alone else f".w{worker.k}of{worker.w}")))
     log.write(
         f"{audit.run} audit tune {defense.name}: {args.trials} trials on {args.tuning_models} tuning models, "
@@ -231,9 +230,7 @@ class Tuning:
 
     def base_reference(self, plan_sha) -> dict:
         """The tuning models pruned under Base: {"acc", "leak"}, computed once per plan and pruning schedule."""
-        keys = ("pruner_name", "prune_sparsity", "prune_iter", "prune_epochs", "early_stop", "semantics")
-        schedule = {k: getattr(self.audit.flags, k) for k in keys}
-        request = {"plan_sha256": plan_sha, "tuning_models": len(self.member), "schedule": schedule}
+        request = {"plan_sha256": plan_sha, "tuning_models": len(self.member), "schedule": self.audit.schedule}
         name = f"base_{study_name(self.audit, get_defense('base'))}_{self.audit.flags.semantics}.json"
         path = self.audit.path("tuning", name)
         old = load_json(path)[0] if os.path.isfile(path) else None
@@ -248,9 +245,7 @@ class Tuning:
         args.defend = defense.name
         for flag, value in flags.items():  # flags_of's: whole samples for the window, numbers otherwise
             setattr(args, flag, value)
-        force_defense_flags(args)
-        settings = DefenseSettings.from_args(args)
-        defense.check_args(settings)
+        settings = defense_settings(args, defense)
         memscores = self.memscores.to(self.device) if defense.needs_memscore else None
         if memscores is not None:
             defense.check_memscores(memscores, settings, "the tuning models' mem-scores")
